@@ -1,0 +1,52 @@
+# EdgeGLM — every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch must come first: a plain `torch` pulls gigabytes of CUDA.
+TORCH  := torch==2.13.0
+
+.PHONY: test test-unit test-integration bench bench-quick demo lint typecheck clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamps re-install when pyproject.toml changes.
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.base-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q tests
+
+test-unit: $(VENV)/.dev-installed
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(VENV)/.dev-installed
+	$(PY) -m pytest -q tests/integration
+
+bench: $(VENV)/.dev-installed
+	mkdir -p bench/results
+	$(PY) -m bench.delta --json bench/results/delta.json
+
+bench-quick: $(VENV)/.dev-installed
+	mkdir -p bench/results
+	$(PY) -m bench.delta --quick --json bench/results/delta-quick.json
+
+demo: $(VENV)/.base-installed
+	$(VENV)/bin/edgectl demo
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""The one exception tree of EdgeGLM.
+
+Every expected failure is an :class:`EdgeError`. Each class carries an exit code (used by the
+CLI, see PRODUCT.md section 9) and each instance a one-line ``hint`` saying what to do next.
+Foreign library errors are mapped to the most specific class here at the seam that calls the
+library, and re-raised with ``raise ... from exc``.
+
+    EdgeError                      exit 1   anything expected that went wrong
+    ├── UsageError                 exit 2   a flag or argument is wrong
+    ├── ConfigError                exit 78  a config file or profile is invalid
+    ├── UnavailableError           exit 69  a dependency (broker, DB, binary, GPU) is not there
+    ├── NotFoundError              exit 1   a model, release, device, key or piece does not exist
+    ├── ConflictError              exit 1   the request conflicts with current state
+    ├── IntegrityError             exit 1   a digest, signature or size does not match
+    │   └── SignatureError                  an Ed25519 signature does not verify
+    ├── ProtocolError              exit 1   a wire message is malformed (never crashes a process)
+    ├── UpdateError                exit 1   an update step failed on a device
+    └── ExportError                exit 1   an export could not produce a valid bundle
+        ├── UnsupportedModel                the checkpoint's architecture is not supported
+        └── ToleranceExceeded               the exported graph drifted past the quality gate
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConfigError",
+    "ConflictError",
+    "EdgeError",
+    "ExportError",
+    "IntegrityError",
+    "NotFoundError",
+    "ProtocolError",
+    "SignatureError",
+    "ToleranceExceeded",
+    "UnavailableError",
+    "UnsupportedModel",
+    "UpdateError",
+    "UsageError",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+
+class EdgeError(Exception):
+    """Base of every expected EdgeGLM error.
+
+    ``what`` names the thing that failed, ``why`` says why; ``str(err)`` is ``"what: why"``.
+    Extra keyword arguments are kept as attributes so callers can inspect them.
+    """
+
+    exit_code: ClassVar[int] = EXIT_FAILED
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, what: str, why: str = "", *, hint: str | None = None, **data: Any) -> None:
+        self.what = what
+        self.why = why
+        self.hint = self.default_hint if hint is None else hint
+        self.data = data
+        for key, value in data.items():
+            setattr(self, key, value)
+        super().__init__(f"{what}: {why}" if why else what)
+
+
+class UsageError(EdgeError):
+    exit_code = EXIT_USAGE
+    default_hint = "Run the command with --help to see its usage."
+
+
+class ConfigError(EdgeError):
+    exit_code = EXIT_CONFIG
+    default_hint = "Fix the file named above; unknown keys are rejected."
+
+
+class UnavailableError(EdgeError):
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NotFoundError(EdgeError):
+    pass
+
+
+class ConflictError(EdgeError):
+    pass
+
+
+class IntegrityError(EdgeError):
+    default_hint = "The data is corrupt or was tampered with; fetch it again from a trusted source."
+
+
+class SignatureError(IntegrityError):
+    default_hint = "Check that the manifest was signed with a key this device trusts."
+
+
+class ProtocolError(EdgeError):
+    default_hint = "The sender must follow the wire contract (PRODUCT.md section 6)."
+
+
+class UpdateError(EdgeError):
+    pass
+
+
+class ExportError(EdgeError):
+    pass
+
+
+class UnsupportedModel(ExportError):
+    pass
+
+
+class ToleranceExceeded(ExportError):
+    default_hint = "The export drifted from the reference; use --force only to inspect the bundle."
