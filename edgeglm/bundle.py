@@ -1,0 +1,326 @@
+"""The bundle manifest: model, canonical form, Ed25519 signature, verification.
+
+A bundle is a folder with ``manifest.json`` beside the files it lists. The manifest is signed
+over its *canonical form*: the JSON object without its ``signature`` key, keys sorted, no
+whitespace, UTF-8, no NaN. Verification works on the exact JSON received (never on a
+re-serialised model), so what is checked is what was signed.
+
+Nothing from a manifest touches the file system unchecked: every file path must be relative,
+POSIX, free of ``..``, ``.``, empty parts, backslashes and control characters, and unique (also
+case-insensitively); on disk a listed file must be a regular file, not a symlink.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import blake3
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeglm.errors import IntegrityError, SignatureError
+from edgeglm.keys import key_id
+from edgeglm.pieces import Segment, TensorSpan, tensor_segments
+
+__all__ = [
+    "MANIFEST_NAME",
+    "FileEntry",
+    "Manifest",
+    "Signature",
+    "SmokeTest",
+    "TensorEntry",
+    "canonical_bytes",
+    "check_relative_path",
+    "load_manifest",
+    "manifest_digest",
+    "parse_manifest",
+    "sign_manifest",
+    "verify_files",
+    "write_manifest",
+]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 32 << 20
+
+_HEX64 = r"[0-9a-f]{64}"
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside a bundle, else raise."""
+    if not path or len(path) > 512:
+        raise IntegrityError("manifest", f"file path {path[:80]!r} is empty or too long")
+    if path.startswith("/") or _BAD_PATH_CHARS.search(path):
+        raise IntegrityError("manifest", f"file path {path[:80]!r} is absolute or has forbidden characters")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise IntegrityError("manifest", f"file path {path[:80]!r} has an empty, '.' or '..' part")
+    if path == MANIFEST_NAME:
+        raise IntegrityError("manifest", "the manifest cannot list itself")
+    return path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorEntry(_Strict):
+    name: str = Field(min_length=1, max_length=1024)
+    dtype: str = Field(min_length=1, max_length=32)
+    offset: int = Field(ge=0)
+    length: int = Field(ge=0)
+
+
+class FileEntry(_Strict):
+    """One file of the bundle and the pieces it is made of, in file order."""
+
+    path: str
+    size: int = Field(ge=0)
+    digest: str = Field(pattern=rf"^blake3:{_HEX64}$")
+    layout: Literal["tensors", "cdc"]
+    piece_bytes: int = Field(gt=0, le=64 << 20)
+    tensors: tuple[TensorEntry, ...] = ()
+    pieces: tuple[tuple[str, int], ...]
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        try:
+            return check_relative_path(v)
+        except IntegrityError as exc:
+            raise ValueError(exc.why) from exc
+
+    @field_validator("pieces")
+    @classmethod
+    def _piece_ids(cls, v: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+        for pid, size in v:
+            if not re.fullmatch(_HEX64, pid) or size <= 0:
+                raise ValueError(f"bad piece entry [{pid[:70]!r}, {size}]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FileEntry:
+        if sum(size for _, size in self.pieces) != self.size:
+            raise ValueError(f"{self.path}: piece sizes do not add up to the file size {self.size}")
+        if self.layout == "cdc" and self.tensors:
+            raise ValueError(f"{self.path}: a cdc file has no tensor table")
+        if self.layout == "tensors":
+            try:
+                segs = self.segments()
+            except IntegrityError as exc:
+                raise ValueError(f"{self.path}: {exc.why}") from exc
+            if [s.size for s in segs] != [size for _, size in self.pieces]:
+                raise ValueError(f"{self.path}: pieces do not match the tensor table")
+        return self
+
+    def segments(self) -> list[Segment]:
+        """The byte range (and tensor slice, for tensor files) of every piece, in order."""
+        if self.layout == "tensors":
+            spans = [TensorSpan(t.name, t.dtype, t.offset, t.length) for t in self.tensors]
+            return tensor_segments(spans, self.size, self.piece_bytes)
+        out, pos = [], 0
+        for _, size in self.pieces:
+            out.append(Segment(pos, size))
+            pos += size
+        return out
+
+
+class SmokeTest(_Strict):
+    """The golden prompt an agent runs after loading a model, and the greedy tokens expected."""
+
+    prompt: str = Field(max_length=4096)
+    expected_tokens: tuple[int, ...]
+    max_new_tokens: int = Field(gt=0, le=512)
+
+
+class Signature(_Strict):
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    value: str = Field(max_length=128)
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = FORMAT_VERSION
+    model: str
+    version: str
+    profile: str
+    created_at: str = ""
+    source_digest: str | None = None
+    dataset_version: str | None = None
+    quality: dict[str, Any] = Field(default_factory=dict)
+    runtime: dict[str, Any] = Field(default_factory=dict)
+    smoke_test: SmokeTest | None = None
+    files: tuple[FileEntry, ...]
+    signature: Signature | None = None
+
+    @field_validator("model", "profile")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v[:80]!r} must match {_NAME.pattern}")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not _SEMVER.match(v):
+            raise ValueError(f"{v[:80]!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_paths(self) -> Manifest:
+        paths = [f.path.casefold() for f in self.files]  # case-folded: safe on any file system
+        if len(set(paths)) != len(paths):
+            raise ValueError("a file path is listed twice")
+        dirs = {p.rsplit("/", i)[0] for p in paths for i in range(1, p.count("/") + 1)}
+        if dirs & set(paths):
+            raise ValueError("a file path is also used as a directory")
+        return self
+
+    @property
+    def ref_name(self) -> str:
+        return f"{self.model}@{self.version}"
+
+    def piece_ids(self) -> set[str]:
+        return {pid for f in self.files for pid, _ in f.pieces}
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
+    """The signed form: the JSON object without ``signature``, sorted keys, compact, UTF-8."""
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    try:
+        return json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+    except ValueError as exc:
+        raise IntegrityError("manifest", f"not canonicalisable: {exc}") from exc
+
+
+def manifest_digest(doc: Mapping[str, Any]) -> str:
+    """``blake3:<hex>`` of the canonical form: what ``Desired.manifest_digest`` names."""
+    return "blake3:" + blake3.blake3(canonical_bytes(doc)).hexdigest()
+
+
+def _validate(doc: Any) -> Manifest:
+    if not isinstance(doc, dict):
+        raise IntegrityError("manifest", "is not a JSON object")
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        raise IntegrityError("manifest", f"{where}: {err['msg']}") from exc
+
+
+def sign_manifest(manifest: Manifest | Mapping[str, Any], private: Ed25519PrivateKey) -> dict[str, Any]:
+    """The manifest as a JSON dict with its ``signature`` set."""
+    doc = manifest.to_json_dict() if isinstance(manifest, Manifest) else dict(manifest)
+    doc.pop("signature", None)
+    _validate(doc)
+    sig = private.sign(canonical_bytes(doc))
+    doc["signature"] = {
+        "alg": "ed25519",
+        "key_id": key_id(private.public_key()),
+        "value": base64.b64encode(sig).decode(),
+    }
+    return doc
+
+
+def parse_manifest(
+    raw: bytes | str, trusted: Mapping[str, Ed25519PublicKey] | None
+) -> tuple[Manifest, dict[str, Any]]:
+    """Parse and validate a manifest; verify its signature against ``trusted`` keys by key id.
+
+    ``trusted=None`` skips the signature check (for inspection tools only — never before
+    activation). Returns the model and the exact JSON dict received.
+    """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise IntegrityError("manifest", f"is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError("manifest", f"is not valid JSON: {str(exc)[:120]}") from exc
+    manifest = _validate(doc)
+    if trusted is not None:
+        verify_signature(doc, manifest, trusted)
+    return manifest, doc
+
+
+def verify_signature(
+    doc: Mapping[str, Any], manifest: Manifest, trusted: Mapping[str, Ed25519PublicKey]
+) -> None:
+    sig = manifest.signature
+    if sig is None:
+        raise SignatureError(f"manifest {manifest.ref_name}", "is not signed")
+    public = trusted.get(sig.key_id)
+    if public is None:
+        raise SignatureError(
+            f"manifest {manifest.ref_name}", f"signed by key {sig.key_id}, which is not trusted"
+        )
+    try:
+        public.verify(base64.b64decode(sig.value, validate=True), canonical_bytes(doc))
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureError(f"manifest {manifest.ref_name}", "signature does not match its content") from exc
+
+
+def write_manifest(folder: Path, doc: Mapping[str, Any]) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(
+    folder: Path, trusted: Mapping[str, Ed25519PublicKey] | None
+) -> tuple[Manifest, dict[str, Any]]:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"bundle {folder}", f"has no {MANIFEST_NAME}") from exc
+    return parse_manifest(raw, trusted)
+
+
+def verify_files(manifest: Manifest, folder: Path) -> None:
+    """Check every listed file exists as a regular file (no symlink) of the right size and digest."""
+    folder = Path(folder)
+    for entry in manifest.files:
+        path = folder / entry.path
+        parent = path.parent
+        while parent != folder and parent != parent.parent:
+            if parent.is_symlink():
+                raise IntegrityError(f"bundle file {entry.path}", "lies under a symlinked directory")
+            parent = parent.parent
+        try:
+            st = path.lstat()
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"bundle file {entry.path}", "is missing") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"bundle file {entry.path}", "is not a regular file (symlink or other)")
+        if st.st_size != entry.size:
+            raise IntegrityError(
+                f"bundle file {entry.path}", f"is {st.st_size} bytes, manifest says {entry.size}"
+            )
+        hasher = blake3.blake3()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                hasher.update(chunk)
+        if "blake3:" + hasher.hexdigest() != entry.digest:
+            raise IntegrityError(f"bundle file {entry.path}", "digest does not match the manifest")
