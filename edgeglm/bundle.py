@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 32 << 20
 
 _HEX64 = r"[0-9a-f]{64}"
@@ -150,7 +149,7 @@ class Signature(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     model: str
     version: str
     profile: str

@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -63,6 +63,7 @@ def describe_file(
     """A manifest entry for one file: tensor-relative pieces if ``tensors`` is given, else CDC."""
     size = path.stat().st_size
     spans = list(tensors) if tensors is not None else None
+    layout: Literal["tensors", "cdc"]
     if spans is not None:
         segments = tensor_segments(spans, size, piece_bytes)
         layout, unit = "tensors", piece_bytes

@@ -26,6 +26,7 @@ from edgeglm.bundle import Manifest
 from edgeglm.errors import IntegrityError, NotFoundError
 from edgeglm.piece_store import PieceStore
 from edgeglm.pieces import piece_id
+from edgeglm.protocol import DEFAULT_MAX_MESSAGE_BYTES, Frame, FrameKind, split_payload
 from edgeglm.tensor_delta import Encoded, decode, encode_delta, encode_raw
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "encode_step",
     "plan",
     "receive",
+    "step_frames",
 ]
 
 DEFAULT_FULL_THRESHOLD = 0.65
@@ -238,6 +240,22 @@ def encode_step(step: PieceStep, source: PieceSource, *, level: int = 3) -> Enco
     if step.action == "delta" and step.base_id is not None:
         return encode_delta(data, source.read(step.base_id), dtype=step.dtype, level=level)
     return encode_raw(data, dtype=step.dtype, level=level)
+
+
+def step_frames(
+    step: PieceStep, encoded: Encoded, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[Frame]:
+    """The wire frames (each at most ``max_message_bytes`` packed) that carry one step."""
+    return split_payload(
+        FrameKind.PIECE,
+        encoded.encoding,
+        piece_id=bytes.fromhex(step.piece_id),
+        piece_size=step.size,
+        payload=encoded.payload,
+        element_width=encoded.width,
+        base_id=bytes.fromhex(step.base_id) if step.base_id and encoded.is_delta else None,
+        max_message_bytes=max_message_bytes,
+    )
 
 
 def receive(store: PieceStore, pid: str, size: int, encoded: Encoded, base_id: str | None = None) -> bytes:

@@ -23,11 +23,9 @@ import numpy as np
 import zstandard
 
 from edgeglm.errors import IntegrityError
-from edgeglm.protocol import PieceEncoding
+from edgeglm.protocol import DELTA_ENCODINGS, PieceEncoding
 
-__all__ = ["DELTA_ENCODINGS", "Encoded", "decode", "delta_kind", "encode", "encode_delta", "encode_raw"]
-
-DELTA_ENCODINGS = frozenset({PieceEncoding.XOR_ZSTD, PieceEncoding.SUB_ZSTD, PieceEncoding.SUB4_ZSTD})
+__all__ = ["Encoded", "decode", "delta_kind", "encode", "encode_delta", "encode_raw"]
 
 _FLOATS = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _INTS = {"int8": 1, "uint8": 1, "bool": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4}
@@ -76,25 +74,27 @@ def _unplanes(data: bytes, width: int) -> bytes:
 def _diff(encoding: PieceEncoding, width: int, new: bytes, old: bytes) -> np.ndarray:
     a = np.frombuffer(new, _UINT[width])
     b = np.frombuffer(old, _UINT[width])
+    out: np.ndarray
     if encoding == PieceEncoding.XOR_ZSTD:
-        return a ^ b
-    if encoding == PieceEncoding.SUB_ZSTD:
-        return a - b  # unsigned arithmetic wraps
-    lo = (a - b) & 0x0F
-    hi = ((a >> 4) - (b >> 4)) & 0x0F
-    return lo | (hi << 4)
+        out = a ^ b
+    elif encoding == PieceEncoding.SUB_ZSTD:
+        out = a - b  # unsigned arithmetic wraps
+    else:
+        out = ((a - b) & 0x0F) | ((((a >> 4) - (b >> 4)) & 0x0F) << 4)
+    return out
 
 
 def _undiff(encoding: PieceEncoding, width: int, delta: bytes, old: bytes) -> bytes:
     d = np.frombuffer(delta, _UINT[width])
     b = np.frombuffer(old, _UINT[width])
+    out: np.ndarray
     if encoding == PieceEncoding.XOR_ZSTD:
-        return (d ^ b).tobytes()
-    if encoding == PieceEncoding.SUB_ZSTD:
-        return (d + b).tobytes()
-    lo = (d + b) & 0x0F
-    hi = ((d >> 4) + (b >> 4)) & 0x0F
-    return (lo | (hi << 4)).astype(np.uint8).tobytes()
+        out = d ^ b
+    elif encoding == PieceEncoding.SUB_ZSTD:
+        out = d + b
+    else:
+        out = (((d + b) & 0x0F) | ((((d >> 4) + (b >> 4)) & 0x0F) << 4)).astype(np.uint8)
+    return out.tobytes()
 
 
 def _element(dtype: str | None, size: int) -> tuple[PieceEncoding, int]:

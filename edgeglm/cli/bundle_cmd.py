@@ -25,18 +25,18 @@ def bundle() -> None:
     """Inspect bundles: update cost between two versions, signature and digests."""
 
 
-def _side(path: Path, version: str, chunking: dict[str, int]) -> tuple[Manifest, FolderSource]:
+def _side(path: Path, version: str, piece_bytes: int, cdc_avg_bytes: int) -> tuple[Manifest, FolderSource]:
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():
             manifest, _ = load_manifest(path, trusted=None)
         else:
-            entries = describe_folder(path, **chunking)
+            entries = describe_folder(path, piece_bytes=piece_bytes, cdc_avg_bytes=cdc_avg_bytes)
             manifest = Manifest(model="diff", version=version, profile="none", files=tuple(entries))
         return manifest, FolderSource.of(path, manifest)
     if path.suffix == ".onnx":
-        entries = describe_onnx(path, **chunking)
+        entries = describe_onnx(path, piece_bytes=piece_bytes, cdc_avg_bytes=cdc_avg_bytes)
     else:
-        entries = [describe_file(path, path.name, None, **chunking)]
+        entries = [describe_file(path, path.name, None, piece_bytes=piece_bytes, cdc_avg_bytes=cdc_avg_bytes)]
     manifest = Manifest(model="diff", version=version, profile="none", files=tuple(entries))
     return manifest, FolderSource.of(path.parent, manifest)
 
@@ -73,16 +73,12 @@ def diff(old: Path, new: Path, profile: DeviceProfile | None, output: str) -> No
     """
     if old.is_dir() != new.is_dir():
         raise click.UsageError("OLD and NEW must both be folders or both be files")
-    chunking = {"piece_bytes": DEFAULT_PIECE_BYTES, "cdc_avg_bytes": DEFAULT_CDC_AVG_BYTES}
-    threshold = DEFAULT_FULL_THRESHOLD
+    piece_bytes, cdc_avg, threshold = DEFAULT_PIECE_BYTES, DEFAULT_CDC_AVG_BYTES, DEFAULT_FULL_THRESHOLD
     if profile is not None:
-        chunking = {
-            "piece_bytes": profile.chunk.tensor_piece_bytes,
-            "cdc_avg_bytes": profile.chunk.cdc_avg_bytes,
-        }
+        piece_bytes, cdc_avg = profile.chunk.tensor_piece_bytes, profile.chunk.cdc_avg_bytes
         threshold = profile.chunk.full_threshold
-    m_old, src_old = _side(old, "0.0.0", chunking)
-    m_new, src_new = _side(new, "0.0.1", chunking)
+    m_old, src_old = _side(old, "0.0.0", piece_bytes, cdc_avg)
+    m_new, src_new = _side(new, "0.0.1", piece_bytes, cdc_avg)
     result = plan(m_new, [m_old], source=SourceChain(src_new, src_old), full_threshold=threshold).to_dict()
     result["new_bytes"] = m_new.total_bytes()
     result["old_bytes"] = m_old.total_bytes()

@@ -45,9 +45,9 @@ def _story(work: Path, say: Any) -> dict[str, Any]:
     from edgeglm.errors import IntegrityError, ProtocolError
     from edgeglm.keys import create_keypair, load_private_key, load_public_keys
     from edgeglm.piece_store import PieceStore
-    from edgeglm.planner import SourceChain, encode_step, plan, receive
+    from edgeglm.planner import SourceChain, encode_step, plan, receive, step_frames
     from edgeglm.profiles import load_profile
-    from edgeglm.protocol import Frame, FrameAssembler, FrameKind, split_payload
+    from edgeglm.protocol import Frame, FrameAssembler
     from edgeglm.tensor_delta import Encoded
 
     t0 = time.perf_counter()
@@ -91,16 +91,7 @@ def _story(work: Path, say: Any) -> dict[str, Any]:
     limit = profile.chunk.message_max_bytes
     for step in the_plan.steps():
         enc = encode_step(step, source)
-        frames = split_payload(
-            FrameKind.PIECE,
-            enc.encoding,
-            piece_id=bytes.fromhex(step.piece_id),
-            piece_size=step.size,
-            payload=enc.payload,
-            element_width=enc.width,
-            base_id=bytes.fromhex(step.base_id) if step.base_id else None,
-            max_message_bytes=limit,
-        )
+        frames = step_frames(step, enc, limit)
         assembler = FrameAssembler()
         payload = None
         for frame in frames:
@@ -122,17 +113,8 @@ def _story(work: Path, say: Any) -> dict[str, Any]:
 
     # Tampering is refused: a flipped bit in a frame, a manifest edited after signing.
     some = the_plan.steps()[0]
-    enc = encode_step(some, source)
-    frame = split_payload(
-        FrameKind.PIECE,
-        enc.encoding,
-        piece_id=bytes.fromhex(some.piece_id),
-        piece_size=some.size,
-        payload=enc.payload,
-        element_width=enc.width,
-        base_id=bytes.fromhex(some.base_id) if some.base_id else None,
-    )[0].pack()
-    flipped = bytearray(frame)
+    packed_first = step_frames(some, encode_step(some, source))[0].pack()
+    flipped = bytearray(packed_first)
     flipped[-1] ^= 0x01
     try:
         Frame.unpack(bytes(flipped))
