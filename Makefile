@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU build of torch must come first: a plain `torch` pulls gigabytes of CUDA.
-TORCH  := torch==2.13.0
 
 .PHONY: test test-unit test-integration bench bench-quick demo lint typecheck clean
 

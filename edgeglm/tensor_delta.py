@@ -36,7 +36,10 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 @dataclass(frozen=True)
 class Encoded:
-    """A piece as it travels: how it was encoded and the bytes that go on the wire."""
+    """A piece as it travels: how it was encoded and the bytes that go on the wire.
+
+    ``width`` is the element width of the byte planes (1, 2, 4, 8); 0 for RAW and ZSTD.
+    """
 
     encoding: PieceEncoding
     width: int
@@ -107,9 +110,9 @@ def _element(dtype: str | None, size: int) -> tuple[PieceEncoding, int]:
 def encode_raw(data: bytes, *, dtype: str | None = None, level: int = 3) -> Encoded:
     """The smallest stand-alone encoding of ``data``: RAW, ZSTD or (multi-byte elements) planes."""
     zc = zstandard.ZstdCompressor(level=level)
-    best = Encoded(PieceEncoding.RAW, 1, bytes(data))
+    best = Encoded(PieceEncoding.RAW, 0, bytes(data))
     _, width = _element(dtype, len(data))
-    candidates = [(PieceEncoding.ZSTD, 1, data)]
+    candidates = [(PieceEncoding.ZSTD, 0, data)]
     if width > 1:
         candidates.append((PieceEncoding.PLANES_ZSTD, width, _planes(data, width)))
     for encoding, w, body in candidates:
@@ -150,8 +153,9 @@ def decode(
         encoding = PieceEncoding(encoding)
     except ValueError as exc:
         raise IntegrityError("piece", f"unknown encoding {encoding}") from exc
-    if width not in _UINT or size % width:
-        raise IntegrityError("piece", f"element width {width} does not fit a {size}-byte piece")
+    unplaned = encoding in (PieceEncoding.RAW, PieceEncoding.ZSTD)
+    if (width != 0) if unplaned else (width not in _UINT or size % width):
+        raise IntegrityError("piece", f"element width {width} does not fit {encoding.name} of {size} bytes")
     if encoding == PieceEncoding.RAW:
         body = payload
     else:
@@ -162,7 +166,7 @@ def decode(
             raise IntegrityError("piece", f"zstd payload does not decode: {exc}") from exc
     if len(body) != size:
         raise IntegrityError("piece", f"decoded to {len(body)} bytes, expected {size}")
-    if encoding in (PieceEncoding.RAW, PieceEncoding.ZSTD):
+    if unplaned:
         return bytes(body)
     body = _unplanes(body, width)
     if encoding == PieceEncoding.PLANES_ZSTD:

@@ -76,7 +76,7 @@ def test_bundle_diff_usage_errors(bundles, tmp_path):
 
 
 def test_bundle_verify_ok_and_refusals(bundles):
-    old_dir, new_dir, pub, tmp_path = bundles
+    _, new_dir, pub, tmp_path = bundles
     res = run("bundle", "verify", str(new_dir), "--trust", str(pub), "-o", "json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["verified"] is True

@@ -15,7 +15,9 @@ from edgeglm.bundle import Manifest
 from edgeglm.bundle_files import FolderSource, describe_file
 from edgeglm.piece_store import PieceStore
 from edgeglm.pieces import TensorSpan
-from edgeglm.planner import SourceChain, encode_step, plan, receive
+from edgeglm.planner import SourceChain, encode_step, plan, receive, step_frames
+from edgeglm.protocol import Frame, FrameAssembler
+from edgeglm.tensor_delta import Encoded
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "int4": 1}
 
@@ -102,7 +104,17 @@ def test_random_updates_rebuild_identical(tensors, edits, piece_bytes, align, se
                 assert step.action == "raw"
             enc = encode_step(step, source)
             sent += len(enc.payload)
-            receive(store, step.piece_id, step.size, enc, step.base_id)
+            # through the real wire: frames of at most 4 KiB, packed, shuffled, unpacked, reassembled
+            packed = [f.pack() for f in step_frames(step, enc, max_message_bytes=4096)]
+            assert all(len(p) <= 4096 for p in packed)
+            assembler = FrameAssembler()
+            payload = None
+            for raw in reversed(packed):
+                payload = assembler.add(Frame.unpack(raw)) or payload
+            assert payload == enc.payload
+            first = Frame.unpack(packed[0])
+            wire = Encoded(first.encoding, first.element_width, payload)
+            receive(store, step.piece_id, step.size, wire, first.base_id.hex() if first.base_id else None)
         assert sent == the_plan.bytes_to_send
 
         out = assemble_file(e_new, store, root / "out")
@@ -123,3 +135,21 @@ def test_cdc_files_rebuild_identical(data, chunk):
         for seg, (pid, _) in zip(entry.segments(), entry.pieces, strict=True):
             store.put(pid, data[seg.offset : seg.offset + seg.size])
         assert assemble_file(entry, store, root / "out").read_bytes() == data
+
+
+def test_inserted_tensor_resends_only_itself(tmp_path):
+    """The point of tensor-relative pieces: fixed blocks would resend everything after an insertion."""
+    rng = np.random.default_rng(7)
+    old = [(f"t{i}", "float32", rng.bytes(4 * int(rng.integers(1000, 90_000)))) for i in range(20)]
+    new = [*old[:1], ("inserted", "float32", rng.bytes(4 * 1234)), *old[1:]]
+    entries = []
+    for name, tensors in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        spans = _write(tmp_path / name / "w.data", tensors, 64)
+        entries.append(describe_file(tmp_path / name / "w.data", "w.data", spans, piece_bytes=64 << 10))
+    m_old = Manifest(model="m", version="1.0.0", profile="p", files=(entries[0],))
+    m_new = Manifest(model="m", version="1.1.0", profile="p", files=(entries[1],))
+    the_plan = plan(m_new, [m_old])
+    sent = the_plan.steps()
+    assert {s.action for s in sent} == {"raw"}
+    assert sum(s.size for s in sent) <= 4 * 1234 + 64  # the new tensor and at most its padding

@@ -81,17 +81,18 @@ def test_incompressible_piece_is_sent_raw_never_bigger():
 def test_decompression_bomb_is_bounded():
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
     with pytest.raises(IntegrityError, match="decoded to"):
-        decode(PieceEncoding.ZSTD, 1, bomb, 1024)
+        decode(PieceEncoding.ZSTD, 0, bomb, 1024)
 
 
 @pytest.mark.parametrize(
     ("encoding", "width", "payload", "size", "base", "match"),
     [
         (99, 1, b"x", 1, None, "unknown encoding"),
-        (PieceEncoding.RAW, 3, b"abc", 3, None, "element width"),
-        (PieceEncoding.RAW, 4, b"abcdef", 6, None, "element width"),
-        (PieceEncoding.RAW, 1, b"abc", 4, None, "decoded to 3"),
-        (PieceEncoding.ZSTD, 1, b"not zstd at all", 4, None, "does not decode"),
+        (PieceEncoding.RAW, 1, b"abc", 3, None, "element width"),
+        (PieceEncoding.PLANES_ZSTD, 3, b"abc", 3, None, "element width"),
+        (PieceEncoding.PLANES_ZSTD, 4, b"abcdef", 6, None, "element width"),
+        (PieceEncoding.RAW, 0, b"abc", 4, None, "decoded to 3"),
+        (PieceEncoding.ZSTD, 0, b"not zstd at all", 4, None, "does not decode"),
         (PieceEncoding.XOR_ZSTD, 1, zstandard.ZstdCompressor().compress(b"abcd"), 4, None, "base"),
         (PieceEncoding.SUB_ZSTD, 1, zstandard.ZstdCompressor().compress(b"abcd"), 4, b"ab", "base"),
     ],
