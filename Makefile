@@ -11,8 +11,10 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # Stamps re-install when pyproject.toml changes.
+# The CPU build of torch goes first: a plain `torch` pulls gigabytes of CUDA.
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,export]'
 	touch $@
 
 test: $(VENV)/.dev-installed
@@ -32,7 +34,6 @@ bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --quick --json bench/results/delta-quick.json
 
-# The demo writes ONNX graphs (onnx, from the dev extra) until export exists.
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo
 

@@ -138,6 +138,7 @@ class SmokeTest(_Strict):
     """The golden prompt an agent runs after loading a model, and the greedy tokens expected."""
 
     prompt: str = Field(max_length=4096)
+    prompt_tokens: tuple[int, ...] = ()  # how the exporter tokenized it: a mismatch on the device is a bug
     expected_tokens: tuple[int, ...]
     max_new_tokens: int = Field(gt=0, le=512)
 

@@ -1,0 +1,1 @@
+"""GLM checkpoint -> ONNX -> quantize -> validate -> bundle."""

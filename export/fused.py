@@ -1,0 +1,285 @@
+"""The fused decoder graph: ONNX Runtime contrib ops, weights read straight from safetensors.
+
+Graph inputs and outputs (KV cache laid out as GroupQueryAttention wants it, BNSH)::
+
+    input_ids                     int64 [batch, seq]
+    attention_mask                int64 [batch, total_seq]        1 for real tokens (right padding)
+    past_key_values.{i}.key|value  T    [batch, kv_heads, past_seq, head_dim]
+    -> logits                     fp32 [batch, seq, vocab]
+    -> present.{i}.key|value       T    [batch, kv_heads, total_seq, head_dim]
+
+Weights are read one at a time from the checkpoint, quantized if the profile asks (int4 / int8
+MatMulNBits with its block size and accuracy level) and streamed into ``model.onnx.data``; the
+builder never holds more than one layer's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from edgeglm.errors import ExportError
+from export.architectures import Architecture, ArchSpec
+from export.checkpoint import Checkpoint
+from export.onnx_writer import GraphWriter
+from export.quant import quantize_blockwise
+
+__all__ = ["FusedOptions", "build_fused"]
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    weights: str = "fp32"  # fp32 | fp16 | int8 | int4
+    block_size: int = 32
+    accuracy_level: int = 4
+    activations: str = "fp32"  # fp32 | fp16
+    max_context: int = 2048
+    rotary_interleaved: bool = True  # GLM: True. False exists to prove the quality gate catches it.
+
+
+class _Builder:
+    def __init__(
+        self, ckpt: Checkpoint, arch: Architecture, spec: ArchSpec, opts: FusedOptions, out: Path
+    ) -> None:
+        self.ckpt, self.arch, self.spec, self.opts = ckpt, arch, spec, opts
+        self.g = GraphWriter(out)
+        self.np_dtype = np.float16 if opts.activations == "fp16" else np.float32
+        self.elem = TensorProto.FLOAT16 if opts.activations == "fp16" else TensorProto.FLOAT
+
+    def act(self, array: np.ndarray) -> np.ndarray:
+        return array.astype(self.np_dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def linear(self, name: str, weight: np.ndarray, bias: np.ndarray | None, x: str) -> str:
+        """y = x W^T (+ b) for an HF weight W [N, K].
+
+        fp32/fp16:  x ──MatMul(Wᵀ [K, N])──(Add b)──> y
+        int4/int8:  x ──MatMulNBits(B, scales, zero_points, bias; K, N, bits, block_size,
+                                    accuracy_level)──> y
+        """
+        o = self.opts
+        if o.weights in ("int4", "int8"):
+            bits = 4 if o.weights == "int4" else 8
+            qw = quantize_blockwise(weight, bits, o.block_size)
+            inputs = [
+                x,
+                self.g.weight(f"{name}.qweight", qw.packed),
+                self.g.weight(f"{name}.scales", self.act(qw.scales)),
+                self.g.weight(f"{name}.qzeros", qw.zero_points),
+            ]
+            if bias is not None:
+                inputs += ["", self.g.weight(f"{name}.bias", self.act(bias))]
+            return self.g.node(
+                "MatMulNBits",
+                inputs,
+                [f"{name}/out"],
+                name,
+                MS,
+                K=qw.k,
+                N=qw.n,
+                bits=bits,
+                block_size=o.block_size,
+                accuracy_level=o.accuracy_level,
+            )
+        w_t = self.g.weight(f"{name}.weight_t", self.act(np.ascontiguousarray(weight.T)))
+        y = self.g.node("MatMul", [x, w_t], [f"{name}/matmul"], f"{name}/MatMul")
+        if bias is None:
+            return y
+        return self.g.node(
+            "Add", [y, self.g.weight(f"{name}.bias", self.act(bias))], [f"{name}/out"], f"{name}/Add"
+        )
+
+    def norm(self, name: str, weight_name: str, x: str) -> str:
+        """x ──SimplifiedLayerNormalization(γ, ε)──> RMS-normalised x"""
+        gamma = self.g.weight(f"{name}.gamma", self.act(self.ckpt.tensor(weight_name)))
+        return self.g.node(
+            "SimplifiedLayerNormalization",
+            [x, gamma],
+            [f"{name}/out"],
+            name,
+            axis=-1,
+            epsilon=self.spec.rms_eps,
+            stash_type=1,
+        )
+
+    def skip_norm(self, name: str, weight_name: str, x: str, residual: str) -> tuple[str, str]:
+        """x, residual ──SkipSimplifiedLayerNormalization(γ)──> norm(x + residual), x + residual"""
+        gamma = self.g.weight(f"{name}.gamma", self.act(self.ckpt.tensor(weight_name)))
+        outs = [f"{name}/out", "", "", f"{name}/sum"]
+        self.g.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, gamma],
+            outs,
+            name,
+            MS,
+            epsilon=self.spec.rms_eps,
+        )
+        return outs[0], outs[3]
+
+    # ------------------------------------------------------------------------------------------
+    def preamble(self) -> tuple[str, str, str, str]:
+        """attention_mask ──ReduceSum(axis 1)──Sub 1──Cast int32──> seqlens_k        [batch]
+        attention_mask ──Shape──Gather 1──Cast int32──────────> total_sequence_length []
+        rotary tables: cos_cache, sin_cache [max_context, rotary_dim / 2]
+        """
+        g, s = self.g, self.spec
+        g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+        g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
+        summed = g.node(
+            "ReduceSum",
+            ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
+            ["mask/sum"],
+            "mask/ReduceSum",
+            keepdims=0,
+        )
+        minus = g.node("Sub", [summed, g.const("one_i64", np.array(1, np.int64))], ["mask/sub"], "mask/Sub")
+        seqlens = g.node("Cast", [minus], ["seqlens_k"], "mask/CastSeqlens", to=TensorProto.INT32)
+        shape = g.node("Shape", ["attention_mask"], ["mask/shape"], "mask/Shape")
+        total = g.node(
+            "Gather",
+            [shape, g.const("one_scalar", np.array(1, np.int64))],
+            ["mask/total"],
+            "mask/Gather",
+            axis=0,
+        )
+        total32 = g.node("Cast", [total], ["total_seq_len"], "mask/CastTotal", to=TensorProto.INT32)
+        half = s.rotary_dim // 2
+        inv_freq = 1.0 / (s.rope_theta ** (np.arange(0, s.rotary_dim, 2, dtype=np.float64) / s.rotary_dim))
+        freqs = np.outer(np.arange(self.opts.max_context, dtype=np.float64), inv_freq)[:, :half]
+        cos = g.weight("cos_cache", self.act(np.cos(freqs)))
+        sin = g.weight("sin_cache", self.act(np.sin(freqs)))
+        return seqlens, total32, cos, sin
+
+    def attention(self, i: int, h: str, seqlens: str, total: str, cos: str, sin: str) -> str:
+        """h ──packed QKV linear (q ‖ k ‖ v, + bias)──> qkv [batch, seq, q + 2 kv]
+        qkv, past_key_values.i.{key,value}, seqlens_k, total_sequence_length, cos, sin
+            ──GroupQueryAttention(num_heads, kv_num_heads, rotary inside, interleaved)──> attn
+                                                                  └──> present.i.{key,value}
+        attn ──o_proj──> out   (glm4: ──SimplifiedLayerNormalization(post_self_attn_layernorm))
+        """
+        s, arch, ckpt, g = self.spec, self.arch, self.ckpt, self.g
+        parts = [ckpt.tensor(arch.layer(i, f"self_attn.{p}_proj.weight")) for p in "qkv"]
+        bias = None
+        if s.attention_bias:
+            bias = np.concatenate([ckpt.tensor(arch.layer(i, f"self_attn.{p}_proj.bias")) for p in "qkv"])
+        qkv = self.linear(f"layers.{i}.attn.qkv_proj", np.concatenate(parts), bias, h)
+        del parts
+        past_k = g.input(f"past_key_values.{i}.key", self.elem, ["batch", s.kv_heads, "past_seq", s.head_dim])
+        past_v = g.input(
+            f"past_key_values.{i}.value", self.elem, ["batch", s.kv_heads, "past_seq", s.head_dim]
+        )
+        present = [f"present.{i}.key", f"present.{i}.value"]
+        for name in present:
+            g.output(name, self.elem, ["batch", s.kv_heads, "total_seq", s.head_dim])
+        attn = g.node(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, seqlens, total, cos, sin],
+            [f"layers.{i}.attn/out", *present],
+            f"layers.{i}.attn/GQA",
+            MS,
+            num_heads=s.heads,
+            kv_num_heads=s.kv_heads,
+            scale=float(s.head_dim**-0.5),
+            do_rotary=1,
+            rotary_interleaved=int(self.opts.rotary_interleaved),
+            local_window_size=-1,
+        )
+        out = self.linear(
+            f"layers.{i}.attn.o_proj", ckpt.tensor(arch.layer(i, "self_attn.o_proj.weight")), None, attn
+        )
+        if s.extra_norms:
+            out = self.norm(
+                f"layers.{i}.post_self_attn_norm", arch.layer(i, "post_self_attn_layernorm.weight"), out
+            )
+        return out
+
+    def mlp(self, i: int, h: str) -> str:
+        """h ──gate_up_proj──Split──> gate, up;  up · (gate · σ(gate)) ──down_proj──> out
+        (glm4: ──SimplifiedLayerNormalization(post_mlp_layernorm))
+        """
+        g, arch = self.g, self.arch
+        gate_up = self.linear(
+            f"layers.{i}.mlp.gate_up_proj",
+            self.ckpt.tensor(arch.layer(i, "mlp.gate_up_proj.weight")),
+            None,
+            h,
+        )
+        split = [f"layers.{i}.mlp/gate", f"layers.{i}.mlp/up"]
+        g.node("Split", [gate_up], split, f"layers.{i}.mlp/Split", axis=-1, num_outputs=2)
+        sig = g.node("Sigmoid", [split[0]], [f"layers.{i}.mlp/sigmoid"], f"layers.{i}.mlp/Sigmoid")
+        silu = g.node("Mul", [split[0], sig], [f"layers.{i}.mlp/silu"], f"layers.{i}.mlp/SiLU")
+        act = g.node("Mul", [split[1], silu], [f"layers.{i}.mlp/act"], f"layers.{i}.mlp/Mul")
+        out = self.linear(
+            f"layers.{i}.mlp.down_proj", self.ckpt.tensor(arch.layer(i, "mlp.down_proj.weight")), None, act
+        )
+        if self.spec.extra_norms:
+            out = self.norm(f"layers.{i}.post_mlp_norm", arch.layer(i, "post_mlp_layernorm.weight"), out)
+        return out
+
+    def build(self, progress: Callable[[int], None] | None) -> Path:
+        """input_ids ──Gather(embed)──> x
+        per layer:  norm(x) → attention → (+x) → norm → mlp → (+)   with the residual adds fused
+                    into SkipSimplifiedLayerNormalization
+        final:      SkipSimplifiedLayerNormalization(final norm) ──lm_head──> logits (fp32)
+        """
+        s, g, arch = self.spec, self.g, self.arch
+        seqlens, total, cos, sin = self.preamble()
+        embed = self.act(self.ckpt.tensor(arch.embed))
+        x = g.node("Gather", [g.weight("embed_tokens", embed), "input_ids"], ["embed/out"], "embed/Gather")
+        del embed  # read again for a tied lm_head at the end: one big matrix in memory at a time
+        residual, out = x, x
+        for i in range(s.layers):
+            norm_weight = arch.layer(i, "input_layernorm.weight")
+            if i == 0:
+                h = self.norm("layers.0.input_norm", norm_weight, x)
+            else:
+                h, residual = self.skip_norm(f"layers.{i}.input_norm", norm_weight, out, residual)
+            attn = self.attention(i, h, seqlens, total, cos, sin)
+            post_norm = arch.layer(i, "post_attention_layernorm.weight")
+            h, residual = self.skip_norm(f"layers.{i}.post_attn_norm", post_norm, attn, residual)
+            out = self.mlp(i, h)
+            if progress:
+                progress(1)
+        h, _ = self.skip_norm("final_norm", arch.final_norm, out, residual)
+        head_weight = self.ckpt.tensor(arch.embed if s.tied_embeddings else arch.lm_head)
+        logits = self.linear("lm_head", head_weight, None, h)
+        if self.opts.activations == "fp16":
+            logits = g.node("Cast", [logits], ["logits_fp32"], "lm_head/Cast", to=TensorProto.FLOAT)
+        g.node("Identity", [logits], ["logits"], "logits/Identity")
+        g.output("logits", TensorProto.FLOAT, ["batch", "seq", s.vocab])
+        return g.save(f"edgeglm-{s.model_type}-fused")
+
+
+def _check(spec: ArchSpec, opts: FusedOptions) -> None:
+    """GroupQueryAttention's limits, said up front instead of failing inside ONNX Runtime."""
+    if spec.head_dim % 16:
+        raise ExportError(
+            "fused graph", f"head_dim {spec.head_dim} must be a multiple of 16 for GroupQueryAttention"
+        )
+    if spec.rotary_dim % 16 or spec.rotary_dim > spec.head_dim:
+        raise ExportError(
+            "fused graph", f"rotary dim {spec.rotary_dim} must be a multiple of 16 and <= head_dim"
+        )
+    if spec.heads % spec.kv_heads:
+        raise ExportError("fused graph", f"{spec.heads} heads are not a multiple of {spec.kv_heads} kv heads")
+    if opts.weights in ("int4", "int8") and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
+        raise ExportError("fused graph", f"block_size {opts.block_size} must be a power of two >= 16")
+
+
+def build_fused(
+    ckpt: Checkpoint,
+    arch: Architecture,
+    spec: ArchSpec,
+    opts: FusedOptions,
+    out_dir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``out_dir/model.onnx`` + ``model.onnx.data``; ``progress(1)`` after each layer."""
+    _check(spec, opts)
+    return _Builder(ckpt, arch, spec, opts, out_dir).build(progress)

@@ -1,0 +1,242 @@
+"""``edgectl export``: checkpoint -> graph -> quantize -> quality gate -> signed bundle.
+
+    read config ─> architecture ─> memory estimate ─> build graph (fused | standard) in a staging
+    folder ─> copy tokenizer files ─> quality gate vs transformers fp32 ─> golden smoke test ─>
+    exact memory check ─> sign manifest ─> rename staging to the bundle folder
+
+Nothing is left under the bundle's name unless the gate passed (or ``--force`` wrote it marked
+failed); a failed or interrupted export removes its staging folder.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeglm.bundle import Manifest
+from edgeglm.bundle_files import seal_folder
+from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded
+from edgeglm.keys import load_private_key
+from edgeglm.profiles import DeviceProfile
+from export.architectures import ArchSpec, architecture_for
+from export.checkpoint import Checkpoint
+from export.fused import FusedOptions, build_fused
+from export.ort_runner import OrtDecoder
+from export.quality import QualityReport, Reference, evaluate, load_prompts
+from export.spec import ExportSpec
+
+__all__ = ["ExportResult", "estimate_memory_mb", "run_export"]
+
+Say = Callable[[str], None]
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    quality: QualityReport
+    seconds: float
+    peak_rss_mb: float
+    weights_mb: float
+    memory_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle),
+            "model": self.manifest.model,
+            "version": self.manifest.version,
+            "profile": self.manifest.profile,
+            "passed": self.quality.passed,
+            "quality": self.quality.to_dict(),
+            "seconds": round(self.seconds, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "weights_mb": round(self.weights_mb, 1),
+            "memory_mb": round(self.memory_mb, 1),
+        }
+
+
+def _bytes_per_weight(profile: DeviceProfile) -> float:
+    block = profile.block_size or 32
+    return {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 8 / block, "int4": 0.5 + 4.5 / block}[profile.weights]
+
+
+def estimate_memory_mb(
+    spec: ArchSpec, profile: DeviceProfile, weights_bytes: float | None = None
+) -> tuple[float, float]:
+    """(weights MB, weights + KV cache at max_context x max_batch_size MB) for this profile."""
+    if weights_bytes is None:
+        linear = spec.layers * (
+            spec.hidden * (spec.q_dim + 2 * spec.kv_dim)
+            + spec.q_dim * spec.hidden
+            + 3 * spec.hidden * spec.intermediate
+        )
+        act = 2 if profile.weights == "fp16" else 4
+        weights_bytes = (linear + spec.vocab * spec.hidden) * _bytes_per_weight(
+            profile
+        ) + spec.vocab * spec.hidden * act
+    kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
+    kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
+    return weights_bytes / MIB, (weights_bytes + kv) / MIB
+
+
+def _check_budget(profile: DeviceProfile, weights_mb: float, total_mb: float, estimated: bool) -> None:
+    if total_mb > profile.memory_budget_mb:
+        how = "an estimated" if estimated else ""
+        raise ExportError(
+            f"profile {profile.name}",
+            f"the bundle needs {how} {total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache at "
+            f"max_context {profile.max_context} x batch {profile.max_batch_size}), over the "
+            f"{profile.memory_budget_mb:,} MB memory budget".replace("  ", " "),
+            hint="Pick a profile with smaller weights or a larger budget, or lower max_context.",
+        )
+
+
+def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, staging: Path, say: Say) -> Path:
+    profile = spec.profile
+    arch = architecture_for(ckpt.config)
+    if profile.graph == "fused":
+        from tqdm import tqdm
+
+        opts = FusedOptions(
+            weights=profile.weights,
+            block_size=profile.block_size or 32,
+            accuracy_level=profile.accuracy_level,
+            activations="fp16" if profile.weights == "fp16" or profile.kv_cache_dtype == "fp16" else "fp32",
+            max_context=profile.max_context,
+            rotary_interleaved=spec.rotary_interleaved,
+        )
+        with tqdm(total=arch_spec.layers, desc="building fused graph", unit="layer", leave=False) as bar:
+            return build_fused(ckpt, arch, arch_spec, opts, staging, progress=bar.update)
+    from export.quantize_qdq import quantize_standard
+    from export.standard import export_standard
+
+    say("exporting the standard graph with optimum")
+    raw = export_standard(ckpt.folder, staging / "fp32", model_type=arch.model_type, progress=say)
+    if profile.weights == "fp32":
+        for name in ("model.onnx", "model.onnx.data"):
+            (raw.parent / name).replace(staging / name)
+    else:
+        say(f"quantizing to {profile.weights}")
+        quantize_standard(raw, staging, weights=profile.weights, block_size=profile.block_size or 32)
+    shutil.rmtree(staging / "fp32", ignore_errors=True)
+    return staging / "model.onnx"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer.encode(text).ids
+    if not ids:
+        raise ExportError("eval prompt", f"{text[:40]!r} encodes to no tokens")
+    return ids
+
+
+def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
+    from tokenizers import Tokenizer
+
+    t0 = time.perf_counter()
+    profile = spec.profile
+    ckpt = Checkpoint(spec.checkpoint)
+    arch_spec = architecture_for(ckpt.config).spec(ckpt.config)
+    weights_mb, total_mb = estimate_memory_mb(arch_spec, profile)
+    _check_budget(profile, weights_mb, total_mb, estimated=True)
+    if spec.out_dir.exists():
+        raise ConflictError(f"bundle folder {spec.out_dir}", "already exists", hint="Choose another --out.")
+    tokenizer_path = ckpt.folder / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ExportError(f"checkpoint {ckpt.folder}", "has no tokenizer.json (the agent needs it)")
+    key = load_private_key(spec.key_path)
+    prompts = load_prompts(spec.eval_prompts)
+
+    staging = spec.out_dir.with_name(f".{spec.out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        shape = f"{arch_spec.layers} layers, hidden {arch_spec.hidden}"
+        say(f"{arch_spec.model_type}: {shape}, route {profile.graph}")
+        model_path = _build_graph(spec, ckpt, arch_spec, staging, say)
+        for path in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
+            shutil.copy2(path, staging / path.name)
+
+        say("quality gate: comparing with the transformers fp32 reference")
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        decoder = OrtDecoder(model_path)
+        reference = Reference(ckpt.folder)
+        report = evaluate(
+            reference,
+            decoder,
+            [_encode(tokenizer, p) for p in prompts],
+            profile.quality,
+            new_tokens=spec.new_tokens,
+        )
+        del reference
+        if not report.passed and not spec.force:
+            raise ToleranceExceeded(
+                f"export {spec.model_name}@{spec.version} for {profile.name}",
+                "failed the quality gate: " + "; ".join(report.failures),
+                metrics=report.to_dict(),
+            )
+        smoke_ids = _encode(tokenizer, spec.smoke_prompt)
+        expected = decoder.greedy(np.array([smoke_ids], np.int64), spec.smoke_tokens)[0]
+        del decoder
+
+        weights_bytes = (staging / "model.onnx.data").stat().st_size
+        weights_mb, total_mb = estimate_memory_mb(arch_spec, profile, weights_bytes)
+        _check_budget(profile, weights_mb, total_mb, estimated=False)
+
+        import onnxruntime
+
+        say("signing the bundle")
+        manifest, _ = seal_folder(
+            staging,
+            key,
+            model=spec.model_name,
+            version=spec.version,
+            profile=profile.name,
+            piece_bytes=profile.chunk.tensor_piece_bytes,
+            cdc_avg_bytes=profile.chunk.cdc_avg_bytes,
+            source_digest=ckpt.digest(),
+            dataset_version=spec.dataset_version,
+            quality={**report.to_dict(), "route": profile.graph, "weights": profile.weights},
+            runtime={
+                "onnxruntime": onnxruntime.__version__,
+                "graph": profile.graph,
+                "execution_providers": list(profile.execution_providers),
+                "architecture": arch_spec.model_type,
+                "kv_cache": {
+                    "layers": arch_spec.layers,
+                    "kv_heads": arch_spec.kv_heads,
+                    "head_dim": arch_spec.head_dim,
+                    "dtype": profile.kv_cache_dtype,
+                },
+                "tensorrt_engine": None,
+                "memory_mb": round(total_mb, 1),
+            },
+            smoke_test={
+                "prompt": spec.smoke_prompt,
+                "prompt_tokens": smoke_ids,
+                "expected_tokens": [int(t) for t in expected],
+                "max_new_tokens": spec.smoke_tokens,
+            },
+        )
+        staging.rename(spec.out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    return ExportResult(
+        bundle=spec.out_dir,
+        manifest=manifest,
+        quality=report,
+        seconds=time.perf_counter() - t0,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        weights_mb=weights_mb,
+        memory_mb=total_mb,
+    )

@@ -1,0 +1,137 @@
+"""The fused route's parts: MatMulNBits layout, safetensors reading, graph parity with transformers.
+
+These use random weights on purpose: they test arithmetic identity (fp32 must match to ~1e-6), not
+model quality. Quality-gate behaviour is tested on trained checkpoints in test_export_pipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto
+from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
+
+from edgeglm.errors import ExportError, UnsupportedModel
+from export.architectures import architecture_for
+from export.checkpoint import Checkpoint
+from export.fused import FusedOptions, build_fused
+from export.onnx_writer import GraphWriter
+from export.ort_runner import OrtDecoder
+from export.quant import dequantize, quantize_blockwise
+
+
+@pytest.mark.parametrize(
+    ("bits", "block", "k"), [(4, 16, 64), (4, 32, 80), (4, 128, 256), (8, 32, 96), (8, 64, 64)]
+)
+def test_matmulnbits_matches_our_dequantization(tmp_path, bits, block, k):
+    rng = np.random.default_rng(bits * block + k)
+    w = rng.normal(0, 0.05, (48, k)).astype(np.float32)
+    qw = quantize_blockwise(w, bits, block)
+    deq = dequantize(qw)
+    assert np.abs(deq - w).max() <= qw.scales.max() * 0.51  # rounding error at most half a step
+    g = GraphWriter(tmp_path)
+    g.input("x", TensorProto.FLOAT, [3, k])
+    inputs = ["x", g.weight("b", qw.packed), g.weight("s", qw.scales), g.weight("z", qw.zero_points)]
+    g.node(
+        "MatMulNBits",
+        inputs,
+        ["y"],
+        "mm",
+        "com.microsoft",
+        K=k,
+        N=48,
+        bits=bits,
+        block_size=block,
+        accuracy_level=0,
+    )
+    g.output("y", TensorProto.FLOAT, [3, 48])
+    sess = ort.InferenceSession(str(g.save("mm")), providers=["CPUExecutionProvider"])
+    x = rng.normal(0, 1, (3, k)).astype(np.float32)
+    (y,) = sess.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ deq.T, atol=1e-4)
+
+
+def _save(tmp_path, kind="glm", dtype=torch.float32, shard=None, **over):
+    torch.manual_seed(0)
+    conf = (
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+            pad_token_id=0,
+        )
+        | over
+    )
+    cfg, cls = (GlmConfig(**conf), GlmForCausalLM) if kind == "glm" else (Glm4Config(**conf), Glm4ForCausalLM)
+    model = cls(cfg).eval()
+    model.to(dtype).save_pretrained(tmp_path / "ckpt", max_shard_size=shard or "10GB")
+    return model.float(), tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shard"), [(torch.bfloat16, None), (torch.float16, "100KB"), (torch.float32, "50KB")]
+)
+def test_checkpoint_reads_bf16_fp16_and_shards(tmp_path, dtype, shard):
+    model, folder = _save(tmp_path, dtype=dtype, shard=shard)
+    ckpt = Checkpoint(folder)
+    if shard:
+        assert (folder / "model.safetensors.index.json").is_file()
+    state = {k: v.to(dtype).float().numpy() for k, v in model.state_dict().items()}
+    assert set(ckpt.names()) == set(state)
+    for name, ref in state.items():
+        np.testing.assert_array_equal(ckpt.tensor(name), ref)
+    assert ckpt.digest().startswith("blake3:")
+    ckpt.close()
+
+
+SHAPES = {
+    "glm-edge": dict(partial_rotary_factor=1.0, attention_bias=False, tie_word_embeddings=True),
+    "glm4-9b": dict(partial_rotary_factor=0.5, attention_bias=True, tie_word_embeddings=False),
+    "glm-gqa": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, partial_rotary_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_fused_fp32_matches_transformers_prefill_and_decode(tmp_path, kind, shape):
+    model, folder = _save(tmp_path, kind=kind, **SHAPES[shape])
+    ckpt = Checkpoint(folder)
+    arch = architecture_for(ckpt.config)
+    path = build_fused(ckpt, arch, arch.spec(ckpt.config), FusedOptions(max_context=64), tmp_path / "onnx")
+    dec = OrtDecoder(path)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.numpy()
+    logits, past = dec.step(ids[:, :7].numpy(), dec._empty_past(2), 7)
+    got = [logits]
+    for t in range(7, 12):
+        logits, past = dec.step(ids[:, t : t + 1].numpy(), past, t + 1)
+        got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), ref, atol=1e-4)
+    greedy = dec.greedy(ids[:1, :5].numpy(), 8)
+    with torch.no_grad():
+        hf = model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 5:].numpy()
+    np.testing.assert_array_equal(greedy, hf)
+
+
+def test_unsupported_model_type_names_what_is_supported():
+    with pytest.raises(UnsupportedModel, match=r"glm \(GlmForCausalLM\), glm4 \(Glm4ForCausalLM\)"):
+        architecture_for({"model_type": "llama"})
+
+
+def test_gqa_limits_are_said_up_front(tmp_path):
+    _, folder = _save(tmp_path, head_dim=24, partial_rotary_factor=1.0)
+    ckpt = Checkpoint(folder)
+    arch = architecture_for(ckpt.config)
+    with pytest.raises(ExportError, match="multiple of 16"):
+        build_fused(ckpt, arch, arch.spec(ckpt.config), FusedOptions(), tmp_path / "onnx")
