@@ -34,6 +34,20 @@ MS = "com.microsoft"
 
 
 @dataclass(frozen=True)
+class _Quantized:
+    """Initializer names of one blockwise-quantized weight, and its shape."""
+
+    packed: str
+    scales: str
+    zeros: str
+    n: int
+    k: int
+    bits: int
+    k_blocks: int
+    zero_cols: int
+
+
+@dataclass(frozen=True)
 class FusedOptions:
     weights: str = "fp32"  # fp32 | fp16 | int8 | int4
     block_size: int = 32
@@ -63,30 +77,8 @@ class _Builder:
         int4/int8:  x ──MatMulNBits(B, scales, zero_points, bias; K, N, bits, block_size,
                                     accuracy_level)──> y
         """
-        o = self.opts
-        if o.weights in ("int4", "int8"):
-            bits = 4 if o.weights == "int4" else 8
-            qw = quantize_blockwise(weight, bits, o.block_size)
-            inputs = [
-                x,
-                self.g.weight(f"{name}.qweight", qw.packed),
-                self.g.weight(f"{name}.scales", self.act(qw.scales)),
-                self.g.weight(f"{name}.qzeros", qw.zero_points),
-            ]
-            if bias is not None:
-                inputs += ["", self.g.weight(f"{name}.bias", self.act(bias))]
-            return self.g.node(
-                "MatMulNBits",
-                inputs,
-                [f"{name}/out"],
-                name,
-                MS,
-                K=qw.k,
-                N=qw.n,
-                bits=bits,
-                block_size=o.block_size,
-                accuracy_level=o.accuracy_level,
-            )
+        if self.opts.weights in ("int4", "int8"):
+            return self.quantized_linear(name, self.quantize(name, weight), bias, x)
         w_t = self.g.weight(f"{name}.weight_t", self.act(np.ascontiguousarray(weight.T)))
         y = self.g.node("MatMul", [x, w_t], [f"{name}/matmul"], f"{name}/MatMul")
         if bias is None:
@@ -94,6 +86,88 @@ class _Builder:
         return self.g.node(
             "Add", [y, self.g.weight(f"{name}.bias", self.act(bias))], [f"{name}/out"], f"{name}/Add"
         )
+
+    def quantize(self, name: str, weight: np.ndarray) -> _Quantized:
+        """Quantize W blockwise and stream B, scales and zero points into the data file."""
+        qw = quantize_blockwise(weight, 4 if self.opts.weights == "int4" else 8, self.opts.block_size)
+        return _Quantized(
+            packed=self.g.weight(f"{name}.qweight", qw.packed),
+            scales=self.g.weight(f"{name}.scales", self.act(qw.scales)),
+            zeros=self.g.weight(f"{name}.qzeros", qw.zero_points),
+            n=qw.n,
+            k=qw.k,
+            bits=qw.bits,
+            k_blocks=qw.packed.shape[1],
+            zero_cols=qw.zero_points.size // qw.n,
+        )
+
+    def quantized_linear(self, name: str, q: _Quantized, bias: np.ndarray | None, x: str) -> str:
+        inputs = [x, q.packed, q.scales, q.zeros]
+        if bias is not None:
+            inputs += ["", self.g.weight(f"{name}.bias", self.act(bias))]
+        return self.g.node(
+            "MatMulNBits",
+            inputs,
+            [f"{name}/out"],
+            name,
+            MS,
+            K=q.k,
+            N=q.n,
+            bits=q.bits,
+            block_size=self.opts.block_size,
+            accuracy_level=self.opts.accuracy_level,
+        )
+
+    def embedding(self) -> tuple[str, _Quantized | None]:
+        """fp32/fp16:  embed [V, H] ──Gather(input_ids)──> x
+        int4/int8:  the same B / scales / zero points as a MatMulNBits weight, seen as
+                    [V, H·bits/8] / [V, k_blocks] / [V, ⌈k_blocks·bits/8⌉] through Reshape
+                    ──GatherBlockQuantized(bits, block_size)──> x
+        A tied lm_head reuses that quantized table: the embedding costs no second copy.
+        """
+        g = self.g
+        embed = self.ckpt.tensor(self.arch.embed)
+        if self.opts.weights not in ("int4", "int8"):
+            return g.node(
+                "Gather",
+                [g.weight("embed_tokens", self.act(embed)), "input_ids"],
+                ["embed/out"],
+                "embed/Gather",
+            ), None
+        q = self.quantize("embed_tokens", embed)
+        del embed
+        views = []
+        for part, cols in (
+            (q.packed, q.k_blocks * self.opts.block_size * q.bits // 8),
+            (q.scales, q.k_blocks),
+            (q.zeros, q.zero_cols),
+        ):
+            shape = g.const(f"{part}/shape2d", np.array([q.n, cols], np.int64))
+            views.append(g.node("Reshape", [part, shape], [f"{part}/2d"], f"{part}/Reshape"))
+        x = g.node(
+            "GatherBlockQuantized",
+            [views[0], "input_ids", views[1], views[2]],
+            ["embed/out"],
+            "embed/GatherBlockQuantized",
+            MS,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=self.opts.block_size,
+            bits=q.bits,
+        )
+        if q.k_blocks * self.opts.block_size != q.k:  # padded columns: cut back to the hidden size
+            x = g.node(
+                "Slice",
+                [
+                    x,
+                    g.const("embed/starts", np.array([0], np.int64)),
+                    g.const("embed/ends", np.array([q.k], np.int64)),
+                    g.const("embed/axes", np.array([-1], np.int64)),
+                ],
+                ["embed/sliced"],
+                "embed/Slice",
+            )
+        return x, q
 
     def norm(self, name: str, weight_name: str, x: str) -> str:
         """x ──SimplifiedLayerNormalization(γ, ε)──> RMS-normalised x"""
@@ -230,9 +304,7 @@ class _Builder:
         """
         s, g, arch = self.spec, self.g, self.arch
         seqlens, total, cos, sin = self.preamble()
-        embed = self.act(self.ckpt.tensor(arch.embed))
-        x = g.node("Gather", [g.weight("embed_tokens", embed), "input_ids"], ["embed/out"], "embed/Gather")
-        del embed  # read again for a tied lm_head at the end: one big matrix in memory at a time
+        x, embed_q = self.embedding()
         residual, out = x, x
         for i in range(s.layers):
             norm_weight = arch.layer(i, "input_layernorm.weight")
@@ -247,8 +319,12 @@ class _Builder:
             if progress:
                 progress(1)
         h, _ = self.skip_norm("final_norm", arch.final_norm, out, residual)
-        head_weight = self.ckpt.tensor(arch.embed if s.tied_embeddings else arch.lm_head)
-        logits = self.linear("lm_head", head_weight, None, h)
+        if s.tied_embeddings and embed_q is not None:
+            logits = self.quantized_linear("lm_head", embed_q, None, h)
+        else:  # read again here: one big matrix in memory at a time
+            logits = self.linear(
+                "lm_head", self.ckpt.tensor(arch.embed if s.tied_embeddings else arch.lm_head), None, h
+            )
         if self.opts.activations == "fp16":
             logits = g.node("Cast", [logits], ["logits_fp32"], "lm_head/Cast", to=TensorProto.FLOAT)
         g.node("Identity", [logits], ["logits"], "logits/Identity")

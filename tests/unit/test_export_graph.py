@@ -135,3 +135,45 @@ def test_gqa_limits_are_said_up_front(tmp_path):
     arch = architecture_for(ckpt.config)
     with pytest.raises(ExportError, match="multiple of 16"):
         build_fused(ckpt, arch, arch.spec(ckpt.config), FusedOptions(), tmp_path / "onnx")
+
+
+@pytest.mark.parametrize(("bits", "block", "k"), [(4, 32, 64), (4, 16, 80), (8, 32, 96)])
+def test_gather_block_quantized_reads_the_matmulnbits_layout(tmp_path, bits, block, k):
+    """A tied embedding gathers from the lm_head's quantized weight: rows must equal our dequantization."""
+    rng = np.random.default_rng(k)
+    w = rng.normal(0, 0.05, (40, k)).astype(np.float32)
+    qw = quantize_blockwise(w, bits, block)
+    kb = qw.packed.shape[1]
+    g = GraphWriter(tmp_path)
+    g.input("ids", TensorProto.INT64, [2, 3])
+    views = []
+    for name, arr, cols in (
+        ("b", qw.packed, kb * block * bits // 8),
+        ("s", qw.scales, kb),
+        ("z", qw.zero_points, qw.zero_points.size // 40),
+    ):
+        g.weight(name, arr)
+        views.append(
+            g.node(
+                "Reshape",
+                [name, g.const(f"{name}_shape", np.array([40, cols], np.int64))],
+                [f"{name}2d"],
+                f"{name}_reshape",
+            )
+        )
+    g.node(
+        "GatherBlockQuantized",
+        [views[0], "ids", views[1], views[2]],
+        ["y"],
+        "gbq",
+        "com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block,
+        bits=bits,
+    )
+    g.output("y", TensorProto.FLOAT, [2, 3, kb * block])
+    sess = ort.InferenceSession(str(g.save("gbq")), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 39], [7, 7, 1]], np.int64)
+    (y,) = sess.run(None, {"ids": ids})
+    np.testing.assert_allclose(y[..., :k], dequantize(qw)[ids], atol=1e-6)

@@ -1,0 +1,302 @@
+"""Inference benchmark: exported graphs against transformers fp32, on GLM-Edge-1.5B dimensions.
+
+    python -m bench.infer [--quick] --json FILE [--variants a,b,...]
+
+A random-weight GlmForCausalLM checkpoint with the real GLM-Edge-1.5B shape (hidden 2048, 28
+layers, 16 heads, 4 kv heads, head_dim 128, intermediate 6144, vocab 59264, tied embeddings,
+rotary 1.0) is written as bf16 safetensors (``--quick``: a small model). Speed does not depend on
+the values. Each variant runs in its own process, so its peak RSS is its own:
+
+    transformers-fp32   AutoModelForCausalLM.generate(), the baseline
+    standard-fp32       optimum-onnx graph, plain ONNX ops
+    fused-fp32          our fused graph (GroupQueryAttention, SkipSimplifiedLayerNorm)
+    fused-int8          + MatMulNBits 8-bit, block 32, accuracy_level 4
+    fused-int4-b32      + MatMulNBits 4-bit, block 32, accuracy_level 4
+    fused-int4-b128     + MatMulNBits 4-bit, block 128, accuracy_level 4
+
+Decode speed: a 32-token prompt then 64 new tokens, greedy, at batch 1 and batch 8, with a
+minimal loop on ONNX Runtime (export.ort_runner). Rows:
+``{variant, batch, decode_tok_s, prefill_s, peak_rss_mb, bundle_mb, export_s, ratio_vs_baseline}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT, NEW = 32, 64
+BATCHES = (1, 8)
+VARIANTS = (
+    "transformers-fp32",
+    "standard-fp32",
+    "fused-fp32",
+    "fused-int8",
+    "fused-int4-b32",
+    "fused-int4-b128",
+)
+
+GLM_EDGE_15B = dict(
+    hidden_size=2048,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    intermediate_size=6144,
+    vocab_size=59264,
+)
+QUICK = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=8192,
+)
+
+
+def write_checkpoint(folder: Path, dims: dict[str, int], seed: int = 0) -> Path:
+    """A GlmForCausalLM folder with random bf16 weights, written one tensor at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    q, kv = dims["num_attention_heads"] * dims["head_dim"], dims["num_key_value_heads"] * dims["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for n in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{n}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (q, h),
+            f"{p}.self_attn.k_proj.weight": (kv, h),
+            f"{p}.self_attn.v_proj.weight": (kv, h),
+            f"{p}.self_attn.o_proj.weight": (h, q),
+            f"{p}.mlp.gate_up_proj.weight": (2 * i, h),
+            f"{p}.mlp.down_proj.weight": (h, i),
+        }
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    rng = np.random.default_rng(seed)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            w = (
+                np.ones(shape, np.float32)
+                if name.endswith("norm.weight")
+                else rng.normal(0, 0.02, shape).astype(np.float32)
+            )
+            fh.write((w.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    config = {
+        "architectures": ["GlmForCausalLM"],
+        "model_type": "glm",
+        "partial_rotary_factor": 1.0,
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        **dims,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt(batch: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(2, vocab, (batch, PROMPT), dtype=np.int64)
+
+
+def worker_transformers(ckpt: Path, vocab: int) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    rows = []
+    for batch in BATCHES:
+        ids = torch.from_numpy(_prompt(batch, vocab))
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(ids, use_cache=True)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            total = time.perf_counter() - t
+        rows.append(
+            {"batch": batch, "prefill_s": prefill, "decode_tok_s": batch * NEW / max(total - prefill, 1e-9)}
+        )
+    return rows
+
+
+def worker_onnx(model: Path, vocab: int) -> list[dict[str, Any]]:
+    from export.ort_runner import OrtDecoder
+
+    dec = OrtDecoder(model)
+    rows = []
+    for batch in BATCHES:
+        ids = _prompt(batch, vocab)
+        dec.greedy(ids[:, :4], 2)  # warm up
+        t = time.perf_counter()
+        logits, past = dec.step(ids, dec._empty_past(batch), PROMPT)
+        prefill = time.perf_counter() - t
+        total = PROMPT
+        t = time.perf_counter()
+        for _ in range(NEW):
+            nxt = logits[:, -1].argmax(-1)
+            total += 1
+            logits, past = dec.step(nxt[:, None], past, total)
+        decode = time.perf_counter() - t
+        rows.append({"batch": batch, "prefill_s": prefill, "decode_tok_s": batch * NEW / decode})
+    return rows
+
+
+def worker_export(variant: str, ckpt: Path, out: Path) -> float:
+    """Build ``variant``'s graph into ``out``; returns seconds."""
+    from export.architectures import architecture_for
+    from export.checkpoint import Checkpoint
+
+    t = time.perf_counter()
+    if variant == "standard-fp32":
+        from export.standard import export_standard
+
+        export_standard(ckpt, out, model_type="glm")
+    else:
+        from export.fused import FusedOptions, build_fused
+
+        _, weights, *block = variant.split("-")
+        opts = FusedOptions(
+            weights=weights,
+            block_size=int(block[0][1:]) if block else 32,
+            accuracy_level=4,
+            max_context=PROMPT + NEW + 16,
+        )
+        c = Checkpoint(ckpt)
+        arch = architecture_for(c.config)
+        build_fused(c, arch, arch.spec(c.config), opts, out)
+    return time.perf_counter() - t
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    vocab = json.loads((args.ckpt / "config.json").read_text())["vocab_size"]
+    result: dict[str, Any] = {"variant": args.worker}
+    if args.worker == "transformers-fp32":
+        result["rows"] = worker_transformers(args.ckpt, vocab)
+        result["export_s"], result["bundle_mb"] = None, None
+    else:
+        out = args.work / args.worker
+        result["export_s"] = worker_export(args.worker, args.ckpt, out)
+        result["export_peak_rss_mb"] = _peak_mb()
+        result["bundle_mb"] = sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6
+        result["rows"] = worker_onnx(out / "model.onnx", vocab)
+    result["peak_rss_mb"] = _peak_mb()
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.infer", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
+    ap.add_argument("--json", type=Path, required=False)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    if args.json is None:
+        ap.error("--json is required")
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        ckpt = write_checkpoint(work / "ckpt", QUICK if args.quick else GLM_EDGE_15B)
+        print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+        rows = []
+        for variant in args.variants.split(","):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.infer",
+                    "--worker",
+                    variant,
+                    "--ckpt",
+                    str(ckpt),
+                    "--work",
+                    str(work),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode:
+                print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            for r in res["rows"]:
+                rows.append(
+                    {
+                        "variant": variant,
+                        "batch": r["batch"],
+                        "decode_tok_s": round(r["decode_tok_s"], 3),
+                        "prefill_s": round(r["prefill_s"], 4),
+                        "peak_rss_mb": round(res["peak_rss_mb"], 1),
+                        "bundle_mb": res["bundle_mb"] and round(res["bundle_mb"], 1),
+                        "export_s": res["export_s"] and round(res["export_s"], 2),
+                        "export_peak_rss_mb": res.get("export_peak_rss_mb")
+                        and round(res["export_peak_rss_mb"], 1),
+                    }
+                )
+                print(
+                    f"{variant:18} batch {r['batch']}: {r['decode_tok_s']:8.2f} tok/s  prefill {r['prefill_s']:.3f} s  "
+                    f"rss {res['peak_rss_mb']:,.0f} MB  bundle {res['bundle_mb'] or 0:,.0f} MB",
+                    flush=True,
+                )
+            shutil_rm(work / variant)
+    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers-fp32"}
+    for r in rows:
+        r["ratio_vs_baseline"] = (
+            round(r["decode_tok_s"] / base[r["batch"]], 2) if r["batch"] in base else None
+        )
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print("\nratios vs transformers fp32 (same run):")
+    for r in rows:
+        print(f"  {r['variant']:18} batch {r['batch']}: {r['ratio_vs_baseline']}x")
+    return 0
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
