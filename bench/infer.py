@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -275,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 print(
-                    f"{variant:18} batch {r['batch']}: {r['decode_tok_s']:8.2f} tok/s  prefill {r['prefill_s']:.3f} s  "
-                    f"rss {res['peak_rss_mb']:,.0f} MB  bundle {res['bundle_mb'] or 0:,.0f} MB",
+                    f"{variant:18} batch {r['batch']}: {r['decode_tok_s']:8.2f} tok/s  "
+                    f"prefill {r['prefill_s']:.3f} s  rss {res['peak_rss_mb']:,.0f} MB  "
+                    f"bundle {res['bundle_mb'] or 0:,.0f} MB",
                     flush=True,
                 )
-            shutil_rm(work / variant)
+            shutil.rmtree(work / variant, ignore_errors=True)
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers-fp32"}
     for r in rows:
         r["ratio_vs_baseline"] = (
@@ -290,12 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"  {r['variant']:18} batch {r['batch']}: {r['ratio_vs_baseline']}x")
     return 0
-
-
-def shutil_rm(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
