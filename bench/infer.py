@@ -10,7 +10,8 @@ the values. Each variant runs in its own process, so its peak RSS is its own:
     transformers-fp32   AutoModelForCausalLM.generate(), the baseline
     standard-fp32       optimum-onnx graph, plain ONNX ops
     fused-fp32          our fused graph (GroupQueryAttention, SkipSimplifiedLayerNorm)
-    fused-int8          + MatMulNBits 8-bit, block 32, accuracy_level 4
+    fused-int8-b32      + MatMulNBits 8-bit, block 32, accuracy_level 4
+    fused-int8-b128     + MatMulNBits 8-bit, block 128 (the shipped cpu-x86-int8 profile)
     fused-int4-b32      + MatMulNBits 4-bit, block 32, accuracy_level 4
     fused-int4-b128     + MatMulNBits 4-bit, block 128, accuracy_level 4
 
@@ -41,7 +42,8 @@ VARIANTS = (
     "transformers-fp32",
     "standard-fp32",
     "fused-fp32",
-    "fused-int8",
+    "fused-int8-b32",
+    "fused-int8-b128",
     "fused-int4-b32",
     "fused-int4-b128",
 )
