@@ -141,6 +141,7 @@ class SmokeTest(_Strict):
     prompt_tokens: tuple[int, ...] = ()  # how the exporter tokenized it: a mismatch on the device is a bug
     expected_tokens: tuple[int, ...]
     max_new_tokens: int = Field(gt=0, le=512)
+    stop_tokens: tuple[int, ...] = ()  # greedy decoding ends after one of these, as in serving
 
 
 class Signature(_Strict):

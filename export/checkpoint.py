@@ -136,6 +136,21 @@ class Checkpoint:
             mm.close()
         self._maps.clear()
 
+    def stop_tokens(self) -> frozenset[int]:
+        """The ids that end generation: ``eos_token_id`` of generation_config.json, else config.json."""
+        for name in ("generation_config.json", "config.json"):
+            path = self.folder / name
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+            except ValueError as exc:
+                raise ExportError(f"checkpoint {self.folder}", f"{name} is not valid JSON: {exc}") from exc
+            if eos is not None:
+                ids = eos if isinstance(eos, list) else [eos]
+                if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                    raise ExportError(f"checkpoint {self.folder}", f"{name}: bad eos_token_id {eos!r}")
+                return frozenset(ids)
+        return frozenset()
+
     def fp32_bytes(self) -> int:
         """Size of all weights in float32: the reference for the export's memory use."""
         return sum(4 * int(np.prod(r.shape, dtype=np.int64)) for r in self._index.values())
