@@ -39,9 +39,19 @@ from transformers import AutoConfig
 from edgeglm.errors import ExportError, UnsupportedModel
 from export.onnx_writer import ALIGN
 
-__all__ = ["DATA_NAME", "SUPPORTED_MODEL_TYPES", "Glm4OnnxConfig", "export_standard", "save_single_data"]
+__all__ = [
+    "DATA_NAME",
+    "INLINE_BELOW",
+    "SUPPORTED_MODEL_TYPES",
+    "Glm4OnnxConfig",
+    "export_standard",
+    "save_single_data",
+]
 
 DATA_NAME = "model.onnx.data"
+# Smaller tensors stay in the graph file: axes and shapes that shape inference must read (it cannot
+# read external data), where a piece of their own would cost more than it saves.
+INLINE_BELOW = 1024
 DEFAULT_OPSET = 18  # optimum-onnx's minimum for these decoders; 17 exports but warns
 _HF_FILES = ("config.json", "generation_config.json")
 
@@ -142,7 +152,11 @@ def save_single_data(model: onnx.ModelProto, out_dir: Path, source_dir: Path | N
 
     Initializers may be inline or external (relative to ``source_dir``); they are copied one at a
     time, so memory stays near the graph plus its largest tensor. ``source_dir`` may be ``out_dir``.
+    Top-level ``Constant`` nodes in external data become initializers first: torch.onnx stores big
+    ones (causal masks of a long-context model) that way, and the tensor table lists initializers.
     """
+    _hoist_constants(model.graph)
+    _inline_external_attributes(model.graph, source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"{DATA_NAME}.partial"
     try:
@@ -163,7 +177,7 @@ def _write_initializers(model: onnx.ModelProto, data: BinaryIO, source_dir: Path
         if tensor.data_type == TensorProto.STRING:
             continue  # ONNX keeps string tensors inline
         raw = _tensor_bytes(tensor, source_dir)
-        if not raw:
+        if len(raw) < INLINE_BELOW:
             _make_inline(tensor, raw)
             continue
         pad = (-offset) % ALIGN
@@ -172,6 +186,38 @@ def _write_initializers(model: onnx.ModelProto, data: BinaryIO, source_dir: Path
         data.write(raw)
         _point_to(tensor, offset, len(raw))
         offset += len(raw)
+
+
+def _hoist_constants(graph: onnx.GraphProto) -> None:
+    """``Constant(value=T) -> y`` becomes initializer ``y`` holding T (the same value, by name)."""
+    keep = []
+    for node in graph.node:
+        attrs = [a for a in node.attribute if a.name == "value" and a.HasField("t")]
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and len(node.attribute) == 1
+            and attrs
+        ):
+            tensor = TensorProto()
+            tensor.CopyFrom(attrs[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _inline_external_attributes(graph: onnx.GraphProto, source_dir: Path | None) -> None:
+    """Attribute tensors still in external data (Constants inside subgraphs) move into the graph."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for tensor in [attr.t] if attr.HasField("t") else list(attr.tensors):
+                if tensor.data_location == TensorProto.EXTERNAL:
+                    _make_inline(tensor, _tensor_bytes(tensor, source_dir))
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _inline_external_attributes(sub, source_dir)
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -209,7 +255,7 @@ def _clear(tensor: TensorProto) -> None:
 
 
 def _make_inline(tensor: TensorProto, raw: bytes) -> None:
-    """Empty tensors stay in the graph file: a zero-length external entry helps no one."""
+    """A small tensor kept in the graph file (see ``INLINE_BELOW``)."""
     _clear(tensor)
     tensor.data_location = TensorProto.DEFAULT
     tensor.raw_data = raw

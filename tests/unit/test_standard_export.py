@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Glm4Config, Glm4ForCausalLM, GlmC
 
 from edgeglm.errors import ExportError, UnsupportedModel
 from export.quantize_qdq import quantize_standard
-from export.standard import DATA_NAME, export_standard
+from export.standard import DATA_NAME, INLINE_BELOW, export_standard
 
 MODEL_TYPES = ("glm", "glm4")
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
@@ -124,7 +124,10 @@ def test_graph_has_optimums_names_and_one_data_file(exported, model_type):
     }
     locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {DATA_NAME}
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer if t.dims)
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert "model.embed_tokens.weight" in external and len(external) > 6 * LAYERS
+    inline = [t for t in model.graph.initializer if t.name not in external]
+    assert all(len(t.raw_data) < INLINE_BELOW for t in inline)  # axes and shapes, never weights
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
