@@ -4,20 +4,21 @@ Every MatMul whose B is a constant weight ``W [K, N]`` gets a DequantizeLinear i
 activations stay float, so TensorRT and every ONNX Runtime provider can run the graph::
 
     int4:  W_q  int4 [K, N] ────────┐
-           scale f32 [K / bs, N] ───┴─ DequantizeLinear(axis=0, block_size=bs) ─> MatMul(x, ·)
+           scale T [K / bs, N] ─────┴─ DequantizeLinear(axis=0, block_size=bs) ─> MatMul(x, ·)
            symmetric, blockwise along K (opset 21: the form TensorRT's INT4 weight-only reads)
 
     int8:  W_q  int8 [K, N] ────────┐
-           scale f32 [N] ───────────┴─ DequantizeLinear(axis=1) ─────────────────> MatMul(x, ·)
+           scale T [N] ─────────────┴─ DequantizeLinear(axis=1) ─────────────────> MatMul(x, ·)
            symmetric, per output channel (TensorRT runs INT8 weights per channel, not blockwise)
 
     fp16:  weights and compute in fp16; the KV cache inputs/outputs become fp16 too (profiles pair
            fp16 weights with an fp16 cache), ``logits`` stays fp32. RMSNorm's Pow / ReduceMean /
            Sqrt stay fp32: squaring a hidden state above 256 overflows fp16.
 
-``block_size`` applies to int4 only. The output is ``out_dir/model.onnx`` plus one
-``model.onnx.data``. fp32, int8 and int4 read one weight at a time; fp16 holds the whole model in
-memory (ONNX Runtime's converter works on an in-memory ModelProto).
+T is the activation type: fp32, or fp16 when the graph is converted to fp16 first (TensorRT
+profiles with an fp16 KV cache). ``block_size`` applies to int4 only. The output is
+``out_dir/model.onnx`` plus one ``model.onnx.data``. With fp32 activations weights are read one
+at a time; fp16 holds the whole model in memory (ONNX Runtime's converter works on a ModelProto).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from export.standard import save_single_data
 __all__ = ["WEIGHTS", "quantize_standard"]
 
 _FP16_KEEP_FP32_OPS = ("Pow", "ReduceMean", "Sqrt")
+_FLOAT_WEIGHTS = (TensorProto.FLOAT, TensorProto.FLOAT16)
 _FP32_IO = ["logits"]
 _BLOCKWISE_OPSET = 21  # DequantizeLinear's block_size and the int4 type
 _IR_INT4 = 10
@@ -52,7 +54,7 @@ def _int8_per_channel(
 ) -> tuple[TensorProto, TensorProto, dict[str, Any]]:
     """``w ≈ q * scale[n]``, q in [-127, 127]."""
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
+    scale = np.where(amax == 0, 1.0, amax / 127.0).astype(w.dtype)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return (
         numpy_helper.from_array(q, f"{name}_q8"),
@@ -69,7 +71,7 @@ def _int4_blockwise(
     blocks = -(-k // block_size)
     padded = np.pad(w, ((0, blocks * block_size - k), (0, 0))).reshape(blocks, block_size, n)
     amax = np.abs(padded).max(axis=1)
-    scale = np.where(amax == 0, 1.0, amax / 7.0).astype(np.float32)
+    scale = np.where(amax == 0, 1.0, amax / 7.0).astype(w.dtype)
     q = np.clip(np.rint(padded / scale[:, None, :]), -7, 7).reshape(blocks * block_size, n)[:k]
     return (
         numpy_helper.from_array(q.astype(ml_dtypes.int4), f"{name}_q4"),
@@ -78,22 +80,22 @@ def _int4_blockwise(
     )
 
 
-def _qdq(src: Path, quantize: QuantizeFn, block_size: int) -> onnx.ModelProto:
-    """Replace each constant 2-D float MatMul weight by quantize -> DequantizeLinear.
+def _qdq(model: onnx.ModelProto, base_dir: Path, quantize: QuantizeFn, block_size: int) -> onnx.ModelProto:
+    """Replace each constant 2-D float (fp32 or fp16) MatMul weight by quantize -> DequantizeLinear.
 
-    The graph is loaded without its weights; each one is read, quantized and dropped in turn.
+    Weights are read one at a time (from ``base_dir`` when external), quantized and dropped; the
+    scales keep the weight's float type, so DequantizeLinear yields what the MatMul already ate.
     The DequantizeLinear nodes read only initializers, so they go first in node order.
     """
-    model = onnx.load(src, load_external_data=False)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     dequantize = []
     for node in graph.node:
         tensor = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if tensor is None or tensor.data_type != TensorProto.FLOAT or len(tensor.dims) != 2:
+        if tensor is None or tensor.data_type not in _FLOAT_WEIGHTS or len(tensor.dims) != 2:
             continue
         name = tensor.name
-        q, scale, attrs = quantize(numpy_helper.to_array(tensor, base_dir=str(src.parent)), name, block_size)
+        q, scale, attrs = quantize(numpy_helper.to_array(tensor, base_dir=str(base_dir)), name, block_size)
         graph.initializer.remove(tensor)
         del weights[name]  # a weight shared by two MatMuls is dequantized once
         graph.initializer.extend([q, scale])
@@ -103,14 +105,19 @@ def _qdq(src: Path, quantize: QuantizeFn, block_size: int) -> onnx.ModelProto:
     nodes = [*dequantize, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
+    # int4 and fp16 scales need DequantizeLinear-21. Opsets 19-21 only widened the types of the
+    # ops torch.onnx emits; the checker in quantize_standard verifies.
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, _BLOCKWISE_OPSET)
+    model.ir_version = max(model.ir_version, _IR_INT4)
     return model
 
 
-def _fp32(src: Path, block_size: int) -> onnx.ModelProto:
-    return onnx.load(src, load_external_data=False)
-
-
-def _fp16(src: Path, block_size: int) -> onnx.ModelProto:
+def _load(src: Path, activations: str) -> onnx.ModelProto:
+    """The fp32 graph without its weights, or converted to fp16 (weights in memory then)."""
+    if activations == "fp32":
+        return onnx.load(src, load_external_data=False)
     model = convert_float_to_float16(
         str(src),  # a path: shape inference then works on models over 2 GB
         keep_io_types=_FP32_IO,
@@ -118,6 +125,14 @@ def _fp16(src: Path, block_size: int) -> onnx.ModelProto:
     )
     _toposort(model.graph)  # the converter appends its Casts at the end; TensorRT wants order
     return model
+
+
+def _fp32(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
+    return _load(src, "fp32")
+
+
+def _fp16(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
+    return _load(src, "fp16")
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
@@ -145,21 +160,15 @@ def _toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
-def _int8(src: Path, block_size: int) -> onnx.ModelProto:
-    return _qdq(src, _int8_per_channel, block_size)
+def _int8(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
+    return _qdq(_load(src, activations), src.parent, _int8_per_channel, block_size)
 
 
-def _int4(src: Path, block_size: int) -> onnx.ModelProto:
-    model = _qdq(src, _int4_blockwise, block_size)
-    # Opsets 19-21 only widened the types of the ops torch.onnx emits; the checker below verifies.
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, _BLOCKWISE_OPSET)
-    model.ir_version = max(model.ir_version, _IR_INT4)
-    return model
+def _int4(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
+    return _qdq(_load(src, activations), src.parent, _int4_blockwise, block_size)
 
 
-WEIGHTS: dict[str, Callable[[Path, int], onnx.ModelProto]] = {
+WEIGHTS: dict[str, Callable[[Path, int, str], onnx.ModelProto]] = {
     "fp32": _fp32,
     "fp16": _fp16,
     "int8": _int8,
@@ -167,16 +176,25 @@ WEIGHTS: dict[str, Callable[[Path, int], onnx.ModelProto]] = {
 }
 
 
-def quantize_standard(src_onnx: Path, out_dir: Path, *, weights: str, block_size: int) -> Path:
-    """Write the fp32 standard graph ``src_onnx`` with ``weights`` as ``out_dir/model.onnx``."""
+def quantize_standard(
+    src_onnx: Path, out_dir: Path, *, weights: str, block_size: int, activations: str = "fp32"
+) -> Path:
+    """Write the fp32 standard graph ``src_onnx`` with ``weights`` as ``out_dir/model.onnx``.
+
+    ``activations="fp16"`` (int8 / int4 only; fp16 weights imply it) converts the graph to fp16
+    first, so the quantized weights dequantize straight to fp16: what a strongly typed TensorRT
+    network with fp16 activations and its fp16 KV cache needs.
+    """
     src_onnx, out_dir = Path(src_onnx), Path(out_dir)
     convert = WEIGHTS.get(weights)
     if convert is None:
         raise ExportError(f"weights {weights!r}", f"the standard route supports {', '.join(WEIGHTS)}")
+    if activations not in ("fp32", "fp16"):
+        raise ExportError(f"activations {activations!r}", "must be fp32 or fp16")
     if weights == "int4" and block_size < 2:
         raise ExportError(f"block_size {block_size}", "int4 needs a block of at least 2 weights")
     try:
-        path = save_single_data(convert(src_onnx, block_size), out_dir, src_onnx.parent)
+        path = save_single_data(convert(src_onnx, block_size, activations), out_dir, src_onnx.parent)
         onnx.checker.check_model(str(path))
     except ExportError:
         raise
