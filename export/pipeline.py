@@ -1,8 +1,9 @@
 """``edgectl export``: checkpoint -> graph -> quantize -> quality gate -> signed bundle.
 
-    read config ─> architecture ─> memory estimate ─> build graph (fused | standard) in a staging
-    folder ─> copy tokenizer files ─> quality gate vs transformers fp32 ─> golden smoke test ─>
-    exact memory check ─> sign manifest ─> rename staging to the bundle folder
+    read config ─> architecture ─> memory estimate ─> (TensorRT: is there a GPU?) ─> build graph
+    (fused | standard) in a staging folder ─> (TensorRT: build the engine) ─> copy tokenizer files
+    ─> quality gate vs transformers fp32 (graph, and engine) ─> golden smoke test ─> exact memory
+    check ─> sign manifest ─> rename staging to the bundle folder
 
 Nothing is left under the bundle's name unless the gate passed (or ``--force`` wrote it marked
 failed); a failed or interrupted export removes its staging folder.
@@ -71,7 +72,8 @@ def _bytes_per_weight(profile: DeviceProfile) -> float:
 def estimate_memory_mb(
     spec: ArchSpec, profile: DeviceProfile, weights_bytes: float | None = None
 ) -> tuple[float, float]:
-    """(weights MB, weights + KV cache at max_context x max_batch_size MB) for this profile."""
+    """(weights MB, total MB) for this profile: weights + KV cache at max_context x max_batch_size
+    (+ the TensorRT workspace where the profile builds an engine)."""
     if weights_bytes is None:
         linear = spec.layers * (
             spec.hidden * (spec.q_dim + 2 * spec.kv_dim)
@@ -84,17 +86,19 @@ def estimate_memory_mb(
         ) + spec.vocab * spec.hidden * act
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
     kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
-    return weights_bytes / MIB, (weights_bytes + kv) / MIB
+    workspace = profile.tensorrt.workspace_mb * MIB if profile.tensorrt else 0
+    return weights_bytes / MIB, (weights_bytes + kv + workspace) / MIB
 
 
 def _check_budget(profile: DeviceProfile, weights_mb: float, total_mb: float, estimated: bool) -> None:
     if total_mb > profile.memory_budget_mb:
-        how = "an estimated" if estimated else ""
+        how = "an estimated " if estimated else ""
+        workspace = f" + TensorRT workspace {profile.tensorrt.workspace_mb:,} MB" if profile.tensorrt else ""
         raise ExportError(
             f"profile {profile.name}",
-            f"the bundle needs {how} {total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache at "
-            f"max_context {profile.max_context} x batch {profile.max_batch_size}), over the "
-            f"{profile.memory_budget_mb:,} MB memory budget".replace("  ", " "),
+            f"the bundle needs {how}{total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache at "
+            f"max_context {profile.max_context} x batch {profile.max_batch_size}{workspace}), over the "
+            f"{profile.memory_budget_mb:,} MB memory budget",
             hint="Pick a profile with smaller weights or a larger budget, or lower max_context.",
         )
 
@@ -124,10 +128,31 @@ def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, stagin
         for name in ("model.onnx", "model.onnx.data"):
             (raw.parent / name).replace(staging / name)
     else:
-        say(f"quantizing to {profile.weights}")
-        quantize_standard(raw, staging, weights=profile.weights, block_size=profile.block_size or 32)
+        activations = "fp16" if profile.kv_cache_dtype == "fp16" else "fp32"
+        say(f"quantizing to {profile.weights} weights, {activations} activations")
+        quantize_standard(
+            raw,
+            staging,
+            weights=profile.weights,
+            block_size=profile.block_size or 32,
+            activations=activations,
+        )
     shutil.rmtree(staging / "fp32", ignore_errors=True)
     return staging / "model.onnx"
+
+
+def _wants_engine(spec: ExportSpec) -> bool:
+    return spec.profile.runtime == "tensorrt" and spec.build_engine
+
+
+def _build_engine(spec: ExportSpec, model_path: Path, say: Say) -> tuple[dict[str, Any], Any]:
+    """The TensorRT engine beside the graph: (its manifest record, its teacher-forced logits)."""
+    from export.tensorrt_engine import EngineRunner, build_engine
+
+    assert spec.profile.tensorrt is not None  # the profile schema requires it for runtime tensorrt
+    say(f"building the TensorRT engine ({spec.profile.tensorrt.precision})")
+    info = build_engine(model_path, model_path.parent, spec.profile.tensorrt)
+    return info.to_dict(), EngineRunner(model_path.parent / info.file).logits
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -153,6 +178,11 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         raise ExportError(f"checkpoint {ckpt.folder}", "has no tokenizer.json (the agent needs it)")
     key = load_private_key(spec.key_path)
     prompts = load_prompts(spec.eval_prompts)
+    if _wants_engine(spec):  # before minutes of graph building, not after
+        from export.tensorrt_engine import probe
+
+        gpu = probe()
+        say(f"TensorRT {gpu.tensorrt} engine for {gpu.name} (compute capability {gpu.compute_capability})")
 
     staging = spec.out_dir.with_name(f".{spec.out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -161,6 +191,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         shape = f"{arch_spec.layers} layers, hidden {arch_spec.hidden}"
         say(f"{arch_spec.model_type}: {shape}, route {profile.graph}")
         model_path = _build_graph(spec, ckpt, arch_spec, staging, say)
+        engine_record, engine = _build_engine(spec, model_path, say) if _wants_engine(spec) else (None, None)
         for path in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
             shutil.copy2(path, staging / path.name)
 
@@ -168,12 +199,15 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
         decoder = OrtDecoder(model_path)
         reference = Reference(ckpt.folder)
+        stop = ckpt.stop_tokens()
         report = evaluate(
             reference,
             decoder,
             [_encode(tokenizer, p) for p in prompts],
             profile.quality,
             new_tokens=spec.new_tokens,
+            stop_tokens=stop,
+            engine=engine,
         )
         del reference
         if not report.passed and not spec.force:
@@ -183,9 +217,10 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 metrics=report.to_dict(),
             )
         smoke_ids = _encode(tokenizer, spec.smoke_prompt)
-        expected = decoder.greedy(np.array([smoke_ids], np.int64), spec.smoke_tokens)[0]
+        expected = decoder.greedy(np.array([smoke_ids], np.int64), spec.smoke_tokens, set(stop))[0]
         del decoder
 
+        del engine
         weights_bytes = (staging / "model.onnx.data").stat().st_size
         weights_mb, total_mb = estimate_memory_mb(arch_spec, profile, weights_bytes)
         _check_budget(profile, weights_mb, total_mb, estimated=False)
@@ -215,7 +250,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                     "head_dim": arch_spec.head_dim,
                     "dtype": profile.kv_cache_dtype,
                 },
-                "tensorrt_engine": None,
+                "tensorrt_engine": engine_record,
                 "memory_mb": round(total_mb, 1),
             },
             smoke_test={
@@ -223,6 +258,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "prompt_tokens": smoke_ids,
                 "expected_tokens": [int(t) for t in expected],
                 "max_new_tokens": spec.smoke_tokens,
+                "stop_tokens": sorted(stop),
             },
         )
         staging.rename(spec.out_dir)

@@ -29,6 +29,7 @@ class ExportSpec:
     new_tokens: int = 32
     smoke_prompt: str = DEFAULT_SMOKE_PROMPT
     smoke_tokens: int = 16
+    build_engine: bool = True  # TensorRT profiles: False ships the ONNX graph only (--no-engine)
     rotary_interleaved: bool = True  # only tests turn this off, to prove the gate catches it
 
     def __post_init__(self) -> None:

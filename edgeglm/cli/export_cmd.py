@@ -79,6 +79,11 @@ def _result_table(r: dict[str, Any]) -> str:
 )
 @click.option("--dataset-version", default=None, help="Version of the data the model was trained on.")
 @click.option("--force", is_flag=True, help="Write the bundle even if the quality gate fails, marked failed.")
+@click.option(
+    "--no-engine",
+    is_flag=True,
+    help="TensorRT profiles: ship the ONNX graph without an engine (build machine has no GPU).",
+)
 @output_option
 def run(
     checkpoint: Path,
@@ -90,6 +95,7 @@ def run(
     eval_prompts: Path | None,
     dataset_version: str | None,
     force: bool,
+    no_engine: bool,
     output: str,
 ) -> None:
     """Export CHECKPOINT (a local Hugging Face GLM folder) for one device profile."""
@@ -113,6 +119,7 @@ def run(
         eval_prompts=eval_prompts,
         force=force,
         dataset_version=dataset_version,
+        build_engine=not no_engine,
     )
 
     def say(line: str) -> None:
