@@ -18,6 +18,16 @@ the values. Each variant runs in its own process, so its peak RSS is its own:
 Decode speed: a 32-token prompt then 64 new tokens, greedy, at batch 1 and batch 8, with a
 minimal loop on ONNX Runtime (export.ort_runner). Rows:
 ``{variant, batch, decode_tok_s, prefill_s, peak_rss_mb, bundle_mb, export_s, ratio_vs_baseline}``.
+
+Then the whole ``edgectl export`` pipeline (graph, quantization, quality gate with the fp32
+transformers reference, smoke test, signing) per route, in its own process, with ``--force``
+(random weights cannot pass a gate meant for trained models; the work is the same):
+
+    export:cpu-x86-int4     fused route, int4
+    export:orin-nano-int4   standard route, int4 QDQ with fp16 activations (--no-engine: no GPU)
+
+Those rows have ``batch: null`` and ``export_s``, ``peak_rss_mb``, ``fp32_model_mb`` and
+``rss_vs_fp32`` (the issue's bound: peak RSS under ~3x the fp32 model).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 
 PROMPT, NEW = 32, 64
 BATCHES = (1, 8)
+PIPELINES = ("export:cpu-x86-int4", "export:orin-nano-int4")
 VARIANTS = (
     "transformers-fp32",
     "standard-fp32",
@@ -119,7 +130,49 @@ def write_checkpoint(folder: Path, dims: dict[str, int], seed: int = 0) -> Path:
         **dims,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
+    _write_tokenizer(folder)
     return folder
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A BPE tokenizer trained on the shipped corpus: ``edgectl export`` needs one to gate."""
+    from export.tiny_glm import read_corpus, train_tokenizer
+
+    train_tokenizer(read_corpus(), 4096).save(str(folder / "tokenizer.json"))
+
+
+def worker_pipeline(profile_name: str, ckpt: Path, work: Path) -> dict[str, Any]:
+    """One full ``edgectl export`` run; its seconds and this process's peak RSS."""
+    from edgeglm.keys import create_keypair
+    from edgeglm.profiles import load_profile
+    from export.checkpoint import Checkpoint
+    from export.pipeline import run_export
+    from export.spec import ExportSpec
+
+    private, _, _ = create_keypair(work / f"keys-{profile_name}", "bench")
+    out = work / f"bundle-{profile_name}"
+    spec = ExportSpec(
+        checkpoint=ckpt,
+        profile=load_profile(profile_name),
+        version="1.0.0",
+        model_name="glm-edge-1.5b-random",
+        out_dir=out,
+        key_path=private,
+        force=True,
+        build_engine=False,
+    )
+    result = run_export(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
+    fp32_mb = Checkpoint(ckpt).fp32_bytes() / 1e6
+    row = {
+        "export_s": result.seconds,
+        "peak_rss_mb": _peak_mb(),
+        "fp32_model_mb": fp32_mb,
+        "rss_vs_fp32": _peak_mb() / fp32_mb,
+        "bundle_mb": result.manifest.total_bytes() / 1e6,
+        "gate_passed": result.quality.passed,
+    }
+    shutil.rmtree(out, ignore_errors=True)
+    return row
 
 
 def _peak_mb() -> float:
@@ -210,6 +263,9 @@ def worker_export(variant: str, ckpt: Path, out: Path) -> float:
 def run_worker(args: argparse.Namespace) -> None:
     vocab = json.loads((args.ckpt / "config.json").read_text())["vocab_size"]
     result: dict[str, Any] = {"variant": args.worker}
+    if args.worker.startswith("export:"):
+        print(json.dumps({**result, **worker_pipeline(args.worker.split(":", 1)[1], args.ckpt, args.work)}))
+        return
     if args.worker == "transformers-fp32":
         result["rows"] = worker_transformers(args.ckpt, vocab)
         result["export_s"], result["bundle_mb"] = None, None
@@ -228,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
     ap.add_argument("--json", type=Path, required=False)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--pipelines", default=",".join(PIPELINES), help="'' to skip the edgectl export runs")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -243,27 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = write_checkpoint(work / "ckpt", QUICK if args.quick else GLM_EDGE_15B)
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         rows = []
-        for variant in args.variants.split(","):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.infer",
-                    "--worker",
-                    variant,
-                    "--ckpt",
-                    str(ckpt),
-                    "--work",
-                    str(work),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode:
-                print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
-                continue
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            for r in res["rows"]:
+        for variant in [v for v in args.variants.split(",") if v]:
+            res = _in_worker(variant, ckpt, work)
+            for r in res["rows"] if res else []:
                 rows.append(
                     {
                         "variant": variant,
@@ -284,16 +323,42 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             shutil.rmtree(work / variant, ignore_errors=True)
+        for pipeline in [p for p in args.pipelines.split(",") if p]:
+            res = _in_worker(pipeline, ckpt, work)
+            if res:
+                rows.append(
+                    {"batch": None, "decode_tok_s": None, "prefill_s": None}
+                    | {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
+                )
+                print(
+                    f"{pipeline:24} {res['export_s']:7.1f} s  peak rss {res['peak_rss_mb']:,.0f} MB "
+                    f"= {res['rss_vs_fp32']:.2f}x the fp32 model  bundle {res['bundle_mb']:,.0f} MB",
+                    flush=True,
+                )
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers-fp32"}
     for r in rows:
         r["ratio_vs_baseline"] = (
-            round(r["decode_tok_s"] / base[r["batch"]], 2) if r["batch"] in base else None
+            round(r["decode_tok_s"] / base[r["batch"]], 2)
+            if r["batch"] in base and r["decode_tok_s"]
+            else None
         )
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print("\nratios vs transformers fp32 (same run):")
     for r in rows:
-        print(f"  {r['variant']:18} batch {r['batch']}: {r['ratio_vs_baseline']}x")
+        if r["ratio_vs_baseline"] is not None:
+            print(f"  {r['variant']:18} batch {r['batch']}: {r['ratio_vs_baseline']}x")
     return 0
+
+
+def _in_worker(variant: str, ckpt: Path, work: Path) -> dict[str, Any] | None:
+    """Run one variant in a fresh process (its peak RSS is its own); None if it failed."""
+    cmd = [sys.executable, "-m", "bench.infer", "--worker", variant, "--ckpt", str(ckpt), "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":
