@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -41,6 +41,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TinyShape",
     "build_checkpoint",
+    "finetune_checkpoint",
     "heldout_prompts",
     "read_corpus",
     "split_corpus",
@@ -196,8 +197,8 @@ def build_checkpoint(
     log.info("trained %s: %d steps, loss %.3f, %.1fs", spec.name, steps, loss, time.perf_counter() - started)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(_SAVE_DTYPES[save_dtype])
-    kwargs = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
+    model.to(_SAVE_DTYPES[save_dtype])  # type: ignore[arg-type]  # transformers types .to oddly
+    kwargs: dict[str, Any] = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     _save_tokenizer(tok, out_dir)
     record = {
@@ -211,6 +212,41 @@ def build_checkpoint(
         "final_loss": round(loss, 4),
         "save_dtype": save_dtype,
     }
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out_dir
+
+
+def finetune_checkpoint(
+    base: Path,
+    out_dir: Path,
+    *,
+    tensors: tuple[str, ...],
+    steps: int = 40,
+    seed: int = 1,
+    corpus: str | None = None,
+) -> Path:
+    """Train only ``tensors`` of the checkpoint at ``base`` a few more steps; write it to ``out_dir``.
+
+    Every other weight stays bit-identical, as in a fine-tune that touches a few layers: the
+    update the delta sync is built for.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    names = {n for n, _ in model.named_parameters()}
+    if missing := set(tensors) - names:
+        raise ValueError(f"no such weights: {sorted(missing)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in tensors)
+    text, _ = split_corpus(read_corpus() if corpus is None else corpus)
+    stream = torch.tensor(_token_stream(tok, text), dtype=torch.long)
+    loss = _train(model, stream, steps=steps, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer(tok, out_dir)
+    record = json.loads((base / "training.json").read_text()) if (base / "training.json").is_file() else {}
+    record["finetune"] = {"from": str(base), "tensors": list(tensors), "steps": steps, "final_loss": loss}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
 
@@ -234,7 +270,7 @@ _READING = re.compile(r"^Sensor report \d+\. (Sensor .+? reads [^.]+\.) (.+)$", 
 
 def _chat_pairs(block: str) -> list[tuple[str, str]]:
     """(user, assistant) turns found in a paragraph: Q&A lines, and sensor readings -> verdicts."""
-    return [m.groups() for m in (*_QUESTION.finditer(block), *_READING.finditer(block))]
+    return [(m[1], m[2]) for m in (*_QUESTION.finditer(block), *_READING.finditer(block))]
 
 
 def _new_model(spec: TinyShape, tok: Tokenizer) -> PreTrainedModel:
@@ -271,7 +307,8 @@ def _new_model(spec: TinyShape, tok: Tokenizer) -> PreTrainedModel:
 def _train(model: PreTrainedModel, stream: torch.Tensor, *, steps: int, seed: int) -> float:
     """AdamW on random ``_SEQ_LEN`` windows, linear warmup then cosine decay; returns the last loss."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=_LR, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
 
     def lr_at(step: int) -> float:
         if step < _WARMUP:
@@ -289,7 +326,7 @@ def _train(model: PreTrainedModel, stream: torch.Tensor, *, steps: int, seed: in
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
     model.eval()
