@@ -189,10 +189,17 @@ def _write_initializers(model: onnx.ModelProto, data: BinaryIO, source_dir: Path
 
 
 def _hoist_constants(graph: onnx.GraphProto) -> None:
-    """``Constant(value=T) -> y`` becomes initializer ``y`` holding T (the same value, by name)."""
+    """``Constant(value=T) -> y`` with T in external data becomes initializer ``y`` holding T.
+
+    Only those: inline Constants stay nodes, as the exporter wrote them.
+    """
     keep = []
     for node in graph.node:
-        attrs = [a for a in node.attribute if a.name == "value" and a.HasField("t")]
+        attrs = [
+            a
+            for a in node.attribute
+            if a.name == "value" and a.HasField("t") and a.t.data_location == TensorProto.EXTERNAL
+        ]
         if (
             node.op_type == "Constant"
             and node.domain in ("", "ai.onnx")
