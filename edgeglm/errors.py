@@ -14,6 +14,7 @@ library, and re-raised with ``raise ... from exc``.
     ├── IntegrityError             exit 1   a digest, signature or size does not match
     │   └── SignatureError                  an Ed25519 signature does not verify
     ├── ProtocolError              exit 1   a wire message is malformed (never crashes a process)
+    ├── RequestError               exit 1   an inference request is refused (``code``: busy, too_long, ...)
     ├── UpdateError                exit 1   an update step failed on a device
     └── ExportError                exit 1   an export could not produce a valid bundle
         ├── UnsupportedModel                the checkpoint's architecture is not supported
@@ -32,6 +33,7 @@ __all__ = [
     "IntegrityError",
     "NotFoundError",
     "ProtocolError",
+    "RequestError",
     "SignatureError",
     "ToleranceExceeded",
     "UnavailableError",
@@ -99,6 +101,14 @@ class SignatureError(IntegrityError):
 
 class ProtocolError(EdgeError):
     default_hint = "The sender must follow the wire contract (PRODUCT.md section 6)."
+
+
+class RequestError(EdgeError):
+    """An inference request the agent refuses; ``code`` is an ``edgeglm.protocol.ErrorCode``."""
+
+    def __init__(self, code: str, why: str, *, hint: str | None = None) -> None:
+        super().__init__("request", why, hint=hint, code=code)
+        self.code = code
 
 
 class UpdateError(EdgeError):

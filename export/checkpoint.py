@@ -39,6 +39,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
     "tokenizer.model",
+    "chat_template.jinja",  # transformers >= 4.47 writes the chat template here
     "added_tokens.json",
 )
 
