@@ -46,3 +46,59 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint
 def tiny_checkpoint(tiny_checkpoints: TinyCheckpoint) -> TinyCheckpoint:
     """Singular spelling of :func:`tiny_checkpoints` (the same memoized builder)."""
     return tiny_checkpoints
+
+
+# ------------------------------------------------------------------------------ agent bundles
+
+AGENT_BUNDLES: dict[str, tuple[str, dict[str, Any]]] = {
+    # name -> (shipped profile, changes): bundles the edge agent's tests serve.
+    "fused-int8": ("cpu-x86-int8", {}),
+    "fused-int4": ("cpu-x86-int4", {}),
+    "standard-int8": ("cpu-x86-int8", {"graph": "standard", "accuracy_level": None}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoints: TinyCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``bundle(name) -> (folder, profile, public_key_path)``: a signed tiny-glm-edge export.
+
+    Names are the keys of ``AGENT_BUNDLES``; each is exported once per session, through the full
+    ``run_export`` pipeline (quality gate included), from the trained glm-edge checkpoint.
+    """
+    import json
+    import tomllib
+
+    from edgeglm.keys import create_keypair
+    from edgeglm.profiles import DeviceProfile, profiles_dir
+    from export.pipeline import run_export
+    from export.spec import ExportSpec
+    from export.tiny_glm import heldout_prompts
+
+    root = tmp_path_factory.mktemp("agent-bundles")
+    private, public, _ = create_keypair(root / "keys", "release")
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps(heldout_prompts()))
+    built: dict[str, tuple[Path, Any, Path]] = {}
+
+    def bundle(name: str) -> tuple[Path, Any, Path]:
+        if name not in built:
+            base, changes = AGENT_BUNDLES[name]
+            data = tomllib.loads((profiles_dir() / f"{base}.toml").read_text())
+            if changes:
+                data.update(changes, name=f"t-{name}")
+            data = {k: v for k, v in data.items() if v is not None}
+            profile = DeviceProfile.from_dict(data, source=f"test profile {name}")
+            spec = ExportSpec(
+                checkpoint=tiny_checkpoints("glm-edge"),
+                profile=profile,
+                version="1.0.0",
+                model_name="tiny-edge",
+                out_dir=root / name,
+                key_path=private,
+                eval_prompts=prompts,
+            )
+            run_export(spec)
+            built[name] = (spec.out_dir, profile, public)
+        return built[name]
+
+    return bundle

@@ -1,0 +1,176 @@
+"""One request in flight: its prompt, how to sample, when to stop, what it produced.
+
+``Generation.accept(token)`` is the whole stopping rule, shared by the scheduler and the engine's
+direct loop so both produce the same tokens: a stop token ends it (the token is kept in
+``tokens``, as the exporter's golden tokens keep it, never in ``text``), a stop string ends it
+(text cut before the string), ``max_tokens`` or the context ends it with ``length``. Streamed
+text holds back the last characters that could still start a stop string.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edge_agent.inference.codec import Codec, Detokenizer
+from edge_agent.inference.runtime import Sequence
+from edge_agent.inference.sampling import Sampler, SamplingParams
+
+__all__ = ["Generation", "GenerationResult", "Prompt"]
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated request, tokenized: what the engine runs."""
+
+    ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    deadline: float | None = None  # time.monotonic() after which the request is given up
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    error_code: str | None = None
+    error_message: str = ""
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    ttft_ms: float | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+OnText = Callable[[str, list[int]], None]
+OnDone = Callable[[GenerationResult], None]
+
+
+@dataclass(eq=False)
+class Generation:
+    prompt: Prompt
+    codec: Codec
+    stop_tokens: frozenset[int]
+    max_context: int
+    on_text: OnText | None = None
+    on_done: OnDone | None = None
+    created: float = field(default_factory=time.monotonic)
+    seq: Sequence | None = None
+    tokens: list[int] = field(default_factory=list)
+    last: int = -1  # the token to feed next
+    started: float | None = None
+    first_token: float | None = None
+    prefilled: float | None = None
+    result: GenerationResult | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.prompt.sampling)
+        self.detok = Detokenizer(self.codec)
+        self.text = ""
+        self._emitted = 0
+        self._hold = max((len(s) for s in self.prompt.stop), default=1) - 1
+        self._pending_ids: list[int] = []
+
+    # -------------------------------------------------------------------------------- control
+    def cancel(self) -> None:
+        """Ask for the generation to end; it finishes ``cancelled`` at the next step boundary."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.prompt.deadline is not None and now > self.prompt.deadline
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    # ------------------------------------------------------------------------------ stepping
+    def accept(self, logits_row: object) -> None:
+        """Sample from the logits of the last step and apply the stopping rule."""
+        now = time.monotonic()
+        penalised = self.prompt.sampling.repetition_penalty != 1.0
+        history = (*self.prompt.ids, *self.tokens) if penalised else ()
+        token = self.sampler.pick(logits_row, history)  # type: ignore[arg-type]
+        if self.first_token is None:
+            self.first_token = now
+        self.tokens.append(token)
+        self._pending_ids.append(token)
+        self.last = token
+        if token in self.stop_tokens:
+            self.finish("stop")
+            return
+        self.text += self.detok.add(token)
+        if self._stop_string():
+            self.finish("stop")
+            return
+        total = len(self.prompt.ids) + len(self.tokens)
+        if len(self.tokens) >= self.prompt.max_tokens or total >= self.max_context:
+            self.text += self.detok.flush()
+            if self._stop_string():
+                self.finish("stop")
+            else:
+                self.finish("length")
+            return
+        self._stream(final=False)
+
+    def _stop_string(self) -> bool:
+        if not self.prompt.stop:
+            return False
+        start = max(0, self._emitted - self._hold)
+        hits = [i for s in self.prompt.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def _stream(self, *, final: bool) -> None:
+        if not self.prompt.stream or self.on_text is None:
+            return
+        upto = len(self.text) if final else max(self._emitted, len(self.text) - self._hold)
+        piece = self.text[self._emitted : upto]
+        if piece or self._pending_ids:
+            self.on_text(piece, self._pending_ids)
+            self._emitted = upto
+            self._pending_ids = []
+
+    def finish(self, reason: FinishReason, code: str | None = None, message: str = "") -> None:
+        if self.result is not None:
+            return
+        now = time.monotonic()
+        if reason != "error":
+            self._stream(final=True)
+        started = self.started or now
+        prefilled = self.prefilled or now
+        ms = 1000.0
+        self.result = GenerationResult(
+            text=self.text,
+            tokens=tuple(self.tokens),
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt.ids),
+            error_code=code,
+            error_message=message,
+            queue_ms=(started - self.created) * ms,
+            prefill_ms=max(0.0, prefilled - started) * ms if self.prefilled else 0.0,
+            decode_ms=max(0.0, now - prefilled) * ms if self.prefilled else 0.0,
+            total_ms=(now - self.created) * ms,
+            ttft_ms=(self.first_token - self.created) * ms if self.first_token else None,
+        )
+        if self.on_done is not None:
+            self.on_done(self.result)

@@ -1,0 +1,282 @@
+"""The agent's one seam to ONNX Runtime: sessions, execution-provider fallback, KV caches.
+
+Two decoder graphs come out of ``edgectl export`` (see ``export/fused.py`` and
+``export/standard.py``); both are driven here through one small interface, a *sequence* per
+request::
+
+    graph.open()                    -> Sequence     reserve KV space for one request
+    graph.prefill(seq, ids)         -> [vocab]      logits after the prompt (chunked)
+    graph.decode([seq, ...], toks)  -> [n, vocab]   one token for each sequence, batched
+    graph.close(seq)                                give the KV space back
+
+Fused graph (GroupQueryAttention): one KV arena per layer, ``[rows, kv_heads, max_context,
+head_dim]``, allocated once with ``np.zeros`` (pages are only touched as tokens arrive).
+Past and present are bound by IO binding to the *same* buffer, so GroupQueryAttention writes each
+new token in place at its row's length: nothing is copied per token. Rows decode together at
+different lengths (``attention_mask`` carries each row's length), so a new request joins a running
+batch at the next step (continuous batching). Prompts are prefilled in chunks, which bounds the
+``[chunk, vocab]`` logits a long prompt allocates.
+
+Standard graph (plain ONNX, optimum names, ``position_ids``): each sequence keeps its own past;
+a decode step over a set of sequences left-pads and stacks their pasts once when the set changes
+and then feeds ONNX Runtime's outputs straight back. The graph itself concatenates the cache
+(that copy is in the graph, not here).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeglm.errors import ConfigError, UnavailableError
+
+__all__ = ["DecoderGraph", "FusedGraph", "Sequence", "StandardGraph", "open_graph"]
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _session(model: Path, providers: Seq[str], threads: int) -> ort.InferenceSession:
+    """A session on the first provider of ``providers`` that loads, falling back in order."""
+    available = set(ort.get_available_providers())
+    wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    if wanted[-1] != "CPUExecutionProvider":
+        wanted.append("CPUExecutionProvider")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    last: Exception | None = None
+    for start in range(len(wanted)):
+        try:
+            session = ort.InferenceSession(str(model), opts, providers=wanted[start:])
+        except Exception as exc:  # ONNX Runtime raises untyped errors (a missing CUDA library, ...)
+            log.warning("execution provider %s failed to load %s: %s", wanted[start], model.name, exc)
+            last = exc
+            continue
+        log.info("model %s runs on %s", model.name, session.get_providers()[0])
+        return session
+    raise UnavailableError(
+        f"ONNX model {model}", f"does not load on any execution provider: {last}"
+    ) from last
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The KV state of one request; ``length`` counts the tokens already in its cache."""
+
+    row: int = -1  # fused: arena row
+    length: int = 0
+    past: list[np.ndarray] | None = None  # standard: [1, kv, L, D] per cache input, left-padded
+    mask: np.ndarray | None = None  # standard: [L] 1 for real tokens
+    closed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DecoderGraph:
+    """What both graph drivers share: the session, its cache inputs, a lock around each run."""
+
+    joins_running: bool = True
+
+    def __init__(self, session: ort.InferenceSession, max_context: int) -> None:
+        self.session = session
+        self.provider = session.get_providers()[0]
+        self.max_context = max_context
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = sorted(n for n in inputs if n.startswith("past_key_values."))
+        if "input_ids" not in inputs or not self.past_names:
+            raise ConfigError(f"ONNX model {session}", "is not an EdgeGLM decoder graph (no input_ids/past)")
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = _DTYPES[first.type]
+        vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
+        self.vocab = int(vocab) if isinstance(vocab, int) else 0
+        self.lock = threading.Lock()
+
+    def open(self) -> Sequence:
+        return Sequence()
+
+    def close(self, seq: Sequence) -> None:
+        seq.closed = True
+
+    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
+        """Run the prompt ``ids`` into ``seq``'s cache; logits of its last position [vocab]."""
+        raise NotImplementedError
+
+    def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
+        """One new token per sequence, all in one run; logits [len(seqs), vocab]."""
+        raise NotImplementedError
+
+    def _check_room(self, seq: Sequence, more: int) -> None:
+        if seq.length + more > self.max_context:
+            raise ValueError(
+                f"sequence would hold {seq.length + more} tokens; the context is {self.max_context}"
+            )
+
+
+class FusedGraph(DecoderGraph):
+    """GroupQueryAttention graph on a shared, preallocated KV arena (see the module docstring)."""
+
+    def __init__(self, session: ort.InferenceSession, max_context: int, rows: int) -> None:
+        super().__init__(session, max_context)
+        self.rows = rows
+        shape = (rows, self.kv_heads, max_context, self.head_dim)
+        self.arena = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+        self._free = list(range(rows - 1, -1, -1))
+        self._logits = np.zeros((rows, 1, max(self.vocab, 1)), np.float32)
+
+    def open(self) -> Sequence:
+        with self.lock:
+            if not self._free:
+                raise RuntimeError("no free KV row")  # the scheduler never asks for more than it has
+            return Sequence(row=self._free.pop())
+
+    def close(self, seq: Sequence) -> None:
+        with self.lock:
+            if not seq.closed:
+                seq.closed = True
+                self._free.append(seq.row)
+
+    def _bind_cache(self, io: ort.IOBinding, first_row: int, rows: int) -> None:
+        shape = [rows, self.kv_heads, self.max_context, self.head_dim]
+        for past, present, buf in zip(self.past_names, self.present_names, self.arena, strict=True):
+            ptr = buf[first_row:].ctypes.data
+            io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)
+            io.bind_output(present, "cpu", 0, self.kv_dtype, shape, ptr)
+
+    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
+        self._check_room(seq, len(ids))
+        logits = np.zeros(0, np.float32)
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = np.asarray([ids[start : start + PREFILL_CHUNK]], np.int64)
+            with self.lock:
+                io = self.session.io_binding()
+                io.bind_cpu_input("input_ids", chunk)
+                io.bind_cpu_input("attention_mask", np.ones((1, seq.length + chunk.shape[1]), np.int64))
+                io.bind_output("logits", "cpu")
+                self._bind_cache(io, seq.row, 1)
+                self.session.run_with_iobinding(io)
+                logits = io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+            seq.length += chunk.shape[1]
+        return logits
+
+    def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
+        """One step for ``seqs``; rows between them that are idle run a dummy token, unused."""
+        for seq in seqs:
+            self._check_room(seq, 1)
+        span = max(s.row for s in seqs) + 1
+        ids = np.zeros((span, 1), np.int64)
+        lengths = np.zeros(span, np.int64)  # an idle row attends to one dummy position
+        for seq, tok in zip(seqs, tokens, strict=True):
+            ids[seq.row, 0] = tok
+            lengths[seq.row] = seq.length
+        total = int(lengths.max()) + 1
+        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+        with self.lock:
+            io = self.session.io_binding()
+            io.bind_cpu_input("input_ids", ids)
+            io.bind_cpu_input("attention_mask", mask)
+            out = self._logits[:span]
+            io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            self._bind_cache(io, 0, span)
+            self.session.run_with_iobinding(io)
+            picked = out[[s.row for s in seqs], 0].copy()
+        for seq in seqs:
+            seq.length += 1
+        return picked
+
+
+class StandardGraph(DecoderGraph):
+    """Plain-ONNX graph in optimum's names; each sequence owns its past (see the module docstring)."""
+
+    def __init__(self, session: ort.InferenceSession, max_context: int) -> None:
+        super().__init__(session, max_context)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._group: tuple[Sequence, ...] = ()
+        self._group_past: list[np.ndarray] = []
+        self._group_mask = np.zeros((0, 0), np.int64)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        with self.lock:
+            outs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        return outs["logits"], [outs[n] for n in self.present_names]
+
+    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
+        self._check_room(seq, len(ids))
+        n = len(ids)
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        feeds = {
+            "input_ids": np.asarray([ids], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None, :],
+            **dict.fromkeys(self.past_names, empty),
+        }
+        logits, seq.past = self._run(feeds)
+        seq.mask = np.ones(n, np.int64)
+        seq.length = n
+        return np.asarray(logits[0, -1], np.float32)
+
+    def _form_group(self, seqs: tuple[Sequence, ...]) -> None:
+        """Hand the old group's rows back to their sequences, then left-pad and stack the new one."""
+        for i, old in enumerate(self._group):
+            if not old.closed:
+                old.past = [p[i : i + 1] for p in self._group_past]
+                old.mask = self._group_mask[i]
+        width = max(len(s.mask) for s in seqs)  # type: ignore[arg-type]
+        self._group_mask = np.zeros((len(seqs), width), np.int64)
+        self._group_past = [
+            np.zeros((len(seqs), self.kv_heads, width, self.head_dim), self.kv_dtype) for _ in self.past_names
+        ]
+        for i, s in enumerate(seqs):
+            assert s.past is not None and s.mask is not None
+            pad = width - len(s.mask)
+            self._group_mask[i, pad:] = s.mask
+            for merged, own in zip(self._group_past, s.past, strict=True):
+                merged[i, :, pad:] = own[0]
+            s.past = None
+        self._group = seqs
+
+    def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
+        for seq in seqs:
+            self._check_room(seq, 1)
+        group = tuple(seqs)
+        if group != self._group:
+            self._form_group(group)
+        mask = np.concatenate([self._group_mask, np.ones((len(group), 1), np.int64)], axis=1)
+        feeds = {
+            "input_ids": np.asarray(tokens, np.int64)[:, None],
+            "attention_mask": mask,
+            "position_ids": np.asarray([[s.length] for s in group], np.int64),
+            **dict(zip(self.past_names, self._group_past, strict=True)),
+        }
+        logits, self._group_past = self._run(feeds)
+        self._group_mask = mask
+        for s in group:
+            s.length += 1
+        return np.asarray(logits[:, -1], np.float32)
+
+    def close(self, seq: Sequence) -> None:
+        seq.closed = True
+        seq.past = None
+
+
+def open_graph(
+    model: Path, *, graph: str, providers: Seq[str], threads: int, max_context: int, rows: int
+) -> DecoderGraph:
+    """Load ``model`` for the profile's route: ``fused`` (``rows`` KV rows) or ``standard``."""
+    session = _session(model, providers, threads)
+    if graph == "fused":
+        return FusedGraph(session, max_context, rows)
+    if graph == "standard":
+        return StandardGraph(session, max_context)
+    raise ConfigError(f"ONNX model {model}", f"unknown graph route {graph!r} (fused or standard)")

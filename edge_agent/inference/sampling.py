@@ -1,0 +1,61 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, repetition penalty; seeded.
+
+Order, as in Hugging Face ``generate``: repetition penalty on the raw logits, then temperature,
+then top-k, then top-p (nucleus), then one draw from the renormalised distribution. Temperature 0
+is greedy and ignores the other knobs except the repetition penalty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Sampler", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """One per request: its own random generator, so a seed reproduces the same tokens."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.Generator(np.random.PCG64(params.seed))
+
+    def pick(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        p = self.params
+        scores = logits.astype(np.float64, copy=True)
+        if p.repetition_penalty != 1.0:
+            seen = np.fromiter(set(history), np.int64)
+            if seen.size:
+                vals = scores[seen]
+                scores[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.greedy:
+            return int(scores.argmax())
+        scores /= p.temperature
+        if 0 < p.top_k < scores.size:
+            kth = np.partition(scores, -p.top_k)[-p.top_k]
+            scores[scores < kth] = -np.inf
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = int(np.searchsorted(cumulative, p.top_p)) + 1  # smallest set with mass >= top_p
+            cut = np.zeros_like(probs)
+            cut[order[:keep]] = probs[order[:keep]]
+            probs = cut / cut.sum()
+        return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,194 @@
+"""The agent's engine and scheduler on real exported tiny bundles (ONNX Runtime, no network)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.inference.codec import Detokenizer
+from edge_agent.inference.engine import Engine
+from edge_agent.inference.generation import GenerationResult
+from edge_agent.inference.sampling import Sampler, SamplingParams
+from edge_agent.inference.scheduler import Scheduler
+from edgeglm.errors import RequestError
+from edgeglm.protocol import InferRequest
+
+PROMPTS = [
+    "The pressure sensor on line three reported",
+    "Hello there",
+    "The pump",
+    "Wind from the east",
+    "Check the valve in the south bay",
+    "Temperature in hall two",
+]
+
+
+@pytest.fixture(scope="module", params=["fused-int8", "fused-int4", "standard-int8"])
+def engine(request, tiny_bundle) -> Engine:
+    folder, profile, _ = tiny_bundle(request.param)
+    return Engine.load(folder, profile=profile)
+
+
+def _direct(engine: Engine, prompt: str, **knobs) -> GenerationResult:
+    return engine.generate(engine.prepare(InferRequest(prompt=prompt, **knobs)))
+
+
+def test_greedy_matches_the_exporters_golden_tokens(engine):
+    smoke = engine.manifest.smoke_test
+    result = _direct(engine, smoke.prompt, max_tokens=smoke.max_new_tokens)
+    assert engine.prepare(InferRequest(prompt=smoke.prompt)).ids == smoke.prompt_tokens
+    assert list(result.tokens) == list(smoke.expected_tokens)
+
+
+def _run_batched(engine: Engine, prompts: list[str], stagger_s: float, **knobs) -> tuple[list, int]:
+    results: dict[int, GenerationResult] = {}
+    done = threading.Event()
+
+    def finisher(i: int):
+        def on_done(result: GenerationResult) -> None:
+            results[i] = result
+            if len(results) == len(prompts):
+                done.set()
+
+        return on_done
+
+    with Scheduler(engine, queue_size=64) as scheduler:
+        for i, prompt in enumerate(prompts):
+            scheduler.submit(engine.prepare(InferRequest(prompt=prompt, **knobs)), on_done=finisher(i))
+            time.sleep(stagger_s)
+        assert done.wait(60)
+        steps = scheduler.steps
+    return [results[i] for i in range(len(prompts))], steps
+
+
+def test_batched_requests_get_the_same_tokens_as_alone(engine):
+    """Requests arriving while others decode join the batch (fused) and change nothing."""
+    prompts = PROMPTS * 2
+    alone = [_direct(engine, p, max_tokens=24) for p in prompts]
+    batched, steps = _run_batched(engine, prompts, 0.004, max_tokens=24)
+    assert [r.tokens for r in batched] == [r.tokens for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    # Batching happened: far fewer decode steps than tokens produced.
+    assert steps < sum(r.completion_tokens for r in batched) / 2
+
+
+def test_sampling_is_seeded_and_greedy_limits_agree(engine):
+    knobs = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 40}
+    a = _direct(engine, "The pump", seed=7, **knobs)
+    b = _direct(engine, "The pump", seed=7, **knobs)
+    assert a.tokens == b.tokens
+    greedy = _direct(engine, "The pump", max_tokens=16)
+    assert (
+        _direct(engine, "The pump", max_tokens=16, temperature=1.5, top_k=1, seed=1).tokens == greedy.tokens
+    )
+    assert (
+        _direct(engine, "The pump", max_tokens=16, temperature=1.5, top_p=1e-6, seed=1).tokens
+        == greedy.tokens
+    )
+    seeds = {_direct(engine, "The pump", seed=s, max_tokens=16, temperature=1.5).tokens for s in range(6)}
+    assert len(seeds) > 1  # sampling samples
+
+
+def test_stop_strings_cut_the_text(engine):
+    full = _direct(engine, PROMPTS[0], max_tokens=32)
+    words = full.text.split()
+    assert len(words) >= 4, full.text
+    stop = words[3]
+    cut = _direct(engine, PROMPTS[0], max_tokens=32, stop=(stop,))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_streamed_pieces_add_up_to_the_text(engine):
+    pieces: list[str] = []
+    ids: list[int] = []
+    prompt = engine.prepare(InferRequest(prompt=PROMPTS[4], max_tokens=40, stream=True, stop=("zz",)))
+    result = engine.generate(prompt, lambda text, tokens: (pieces.append(text), ids.extend(tokens)))
+    assert "".join(pieces) == result.text
+    assert tuple(ids) == result.tokens
+    assert len(pieces) > 3
+
+
+def test_requests_the_engine_refuses(engine):
+    with pytest.raises(RequestError) as err:
+        engine.prepare(InferRequest(prompt="hi", model="another-model"))
+    assert err.value.code == "unknown_model"
+    long_prompt = " ".join(["pump valve sensor"] * (engine.limits.max_context // 2))
+    with pytest.raises(RequestError) as err:
+        engine.prepare(InferRequest(prompt=long_prompt))
+    assert err.value.code == "too_long"
+    # Prompt + max_tokens past the context: the completion is capped, not refused.
+    fits = engine.limits.max_context - len(engine.prepare(InferRequest(prompt="The pump")).ids)
+    assert engine.prepare(InferRequest(prompt="The pump", max_tokens=8192)).max_tokens == fits
+
+
+def test_full_queue_is_busy_at_once_and_cancel_and_deadline_end_requests(engine):
+    prompt = engine.prepare(InferRequest(prompt="The pump"))
+    with Scheduler(engine, queue_size=0) as scheduler, pytest.raises(RequestError) as err:
+        scheduler.submit(prompt)
+    assert err.value.code == "busy"
+    finished: list[GenerationResult] = []
+    streamed = engine.prepare(InferRequest(prompt=PROMPTS[0], max_tokens=64, stream=True))
+    holder: list = []
+    with Scheduler(engine) as scheduler:
+        # Cancelled from its first streamed piece: it ends at the next step boundary.
+        gen = scheduler.submit(
+            streamed, on_text=lambda *_: holder and holder[0].cancel(), on_done=finished.append
+        )
+        holder.append(gen)
+        expired = engine.prepare(InferRequest(prompt="The pump"), deadline=time.monotonic() - 1)
+        late = scheduler.submit(expired, on_done=finished.append)
+        for _ in range(2000):
+            if gen.done and late.done:
+                break
+            time.sleep(0.005)
+    assert gen.result.finish_reason == "cancelled"
+    assert late.result.finish_reason == "error" and late.result.error_code == "timeout"
+    assert len(finished) == 2
+
+
+def test_sampler_follows_the_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=3))
+    counts = np.bincount([sampler.pick(logits) for _ in range(4000)], minlength=4) / 4000
+    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    nucleus = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=3))
+    assert set(nucleus.pick(logits) for _ in range(500)) == {0, 1}
+    penalised = Sampler(SamplingParams(repetition_penalty=10.0))
+    assert penalised.pick(np.array([2.0, 1.9, 0.0]), history=[0]) == 1
+
+
+def test_detokenizer_streams_whole_characters(tiny_bundle):
+    folder, profile, _ = tiny_bundle("fused-int8")
+    engine = Engine.load(folder, profile=profile)
+    text = "Température: 21 °C — ok ✓"
+    ids = engine.codec.tokenizer.encode(text, add_special_tokens=False).ids
+    detok = Detokenizer(engine.codec)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == engine.codec.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_the_agent_needs_neither_torch_nor_transformers(tiny_bundle):
+    folder, profile, _ = tiny_bundle("fused-int4")
+    code = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from edgeglm.profiles import DeviceProfile\n"
+        "from edge_agent.inference.engine import Engine\n"
+        "from edge_agent.inference.scheduler import Scheduler\n"
+        "from edge_agent import serving, mqtt, metrics, http_api, server\n"
+        "from edgeglm.protocol import InferRequest\n"
+        f"profile = DeviceProfile.from_dict(json.loads({profile.model_dump_json()!r}))\n"
+        f"e = Engine.load(Path({str(folder)!r}), profile=profile)\n"
+        "r = e.generate(e.prepare(InferRequest(prompt='The pump', max_tokens=4)))\n"
+        "assert r.completion_tokens >= 1\n"
+        "print(sorted({'torch', 'transformers', 'export', 'onnx', 'cloud_hub'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
