@@ -241,7 +241,8 @@ class Metrics:
         Percentiles are nearest-rank over the latencies of finished requests. Tokens per second
         divide the window's completion tokens by the span the window actually covers: at most
         ``window_s``, no more than the time since start, and no more than the retained samples reach
-        back once the sample cap has evicted some of the window.
+        back once the sample cap has evicted some of the window; never less than one second, so a
+        heartbeat sent just after start does not report a burst as a huge rate.
         """
         with self._lock:
             now = self._clock()
@@ -257,7 +258,7 @@ class Metrics:
         return Health(
             latency_p50_ms=_percentile(latencies, 0.50) * 1000 if latencies else 0.0,
             latency_p95_ms=_percentile(latencies, 0.95) * 1000 if latencies else 0.0,
-            tokens_per_s=tokens / covered if covered > 0 else 0.0,
+            tokens_per_s=tokens / max(covered, 1.0),
             error_rate=errors / len(window) if window else 0.0,
             queue_depth=queue_depth,
             rss_mb=current_rss_mb() if rss_mb is None else float(rss_mb),
