@@ -58,13 +58,14 @@ def root(verbose: int) -> None:
 
 def _register() -> None:
     # Imported here so that importing edgeglm.cli stays cheap and free of cycles.
-    from edgeglm.cli import bundle_cmd, demo_cmd, export_cmd, keys_cmd, profiles_cmd
+    from edgeglm.cli import agent_cmd, bundle_cmd, demo_cmd, export_cmd, keys_cmd, profiles_cmd
 
     root.add_command(profiles_cmd.profiles)
     root.add_command(keys_cmd.keys)
     root.add_command(bundle_cmd.bundle)
     root.add_command(demo_cmd.demo)
     root.add_command(export_cmd.export)
+    root.add_command(agent_cmd.agent)
 
 
 _register()

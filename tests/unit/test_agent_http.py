@@ -1,0 +1,374 @@
+"""The agent's OpenAI-compatible HTTP endpoint, served from a real tiny bundle over loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import pytest
+
+from edge_agent.http_api import HttpApi
+from edge_agent.inference.engine import Engine
+from edge_agent.inference.generation import Generation, GenerationResult
+from edge_agent.inference.scheduler import Scheduler
+from edge_agent.metrics import Metrics
+from edgeglm.protocol import InferRequest
+
+CHAT = [{"role": "user", "content": "The pressure sensor on line three reported"}]
+PROMPT = "Check the valve in the south bay"
+N = 16
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(
+    api: HttpApi,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    url = urlsplit(api.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def events(reply: Reply) -> list[Any]:
+    """The ``data:`` payloads of an SSE body, JSON-decoded except the final ``[DONE]``."""
+    text = reply.body.decode()
+    assert text.endswith("\n\n")
+    out: list[Any] = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: ") :]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle) -> Engine:
+    folder, profile, _ = tiny_bundle("fused-int8")
+    return Engine.load(folder, profile=profile)
+
+
+@pytest.fixture(scope="module")
+def direct(engine: Engine) -> dict[str, GenerationResult]:
+    """Greedy results of the engine's own loop, computed before any scheduler runs."""
+    run = engine.generate
+    return {
+        "chat": run(engine.prepare(InferRequest(messages=CHAT, max_tokens=N))),
+        "prompt": run(engine.prepare(InferRequest(prompt=PROMPT, max_tokens=N))),
+    }
+
+
+@pytest.fixture(scope="module")
+def metrics(engine: Engine) -> Metrics:
+    return Metrics(model=engine.model, version=engine.version)
+
+
+@pytest.fixture(scope="module")
+def scheduler(engine: Engine, direct, metrics: Metrics) -> Iterator[Scheduler]:
+    with Scheduler(engine, metrics=metrics) as scheduler:
+        yield scheduler
+
+
+@pytest.fixture(scope="module")
+def api(engine: Engine, scheduler: Scheduler, metrics: Metrics) -> Iterator[HttpApi]:
+    api = HttpApi(engine, scheduler, metrics).start()
+    yield api
+    api.stop()
+
+
+# ------------------------------------------------------------------------------- completions
+def test_chat_completion_is_the_engines_greedy_answer(api, engine, direct):
+    reply = call(
+        api, "POST", "/v1/chat/completions", {"model": engine.model, "messages": CHAT, "max_tokens": N}
+    )
+    assert reply.status == 200, reply.body
+    assert reply.headers["Content-Type"] == "application/json"
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == engine.model and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": direct["chat"].text}
+    assert choice["finish_reason"] == direct["chat"].finish_reason
+    expected = direct["chat"]
+    assert body["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": expected.completion_tokens,
+        "total_tokens": expected.prompt_tokens + expected.completion_tokens,
+    }
+
+
+def test_openai_spellings_map_onto_the_wire_request(api, direct):
+    """Text parts, ``max_completion_tokens``, explicit nulls and ``n: 1`` as OpenAI clients send them."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]
+    body = {"messages": parts, "max_completion_tokens": N, "temperature": None, "stop": None, "n": 1}
+    reply = call(api, "POST", "/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["choices"][0]["message"]["content"] == direct["chat"].text
+
+
+def test_completion_is_the_engines_greedy_answer(api, direct):
+    reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": N})
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == direct["prompt"].text
+    assert body["choices"][0]["finish_reason"] == direct["prompt"].finish_reason
+    assert body["usage"]["completion_tokens"] == direct["prompt"].completion_tokens
+
+
+def test_chat_stream_deltas_add_up_to_the_reply(api, direct):
+    body = {"messages": CHAT, "max_tokens": N, "stream": True, "stream_options": {"include_usage": True}}
+    reply = call(api, "POST", "/v1/chat/completions", body)
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("text/event-stream")
+    *chunks, usage, done = events(reply)
+    assert done == "[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" for c in [*chunks, usage])
+    assert len({c["id"] for c in [*chunks, usage]}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "finish_reason": direct["chat"].finish_reason,
+    }
+    middle = [c["choices"][0] for c in chunks[1:-1]]
+    assert all(c["finish_reason"] is None and set(c["delta"]) == {"content"} for c in middle)
+    assert "".join(c["delta"]["content"] for c in middle) == direct["chat"].text
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == direct["chat"].completion_tokens
+
+
+def test_completion_stream_texts_add_up_to_the_reply(api, direct):
+    reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": N, "stream": True})
+    assert reply.status == 200
+    *chunks, done = events(reply)
+    assert done == "[DONE]"
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == direct["prompt"].text
+    assert chunks[-1]["choices"][0]["finish_reason"] == direct["prompt"].finish_reason
+
+
+def test_replies_keep_the_connection_open_for_the_next_request(api, direct):
+    url = urlsplit(api.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        body = json.dumps({"prompt": PROMPT, "max_tokens": N}).encode()
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        first = conn.getresponse()
+        assert json.loads(first.read())["choices"][0]["text"] == direct["prompt"].text
+        sock = conn.sock
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------ other routes
+def test_models_lists_the_served_model(api, engine):
+    reply = call(api, "GET", "/v1/models")
+    assert reply.status == 200
+    assert reply.json() == {
+        "object": "list",
+        "data": [{"id": engine.model, "object": "model", "created": 0, "owned_by": "edgeglm"}],
+    }
+
+
+def test_healthz_reports_model_and_health(api, engine):
+    reply = call(api, "GET", "/healthz?verbose=1")
+    assert reply.status == 200
+    body = reply.json()
+    assert (body["status"], body["model"], body["version"]) == ("ok", engine.model, engine.version)
+    assert {"latency_p50_ms", "queue_depth", "requests"} <= set(body["health"])
+
+
+def test_metrics_count_the_requests_served(api):
+    assert call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status == 200
+    reply = call(api, "GET", "/metrics")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    lines = reply.body.decode().splitlines()
+    served = [line for line in lines if line.startswith("edgeglm_agent_requests_total{")]
+    assert served and any('outcome="stop"' in line or 'outcome="length"' in line for line in served)
+    assert "edgeglm_agent_requests_in_flight 0" in lines
+
+
+# ------------------------------------------------------------------------------------ errors
+ERRORS = [
+    # (method, path, body bytes, status, error code)
+    ("POST", "/v1/chat/completions", b'{"model": "gpt-4o", "messages": []}', 404, "model_not_found"),
+    ("POST", "/v1/chat/completions", b'{"messages": [', 400, "bad_request"),
+    ("POST", "/v1/chat/completions", b'{"prompt": "\xff\xfe"}', 400, "bad_request"),
+    ("POST", "/v1/chat/completions", b"[1, 2]", 400, "bad_request"),
+    ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400, "bad_request"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}',
+        400,
+        "bad_request",
+    ),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "bad_request"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "bad_request"),
+    ("POST", "/v1/completions", b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "bad_request"),
+    ("GET", "/v1/nothing", None, 404, "not_found"),
+    ("GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
+    ("PUT", "/v1/models", b"{}", 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "raw", "status", "code"), ERRORS)
+def test_bad_requests_get_openai_shaped_errors(api, method, path, raw, status, code):
+    reply = call(api, method, path, raw=raw)
+    assert reply.status == status, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+    assert call(api, "GET", "/healthz").status == 200  # and the server carries on
+
+
+def test_wrong_method_names_the_allowed_one(api):
+    assert call(api, "GET", "/v1/completions").headers["Allow"] == "POST"
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(api):
+    url = urlsplit(api.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(1024 * 1024 + 1))
+    conn.endheaders()  # no body follows: the server must answer from the headers alone
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert json.loads(resp.read())["error"]["code"] == "too_large"
+    conn.close()
+
+
+def test_an_oversized_body_is_refused_instead_of_100_continue(api):
+    url = urlsplit(api.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(2 * 1024 * 1024))
+    conn.putheader("Expect", "100-continue")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert json.loads(resp.read())["error"]["code"] == "too_large"
+    conn.close()
+
+
+def test_a_prompt_longer_than_the_context_is_400(api, engine):
+    prompt = " ".join(f"w{i}" for i in range(2000))
+    assert len(engine.codec.encode(prompt)) > engine.limits.max_context
+    reply = call(api, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 4})
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "too_long"
+
+
+def test_a_full_queue_is_429_with_retry_after(engine):
+    metrics = Metrics()
+    with Scheduler(engine, queue_size=0) as full:
+        api = HttpApi(engine, full, metrics).start()
+        try:
+            reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        finally:
+            api.stop()
+    assert reply.status == 429 and reply.headers["Retry-After"] == "1"
+    assert reply.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "busy",
+    }
+    text = metrics.render()
+    assert 'edgeglm_agent_requests_total{outcome="busy"} 1' in text
+    assert "edgeglm_agent_requests_in_flight 0" in text
+
+
+def test_a_request_past_its_deadline_is_504(engine, scheduler, metrics):
+    api = HttpApi(engine, scheduler, metrics, default_timeout_s=-1.0).start()
+    try:
+        reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    finally:
+        api.stop()
+    assert reply.status == 504
+    assert reply.json()["error"]["code"] == "timeout"
+
+
+class BrokenMetrics(Metrics):
+    def render(self) -> str:
+        raise RuntimeError("a bug")
+
+
+def test_a_handler_bug_is_500_and_the_server_keeps_serving(engine, scheduler):
+    api = HttpApi(engine, scheduler, BrokenMetrics()).start()
+    try:
+        reply = call(api, "GET", "/metrics")
+        assert reply.status == 500
+        assert reply.json()["error"]["code"] == "internal"
+        assert call(api, "GET", "/v1/models").status == 200
+    finally:
+        api.stop()
+
+
+class DrippingScheduler:
+    """A fake scheduler: streams a piece every few milliseconds until the generation is cancelled."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cancelled = threading.Event()
+
+    def submit(self, prompt, on_text=None, on_done=None) -> Generation:
+        gen = self.engine.start(prompt, on_text, on_done)
+
+        def drip() -> None:
+            for _ in range(2000):  # ten seconds at most
+                time.sleep(0.005)
+                if gen.cancelled:
+                    self.cancelled.set()
+                    gen.finish("cancelled")
+                    return
+                on_text("tick ", [1])
+            gen.finish("length")
+
+        threading.Thread(target=drip, name="test-drip", daemon=True).start()
+        return gen
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_its_generation(engine):
+    fake = DrippingScheduler(engine)
+    metrics = Metrics()
+    api = HttpApi(engine, fake, metrics).start()  # type: ignore[arg-type]
+    try:
+        url = urlsplit(api.url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        body = json.dumps({"prompt": PROMPT, "stream": True}).encode()
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+        conn.close()
+        resp.close()
+        assert fake.cancelled.wait(10)
+    finally:
+        api.stop()
