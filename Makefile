@@ -29,10 +29,12 @@ test-integration: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --json bench/results/delta.json
+	$(PY) -m bench.serve --json bench/results/serve.json
 
 bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --quick --json bench/results/delta-quick.json
+	$(PY) -m bench.serve --quick --json bench/results/serve-quick.json
 
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo

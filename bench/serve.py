@@ -1,0 +1,324 @@
+"""Serving benchmark: the edge agent over a real mosquitto against transformers fp32.
+
+    python -m bench.serve [--quick] --json FILE
+
+A random-weight GlmForCausalLM with the real GLM-Edge-1.5B shape (``--quick``: a small model;
+see ``bench.infer``) is exported with the fused int4 route (block 32, accuracy_level 4) and
+sealed as a bundle for ``bench-cpu-x86-int4``: the shipped ``cpu-x86-int4`` profile with
+``max_batch_size = 8`` so that eight clients can decode together. Speed does not depend on the
+weights. Then, each in its own process:
+
+    baseline      transformers generate(), fp32, batch 1: 32-token prompt, 64 new tokens
+    agent         ``edgectl agent serve`` on a mosquitto started here (set_tcp_nodelay true)
+    clients       paho MQTT 5 sensors in this process
+
+Measured (JSON keys):
+    baseline_tok_s          transformers decode tokens/s, batch 1
+    decode_tok_s            agent decode tokens/s at batch 1 (engine timings in the replies)
+    ttft_s                  time to first token seen by a streaming sensor (median)
+    agg_tok_s_1             completion tokens/s, one sensor sending requests back to back
+    agg_tok_s_8             the same with eight sensors at once
+    mqtt_overhead_p50_ms    sensor round trip minus the agent's own total_ms, 1-token requests
+    mqtt_overhead_p99_ms
+    peak_rss_mb             the agent process's peak resident memory (VmHWM)
+plus the ratios ``decode_vs_baseline`` and ``agg_8_vs_1``. Medians over repeats throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.infer import GLM_EDGE_15B, QUICK, write_checkpoint
+
+PROMPT_WORDS = "The pressure sensor on line three reported a fault near the pump in hall two. "
+NEW = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
+    """Fused int4 graph + tokenizer files, sealed and signed: what an agent serves."""
+    from edgeglm.bundle_files import seal_folder
+    from edgeglm.keys import create_keypair, load_private_key
+    from export.architectures import architecture_for
+    from export.checkpoint import Checkpoint
+    from export.fused import FusedOptions, build_fused
+
+    out.mkdir(parents=True)
+    c = Checkpoint(ckpt)
+    arch = architecture_for(c.config)
+    spec = arch.spec(c.config)
+    opts = FusedOptions(weights="int4", block_size=32, accuracy_level=4, max_context=max_context)
+    build_fused(c, arch, spec, opts, out)
+    for path in [ckpt / "config.json", *c.tokenizer_files()]:
+        shutil.copy2(path, out / path.name)
+    private, _, _ = create_keypair(out.parent / "keys", "bench")
+    kv = {"layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "dtype": "fp32"}
+    seal_folder(
+        out,
+        load_private_key(private),
+        model="glm-edge-1.5b-random",
+        version="1.0.0",
+        profile="bench-cpu-x86-int4",
+        runtime={"graph": "fused", "kv_cache": kv},
+    )
+    return out
+
+
+def write_profile(path: Path, max_context: int) -> Path:
+    from edgeglm.profiles import profiles_dir
+
+    text = (profiles_dir() / "cpu-x86-int4.toml").read_text()
+    for key, value in (
+        ("name", '"bench-cpu-x86-int4"'),
+        ("max_batch_size", "8"),
+        ("max_context", str(max_context)),
+    ):
+        text, n = re.subn(rf"^{key} = \S+", f"{key} = {value}", text, count=1, flags=re.M)
+        assert n == 1, f"cpu-x86-int4.toml has no {key}"
+    path.write_text(text)
+    return path
+
+
+def baseline_worker(ckpt: Path) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    speeds = []
+    for seed in range(2):
+        ids = torch.from_numpy(np.random.default_rng(seed).integers(2, vocab, (1, 32), dtype=np.int64))
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(ids, use_cache=True)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            speeds.append(NEW / max(time.perf_counter() - t - prefill, 1e-9))
+    print(json.dumps({"baseline_tok_s": statistics.median(speeds)}))
+
+
+class _Client:
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.paho = paho
+        self.topic = f"bench/{uuid.uuid4().hex[:8]}/reply"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_socket_open = lambda _c, _u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.on_message = self._on_message
+        self._ready = threading.Event()
+        self.client.on_subscribe = lambda *a: self._ready.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(self.topic, 1)
+        assert self._ready.wait(10)
+        self._cond = threading.Condition()
+        self._parts: list[tuple[float, dict[str, Any]]] = []
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        with self._cond:
+            self._parts.append((time.perf_counter(), json.loads(msg.payload)))
+            self._cond.notify_all()
+
+    def ask(
+        self, topic: str, request: dict[str, Any], timeout: float = 600.0
+    ) -> tuple[float, float | None, dict[str, Any]]:
+        """Send one request, wait for its final reply: (seconds, seconds to first part, final)."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.topic
+        props.CorrelationData = uuid.uuid4().bytes
+        with self._cond:
+            self._parts.clear()
+        t0 = time.perf_counter()
+        self.client.publish(topic, json.dumps(request).encode(), qos=1, properties=props)
+        with self._cond:
+            while not (self._parts and self._parts[-1][1].get("done")):
+                if not self._cond.wait(timeout):
+                    raise TimeoutError("no reply from the agent")
+            first, final = self._parts[0][0], self._parts[-1]
+        if final[1].get("error"):
+            raise RuntimeError(f"agent error: {final[1]['error']}")
+        return final[0] - t0, (first - t0) if request.get("stream") else None, final[1]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_agent(bundle: Path, profile: Path, quick: bool) -> dict[str, Any]:
+    port = _free_port()
+    conf = bundle.parent / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
+    )
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    edgectl = Path(sys.executable).with_name("edgectl")
+    agent = subprocess.Popen(
+        [
+            str(edgectl),
+            "agent",
+            "serve",
+            str(bundle),
+            "--device-id",
+            "bench",
+            "--broker",
+            f"127.0.0.1:{port}",
+            "--profile",
+            str(profile),
+            "--queue-size",
+            "64",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    topic = "edgeglm/v1/dev/bench/infer"
+    clients: list[_Client] = []
+    try:
+        time.sleep(0.5)
+        clients = [_Client(port) for _ in range(8)]
+        prompt = PROMPT_WORDS * 2
+        one = {"prompt": prompt, "max_tokens": NEW, "stream": True}
+        deadline = time.time() + 600
+        while True:  # the agent is up once it answers
+            try:
+                clients[0].ask(topic, {"prompt": "warm up", "max_tokens": 2}, timeout=5)
+                break
+            except TimeoutError:
+                if time.time() > deadline or agent.poll() is not None:
+                    raise
+        rounds = 2 if quick else 3
+        singles = [clients[0].ask(topic, one) for _ in range(rounds)]
+        ttft = statistics.median(s[1] for s in singles if s[1] is not None)
+        decode = statistics.median(
+            (s[2]["usage"]["completion_tokens"] - 1) / (s[2]["timings"]["decode_ms"] / 1000) for s in singles
+        )
+        plain = {"prompt": prompt, "max_tokens": NEW}
+        t = time.perf_counter()
+        tokens = sum(clients[0].ask(topic, plain)[2]["usage"]["completion_tokens"] for _ in range(rounds))
+        agg_1 = tokens / (time.perf_counter() - t)
+        done: list[int] = []
+
+        def run(client: _Client) -> None:
+            for _ in range(rounds):
+                done.append(client.ask(topic, plain)[2]["usage"]["completion_tokens"])
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        agg_8 = sum(done) / (time.perf_counter() - t)
+        overheads = []
+        for _ in range(60 if quick else 100):
+            rtt, _, final = clients[0].ask(topic, {"prompt": "The pump", "max_tokens": 1})
+            overheads.append(rtt * 1000 - final["timings"]["total_ms"])
+        overheads.sort()
+        return {
+            "decode_tok_s": decode,
+            "ttft_s": ttft,
+            "agg_tok_s_1": agg_1,
+            "agg_tok_s_8": agg_8,
+            "mqtt_overhead_p50_ms": statistics.median(overheads),
+            "mqtt_overhead_p99_ms": overheads[min(len(overheads) - 1, int(len(overheads) * 0.99))],
+            "peak_rss_mb": _rss_peak_mb(agent.pid),
+        }
+    finally:
+        for c in clients:
+            c.close()
+        agent.terminate()
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        broker.terminate()
+        broker.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
+    ap.add_argument("--json", type=Path, required=False)
+    ap.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.baseline_worker:
+        baseline_worker(args.baseline_worker)
+        return 0
+    if shutil.which("mosquitto") is None:
+        print("bench.serve needs mosquitto: apt-get install mosquitto", file=sys.stderr)
+        return 69
+    dims = QUICK if args.quick else GLM_EDGE_15B
+    max_context = 1024
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        ckpt = write_checkpoint(work / "ckpt", dims)
+        bundle = build_bundle(ckpt, work / "bundle", max_context)
+        bundle_mb = sum(p.stat().st_size for p in bundle.iterdir()) / 1e6
+        print(f"bundle built in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.serve", "--baseline-worker", str(ckpt)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        result: dict[str, Any] = {
+            "model": "quick" if args.quick else "glm-edge-1.5b",
+            "route": "fused-int4-b32",
+            "bundle_mb": bundle_mb,
+        }
+        result |= json.loads(out.stdout.strip().splitlines()[-1])
+        result |= measure_agent(
+            bundle, write_profile(work / "bench-cpu-x86-int4.toml", max_context), args.quick
+        )
+    result["decode_vs_baseline"] = result["decode_tok_s"] / result["baseline_tok_s"]
+    result["agg_8_vs_1"] = result["agg_tok_s_8"] / result["agg_tok_s_1"]
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
