@@ -148,18 +148,22 @@ class FusedGraph(DecoderGraph):
         shape = (rows, self.kv_heads, max_context, self.head_dim)
         self.arena = [_lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
         self._free = list(range(rows - 1, -1, -1))
+        self._open: dict[int, Sequence] = {}
         self._logits = np.zeros((rows, 1, max(self.vocab, 1)), np.float32)
 
     def open(self) -> Sequence:
         with self.lock:
             if not self._free:
                 raise RuntimeError("no free KV row")  # the scheduler never asks for more than it has
-            return Sequence(row=self._free.pop())
+            seq = Sequence(row=self._free.pop())
+            self._open[seq.row] = seq
+            return seq
 
     def close(self, seq: Sequence) -> None:
         with self.lock:
             if not seq.closed:
                 seq.closed = True
+                self._open.pop(seq.row, None)
                 self._free.append(seq.row)
 
     def _bind_cache(self, io: ort.IOBinding, first_row: int, rows: int) -> None:
@@ -186,12 +190,21 @@ class FusedGraph(DecoderGraph):
         return logits
 
     def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
-        """One step for ``seqs``; rows between them that are idle run a dummy token, unused."""
+        """One step for ``seqs``; rows between them not in this step run a dummy token, unused.
+
+        A dummy token is written at its row's current length: past everything that row's own
+        sequence holds (it overwrites that slot with its next real token), so a row that another
+        caller is using (the engine's direct loop) loses nothing.
+        """
         for seq in seqs:
             self._check_room(seq, 1)
         span = max(s.row for s in seqs) + 1
         ids = np.zeros((span, 1), np.int64)
         lengths = np.zeros(span, np.int64)  # an idle row attends to one dummy position
+        with self.lock:
+            for row, other in self._open.items():
+                if row < span:
+                    lengths[row] = min(other.length, self.max_context - 1)
         for seq, tok in zip(seqs, tokens, strict=True):
             ids[seq.row, 0] = tok
             lengths[seq.row] = seq.length

@@ -70,11 +70,13 @@ def test_batched_requests_get_the_same_tokens_as_alone(engine):
     """Requests arriving while others decode join the batch (fused) and change nothing."""
     prompts = PROMPTS * 2
     alone = [_direct(engine, p, max_tokens=24) for p in prompts]
-    batched, steps = _run_batched(engine, prompts, 0.004, max_tokens=24)
-    assert [r.tokens for r in batched] == [r.tokens for r in alone]
-    assert [r.text for r in batched] == [r.text for r in alone]
+    together, steps = _run_batched(engine, prompts, 0.0, max_tokens=24)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
     # Batching happened: far fewer decode steps than tokens produced.
-    assert steps < sum(r.completion_tokens for r in batched) / 2
+    assert steps < sum(r.completion_tokens for r in together) / 2
+    staggered, _ = _run_batched(engine, prompts, 0.004, max_tokens=24)  # joining mid-batch
+    assert [r.tokens for r in staggered] == [r.tokens for r in alone]
+    assert [r.text for r in staggered] == [r.text for r in alone]
 
 
 def test_sampling_is_seeded_and_greedy_limits_agree(engine):
