@@ -102,17 +102,20 @@ class TinyShape:
     rms_norm_eps: float = 1e-5
 
 
+# 128 wide, not 64: at 64 the int4 exports' greedy-prefix agreement sat at 0.45-0.65 depending on
+# the seed (and on the CPU's kernels, which change the trained weights), around the 0.5 gate; at 128
+# with the 30 held-out prompts it measured 0.57-0.95 over four seeds for every shape and route.
 SHAPES: dict[str, TinyShape] = {
     s.name: s
     for s in (
         # GLM-Edge 1.5B/4B: full rotary, no QKV bias, tied embeddings.
-        TinyShape("glm-edge", "glm", 64, 2, 4, 2, 16, 160, 1.0, False, True),
+        TinyShape("glm-edge", "glm", 128, 2, 4, 2, 16, 320, 1.0, False, True),
         # GLM-4-9B-chat-hf: half rotary, QKV bias, untied lm_head, tiny rms eps.
-        TinyShape("glm4-9b", "glm", 64, 2, 4, 2, 32, 160, 0.5, True, False, rms_norm_eps=1.5625e-07),
+        TinyShape("glm4-9b", "glm", 128, 2, 4, 2, 32, 320, 0.5, True, False, rms_norm_eps=1.5625e-07),
         # GLM-4-0414: Glm4ForCausalLM with post-attention / post-MLP norms.
-        TinyShape("glm4-0414", "glm4", 64, 2, 4, 2, 32, 160, 0.5, True, False),
-        # GQA 8/2 with head_dim 16: q is 128 wide on a 64 hidden, so head_dim != hidden / heads.
-        TinyShape("glm-gqa", "glm", 64, 2, 8, 2, 16, 192, 1.0, False, True),
+        TinyShape("glm4-0414", "glm4", 128, 2, 4, 2, 32, 320, 0.5, True, False),
+        # GQA 16/4 with head_dim 16: q is 256 wide on a 128 hidden, so head_dim != hidden / heads.
+        TinyShape("glm-gqa", "glm", 128, 2, 16, 4, 16, 384, 1.0, False, True),
     )
 }
 
@@ -129,7 +132,7 @@ def split_corpus(corpus: str, holdout: float = _HOLDOUT) -> tuple[str, str]:
     return "\n\n".join(blocks[:cut]), "\n\n".join(blocks[cut:])
 
 
-def heldout_prompts(corpus: str | None = None, count: int = 12, keep: float = 0.4) -> list[str]:
+def heldout_prompts(corpus: str | None = None, count: int = 30, keep: float = 0.4) -> list[str]:
     """Prompts the model never trained on, in its own domain: the first ``keep`` of held-out lines.
 
     A tiny model answers out-of-domain prompts with near-uniform guesses, where any rounding flips
