@@ -102,7 +102,7 @@ class TinyShape:
     rms_norm_eps: float = 1e-5
 
 
-# 128 wide, not 64: at 64 the int4 exports' greedy-prefix agreement sat at 0.45-0.65 depending on
+# 128 wide, not 64: at 64 the int4 exports' greedy-prefix agreement sat at 0.40-0.70 depending on
 # the seed (and on the CPU's kernels, which change the trained weights), around the 0.5 gate; at 128
 # it measured at least 0.57 over four seeds for every shape and route (12 prompts), and at least 0.61
 # for glm-edge and glm-gqa gated on all 30 held-out prompts, as the tests now are.
