@@ -11,6 +11,8 @@ library, and re-raised with ``raise ... from exc``.
     ├── UnavailableError           exit 69  a dependency (broker, DB, binary, GPU) is not there
     ├── NotFoundError              exit 1   a model, release, device, key or piece does not exist
     ├── ConflictError              exit 1   the request conflicts with current state
+    ├── AccessError                exit 1   no valid credentials (HTTP 401)
+    │   └── PermissionDenied                valid credentials, but the role may not do this (403)
     ├── IntegrityError             exit 1   a digest, signature or size does not match
     │   └── SignatureError                  an Ed25519 signature does not verify
     ├── ProtocolError              exit 1   a wire message is malformed (never crashes a process)
@@ -26,12 +28,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AccessError",
     "ConfigError",
     "ConflictError",
     "EdgeError",
     "ExportError",
     "IntegrityError",
     "NotFoundError",
+    "PermissionDenied",
     "ProtocolError",
     "RequestError",
     "SignatureError",
@@ -89,6 +93,14 @@ class NotFoundError(EdgeError):
 
 class ConflictError(EdgeError):
     pass
+
+
+class AccessError(EdgeError):
+    default_hint = "Pass a valid API token (--token or EDGEGLM_TOKEN); 'edgectl hub token create' makes one."
+
+
+class PermissionDenied(AccessError):
+    default_hint = "Ask an admin for a token with a role that allows this."
 
 
 class IntegrityError(EdgeError):

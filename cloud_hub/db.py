@@ -1,0 +1,159 @@
+"""Connecting to the hub's database and bringing its schema up to date (Alembic owns it).
+
+    sqlite:///path/hub.db      default; WAL journal, foreign keys on, busy timeout 10 s
+    postgresql+psycopg://...   production (``postgresql://`` is taken to mean psycopg 3)
+
+``migrate(url)`` runs the migrations under ``cloud_hub/migrations`` to head; ``open_db(url)``
+refuses a database that is not at head, so a hub never runs against a schema it does not know.
+Sessions come from :class:`Database` (``with db.session() as s:`` commits or rolls back).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgeglm.errors import ConfigError, UnavailableError
+
+__all__ = ["Database", "current_revision", "head_revision", "migrate", "normalise_url", "open_db"]
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3; a bare path means a SQLite file."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser()}"
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError("database URL", f"{url!r} is not a database URL") from exc
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError("database URL", f"backend {parsed.get_backend_name()!r}: use sqlite or postgresql")
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
+    """Upgrade the database at ``url`` to ``revision``; returns (before, after) revisions."""
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        before = _current(engine, url)
+        cfg = _alembic_config(url)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    log.info("database %s migrated %s -> %s", _safe(url), before, after)
+    return before, after or ""
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    try:
+        return make_url(normalise_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable url>"
+
+
+def _current(engine: Engine, url: str) -> str | None:
+    try:
+        return current_revision(engine)
+    except OperationalError as exc:
+        raise UnavailableError(f"database {_safe(url)}", str(exc.orig).strip().splitlines()[0]) from exc
+
+
+class Database:
+    """An engine plus a session factory; ``session()`` is one transaction."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+        self.dialect = engine.dialect.name
+        self._factory = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._factory() as s, s.begin():
+            yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def tables(self) -> list[str]:
+        return sorted(inspect(self.engine).get_table_names())
+
+
+def open_db(url: str) -> Database:
+    """A database at the head revision, or :class:`ConfigError` saying to run ``edgectl hub migrate``."""
+    engine = make_engine(url)
+    current = _current(engine, url)
+    head = head_revision()
+    if current != head:
+        engine.dispose()
+        raise ConfigError(
+            f"database {_safe(url)}",
+            f"schema is at {current or 'nothing'}, this hub needs {head}",
+            hint="Run 'edgectl hub migrate --db URL' first.",
+        )
+    return Database(engine, normalise_url(url))

@@ -1,0 +1,269 @@
+"""The hub's tables (PRODUCT.md section 8), SQLAlchemy 2 declarative; Alembic owns the schema.
+
+    models ─< releases ─< bundles            a release is model + semver; one bundle per profile
+    chunks                                  every piece the hub's store holds (id, size)
+    uploads                                 a publish in progress: resumable until committed
+    devices                                 inventory: profile, labels, pin, current/desired, health
+    rollouts ─< rollout_waves
+             ─< device_deployments >─ devices
+    audit_log                               append-only (triggers refuse UPDATE and DELETE)
+    api_tokens                              SHA-256 of the secret, never the secret; a role each
+    leases                                  who runs the rollout controller, until when
+
+Times are UTC; :class:`UtcDateTime` hands back aware datetimes on SQLite too. JSON columns hold
+small documents (labels, health, gates, before/after); manifests are stored as the exact JSON
+text received so that their signature can be checked again later.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "ApiToken",
+    "AuditEntry",
+    "Base",
+    "Bundle",
+    "Chunk",
+    "Device",
+    "DeviceDeployment",
+    "Lease",
+    "Model",
+    "Release",
+    "Rollout",
+    "RolloutWave",
+    "Upload",
+    "UtcDateTime",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UtcDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+    }
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    releases: Mapped[list[Release]] = relationship(back_populates="model", order_by="Release.id")
+
+
+class Release(Base):
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
+    version: Mapped[str] = mapped_column(String(64))
+    # semver core as integers so that "latest" and ordering need no string tricks
+    major: Mapped[int] = mapped_column(Integer)
+    minor: Mapped[int] = mapped_column(Integer)
+    patch: Mapped[int] = mapped_column(Integer)
+    prerelease: Mapped[str] = mapped_column(String(64), default="")
+    dataset_version: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    model: Mapped[Model] = relationship(back_populates="releases")
+    bundles: Mapped[list[Bundle]] = relationship(back_populates="release", order_by="Bundle.profile")
+
+
+class Bundle(Base):
+    """One profile's bundle of a release: its signed manifest, exactly as published."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("release_id", "profile"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
+    profile: Mapped[str] = mapped_column(String(128))
+    manifest_json: Mapped[str] = mapped_column(Text)
+    manifest_digest: Mapped[str] = mapped_column(String(80), index=True)
+    key_id: Mapped[str] = mapped_column(String(16))
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    pieces: Mapped[int] = mapped_column(Integer)
+    quality: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    quality_passed: Mapped[bool] = mapped_column(Boolean)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    release: Mapped[Release] = relationship(back_populates="bundles")
+
+
+class Chunk(Base):
+    """A piece in the hub's content-addressed store (the bytes live on disk, by id)."""
+
+    __tablename__ = "chunks"
+    piece_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Upload(Base):
+    """A publish in progress: the verified manifest waits here until all its pieces arrived."""
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    manifest_json: Mapped[str] = mapped_column(Text)
+    manifest_digest: Mapped[str] = mapped_column(String(80), index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(128))
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default="open")  # open | committed
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    profile: Mapped[str | None] = mapped_column(String(128))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    current_model: Mapped[str | None] = mapped_column(String(128))
+    current_version: Mapped[str | None] = mapped_column(String(64))
+    desired_model: Mapped[str | None] = mapped_column(String(128))
+    desired_version: Mapped[str | None] = mapped_column(String(64))
+    pinned_version: Mapped[str | None] = mapped_column(String(64))
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seen: Mapped[datetime | None] = mapped_column()
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="RESTRICT"))
+    previous_release_id: Mapped[int | None] = mapped_column(ForeignKey("releases.id", ondelete="RESTRICT"))
+    selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    waves: Mapped[list[Any]] = mapped_column(default=list)  # ["5%", "25%", "100%"] or counts
+    soak_s: Mapped[float] = mapped_column(Float, default=60.0)
+    success_threshold: Mapped[float] = mapped_column(Float, default=1.0)
+    max_failure_ratio: Mapped[float] = mapped_column(Float, default=0.05)
+    gates: Mapped[list[Any]] = mapped_column(default=list)
+    device_timeout_s: Mapped[float] = mapped_column(Float, default=900.0)
+    on_failure: Mapped[str] = mapped_column(String(16), default="revert")
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    wave_rows: Mapped[list[RolloutWave]] = relationship(order_by="RolloutWave.index")
+
+
+class RolloutWave(Base):
+    __tablename__ = "rollout_waves"
+    __table_args__ = (UniqueConstraint("rollout_id", "index"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)  # devices in this wave (cumulative target minus earlier)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    started_at: Mapped[datetime | None] = mapped_column()
+    soak_until: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class DeviceDeployment(Base):
+    __tablename__ = "device_deployments"
+    __table_args__ = (
+        UniqueConstraint("rollout_id", "device_id"),
+        # one active rollout per device, enforced by the database itself
+        Index(
+            "ux_device_deployments_active",
+            "device_id",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    wave: Mapped[int] = mapped_column(Integer)
+    from_version: Mapped[str | None] = mapped_column(String(64))
+    to_version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(256), index=True)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    trace_id: Mapped[str] = mapped_column(String(64))
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to recognise a token
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column()
