@@ -58,7 +58,17 @@ def root(verbose: int) -> None:
 
 def _register() -> None:
     # Imported here so that importing edgeglm.cli stays cheap and free of cycles.
-    from edgeglm.cli import agent_cmd, bundle_cmd, demo_cmd, export_cmd, keys_cmd, profiles_cmd
+    from edgeglm.cli import (
+        agent_cmd,
+        bundle_cmd,
+        demo_cmd,
+        devices_cmd,
+        export_cmd,
+        hub_cmd,
+        keys_cmd,
+        profiles_cmd,
+        registry_cmd,
+    )
 
     root.add_command(profiles_cmd.profiles)
     root.add_command(keys_cmd.keys)
@@ -66,6 +76,11 @@ def _register() -> None:
     root.add_command(demo_cmd.demo)
     root.add_command(export_cmd.export)
     root.add_command(agent_cmd.agent)
+    root.add_command(hub_cmd.hub)
+    root.add_command(registry_cmd.publish)
+    root.add_command(registry_cmd.releases)
+    root.add_command(devices_cmd.devices)
+    root.add_command(devices_cmd.audit)
 
 
 _register()

@@ -1,0 +1,151 @@
+"""``edgectl devices`` and ``edgectl audit``: the inventory and the audit log, through the hub's API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from edgeglm.cli.output import emit, output_option, render_table
+from edgeglm.cli.remote import client_from, hub_options
+
+API = "/api/v1"
+
+
+def _device_table(rows: list[dict[str, Any]]) -> str:
+    return render_table(
+        ["DEVICE", "ONLINE", "PROFILE", "CURRENT", "DESIRED", "PINNED", "LABELS", "LAST SEEN"],
+        [
+            [
+                d["id"],
+                "yes" if d["online"] else "no",
+                d["profile"],
+                d["current"],
+                d["desired"],
+                d["pinned_version"],
+                ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
+                d["last_seen"],
+            ]
+            for d in rows
+        ],
+    )
+
+
+@click.group("devices")
+def devices() -> None:
+    """Devices in the inventory: list, show, pin / unpin, label."""
+
+
+@devices.command("list")
+@click.option("--fleet", "fleet", multiple=True, metavar="KEY=VALUE", help="Label selector (repeatable).")
+@click.option("--online/--offline", "online", default=None, help="Only devices online (or offline).")
+@hub_options
+@output_option
+def devices_list(
+    fleet: tuple[str, ...], online: bool | None, hub_url: str, token: str | None, output: str
+) -> None:
+    rows = client_from(hub_url, token).get(f"{API}/devices", selector=",".join(fleet) or None, online=online)
+    emit(rows, output, _device_table)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@hub_options
+@output_option
+def devices_show(device_id: str, hub_url: str, token: str | None, output: str) -> None:
+    d = client_from(hub_url, token).get(f"{API}/devices/{device_id}")
+
+    def table(d: dict[str, Any]) -> str:
+        health = d["health"] or {}
+        lines = [_device_table([d]), ""]
+        lines += [f"health.{k}: {v}" for k, v in sorted(health.items())]
+        return "\n".join(lines).rstrip()
+
+    emit(d, output, table)
+
+
+@devices.command("pin")
+@click.argument("device_id")
+@click.argument("version")
+@hub_options
+@output_option
+def devices_pin(device_id: str, version: str, hub_url: str, token: str | None, output: str) -> None:
+    """Keep DEVICE_ID on VERSION: rollouts skip it until it is unpinned."""
+    d = client_from(hub_url, token).request(
+        "PUT", f"{API}/devices/{device_id}/pin", json_body={"version": version}
+    )
+    emit(d, output, lambda d: f"{d['id']} pinned to {d['pinned_version']}")
+
+
+@devices.command("unpin")
+@click.argument("device_id")
+@hub_options
+@output_option
+def devices_unpin(device_id: str, hub_url: str, token: str | None, output: str) -> None:
+    d = client_from(hub_url, token).request("DELETE", f"{API}/devices/{device_id}/pin")
+    emit(d, output, lambda d: f"{d['id']} unpinned")
+
+
+@devices.command("label")
+@click.argument("device_id")
+@click.argument("changes", nargs=-1, required=True, metavar="KEY=VALUE|KEY-...")
+@hub_options
+@output_option
+def devices_label(
+    device_id: str, changes: tuple[str, ...], hub_url: str, token: str | None, output: str
+) -> None:
+    """Set labels (site=plant-7) or remove them (site-)."""
+    from edgeglm.errors import UsageError
+
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for change in changes:
+        if "=" in change:
+            key, _, value = change.partition("=")
+            set_[key] = value
+        elif change.endswith("-") and len(change) > 1:
+            remove.append(change[:-1])
+        else:
+            raise UsageError("label", f"{change!r}: write KEY=VALUE to set or KEY- to remove")
+    d = client_from(hub_url, token).request(
+        "PATCH", f"{API}/devices/{device_id}/labels", json_body={"set": set_, "remove": remove}
+    )
+    emit(
+        d,
+        output,
+        lambda d: f"{d['id']} labels: " + ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
+    )
+
+
+@click.group("audit")
+def audit() -> None:
+    """The hub's append-only audit log."""
+
+
+@audit.command("list")
+@click.option("--actor", default=None)
+@click.option("--action", default=None, help="e.g. release.publish, device.pin, rollout.start")
+@click.option("--target", default=None, help="Prefix, e.g. device/ or release/glm-edge-1.5b@")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@hub_options
+@output_option
+def audit_list(
+    actor: str | None,
+    action: str | None,
+    target: str | None,
+    limit: int,
+    hub_url: str,
+    token: str | None,
+    output: str,
+) -> None:
+    rows = client_from(hub_url, token).get(
+        f"{API}/audit", actor=actor, action=action, target=target, limit=limit
+    )
+    emit(
+        rows,
+        output,
+        lambda rs: render_table(
+            ["ID", "AT", "ACTOR", "ACTION", "TARGET", "TRACE"],
+            [[r["id"], r["at"], r["actor"], r["action"], r["target"], r["trace_id"]] for r in rs],
+        ),
+    )
