@@ -188,6 +188,42 @@ def _token_out(t: ApiToken) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------ dependencies
+# Each handler opens its own transaction (``with ctx.db.session()``) so that it commits before
+# the response leaves; authentication runs in a short transaction of its own.
+def _principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        raise AccessError("API token", "missing: send 'Authorization: Bearer <token>'")
+    ctx: HubContext = request.app.state.ctx
+    with ctx.db.session() as s:
+        return authenticate(s, secret.strip())
+
+
+def _viewer(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return who
+
+
+def _operator(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    require(who, Role.operator, "this call")
+    return who
+
+
+def _admin(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    require(who, Role.admin, "this call")
+    return who
+
+
+Viewer = Annotated[Principal, Depends(_viewer)]
+Operator = Annotated[Principal, Depends(_operator)]
+Admin = Annotated[Principal, Depends(_admin)]
+UploadId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
+PieceId = Annotated[str, PathParam(pattern=_PIECE)]
+Name = Annotated[str, PathParam(pattern=_NAME)]
+Version = Annotated[str, PathParam(pattern=_VERSION)]
+TokenName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
+
+
 # ---------------------------------------------------------------------------------- app
 def create_app(ctx: HubContext) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {
@@ -237,37 +273,6 @@ def create_app(ctx: HubContext) -> FastAPI:
         log.error("database error: %s", str(exc).splitlines()[0][:300])
         return _error(UnavailableError("database", "the operation failed; see the hub log"), 503)
 
-    # ------------------------------------------------------------------ dependencies
-    # Each handler opens its own transaction (``with ctx.db.session()``) so that it commits
-    # before the response leaves; authentication runs in a short transaction of its own.
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-        scheme, _, secret = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer":
-            raise AccessError("API token", "missing: send 'Authorization: Bearer <token>'")
-        with ctx.db.session() as s:
-            return authenticate(s, secret.strip())
-
-    Who = Annotated[Principal, Depends(principal)]
-
-    def viewer(who: Who) -> Principal:
-        return who
-
-    def operator(who: Who) -> Principal:
-        require(who, Role.operator, "this call")
-        return who
-
-    def admin(who: Who) -> Principal:
-        require(who, Role.admin, "this call")
-        return who
-
-    Viewer = Annotated[Principal, Depends(viewer)]
-    Operator = Annotated[Principal, Depends(operator)]
-    Admin = Annotated[Principal, Depends(admin)]
-    UploadId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
-    Name = Annotated[str, PathParam(pattern=_NAME)]
-    Version = Annotated[str, PathParam(pattern=_VERSION)]
-    TokenName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
-
     def registry(s: Session) -> Registry:
         return Registry(s, ctx.store, ctx.trusted)
 
@@ -307,7 +312,7 @@ def create_app(ctx: HubContext) -> FastAPI:
     @app.put(f"{API}/uploads/{{upload_id}}/pieces/{{piece}}", tags=["registry"])
     async def put_piece(
         upload_id: UploadId,
-        piece: Annotated[str, PathParam(pattern=_PIECE)],
+        piece: PieceId,
         request: Request,
         who: Operator,
     ) -> dict[str, Any]:
