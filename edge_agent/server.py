@@ -19,8 +19,8 @@ from typing import Any
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
-from edge_agent.mqtt import BrokerSettings, MqttLink
 from edge_agent.serving import InferService
+from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.profiles import DeviceProfile
 
 __all__ = ["ServeSettings", "Server"]

@@ -24,8 +24,8 @@ from edge_agent.inference.engine import Engine
 from edge_agent.inference.generation import GenerationResult
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
-from edge_agent.mqtt import Incoming, MqttLink
 from edgeglm.errors import ProtocolError, RequestError
+from edgeglm.mqtt import Incoming, MqttLink
 from edgeglm.protocol import (
     InferReply,
     InferRequest,

@@ -145,8 +145,8 @@ def serve(
     """Serve BUNDLE to MQTT sensors (and optionally HTTP) until interrupted."""
     import os
 
-    from edge_agent.mqtt import BrokerSettings
     from edge_agent.server import Server, ServeSettings
+    from edgeglm.mqtt import BrokerSettings
     from edgeglm.protocol import check_device_id
 
     check_device_id(device_id)

@@ -66,13 +66,36 @@ def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
     help="Public key whose signed bundles may be published (repeatable) [env EDGEGLM_HUB_TRUST].",
 )
 @click.option("--migrate/--no-migrate", default=False, help="Run the migrations first.")
+@click.option("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for device traffic [none].")
+@click.option("--mqtt-user", default=None, help="MQTT username (password from EDGEGLM_MQTT_PASSWORD).")
+@click.option(
+    "--mqtt-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="CA file: MQTT over TLS."
+)
+@click.option(
+    "--share-group", default="hub", show_default=True, help="Shared-subscription group of the replicas."
+)
+@click.option("--offline-after", type=click.FloatRange(1), default=90.0, show_default=True, help="Seconds.")
 def serve_cmd(
-    db_url: str | None, data_dir: Path | None, listen: str | None, trust: tuple[Path, ...], migrate: bool
+    db_url: str | None,
+    data_dir: Path | None,
+    listen: str | None,
+    trust: tuple[Path, ...],
+    migrate: bool,
+    broker: str | None,
+    mqtt_user: str | None,
+    mqtt_ca: str | None,
+    share_group: str,
+    offline_after: float,
 ) -> None:
-    """Serve the HTTP API until SIGTERM."""
+    """Serve the HTTP API (and, with --broker, consume device traffic) until SIGTERM."""
+    import os
+    import socket
+    import uuid
+
     import uvicorn
 
-    from cloud_hub.server import build_context, load_app
+    from cloud_hub.server import build_context, load_app, start_ingest
+    from edgeglm.mqtt import BrokerSettings
 
     host = port = None
     if listen:
@@ -88,8 +111,32 @@ def serve_cmd(
 
         run_migrate(settings.database_url)
     ctx = build_context(settings)
+    link = ingest = None
+    if broker:
+        from edgeglm.errors import UsageError
+
+        bhost, _, bport = broker.rpartition(":")
+        if not bport.isdigit():
+            raise UsageError("--broker", f"{broker!r}: write host:port")
+        mqtt = BrokerSettings(
+            host=bhost or "127.0.0.1",
+            port=int(bport),
+            username=mqtt_user,
+            password=os.environ.get("EDGEGLM_MQTT_PASSWORD"),
+            ca_file=mqtt_ca,
+        )
+        client_id = f"hub-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
+        link, ingest = start_ingest(ctx, mqtt, client_id, group=share_group, offline_after_s=offline_after)
     click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({ctx.db.dialect})", err=True)
-    uvicorn.run(load_app(ctx), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(
+            load_app(ctx), host=settings.host, port=settings.port, log_level="warning", access_log=False
+        )
+    finally:
+        if link is not None and ingest is not None:
+            link.close()
+            ingest.stop()
+        ctx.db.dispose()
 
 
 @hub.group("token")

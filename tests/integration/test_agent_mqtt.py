@@ -14,8 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.mqtt import BrokerSettings
 from edge_agent.server import Server, ServeSettings
+from edgeglm.mqtt import BrokerSettings
 from edgeglm.protocol import InferReply, InferRequest, decode, infer_topic, site_infer_topic
 
 pytestmark = pytest.mark.integration
@@ -206,8 +206,8 @@ def test_message_expiry_is_honoured(agent, sensor):
     """The remaining expiry becomes the deadline; a request already expired is not run."""
     import time
 
-    from edge_agent.mqtt import Incoming
     from edge_agent.serving import InferService
+    from edgeglm.mqtt import Incoming
 
     link = _FakeLink()
     service = InferService(agent.engine, agent.scheduler, link, agent.metrics, device_id="x")

@@ -1,4 +1,7 @@
-"""The edge agent's one seam to paho-mqtt (2.x): MQTT 5 sessions, properties, reconnects.
+"""The one seam to paho-mqtt (2.x), for the agent and the hub: MQTT 5 sessions, properties, reconnects.
+
+Only this module imports paho (it needs the ``agent`` or ``hub`` extra; nothing else in the kernel
+imports it).
 
 paho's callbacks become plain calls of our handlers with an :class:`Incoming` (topic, payload,
 MQTT 5 response topic, correlation data, remaining message expiry); a handler that raises is

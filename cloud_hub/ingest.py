@@ -1,0 +1,204 @@
+"""Device traffic into the inventory: registration, status (with the last will), heartbeats.
+
+    MQTT (paho thread)            ingest queue (bounded)          flush thread, every flush_s
+    $share/hub/.../status  ──>  decode, check topic == body  ──>  one transaction per batch:
+    $share/hub/.../hb             malformed: logged, dropped        upsert devices, count heartbeats,
+                                                                    latest health; sweep: no heartbeat
+                                                                    within offline_after_s -> offline
+
+Hub replicas subscribe through shared subscriptions, so each message reaches exactly one of
+them; every write is an idempotent upsert keyed by device id, so the replicas never conflict.
+A batch keeps the newest status and heartbeat per device (by the device's own ``ts``) and adds
+up the heartbeat count, so 10,000 devices at one heartbeat per 5 s are a few small transactions
+per second. Nothing a device sends can stop the loop: bad payloads are counted by reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from cloud_hub.db import Database
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.models import Device, utcnow
+from edgeglm.errors import ProtocolError
+from edgeglm.mqtt import Incoming
+from edgeglm.protocol import Heartbeat, Status, TopicKind, decode, parse_device_topic
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    status: Status | None = None
+    heartbeat: Heartbeat | None = None
+    beats: int = 0
+    seen: float = 0.0
+    online: bool = True  # what the last message to arrive says (a last will arrives after the beats)
+
+
+class Ingest:
+    def __init__(
+        self,
+        db: Database,
+        metrics: HubMetrics,
+        *,
+        flush_s: float = 0.5,
+        offline_after_s: float = 90.0,
+        max_queue: int = 200_000,
+    ) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.flush_s = flush_s
+        self.offline_after_s = offline_after_s
+        self._queue: queue.Queue[tuple[TopicKind, Any, float]] = queue.Queue(max_queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = 0.0
+
+    # ------------------------------------------------------------------ MQTT handlers
+    def on_message(self, msg: Incoming) -> None:
+        """Any device message the hub consumes; runs on paho's thread, so it only decodes and queues."""
+        try:
+            device_id, kind = parse_device_topic(msg.topic)
+            if kind is TopicKind.STATUS:
+                body: Any = decode(Status, msg.payload)
+            elif kind is TopicKind.HEARTBEAT:
+                body = decode(Heartbeat, msg.payload)
+            else:
+                return
+            if body.device_id != device_id:
+                raise ProtocolError(kind.value, f"body names device {body.device_id!r}, topic {device_id!r}")
+        except ProtocolError as exc:
+            self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="malformed")
+            log.warning("dropped a message on %.120s: %s", msg.topic, exc)
+            return
+        try:
+            self._queue.put_nowait((kind, body, time.time()))
+        except queue.Full:
+            self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="backlog")
+            log.warning("ingest backlog full: dropped %s from %s", kind.value, device_id)
+
+    # ------------------------------------------------------------------------- loop
+    def start(self) -> Ingest:
+        self._thread = threading.Thread(target=self._loop, name="hub-ingest", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.flush()  # what arrived before the stop is written
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+                if time.time() - self._last_sweep >= min(10.0, self.offline_after_s / 3):
+                    self.sweep()
+            except Exception:  # the database went away: keep the backlog, retry next turn
+                log.exception("ingest flush failed; retrying")
+
+    def flush(self) -> int:
+        """Write everything queued in one transaction; returns how many messages it held."""
+        pending: dict[str, _Pending] = {}
+        taken: list[tuple[TopicKind, Any, float]] = []
+        while True:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if not taken:
+            return 0
+        for kind, body, arrived in taken:
+            p = pending.setdefault(body.device_id, _Pending())
+            p.seen = max(p.seen, arrived)
+            if kind is TopicKind.STATUS:
+                p.online = body.state == "online"
+                if p.status is None or body.ts >= p.status.ts:
+                    p.status = body
+            else:
+                p.online = True
+                p.beats += 1
+                if p.heartbeat is None or body.ts >= p.heartbeat.ts:
+                    p.heartbeat = body
+        try:
+            self._write(pending)
+        except Exception:
+            for item in taken:  # nothing is lost: back into the queue for the next turn
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    break
+            raise
+        beats = sum(p.beats for p in pending.values())
+        self.metrics.inc("edgeglm_hub_heartbeats_total", float(beats))
+        self.metrics.inc(
+            "edgeglm_hub_status_total", float(sum(p.status is not None for p in pending.values()))
+        )
+        return len(taken)
+
+    def _write(self, pending: dict[str, _Pending]) -> None:
+        """One upsert per device; every row carries the same columns (executemany needs that)."""
+        with self.db.session() as s:
+            known = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(list(pending))))}
+            new_rows: list[dict[str, Any]] = []
+            changes: list[dict[str, Any]] = []
+            now = utcnow()
+            for device_id, p in pending.items():
+                old = known.get(device_id)
+                row: dict[str, Any] = {
+                    "id": device_id,
+                    "online": p.online,
+                    "last_seen": datetime.fromtimestamp(p.seen, UTC),
+                    "heartbeats": (old.heartbeats if old else 0) + p.beats,
+                    "profile": old.profile if old else None,
+                    "agent_version": old.agent_version if old else None,
+                    "current_model": old.current_model if old else None,
+                    "current_version": old.current_version if old else None,
+                    "health": dict(old.health or {}) if old else {},
+                }
+                if p.status is not None:
+                    st = p.status
+                    row |= {"profile": st.profile, "agent_version": st.agent_version}
+                    if st.model is not None:
+                        row |= {"current_model": st.model, "current_version": st.version}
+                if p.heartbeat is not None:
+                    hb = p.heartbeat
+                    row["health"] = {**hb.health.model_dump(), "ts": hb.ts}
+                    if hb.model is not None:
+                        row |= {"current_model": hb.model, "current_version": hb.version}
+                if old is None:
+                    new_rows.append({**row, "labels": {}, "registered_at": now})
+                else:
+                    changes.append(row)
+            s.expunge_all()  # the bulk statements below are the only writes
+            if new_rows:
+                s.execute(insert(Device), new_rows)
+                for r in new_rows:
+                    log.info("device %s registered (profile %s)", r["id"], r["profile"])
+            if changes:
+                s.execute(update(Device), changes)
+
+    def sweep(self) -> int:
+        """Mark devices offline whose last message is older than ``offline_after_s``."""
+        self._last_sweep = time.time()
+        cutoff = utcnow() - timedelta(seconds=self.offline_after_s)
+        with self.db.session() as s:
+            result = s.execute(
+                update(Device).where(Device.online.is_(True), Device.last_seen < cutoff).values(online=False)
+            )
+            count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        if count:
+            log.info("%d device(s) went offline (no heartbeat for %.0fs)", count, self.offline_after_s)
+        return count
