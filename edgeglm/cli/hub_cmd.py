@@ -223,3 +223,52 @@ def token_revoke(name: str, db_url: str | None, data_dir: Path | None) -> None:
     finally:
         db.dispose()
     click.echo(f"token {name!r} revoked")
+
+
+@hub.command("acl")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory.")
+@click.option(
+    "--device", "device_ids", multiple=True, help="A device id (repeatable) besides the registered."
+)
+@click.option("--hub-user", "hub_users", multiple=True, default=("hub",), show_default=True)
+@click.option("--registered/--no-registered", default=True, help="Include every device in the database.")
+@_db_opt
+@_data_opt
+@output_option
+def acl_cmd(
+    out: Path,
+    device_ids: tuple[str, ...],
+    hub_users: tuple[str, ...],
+    registered: bool,
+    db_url: str | None,
+    data_dir: Path | None,
+    output: str,
+) -> None:
+    """Write a mosquitto password file and ACL: each device may use only its own topics.
+
+    Point mosquitto at them (password_file OUT/passwd, acl_file OUT/acl); OUT/credentials.json
+    (0600) holds the generated passwords to provision the boxes with.
+    """
+    from cloud_hub.broker_acl import write_acl
+
+    devices = list(device_ids)
+    if registered:
+        from sqlalchemy import select
+
+        from cloud_hub.db import open_db
+        from cloud_hub.models import Device
+
+        db = open_db(_settings(db_url=db_url, data_dir=data_dir).database_url)
+        try:
+            with db.session() as s:
+                devices += list(s.scalars(select(Device.id)))
+        finally:
+            db.dispose()
+    counts = write_acl(out, devices, hub_users)
+    emit(
+        {**counts, "out": str(out)},
+        output,
+        lambda d: (
+            f"{d['devices']} device(s), {d['hub_users']} hub user(s), {d['new_users']} new -> {d['out']}"
+        ),
+    )
