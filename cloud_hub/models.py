@@ -191,6 +191,8 @@ class Rollout(Base):
     device_timeout_s: Mapped[float] = mapped_column(Float, default=900.0)
     on_failure: Mapped[str] = mapped_column(String(16), default="revert")
     state: Mapped[str] = mapped_column(String(16), index=True)
+    min_samples: Mapped[int] = mapped_column(Integer, default=3)
+    baseline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # health of the old version, per wave
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(128))
@@ -234,6 +236,9 @@ class DeviceDeployment(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    last_step: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime | None] = mapped_column()
+    resolved_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -76,6 +76,8 @@ __all__ = [
     "PREFIX",
     "PROTOCOL_VERSION",
     "TOPIC_SPECS",
+    "UPDATE_FAILED",
+    "UPDATE_SUCCEEDED",
     "ChatMessage",
     "Desired",
     "ErrorBody",
@@ -404,8 +406,15 @@ class Progress(_Body):
         return self
 
 
+UPDATE_SUCCEEDED = "committed"  # the step a device reports (ok) when the new version serves
+UPDATE_FAILED = frozenset({"failed", "rolled_back"})  # terminal steps of an update that did not take
+
+
 class Report(Message):
     """One update event. ``step`` is the update state machine's stable step name.
+
+    ``step == UPDATE_SUCCEEDED`` with ``ok`` ends an update well; a step in ``UPDATE_FAILED``, or
+    any report with ``ok`` false, ends it as a failure (``reason`` says why).
 
     Delivery is at least once: the hub makes reports idempotent by ``(rollout_id, step)``;
     ``seq`` orders the events of one device.
