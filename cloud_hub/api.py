@@ -42,12 +42,14 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cloud_hub import audit
+from cloud_hub import rollouts as rollout_ops
 from cloud_hub.auth import Principal, Role, authenticate, create_token, require, revoke_token
 from cloud_hub.db import Database
 from cloud_hub.inventory import Inventory, device_view, parse_selector
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.models import ApiToken, Bundle, Release
+from cloud_hub.models import ApiToken, Bundle, Release, Rollout
 from cloud_hub.registry import Registry, UploadState
+from cloud_hub.rollouts import DeploySpec, Publish, parse_waves, rollout_view
 from edgeglm.errors import (
     AccessError,
     ConfigError,
@@ -98,6 +100,7 @@ class HubContext:
     trusted: dict[str, Any]
     metrics: HubMetrics
     max_piece_bytes: int = 64 * 1024 * 1024
+    publish: Publish | None = None  # MQTT publish (topic, payload, qos, retain), when a broker is set
 
 
 # ------------------------------------------------------------------------------ bodies
@@ -119,6 +122,27 @@ class LabelsBody(_In):
 class TokenBody(_In):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
     role: Literal["viewer", "operator", "admin"]
+
+
+class DeployBody(_In):
+    release: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}@\d+\.\d+\.\d+[0-9A-Za-z.+-]{0,64}$")
+    selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
+    waves: list[Annotated[str, Field(max_length=16)]] = Field(
+        default=["5", "25", "100"], min_length=1, max_length=20
+    )
+    soak_s: float = Field(default=60.0, ge=0, le=7 * 86400)
+    success_threshold: float = Field(default=1.0, ge=0, le=1)
+    max_failure_ratio: float = Field(default=0.05, ge=0, le=1)
+    gates: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=8)
+    device_timeout_s: float = Field(default=900.0, gt=0, le=7 * 86400)
+    on_failure: Literal["revert", "pause"] = "revert"
+    min_samples: int = Field(default=3, ge=1, le=10000)
+    dry_run: bool = False
+
+
+class RollbackBody(_In):
+    model: str = Field(pattern=_NAME)
+    selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
 
 
 class ErrorInfo(BaseModel):
@@ -428,6 +452,65 @@ def create_app(ctx: HubContext) -> FastAPI:
                 s, who.name, "token.revoke", f"token/{row.name}", {"revoked": False}, {"revoked": True}
             )
             return _token_out(row)
+
+    @app.post(f"{API}/rollouts", tags=["rollouts"], status_code=201)
+    def deploy(body: DeployBody, who: Operator) -> dict[str, Any]:
+        """Start a staged rollout (the controller moves it along), or only show it (``dry_run``)."""
+        model, _, version = body.release.partition("@")
+        spec = DeploySpec(
+            model=model,
+            version=version,
+            selector=parse_selector(f"{k}={v}" for k, v in body.selector.items()),
+            waves=parse_waves(body.waves),
+            soak_s=body.soak_s,
+            success_threshold=body.success_threshold,
+            max_failure_ratio=body.max_failure_ratio,
+            gates=tuple(body.gates),
+            device_timeout_s=body.device_timeout_s,
+            on_failure=body.on_failure,
+            min_samples=body.min_samples,
+        )
+        with ctx.db.session() as s:
+            if body.dry_run:
+                return {"dry_run": True, **rollout_ops.dry_run(s, spec)}
+            return rollout_view(s, rollout_ops.create(s, spec, who.name))
+
+    @app.get(f"{API}/rollouts", tags=["rollouts"])
+    def list_rollouts(
+        who: Viewer, state: Annotated[str | None, Query(pattern=r"^[a-z_]{1,16}$")] = None
+    ) -> list[dict[str, Any]]:
+        with ctx.db.session() as s:
+            q = select(Rollout).order_by(Rollout.id.desc()).limit(200)
+            if state:
+                q = q.where(Rollout.state == state)
+            return [rollout_view(s, r) for r in s.scalars(q)]
+
+    @app.get(f"{API}/rollouts/{{rollout_id}}", tags=["rollouts"])
+    def show_rollout(
+        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], who: Viewer
+    ) -> dict[str, Any]:
+        with ctx.db.session() as s:
+            r = s.get(Rollout, rollout_id)
+            if r is None:
+                raise NotFoundError(f"rollout {rollout_id}", "does not exist")
+            return {**rollout_view(s, r), "deployments": rollout_ops.deployments(s, r)}
+
+    @app.post(f"{API}/rollouts/{{rollout_id}}/{{action}}", tags=["rollouts"])
+    def control_rollout(
+        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        action: Literal["pause", "resume", "abort"],
+        who: Operator,
+    ) -> dict[str, Any]:
+        op = {"pause": rollout_ops.pause, "resume": rollout_ops.resume, "abort": rollout_ops.abort}[action]
+        with ctx.db.session() as s:
+            return rollout_view(s, op(s, rollout_id, who.name))
+
+    @app.post(f"{API}/rollbacks", tags=["rollouts"])
+    def rollback(body: RollbackBody, who: Operator) -> dict[str, Any]:
+        """The model's latest rollout: its moved devices matching ``selector`` back to their old version."""
+        selector = parse_selector(f"{k}={v}" for k, v in body.selector.items())
+        with ctx.db.session() as s:
+            return rollout_ops.rollback(s, body.model, selector, who.name, ctx.publish)
 
     return app
 

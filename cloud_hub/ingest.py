@@ -27,10 +27,19 @@ from sqlalchemy import insert, select, update
 
 from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.models import Device, utcnow
+from cloud_hub.models import Device, DeviceDeployment, utcnow
 from edgeglm.errors import ProtocolError
 from edgeglm.mqtt import Incoming
-from edgeglm.protocol import Heartbeat, Status, TopicKind, decode, parse_device_topic
+from edgeglm.protocol import (
+    UPDATE_FAILED,
+    UPDATE_SUCCEEDED,
+    Heartbeat,
+    Report,
+    Status,
+    TopicKind,
+    decode,
+    parse_device_topic,
+)
 
 __all__ = ["Ingest"]
 
@@ -74,6 +83,8 @@ class Ingest:
                 body: Any = decode(Status, msg.payload)
             elif kind is TopicKind.HEARTBEAT:
                 body = decode(Heartbeat, msg.payload)
+            elif kind is TopicKind.REPORT:
+                body = decode(Report, msg.payload)
             else:
                 return
             if body.device_id != device_id:
@@ -112,6 +123,7 @@ class Ingest:
     def flush(self) -> int:
         """Write everything queued in one transaction; returns how many messages it held."""
         pending: dict[str, _Pending] = {}
+        reports: list[Report] = []
         taken: list[tuple[TopicKind, Any, float]] = []
         while True:
             try:
@@ -121,6 +133,9 @@ class Ingest:
         if not taken:
             return 0
         for kind, body, arrived in taken:
+            if kind is TopicKind.REPORT:
+                reports.append(body)
+                continue
             p = pending.setdefault(body.device_id, _Pending())
             p.seen = max(p.seen, arrived)
             if kind is TopicKind.STATUS:
@@ -133,7 +148,7 @@ class Ingest:
                 if p.heartbeat is None or body.ts >= p.heartbeat.ts:
                     p.heartbeat = body
         try:
-            self._write(pending)
+            self._write(pending, reports)
         except Exception:
             for item in taken:  # nothing is lost: back into the queue for the next turn
                 try:
@@ -148,9 +163,10 @@ class Ingest:
         )
         return len(taken)
 
-    def _write(self, pending: dict[str, _Pending]) -> None:
+    def _write(self, pending: dict[str, _Pending], reports: list[Report]) -> None:
         """One upsert per device; every row carries the same columns (executemany needs that)."""
         with self.db.session() as s:
+            self._apply_reports(s, reports)
             known = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(list(pending))))}
             new_rows: list[dict[str, Any]] = []
             changes: list[dict[str, Any]] = []
@@ -175,20 +191,45 @@ class Ingest:
                         row |= {"current_model": st.model, "current_version": st.version}
                 if p.heartbeat is not None:
                     hb = p.heartbeat
-                    row["health"] = {**hb.health.model_dump(), "ts": hb.ts}
+                    row["health"] = {**hb.health.model_dump(), "ts": hb.ts, "version": hb.version}
                     if hb.model is not None:
                         row |= {"current_model": hb.model, "current_version": hb.version}
                 if old is None:
                     new_rows.append({**row, "labels": {}, "registered_at": now})
                 else:
                     changes.append(row)
-            s.expunge_all()  # the bulk statements below are the only writes
+            s.flush()  # the report updates above
+            s.expunge_all()  # the bulk statements below are the only device writes
             if new_rows:
                 s.execute(insert(Device), new_rows)
                 for r in new_rows:
                     log.info("device %s registered (profile %s)", r["id"], r["profile"])
             if changes:
                 s.execute(update(Device), changes)
+
+    def _apply_reports(self, s: Any, reports: list[Report]) -> None:
+        """Update events settle a device's deployment; a repeated report changes nothing."""
+        for rep in reports:
+            if rep.rollout_id is None or not rep.rollout_id.isdigit():
+                continue
+            dep = s.scalar(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == int(rep.rollout_id),
+                    DeviceDeployment.device_id == rep.device_id,
+                )
+            )
+            if dep is None:
+                self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
+                continue
+            dep.last_step = rep.step
+            if dep.state != "pending":
+                continue  # settled already (or not started): at-least-once delivery repeats reports
+            if rep.ok and rep.step == UPDATE_SUCCEEDED and rep.version == dep.to_version:
+                dep.state, dep.resolved_at, dep.detail = "succeeded", utcnow(), "reported committed"
+            elif not rep.ok or rep.step in UPDATE_FAILED:
+                dep.state, dep.resolved_at = "failed", utcnow()
+                dep.detail = f"{rep.step}: {rep.reason or 'no reason given'}"[:500]
+            dep.updated_at = utcnow()
 
     def sweep(self) -> int:
         """Mark devices offline whose last message is older than ``offline_after_s``."""

@@ -240,6 +240,10 @@ class DeviceDeployment(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     resolved_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # optimistic locking: the controller and device reports both settle a deployment; the one
+    # that read a stale row fails its transaction and retries instead of overwriting the other
+    row_version: Mapped[int] = mapped_column(Integer, default=1)
+    __mapper_args__ = {"version_id_col": row_version}  # noqa: RUF012
 
 
 class AuditEntry(Base):

@@ -7,16 +7,18 @@ import logging
 from fastapi import FastAPI
 
 from cloud_hub.api import HubContext, create_app
+from cloud_hub.controller import Controller
 from cloud_hub.db import open_db
 from cloud_hub.ingest import Ingest
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.rollouts import Publish
 from cloud_hub.settings import HubSettings
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.piece_store import PieceStore
 from edgeglm.protocol import TopicKind, device_filter, hub_subscriptions
 
-__all__ = ["build_context", "load_app", "start_ingest"]
+__all__ = ["build_context", "load_app", "mqtt_publisher", "start_controller", "start_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,27 @@ def start_ingest(
     group: str = "hub",
     offline_after_s: float = 90.0,
 ) -> tuple[MqttLink, Ingest]:
-    """Consume device status and heartbeats through shared subscriptions (replicas split them)."""
+    """Consume device status, heartbeats and update reports through shared subscriptions."""
     ingest = Ingest(ctx.db, ctx.metrics, offline_after_s=offline_after_s).start()
     link = MqttLink(broker, client_id)
-    wanted = {device_filter(TopicKind.STATUS), device_filter(TopicKind.HEARTBEAT)}
+    wanted = {device_filter(k) for k in (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)}
     for topic_filter, qos in hub_subscriptions(group):
         if topic_filter.split("/", 2)[2] in wanted:
             link.subscribe(topic_filter, qos, ingest.on_message)
     link.connect()
+    ctx.publish = mqtt_publisher(link)
     return link, ingest
+
+
+def mqtt_publisher(link: MqttLink) -> Publish:
+    def publish(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        link.publish(topic, payload, qos=qos, retain=retain)
+
+    return publish
+
+
+def start_controller(
+    ctx: HubContext, holder: str, *, tick_s: float = 0.5, lease_s: float = 10.0
+) -> Controller:
+    """The rollout controller; it only acts while this process holds the database lease."""
+    return Controller(ctx.db, ctx.publish, holder, tick_s=tick_s, lease_s=lease_s).start()

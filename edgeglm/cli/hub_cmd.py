@@ -75,6 +75,9 @@ def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
     "--share-group", default="hub", show_default=True, help="Shared-subscription group of the replicas."
 )
 @click.option("--offline-after", type=click.FloatRange(1), default=90.0, show_default=True, help="Seconds.")
+@click.option(
+    "--tick", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Controller tick, s."
+)
 def serve_cmd(
     db_url: str | None,
     data_dir: Path | None,
@@ -86,6 +89,7 @@ def serve_cmd(
     mqtt_ca: str | None,
     share_group: str,
     offline_after: float,
+    tick: float,
 ) -> None:
     """Serve the HTTP API (and, with --broker, consume device traffic) until SIGTERM."""
     import os
@@ -94,7 +98,7 @@ def serve_cmd(
 
     import uvicorn
 
-    from cloud_hub.server import build_context, load_app, start_ingest
+    from cloud_hub.server import build_context, load_app, start_controller, start_ingest
     from edgeglm.mqtt import BrokerSettings
 
     host = port = None
@@ -127,12 +131,15 @@ def serve_cmd(
         )
         client_id = f"hub-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
         link, ingest = start_ingest(ctx, mqtt, client_id, group=share_group, offline_after_s=offline_after)
+    holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    controller = start_controller(ctx, holder, tick_s=tick)
     click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({ctx.db.dialect})", err=True)
     try:
         uvicorn.run(
             load_app(ctx), host=settings.host, port=settings.port, log_level="warning", access_log=False
         )
     finally:
+        controller.stop()
         if link is not None and ingest is not None:
             link.close()
             ingest.stop()

@@ -1,4 +1,4 @@
-"""Rollout bookkeeping: per-device start / resolve times and last step; gate sample size, baseline.
+"""Rollout bookkeeping: per-device start / resolve times, last step, row version; gate samples, baseline.
 
 Revision ID: 0002
 Revises: 0001
@@ -21,6 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("last_step", sa.String(length=32), nullable=False, server_default=""))
         batch_op.add_column(sa.Column("started_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("row_version", sa.Integer(), nullable=False, server_default="1"))
     with op.batch_alter_table("rollouts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("min_samples", sa.Integer(), nullable=False, server_default="3"))
         batch_op.add_column(sa.Column("baseline", sa.JSON(), nullable=False, server_default="{}"))
@@ -31,6 +32,7 @@ def downgrade() -> None:
         batch_op.drop_column("baseline")
         batch_op.drop_column("min_samples")
     with op.batch_alter_table("device_deployments", schema=None) as batch_op:
+        batch_op.drop_column("row_version")
         batch_op.drop_column("resolved_at")
         batch_op.drop_column("started_at")
         batch_op.drop_column("last_step")

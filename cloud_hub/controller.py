@@ -1,0 +1,301 @@
+"""The rollout controller: one hub process at a time (a database lease) moves rollouts along.
+
+Each tick, for every running rollout, the current wave advances by one of these rules::
+
+    pending    capture the old version's health (baseline); desired state to the wave's devices
+    deploying  a device succeeds when it reports ``committed`` or is seen online on the target;
+               it fails on a failed report or when ``device_timeout_s`` passes (offline never
+               succeeds); failures over ``max_failure_ratio``, or successes under
+               ``success_threshold`` once all are settled -> failure; else soak
+    soaking    health gates on the updated devices' heartbeats since their update, against the
+               baseline: a breach -> failure at once; at soak end pass -> next wave (or completed);
+               inconclusive -> wait one more soak, then pause (never pass)
+    failure    on_failure=revert: desired state back to the previous version for exactly the
+               devices this rollout moved (rollout ``reverted``); pause: rollout ``paused``
+
+All state is in the database and every rule is idempotent, so a hub killed mid-wave and started
+again (or another replica taking the lease) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError as DbIntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from cloud_hub import audit
+from cloud_hub.db import Database
+from cloud_hub.desired import publish_desired
+from cloud_hub.gates import baseline_of, evaluate, parse_gate
+from cloud_hub.inventory import matches
+from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
+from cloud_hub.rollouts import Publish, revert_devices
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+
+LEASE = "rollout-controller"
+ACTOR = "controller"
+
+
+class Controller:
+    def __init__(
+        self,
+        db: Database,
+        publish: Publish | None,
+        holder: str,
+        *,
+        tick_s: float = 0.5,
+        lease_s: float = 10.0,
+        on_event: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.publish = publish
+        self.holder = holder
+        self.tick_s = tick_s
+        self.lease_s = lease_s
+        self.on_event = on_event
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------ loop
+    def start(self) -> Controller:
+        self._thread = threading.Thread(target=self._loop, name="rollout-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.acquire():
+                    self.tick()
+            except StaleDataError:
+                log.info("a deployment changed under this tick (a device report); next tick re-reads it")
+            except Exception:  # the database went away for a moment: try again next tick
+                log.exception("rollout controller tick failed")
+            self._stop.wait(self.tick_s)
+
+    def acquire(self) -> bool:
+        """Take or renew the lease; False while another holder's lease is valid."""
+        now = utcnow()
+        until = now + timedelta(seconds=self.lease_s)
+        try:
+            with self.db.session() as s:
+                res = s.execute(
+                    update(Lease)
+                    .where(Lease.name == LEASE, or_(Lease.holder == self.holder, Lease.expires_at < now))
+                    .values(holder=self.holder, expires_at=until)
+                )
+                if res.rowcount:  # type: ignore[attr-defined]
+                    return True
+                if s.get(Lease, LEASE) is not None:
+                    return False
+                s.add(Lease(name=LEASE, holder=self.holder, expires_at=until))
+        except DbIntegrityError:  # another replica inserted it first
+            return False
+        return True
+
+    def tick(self) -> None:
+        with self.db.session() as s:
+            ids = list(s.scalars(select(Rollout.id).where(Rollout.state == "running").order_by(Rollout.id)))
+        for rid in ids:
+            with self.db.session() as s:
+                rollout = s.get(Rollout, rid)
+                if rollout is not None and rollout.state == "running":
+                    self._advance(s, rollout)
+
+    # --------------------------------------------------------------------- one wave
+    def _advance(self, s: Session, r: Rollout) -> None:
+        wave = next(w for w in r.wave_rows if w.index == r.current_wave)
+        now = utcnow()
+        deps = list(
+            s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.wave == wave.index
+                )
+            )
+        )
+        release = s.get(Release, r.release_id)
+        assert release is not None
+        model = release.model.name
+        if wave.state == "pending":
+            self._start_wave(s, r, wave, deps, model, release.version, now)
+        elif wave.state == "deploying":
+            self._settle(s, r, wave, deps, model, release.version, now)
+        elif wave.state == "soaking":
+            self._soak(s, r, wave, now)
+
+    def _start_wave(
+        self,
+        s: Session,
+        r: Rollout,
+        wave: RolloutWave,
+        deps: list[DeviceDeployment],
+        model: str,
+        version: str,
+        now: datetime,
+    ) -> None:
+        moving = {
+            d.device_id
+            for d in s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state != "waiting"
+                )
+            )
+        }
+        old = [
+            dict(d.health)
+            for d in s.scalars(select(Device).where(Device.online.is_(True)))
+            if matches(d, r.selector)
+            and d.id not in moving
+            and d.health
+            and not (d.current_model == model and d.current_version == version)
+        ]
+        base = baseline_of(old)
+        if base:
+            r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
+        for dep in deps:
+            if dep.state != "waiting":
+                continue
+            device = s.get(Device, dep.device_id)
+            if device is None:
+                dep.state, dep.detail = "failed", "device left the inventory"
+                continue
+            publish_desired(s, device, model, version, r.id, self.publish)
+            dep.state, dep.started_at, dep.updated_at = "pending", now, now
+        wave.state, wave.started_at = "deploying", now
+        self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
+
+    def _settle(
+        self,
+        s: Session,
+        r: Rollout,
+        wave: RolloutWave,
+        deps: list[DeviceDeployment],
+        model: str,
+        version: str,
+        now: datetime,
+    ) -> None:
+        for dep in deps:
+            if dep.state != "pending":
+                continue
+            device = s.get(Device, dep.device_id)
+            started = dep.started_at or now
+            if (
+                device is not None
+                and device.online
+                and device.current_model == model
+                and device.current_version == version
+                and device.last_seen is not None
+                and device.last_seen >= started
+            ):
+                dep.state, dep.resolved_at, dep.detail = "succeeded", now, "seen running the target"
+            elif (now - started).total_seconds() > r.device_timeout_s:
+                offline = device is None or not device.online
+                dep.state, dep.resolved_at = "timed_out", now
+                dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
+            elif device is not None and device.desired_version != version:
+                publish_desired(s, device, model, version, r.id, self.publish)  # a lost publish
+        size = max(len(deps), 1)
+        failed = sum(d.state in ("failed", "timed_out") for d in deps)
+        if failed / size > r.max_failure_ratio:
+            self._fail(s, r, wave, f"wave {wave.index}: {failed} of {len(deps)} device(s) failed")
+            return
+        if any(d.state == "pending" for d in deps):
+            return
+        ok = sum(d.state == "succeeded" for d in deps)
+        if ok / size < r.success_threshold:
+            self._fail(
+                s, r, wave, f"wave {wave.index}: {ok} of {len(deps)} succeeded, under {r.success_threshold:g}"
+            )
+            return
+        wave.state, wave.soak_until = "soaking", now + timedelta(seconds=r.soak_s)
+        self._event(s, r, "wave.soak", f"wave {wave.index}: {ok} succeeded; soaking {r.soak_s:g}s")
+
+    def _soak(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> None:
+        if wave.soak_until is None:  # resumed: soak again
+            wave.soak_until = now + timedelta(seconds=r.soak_s)
+        updated = []
+        for dep in s.scalars(
+            select(DeviceDeployment).where(
+                DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
+            )
+        ):
+            device = s.get(Device, dep.device_id)
+            since = (dep.started_at or now).timestamp()
+            health = device.health if device is not None else None
+            # a sample counts when the heartbeat came from the new version, after the update began
+            if health and health.get("version") == dep.to_version and float(health.get("ts", 0)) >= since:
+                updated.append(dict(health))
+        settled = sum(
+            1
+            for _ in s.scalars(
+                select(DeviceDeployment.id).where(
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
+                )
+            )
+        )
+        gates = [parse_gate(g) for g in r.gates]
+        baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
+        verdict = evaluate(gates, updated, baseline, max(1, min(r.min_samples, settled)))
+        if verdict.state == "breach":
+            self._fail(s, r, wave, f"wave {wave.index}: {verdict.detail}")
+            return
+        if now < wave.soak_until:
+            return
+        if verdict.state == "pass":
+            wave.state, wave.finished_at = "passed", now
+            self._event(s, r, "wave.pass", f"wave {wave.index}: {verdict.detail}")
+            if wave.index + 1 < len(r.wave_rows):
+                r.current_wave, r.updated_at = wave.index + 1, now
+            else:
+                self._finish(s, r, "completed", "every wave passed")
+            return
+        if now >= wave.soak_until + timedelta(seconds=r.soak_s):  # waited one more soak
+            self._finish(s, r, "paused", f"wave {wave.index} inconclusive: {verdict.detail}")
+
+    # ----------------------------------------------------------------------- ends
+    def _fail(self, s: Session, r: Rollout, wave: RolloutWave, why: str) -> None:
+        wave.state, wave.finished_at = "failed", utcnow()
+        if r.on_failure == "revert":
+            reverted = revert_devices(s, r, self.publish)
+            self._finish(s, r, "reverted", f"{why}; reverted {len(reverted)} device(s)")
+        else:
+            self._finish(s, r, "paused", why)
+
+    def _finish(self, s: Session, r: Rollout, state: str, why: str) -> None:
+        before = r.state
+        r.state, r.reason, r.updated_at = state, why, utcnow()
+        if state in ("completed",):
+            for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)):
+                dep.active = False
+        audit.record(
+            s,
+            ACTOR,
+            f"rollout.{state}",
+            f"rollout/{r.id}",
+            {"state": before},
+            {"state": state, "reason": why},
+        )
+        log.info("rollout %s %s: %s", r.id, state, why)
+        if self.on_event:
+            self.on_event(state, r.id, why)
+
+    def _event(self, s: Session, r: Rollout, action: str, why: str) -> None:
+        r.updated_at = utcnow()
+        audit.record(
+            s, ACTOR, f"rollout.{action}", f"rollout/{r.id}", after={"wave": r.current_wave, "detail": why}
+        )
+        log.info("rollout %s %s: %s", r.id, action, why)

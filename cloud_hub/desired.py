@@ -1,0 +1,59 @@
+"""A device's desired state: recorded in the database, then published retained on its topic.
+
+The database row is written in the caller's transaction; the MQTT message (QoS 1, retained) is
+sent after. A hub that dies in between re-publishes on the next controller tick for rows whose
+deployment is still open, so the device converges either way. ``version=None`` clears the
+retained message (the device keeps what it runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.models import Bundle, Device, Model, Release
+from edgeglm.errors import NotFoundError
+from edgeglm.protocol import Desired, desired_topic, encode
+
+__all__ = ["publish_desired"]
+
+log = logging.getLogger(__name__)
+
+
+def publish_desired(
+    s: Session,
+    device: Device,
+    model: str,
+    version: str | None,
+    rollout_id: int | None,
+    publish: object,
+) -> None:
+    topic = desired_topic(device.id)
+    if version is None:
+        device.desired_model = device.desired_version = None
+        if callable(publish):
+            publish(topic, b"", 1, True)
+        return
+    bundle = s.scalar(
+        select(Bundle)
+        .join(Release)
+        .join(Model)
+        .where(Model.name == model, Release.version == version, Bundle.profile == device.profile)
+    )
+    if bundle is None:
+        raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {device.profile!r}")
+    msg = Desired(
+        model=model,
+        version=version,
+        manifest_digest=bundle.manifest_digest,
+        rollout_id=str(rollout_id) if rollout_id is not None else None,
+        profile=device.profile or "",
+        issued_at=time.time(),
+    )
+    device.desired_model, device.desired_version = model, version
+    if callable(publish):
+        publish(topic, encode(msg), 1, True)
+    log.info("device %s desired %s@%s (rollout %s)", device.id, model, version, rollout_id)

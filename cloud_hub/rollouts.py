@@ -1,0 +1,440 @@
+"""Rollouts: which devices, in which waves, and the operator's controls (the loop is ``controller``).
+
+    deploy ──> running ──(waves pass)──> completed
+                │  ↑ resume       failure / gate breach: on_failure = revert ──> reverted
+                ↓  │                                     on_failure = pause  ──> paused
+               paused (operator, or inconclusive gates)
+    abort: running | paused ──> aborted (devices keep what they run)
+    rollback MODEL --fleet: the last rollout's moved devices back to what they ran ──> rolled_back
+
+Devices: the fleet selector's matches whose profile has a bundle in the release, minus pinned
+devices and devices already on the target. Wave membership is deterministic: devices are ordered
+by SHA-256 of ``model@version/device`` and waves are cumulative (``5,25,100`` percent; ``3n`` is
+a count of devices), so a dry run shows exactly the waves the rollout will run. A device takes
+part in one active rollout at a time; the database enforces it with a partial unique index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub import audit
+from cloud_hub.gates import parse_gate
+from cloud_hub.inventory import matches
+from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, Rollout, RolloutWave, utcnow
+from cloud_hub.registry import Registry
+from edgeglm.bundle import Manifest, parse_manifest
+from edgeglm.errors import ConflictError, NotFoundError, UsageError
+from edgeglm.planner import plan as plan_update
+
+__all__ = [
+    "ACTIVE",
+    "DeploySpec",
+    "Publish",
+    "RolloutPlan",
+    "abort",
+    "create",
+    "deployments",
+    "dry_run",
+    "parse_waves",
+    "pause",
+    "resume",
+    "revert_devices",
+    "rollback",
+    "rollout_view",
+]
+
+ACTIVE = ("running", "paused")
+_WAVE = re.compile(r"^(\d+(?:\.\d+)?)(%?|n)$")
+
+Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
+
+
+def parse_waves(text: str | Sequence[str]) -> list[dict[str, Any]]:
+    """``"5,25,100"`` -> cumulative percentages; ``"3n"`` a device count. The last must cover all."""
+    items = [w.strip() for w in (text.split(",") if isinstance(text, str) else text) if w.strip()]
+    if not items:
+        raise UsageError("--waves", "give at least one wave, e.g. 5,25,100")
+    waves: list[dict[str, Any]] = []
+    for item in items:
+        m = _WAVE.match(item)
+        if not m:
+            raise UsageError("--waves", f"{item!r}: a percentage (25 or 25%) or a device count (3n)")
+        value = float(m[1])
+        if m[2] == "n":
+            if value < 1 or value != int(value):
+                raise UsageError("--waves", f"{item!r}: a device count is a whole number >= 1")
+            waves.append({"count": int(value)})
+        else:
+            if not 0 < value <= 100:
+                raise UsageError("--waves", f"{item!r}: a percentage is in (0, 100]")
+            waves.append({"percent": value})
+    if "percent" not in waves[-1] or waves[-1]["percent"] != 100:
+        waves.append({"percent": 100.0})
+    return waves
+
+
+def wave_targets(waves: Sequence[Mapping[str, Any]], total: int) -> list[int]:
+    """Cumulative device counts per wave, strictly growing (an empty wave is dropped)."""
+    out: list[int] = []
+    for w in waves:
+        n = int(w["count"]) if "count" in w else math.ceil(total * float(w["percent"]) / 100 - 1e-9)
+        n = min(max(n, 1 if total else 0), total)
+        if not out or n > out[-1]:
+            out.append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    model: str
+    version: str
+    selector: dict[str, str]
+    waves: list[dict[str, Any]]
+    soak_s: float = 60.0
+    success_threshold: float = 1.0
+    max_failure_ratio: float = 0.05
+    gates: tuple[str, ...] = ()
+    device_timeout_s: float = 900.0
+    on_failure: str = "revert"
+    min_samples: int = 3
+
+    def __post_init__(self) -> None:
+        for g in self.gates:
+            parse_gate(g)
+        if self.on_failure not in ("revert", "pause"):
+            raise UsageError("--on-failure", f"{self.on_failure!r}: revert or pause")
+        if not 0 <= self.max_failure_ratio <= 1 or not 0 <= self.success_threshold <= 1:
+            raise UsageError("rollout", "ratios are between 0 and 1")
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    release: Release
+    previous: Release | None
+    devices: list[Device]  # in wave order
+    targets: list[int]  # cumulative counts
+    skipped: dict[str, list[str]]  # reason -> device ids
+    bundles: dict[str, Bundle]  # profile -> bundle of the release
+    conflicts: dict[str, int]  # device id -> other active rollout id
+
+
+def _order_key(release: Release, device_id: str) -> str:
+    return hashlib.sha256(f"{release.model.name}@{release.version}/{device_id}".encode()).hexdigest()
+
+
+def _plan(s: Session, spec: DeploySpec) -> RolloutPlan:
+    registry = Registry(s, None, {})  # type: ignore[arg-type]  # reading only
+    release = registry.release(spec.model, spec.version)
+    bundles = {b.profile: b for b in release.bundles}
+    skipped: dict[str, list[str]] = {"pinned": [], "no bundle for profile": [], "already on target": []}
+    chosen: list[Device] = []
+    for d in s.scalars(select(Device).order_by(Device.id)):
+        if not matches(d, spec.selector):
+            continue
+        if d.pinned_version:
+            skipped["pinned"].append(d.id)
+        elif d.profile not in bundles:
+            skipped["no bundle for profile"].append(d.id)
+        elif d.current_model == spec.model and d.current_version == spec.version:
+            skipped["already on target"].append(d.id)
+        else:
+            chosen.append(d)
+    chosen.sort(key=lambda d: _order_key(release, d.id))
+    conflicts = {
+        dep.device_id: dep.rollout_id
+        for dep in s.scalars(
+            select(DeviceDeployment).where(
+                DeviceDeployment.active.is_(True), DeviceDeployment.device_id.in_([d.id for d in chosen])
+            )
+        )
+    }
+    previous = _previous_release(s, release)
+    return RolloutPlan(
+        release, previous, chosen, wave_targets(spec.waves, len(chosen)), skipped, bundles, conflicts
+    )
+
+
+def _previous_release(s: Session, release: Release) -> Release | None:
+    older = [
+        r
+        for r in release.model.releases
+        if (r.major, r.minor, r.patch) < (release.major, release.minor, release.patch)
+    ]
+    return max(older, key=lambda r: (r.major, r.minor, r.patch), default=None)
+
+
+def _held_manifest(s: Session, device: Device) -> Manifest | None:
+    if not device.current_model or not device.current_version or not device.profile:
+        return None
+    b = s.scalar(
+        select(Bundle)
+        .join(Release)
+        .join(Model)
+        .where(
+            Model.name == device.current_model,
+            Release.version == device.current_version,
+            Bundle.profile == device.profile,
+        )
+    )
+    return parse_manifest(b.manifest_json, None)[0] if b else None
+
+
+def dry_run(s: Session, spec: DeploySpec) -> dict[str, Any]:
+    """The waves, their devices and the bytes each device would download (nothing is written)."""
+    p = _plan(s, spec)
+    targets = [parse_manifest(b.manifest_json, None)[0] for b in p.bundles.values()]
+    by_profile = {m.profile: m for m in targets}
+    waves, start = [], 0
+    for i, end in enumerate(p.targets):
+        members = []
+        for d in p.devices[start:end]:
+            held = _held_manifest(s, d)
+            cost = plan_update(by_profile[d.profile], [held] if held else [])
+            members.append(
+                {
+                    "device": d.id,
+                    "from": f"{d.current_model}@{d.current_version}" if d.current_model else None,
+                    "bytes": cost.bytes_to_send,
+                    "mode": cost.mode,
+                    "conflict_rollout": p.conflicts.get(d.id),
+                }
+            )
+        waves.append({"wave": i, "devices": members, "bytes": sum(m["bytes"] for m in members)})
+        start = end
+    return {
+        "release": f"{spec.model}@{spec.version}",
+        "selector": spec.selector,
+        "devices": len(p.devices),
+        "waves": waves,
+        "skipped": {k: v for k, v in p.skipped.items() if v},
+        "conflicts": len(p.conflicts),
+        "bytes_estimated": True,  # raw sizes of the pieces a device lacks; tensor deltas only shrink it
+    }
+
+
+def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
+    p = _plan(s, spec)
+    if not p.devices:
+        raise ConflictError(
+            f"rollout of {spec.model}@{spec.version}",
+            "no device to update: "
+            + (", ".join(f"{k}: {len(v)}" for k, v in p.skipped.items() if v) or "none match"),
+            hint="Check --fleet, pins, and that the release has a bundle for the devices' profiles.",
+        )
+    if p.conflicts:
+        ids = sorted(set(p.conflicts.values()))
+        raise ConflictError(
+            f"rollout of {spec.model}@{spec.version}",
+            f"{len(p.conflicts)} device(s) are in active rollout(s) {ids}",
+            hint="Wait for them, or pause / abort them first (edgectl rollouts abort ID).",
+        )
+    rollout = Rollout(
+        release_id=p.release.id,
+        previous_release_id=p.previous.id if p.previous else None,
+        selector=dict(spec.selector),
+        waves=list(spec.waves),
+        soak_s=spec.soak_s,
+        success_threshold=spec.success_threshold,
+        max_failure_ratio=spec.max_failure_ratio,
+        gates=list(spec.gates),
+        device_timeout_s=spec.device_timeout_s,
+        on_failure=spec.on_failure,
+        min_samples=spec.min_samples,
+        state="running",
+        created_by=actor,
+    )
+    s.add(rollout)
+    s.flush()
+    start = 0
+    for i, end in enumerate(p.targets):
+        s.add(RolloutWave(rollout_id=rollout.id, index=i, size=end - start))
+        for d in p.devices[start:end]:
+            s.add(
+                DeviceDeployment(
+                    rollout_id=rollout.id,
+                    device_id=d.id,
+                    wave=i,
+                    from_version=d.current_version if d.current_model == spec.model else None,
+                    to_version=spec.version,
+                    state="waiting",
+                    active=True,
+                )
+            )
+        start = end
+    s.flush()  # the partial unique index refuses a device already in another active rollout
+    audit.record(
+        s,
+        actor,
+        "rollout.start",
+        f"rollout/{rollout.id}",
+        after={
+            "release": f"{spec.model}@{spec.version}",
+            "selector": spec.selector,
+            "devices": len(p.devices),
+            "waves": p.targets,
+            "gates": list(spec.gates),
+            "on_failure": spec.on_failure,
+        },
+    )
+    return rollout
+
+
+def _get(s: Session, rollout_id: int) -> Rollout:
+    r = s.get(Rollout, rollout_id)
+    if r is None:
+        raise NotFoundError(f"rollout {rollout_id}", "does not exist")
+    return r
+
+
+def _transition(
+    s: Session, rollout_id: int, allowed: Sequence[str], to: str, actor: str, why: str
+) -> Rollout:
+    r = _get(s, rollout_id)
+    if r.state not in allowed:
+        raise ConflictError(f"rollout {rollout_id}", f"is {r.state}; this needs it {' or '.join(allowed)}")
+    before = r.state
+    r.state, r.reason, r.updated_at = to, why, utcnow()
+    audit.record(
+        s, actor, f"rollout.{to}", f"rollout/{r.id}", {"state": before}, {"state": to, "reason": why}
+    )
+    return r
+
+
+def pause(s: Session, rollout_id: int, actor: str) -> Rollout:
+    return _transition(s, rollout_id, ("running",), "paused", actor, f"paused by {actor}")
+
+
+def resume(s: Session, rollout_id: int, actor: str) -> Rollout:
+    r = _transition(s, rollout_id, ("paused",), "running", actor, f"resumed by {actor}")
+    wave = next((w for w in r.wave_rows if w.index == r.current_wave), None)
+    if wave is not None and wave.state == "soaking":
+        wave.soak_until = None  # soak again from now: the pause may have hidden a breach
+    return r
+
+
+def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
+    r = _transition(s, rollout_id, ACTIVE, "aborted", actor, f"aborted by {actor}")
+    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)):
+        dep.active = False
+        if dep.state == "waiting":
+            dep.state = "skipped"
+    return r
+
+
+def revert_devices(
+    s: Session, rollout: Rollout, publish: Publish | None, *, only: Sequence[str] | None = None
+) -> list[str]:
+    """Desired state back to what each moved device ran before, for exactly those devices."""
+    from cloud_hub.desired import publish_desired
+
+    moved = [
+        dep
+        for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id))
+        if dep.state not in ("waiting", "skipped", "reverted") and (only is None or dep.device_id in only)
+    ]
+    model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
+    reverted = []
+    for dep in moved:
+        device = s.get(Device, dep.device_id)
+        if device is None:
+            continue
+        publish_desired(s, device, model, dep.from_version, None, publish)
+        dep.state, dep.active, dep.updated_at = "reverted", False, utcnow()
+        reverted.append(dep.device_id)
+    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
+        dep.active = False
+        if dep.state == "waiting":
+            dep.state = "skipped"
+    return reverted
+
+
+def rollback(
+    s: Session, model: str, selector: Mapping[str, str], actor: str, publish: Publish | None
+) -> dict[str, Any]:
+    """The latest rollout of ``model``: its moved devices (matching ``selector``) go back."""
+    r = s.scalar(
+        select(Rollout)
+        .join(Release, Rollout.release_id == Release.id)
+        .join(Model)
+        .where(Model.name == model)
+        .order_by(Rollout.id.desc())
+    )
+    if r is None:
+        raise NotFoundError(f"model {model}", "has no rollout to roll back")
+    devices = [d.id for d in s.scalars(select(Device)) if matches(d, selector)]
+    before = r.state
+    reverted = revert_devices(s, r, publish, only=devices)
+    if reverted or r.state in ACTIVE:
+        r.state = "rolled_back"
+    r.reason, r.updated_at = f"rolled back by {actor}", utcnow()
+    audit.record(
+        s,
+        actor,
+        "rollout.rollback",
+        f"rollout/{r.id}",
+        {"state": before},
+        {"state": r.state, "devices": reverted, "selector": dict(selector)},
+    )
+    return {"rollout": r.id, "reverted": reverted}
+
+
+def rollout_view(s: Session, r: Rollout) -> dict[str, Any]:
+    release = s.get(Release, r.release_id)
+    assert release is not None
+    deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)))
+    counts: dict[str, int] = {}
+    for d in deps:
+        counts[d.state] = counts.get(d.state, 0) + 1
+    return {
+        "id": r.id,
+        "release": f"{release.model.name}@{release.version}",
+        "state": r.state,
+        "reason": r.reason,
+        "current_wave": r.current_wave,
+        "waves": [
+            {
+                "wave": w.index,
+                "size": w.size,
+                "state": w.state,
+                "soak_until": w.soak_until.isoformat() if w.soak_until else None,
+            }
+            for w in r.wave_rows
+        ],
+        "devices": counts,
+        "selector": r.selector,
+        "gates": r.gates,
+        "on_failure": r.on_failure,
+        "created_by": r.created_by,
+        "created_at": r.created_at.isoformat(),
+        "updated_at": r.updated_at.isoformat(),
+        "baseline": r.baseline,
+    }
+
+
+def deployments(s: Session, r: Rollout) -> list[dict[str, Any]]:
+    rows = s.scalars(
+        select(DeviceDeployment)
+        .where(DeviceDeployment.rollout_id == r.id)
+        .order_by(DeviceDeployment.wave, DeviceDeployment.device_id)
+    )
+    return [
+        {
+            "device": d.device_id,
+            "wave": d.wave,
+            "state": d.state,
+            "from": d.from_version,
+            "to": d.to_version,
+            "last_step": d.last_step,
+            "detail": d.detail,
+        }
+        for d in rows
+    ]

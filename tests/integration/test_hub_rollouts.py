@@ -1,0 +1,257 @@
+"""Staged rollouts over 20 simulated devices on a real mosquitto, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from cloud_hub.models import AuditEntry, Device
+from tests.integration.fleet_sim import Behaviour, SimDevice
+
+pytestmark = pytest.mark.integration
+
+N = 20
+
+
+def _until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def register(ctx: Any, folder: Path) -> None:
+    from cloud_hub.registry import Registry
+    from edgeglm.bundle import load_manifest
+    from edgeglm.bundle_files import FolderSource
+
+    raw = (folder / "manifest.json").read_bytes()
+    manifest, _ = load_manifest(folder, None)
+    source = FolderSource.of(folder, manifest)
+    with ctx.db.session() as s:
+        reg = Registry(s, ctx.store, ctx.trusted)
+        up = reg.begin(raw, "test-setup")
+        for pid, _ in up.missing:
+            reg.put_piece(up.upload_id, pid, source.read(pid))
+        reg.commit(up.upload_id, "test-setup")
+
+
+@dataclass
+class Fleet:
+    client: Any
+    ctx: Any
+    devices: dict[str, SimDevice]
+    op: dict[str, str]
+
+    def deploy(self, **body: Any) -> Any:
+        body = {
+            "release": "glm-tiny@1.1.0",
+            "selector": {"site": "plant-7"},
+            "waves": ["10", "50", "100"],
+            "soak_s": 0.5,
+            "device_timeout_s": 15,
+            **body,
+        }
+        return self.client.post("/api/v1/rollouts", json=body, headers=self.op)
+
+    def rollout(self, rid: int) -> dict[str, Any]:
+        return self.client.get(f"/api/v1/rollouts/{rid}", headers=self.op).json()
+
+    def wait_state(self, rid: int, *states: str, timeout: float = 40.0) -> dict[str, Any]:
+        _until(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} in {states}")
+        return self.rollout(rid)
+
+    def db_devices(self) -> dict[str, Device]:
+        with self.ctx.db.session() as s:
+            return {d.id: d for d in s.scalars(select(Device))}
+
+    def waves(self, **body: Any) -> list[list[str]]:
+        plan = self.deploy(dry_run=True, **body).json()
+        return [[m["device"] for m in w["devices"]] for w in plan["waves"]]
+
+
+@pytest.fixture
+def fleet_factory(
+    hub_db_url: str, private_broker: int, publisher: Any, tmp_path: Path
+) -> Iterator[Callable[..., Fleet]]:
+    from fastapi.testclient import TestClient
+
+    from cloud_hub.auth import Role, create_token
+    from cloud_hub.server import build_context, load_app, start_controller, start_ingest
+    from cloud_hub.settings import HubSettings
+    from edgeglm.mqtt import BrokerSettings
+
+    started: list[Any] = []
+
+    def make(behaviours: dict[str, dict[str, Behaviour]] | None = None) -> Fleet:
+        settings = HubSettings(
+            data_dir=tmp_path / "hub", db_url=hub_db_url, trusted_keys=(publisher.public_path,)
+        )
+        ctx = build_context(settings)
+        with ctx.db.session() as s:
+            _, op = create_token(s, "ops", Role.operator, "test")
+            _, viewer = create_token(s, "viewer", Role.viewer, "test")
+        register(ctx, publisher.bundle("1.0.0", seed=1))
+        register(ctx, publisher.bundle("1.1.0", seed=2))
+        link, ingest = start_ingest(ctx, BrokerSettings(port=private_broker), "hub-under-test")
+        ingest.flush_s = 0.1
+        controller = start_controller(ctx, "test-controller", tick_s=0.1)
+        client = TestClient(load_app(ctx))
+        started.extend([controller, (link, ingest), ctx])
+        devices = {}
+        for i in range(N):
+            name = f"box-{i:02d}"
+            devices[name] = SimDevice(
+                private_broker, name, "1.0.0", behaviours=(behaviours or {}).get(name, {})
+            )
+            devices[name].start()
+        fleet = Fleet(client, ctx, devices, {"Authorization": f"Bearer {op}"})
+        fleet.viewer = {"Authorization": f"Bearer {viewer}"}  # type: ignore[attr-defined]
+        _until(
+            lambda: len(fleet.db_devices()) == N and all(d.online for d in fleet.db_devices().values()),
+            what="20 devices registered",
+        )
+        for name in devices:
+            r = client.patch(
+                f"/api/v1/devices/{name}/labels", json={"set": {"site": "plant-7"}}, headers=fleet.op
+            )
+            assert r.status_code == 200
+        return fleet
+
+    yield make
+    for item in started:
+        if isinstance(item, tuple):
+            item[0].close()
+            item[1].stop()
+        elif hasattr(item, "stop"):
+            item.stop()
+        else:
+            item.db.dispose()
+
+
+def _audit_actions(fleet: Fleet, rid: int) -> list[str]:
+    with fleet.ctx.db.session() as s:
+        return [
+            e.action
+            for e in s.scalars(
+                select(AuditEntry).where(AuditEntry.target == f"rollout/{rid}").order_by(AuditEntry.id)
+            )
+        ]
+
+
+def test_dry_run_then_a_rollout_advances_its_waves_to_completion(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    plan = fleet.deploy(dry_run=True, gates=["p95_ratio<=1.5", "error_rate<=0.05"]).json()
+    assert [len(w["devices"]) for w in plan["waves"]] == [2, 8, 10]
+    assert all(m["bytes"] > 0 and m["from"] == "glm-tiny@1.0.0" for w in plan["waves"] for m in w["devices"])
+    assert fleet.waves() == [[m["device"] for m in w["devices"]] for w in plan["waves"]]  # deterministic
+    assert all(d.desired_version is None for d in fleet.db_devices().values())  # a dry run writes nothing
+
+    assert (
+        fleet.client.post(
+            "/api/v1/rollouts", json={"release": "glm-tiny@1.1.0"}, headers=fleet.viewer
+        ).status_code
+        == 403
+    )  # type: ignore[attr-defined]
+    r = fleet.deploy(gates=["p95_ratio<=1.5", "error_rate<=0.05"], min_samples=2)
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    again = fleet.deploy()
+    assert again.status_code == 409 and "active rollout" in again.json()["error"]["why"]
+
+    done = fleet.wait_state(rid, "completed", "reverted", "paused")
+    assert done["state"] == "completed", done
+    assert [w["state"] for w in done["waves"]] == ["passed"] * 3
+    assert {d.current_version for d in fleet.db_devices().values()} == {"1.1.0"}
+    assert all(dev.version == "1.1.0" for dev in fleet.devices.values())
+    actions = _audit_actions(fleet, rid)
+    assert actions[0] == "rollout.start" and actions[-1] == "rollout.completed"
+    assert actions.count("rollout.wave.pass") == 3
+
+
+def test_failures_over_the_threshold_revert_exactly_the_updated_devices(fleet_factory: Any) -> None:
+    probe = fleet_factory()
+    waves = probe.waves()
+    failing = waves[1][:2]  # 2 of the 8 in the second wave: 25% > max 10%
+    for dev in probe.devices.values():
+        if dev.device_id in failing:
+            dev.behaviours["1.1.0"] = Behaviour(fail=True)
+    rid = probe.deploy(max_failure_ratio=0.1).json()["id"]
+    done = probe.wait_state(rid, "reverted", "completed", "paused")
+    assert done["state"] == "reverted" and "failed" in done["reason"]
+    moved = set(waves[0]) | set(waves[1])
+    _until(
+        lambda: all(probe.devices[d].version == "1.0.0" for d in moved), what="moved devices back on 1.0.0"
+    )
+    rows = probe.db_devices()
+    for name in moved:
+        assert rows[name].desired_version == "1.0.0", name
+    for name in waves[2]:  # the third wave never moved: no desired state was ever sent
+        assert rows[name].desired_version is None and probe.devices[name].desired_seen == []
+    view = probe.rollout(rid)
+    states = {d["device"]: d["state"] for d in view["deployments"]}
+    assert {states[d] for d in moved} == {"reverted"} and {states[d] for d in waves[2]} == {"skipped"}
+    failed = [d for d in view["deployments"] if d["device"] in failing]
+    assert all(d["last_step"] == "rolled_back" for d in failed)
+
+
+def test_a_latency_gate_breach_reverts(fleet_factory: Any) -> None:
+    slow = {f"box-{i:02d}": {"1.1.0": Behaviour(p95_ms=300)} for i in range(N)}
+    fleet = fleet_factory(slow)
+    rid = fleet.deploy(gates=["p95_ratio<=1.2"], min_samples=2, soak_s=3).json()["id"]
+    done = fleet.wait_state(rid, "reverted", "completed", "paused")
+    assert done["state"] == "reverted" and "p95_ratio" in done["reason"]
+    assert done["waves"][0]["state"] == "failed" and done["waves"][1]["state"] == "pending"
+    assert "rollout.reverted" in _audit_actions(fleet, rid)
+
+
+def test_inconclusive_gates_pause_and_never_pass(fleet_factory: Any) -> None:
+    silent = {f"box-{i:02d}": {"1.1.0": Behaviour(silent=True)} for i in range(N)}
+    fleet = fleet_factory(silent)
+    rid = fleet.deploy(gates=["error_rate<=0.02"], min_samples=2, soak_s=0.5).json()["id"]
+    done = fleet.wait_state(rid, "paused", "completed", "reverted")
+    assert done["state"] == "paused" and "inconclusive" in done["reason"]
+    assert done["waves"][0]["state"] == "soaking" and done["current_wave"] == 0
+
+
+def test_pause_resume_and_abort(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    waves = fleet.waves()
+    rid = fleet.deploy(soak_s=1.5).json()["id"]
+    _until(lambda: fleet.rollout(rid)["waves"][0]["state"] == "soaking", what="first wave soaking")
+    assert fleet.client.post(f"/api/v1/rollouts/{rid}/pause", headers=fleet.op).json()["state"] == "paused"
+    time.sleep(2.5)  # longer than the soak: a paused rollout does not move
+    assert fleet.rollout(rid)["current_wave"] == 0
+    assert all(fleet.devices[d].desired_seen == [] for d in waves[1])
+    assert fleet.client.post(f"/api/v1/rollouts/{rid}/pause", headers=fleet.op).status_code == 409
+    assert fleet.client.post(f"/api/v1/rollouts/{rid}/resume", headers=fleet.op).json()["state"] == "running"
+    _until(lambda: fleet.rollout(rid)["current_wave"] == 1, what="second wave")
+    assert fleet.client.post(f"/api/v1/rollouts/{rid}/abort", headers=fleet.op).json()["state"] == "aborted"
+    time.sleep(1.0)
+    assert fleet.rollout(rid)["state"] == "aborted"
+    assert all(fleet.devices[d].desired_seen == [] for d in waves[2])
+    again = fleet.deploy(waves=["100"], soak_s=0.2)  # the devices are free again
+    assert again.status_code == 201, again.text
+    assert fleet.wait_state(again.json()["id"], "completed", "reverted", "paused")["state"] == "completed"
+    assert [
+        a for a in _audit_actions(fleet, rid) if a in ("rollout.paused", "rollout.running", "rollout.aborted")
+    ] == ["rollout.paused", "rollout.running", "rollout.aborted"]
+
+
+def test_rollback_returns_the_fleet_to_the_previous_version(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    rid = fleet.deploy(waves=["100"], soak_s=0.2).json()["id"]
+    assert fleet.wait_state(rid, "completed")["state"] == "completed"
+    r = fleet.client.post(
+        "/api/v1/rollbacks", json={"model": "glm-tiny", "selector": {"site": "plant-7"}}, headers=fleet.op
+    )
+    assert r.status_code == 200 and len(r.json()["reverted"]) == N
+    _until(lambda: all(d.version == "1.0.0" for d in fleet.devices.values()), what="fleet back on 1.0.0")
+    assert fleet.rollout(rid)["state"] == "rolled_back"
