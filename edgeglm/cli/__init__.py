@@ -68,6 +68,7 @@ def _register() -> None:
         keys_cmd,
         profiles_cmd,
         registry_cmd,
+        rollouts_cmd,
     )
 
     root.add_command(profiles_cmd.profiles)
@@ -81,6 +82,9 @@ def _register() -> None:
     root.add_command(registry_cmd.releases)
     root.add_command(devices_cmd.devices)
     root.add_command(devices_cmd.audit)
+    root.add_command(rollouts_cmd.deploy)
+    root.add_command(rollouts_cmd.rollouts)
+    root.add_command(rollouts_cmd.rollback)
 
 
 _register()
