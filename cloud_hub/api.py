@@ -101,6 +101,7 @@ class HubContext:
     metrics: HubMetrics
     max_piece_bytes: int = 64 * 1024 * 1024
     publish: Publish | None = None  # MQTT publish (topic, payload, qos, retain), when a broker is set
+    gateway: Any = None  # the MQTT gateway (cloud_hub.gateway.Gateway), when a broker is set
 
 
 # ------------------------------------------------------------------------------ bodies

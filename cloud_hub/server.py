@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from cloud_hub.api import HubContext, create_app
 from cloud_hub.controller import Controller
 from cloud_hub.db import open_db
+from cloud_hub.gateway import Gateway
 from cloud_hub.ingest import Ingest
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import Publish
@@ -16,7 +17,7 @@ from cloud_hub.settings import HubSettings
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.piece_store import PieceStore
-from edgeglm.protocol import TopicKind, device_filter, hub_subscriptions
+from edgeglm.protocol import TopicKind, device_filter, fetch_topic, hub_subscriptions
 
 __all__ = ["build_context", "load_app", "mqtt_publisher", "start_controller", "start_ingest"]
 
@@ -49,13 +50,21 @@ def start_ingest(
     group: str = "hub",
     offline_after_s: float = 90.0,
 ) -> tuple[MqttLink, Ingest]:
-    """Consume device status, heartbeats and update reports through shared subscriptions."""
+    """Consume device status, heartbeats, update reports and fetch requests (shared subscriptions)."""
     ingest = Ingest(ctx.db, ctx.metrics, offline_after_s=offline_after_s).start()
     link = MqttLink(broker, client_id)
-    wanted = {device_filter(k) for k in (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)}
+
+    def send(topic: str, payload: bytes, correlation: bytes) -> None:
+        link.publish(topic, payload, qos=1, correlation=correlation)
+
+    ctx.gateway = Gateway(ctx.db, ctx.store, send, ctx.metrics)
+    device_kinds = {device_filter(k) for k in (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)}
     for topic_filter, qos in hub_subscriptions(group):
-        if topic_filter.split("/", 2)[2] in wanted:
+        plain = topic_filter.split("/", 2)[2]
+        if plain in device_kinds:
             link.subscribe(topic_filter, qos, ingest.on_message)
+        elif plain == fetch_topic():
+            link.subscribe(topic_filter, qos, ctx.gateway.on_message)
     link.connect()
     ctx.publish = mqtt_publisher(link)
     return link, ingest

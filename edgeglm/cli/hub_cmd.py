@@ -143,6 +143,7 @@ def serve_cmd(
         if link is not None and ingest is not None:
             link.close()
             ingest.stop()
+            ctx.gateway.close()
         ctx.db.dispose()
 
 

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,14 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgeglm.cli import root
+from tests.integration.hub_process import free_port, start_hub
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cli(*args: str, token: str | None = None, hub: str | None = None) -> Any:
@@ -44,39 +33,7 @@ def served(tmp_path: Path, publisher: Any) -> Iterator[dict[str, Any]]:
         r = _cli("hub", "token", "create", f"{role}-1", "--role", role, "--db", db, "-o", "json")
         assert r.exit_code == 0, r.output
         tokens[role] = json.loads(r.output)["token"]
-    port = _free_port()
-    edgectl = Path(sys.executable).with_name("edgectl")
-    proc = subprocess.Popen(
-        [
-            str(edgectl),
-            "hub",
-            "serve",
-            "--db",
-            db,
-            "--data",
-            str(data),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--trust",
-            str(publisher.public_path),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "EDGEGLM_TOKEN": ""},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
-                assert json.load(resp)["status"] == "ok"
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"hub did not start: {proc.stderr.read() if proc.stderr else ''}"
-                ) from None
-            time.sleep(0.2)
+    proc, url = start_hub("--db", db, "--data", str(data), "--trust", str(publisher.public_path))
     try:
         yield {"url": url, "db": db, "tokens": tokens, "data": data}
     finally:
@@ -135,7 +92,7 @@ def test_publish_list_show_pin_and_audit_from_the_command_line(
 
 
 def test_an_unreachable_hub_exits_69_with_a_hint(tmp_path: Path) -> None:
-    r = _cli("releases", "list", token="x", hub=f"http://127.0.0.1:{_free_port()}")
+    r = _cli("releases", "list", token="x", hub=f"http://127.0.0.1:{free_port()}")
     assert r.exit_code == 69
     assert r.output.startswith("Error: hub http://127.0.0.1:") and "hint: Start it" in r.output
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -20,6 +16,7 @@ from sqlalchemy import func, select
 
 from cloud_hub.models import Device
 from edgeglm.protocol import Health, Heartbeat, Status, encode, heartbeat_topic, status_topic
+from tests.integration.hub_process import start_hub
 
 pytestmark = pytest.mark.integration
 
@@ -142,12 +139,6 @@ def test_registration_heartbeats_last_will_timeout_and_bad_messages(
         db.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
@@ -161,33 +152,14 @@ def test_two_hub_processes_split_device_traffic_without_double_counting(
 ) -> None:
     from cloud_hub.db import open_db
 
-    edgectl = Path(sys.executable).with_name("edgectl")
     hubs, urls = [], []
     for i in range(2):
-        port = _free_port()
-        hubs.append(
-            subprocess.Popen(
-                [
-                    str(edgectl),
-                    "hub",
-                    "serve",
-                    "--db",
-                    hub_db_url,
-                    "--data",
-                    str(tmp_path / f"hub{i}"),
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--broker",
-                    f"127.0.0.1:{private_broker}",
-                ],
-                stderr=subprocess.DEVNULL,
-                env={**os.environ},
-            )
+        proc, url = start_hub(
+            "--db", hub_db_url, "--data", str(tmp_path / f"hub{i}"), "--broker", f"127.0.0.1:{private_broker}"
         )
-        urls.append(f"http://127.0.0.1:{port}")
+        hubs.append(proc)
+        urls.append(url)
     try:
-        for url in urls:
-            _until(lambda url=url: _up(url), timeout=60)
         time.sleep(0.5)
         devices = [f"site-{i:02d}" for i in range(20)]
         clients = [_device(private_broker, d, will=False) for d in devices]
@@ -218,11 +190,3 @@ def test_two_hub_processes_split_device_traffic_without_double_counting(
             h.terminate()
         for h in hubs:
             h.wait(20)
-
-
-def _up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/healthz", timeout=2):
-            return True
-    except OSError:
-        return False

@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,49 +14,25 @@ from click.testing import CliRunner
 
 from edgeglm.cli import root
 from tests.integration.fleet_sim import SimDevice
+from tests.integration.hub_process import start_hub
 from tests.integration.test_hub_rollouts import register
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _hub(db: str, data: Path, broker: int, trust: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    edgectl = Path(sys.executable).with_name("edgectl")
-    proc = subprocess.Popen(
-        [
-            str(edgectl),
-            "hub",
-            "serve",
-            "--db",
-            db,
-            "--data",
-            str(data),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--broker",
-            f"127.0.0.1:{broker}",
-            "--trust",
-            str(trust),
-            "--tick",
-            "0.1",
-        ],
-        stderr=subprocess.DEVNULL,
+def _hub(db: str, data: Path, broker: int, trust: Path) -> tuple[Any, str]:
+    return start_hub(
+        "--db",
+        db,
+        "--data",
+        str(data),
+        "--broker",
+        f"127.0.0.1:{broker}",
+        "--trust",
+        str(trust),
+        "--tick",
+        "0.1",
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2).close()
-            return proc, url
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "hub did not start"
-            time.sleep(0.2)
 
 
 def _cli(url: str, token: str, *args: str) -> Any:

@@ -1,0 +1,227 @@
+"""The MQTT gateway: answers devices' manifest and piece requests on their data topic.
+
+    edgeglm/v1/hub/fetch ($share/hub/..., FetchRequest)
+        kind=manifest ──> the bundle's manifest.json, exactly as signed, in MANIFEST frames
+        kind=pieces   ──> for each piece of the recipe, PIECE frames: a tensor delta against the
+                          same tensor slice in a version the device says it holds (``have``) when
+                          that is smaller, else the piece raw (zstd / byte planes)
+    replies: edgeglm/v1/dev/{id}/data, QoS 1, MQTT 5 correlation data = the request id
+
+Each (piece, base) is encoded once and kept in a bounded cache, so a wave of devices moving
+between the same two versions costs one encoding per piece. The hub trusts nothing in a request:
+the recipe may name only pieces of the requested bundle, ``have`` only versions it knows for that
+model and profile; anything else is answered with an ERROR frame and the gateway goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from cloud_hub.db import Database
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.models import Bundle, Model, Release
+from edgeglm.bundle import Manifest, parse_manifest
+from edgeglm.errors import EdgeError, NotFoundError, ProtocolError
+from edgeglm.mqtt import Incoming
+from edgeglm.piece_store import PieceStore
+from edgeglm.pieces import piece_id
+from edgeglm.planner import PieceStep, plan
+from edgeglm.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ErrorBody,
+    FetchRequest,
+    Frame,
+    FrameKind,
+    PieceEncoding,
+    check_device_id,
+    data_topic,
+    decode,
+    error_frame,
+    split_payload,
+)
+from edgeglm.tensor_delta import Encoded, encode_delta, encode_raw
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, bytes, bytes], None]  # topic, payload, correlation
+
+
+class Gateway:
+    def __init__(
+        self,
+        db: Database,
+        store: PieceStore,
+        send: Send,
+        metrics: HubMetrics,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        cache_bytes: int = 256 << 20,
+        workers: int = 2,
+        max_pending: int = 1000,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.send = send
+        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.cache_bytes = cache_bytes
+        self._encoded: OrderedDict[tuple[str, str | None], Encoded] = OrderedDict()
+        self._cached = 0
+        self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hub-gateway")
+
+    # -------------------------------------------------------------------------- entry
+    def on_message(self, msg: Incoming) -> None:
+        """paho's thread: hand the request to a worker (encoding must not stall other traffic)."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="backlog")
+                log.warning("fetch backlog full (%d): dropped a request; the device retries", self._pending)
+                return
+            self._pending += 1
+        self._pool.submit(self._run, msg)
+
+    def _run(self, msg: Incoming) -> None:
+        try:
+            self.on_fetch(msg)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def on_fetch(self, msg: Incoming) -> None:
+        """Answer one fetch request (synchronously)."""
+        try:
+            req = decode(FetchRequest, msg.payload)
+        except ProtocolError as exc:
+            self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="malformed")
+            log.warning("dropped a fetch request: %s", exc)
+            return
+        correlation = req.request_id.encode()
+        topic = data_topic(check_device_id(req.device_id))
+        try:
+            bundle_json, manifest = self._bundle(req.model, req.version, req.profile)
+            if req.kind == "manifest":
+                frames = split_payload(
+                    FrameKind.MANIFEST,
+                    PieceEncoding.RAW,
+                    piece_id=bytes.fromhex(piece_id(bundle_json)),
+                    piece_size=len(bundle_json),
+                    payload=bundle_json,
+                    max_message_bytes=self.max_message_bytes,
+                )
+                self._send(topic, frames, correlation)
+                return
+            steps = self._steps(manifest, req)
+            for pid in req.pieces:
+                step = steps.get(pid)
+                if step is None:
+                    self._send(
+                        topic,
+                        [self._error("not_found", f"piece {pid[:16]} is not in {req.version}", pid)],
+                        correlation,
+                    )
+                    continue
+                self._send(topic, self._frames(step), correlation)
+        except EdgeError as exc:
+            code = "not_found" if isinstance(exc, NotFoundError) else "internal"
+            self._send(topic, [self._error(code, str(exc))], correlation)
+        except Exception:  # a bug must not stop the gateway: the device hears of it and retries
+            log.exception("fetch request %s from %s failed", req.request_id, req.device_id)
+            self._send(
+                topic, [self._error("internal", "the hub failed on this request; see its log")], correlation
+            )
+
+    # ---------------------------------------------------------------------- helpers
+    def _bundle(self, model: str, version: str, profile: str) -> tuple[bytes, Manifest]:
+        with self.db.session() as s:
+            b = s.scalar(
+                select(Bundle)
+                .join(Release)
+                .join(Model)
+                .where(Model.name == model, Release.version == version, Bundle.profile == profile)
+            )
+            if b is None:
+                raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {profile!r}")
+            raw = b.manifest_json.encode()
+        return raw, parse_manifest(raw, None)[0]
+
+    def _steps(self, target: Manifest, req: FetchRequest) -> dict[str, PieceStep]:
+        have = tuple(sorted(v for v in set(req.have) if v != req.version))
+        key = (f"{target.model}@{target.version}+{target.profile}", have)
+        with self._lock:
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
+        held = []
+        for version in have:
+            try:
+                held.append(self._bundle(req.model, version, req.profile)[1])
+            except NotFoundError:
+                continue  # a version the hub does not know gives no delta base
+        # have=(): a device holds pieces it says nothing about; we plan as if it held none of them
+        steps = {s.piece_id: s for f in plan(target, held, have=()).files for s in f.steps}
+        with self._lock:
+            self._plans[key] = steps
+            while len(self._plans) > 64:
+                self._plans.popitem(last=False)
+        return steps
+
+    def _encoded_for(self, step: PieceStep) -> Encoded:
+        key = (step.piece_id, step.base_id if step.action == "delta" else None)
+        with self._lock:
+            hit = self._encoded.get(key)
+            if hit is not None:
+                self._encoded.move_to_end(key)
+                self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
+                return hit
+        data = self.store.get(step.piece_id)
+        encoded = encode_raw(data, dtype=step.dtype)
+        if step.action == "delta" and step.base_id is not None and self.store.has(step.base_id):
+            delta = encode_delta(data, self.store.get(step.base_id), dtype=step.dtype)
+            if len(delta.payload) < len(encoded.payload):
+                encoded = delta
+        self.metrics.inc("edgeglm_hub_encode_cache_total", result="miss")
+        with self._lock:
+            self._encoded[key] = encoded
+            self._cached += len(encoded.payload)
+            while self._cached > self.cache_bytes and len(self._encoded) > 1:
+                _, old = self._encoded.popitem(last=False)
+                self._cached -= len(old.payload)
+        return encoded
+
+    def _frames(self, step: PieceStep) -> list[Frame]:
+        encoded = self._encoded_for(step)
+        return split_payload(
+            FrameKind.PIECE,
+            encoded.encoding,
+            piece_id=bytes.fromhex(step.piece_id),
+            piece_size=step.size,
+            payload=encoded.payload,
+            element_width=encoded.width,
+            base_id=bytes.fromhex(step.base_id) if step.base_id and encoded.is_delta else None,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    def _error(self, code: str, message: str, pid: str | None = None) -> Frame:
+        body = ErrorBody(code=code, message=message[:500])
+        return error_frame(body, bytes.fromhex(pid)) if pid else error_frame(body)
+
+    def _send(self, topic: str, frames: list[Frame], correlation: bytes) -> None:
+        for frame in frames:
+            payload = frame.pack()
+            self.send(topic, payload, correlation)
+            self.metrics.inc("edgeglm_hub_data_bytes_sent_total", float(len(payload)))
