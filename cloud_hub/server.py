@@ -65,7 +65,12 @@ def start_ingest(
             link.subscribe(topic_filter, qos, ingest.on_message)
         elif plain == fetch_topic():
             link.subscribe(topic_filter, qos, ctx.gateway.on_message)
-    link.connect()
+    try:
+        link.connect()
+    except Exception:
+        ingest.stop()
+        ctx.gateway.close()
+        raise
     ctx.publish = mqtt_publisher(link)
     return link, ingest
 

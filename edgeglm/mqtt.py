@@ -100,6 +100,7 @@ class MqttLink:
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._answered = threading.Event()  # the first CONNACK came, accepted or refused
         self._refused: str | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -110,7 +111,8 @@ class MqttLink:
         except (OSError, ssl.SSLError) as exc:
             raise UnavailableError(where, f"cannot connect: {exc}", hint="Is the broker running?") from exc
         self.client.loop_start()
-        if not self._connected.wait(timeout):
+        self._answered.wait(timeout)
+        if not self._connected.is_set():
             self.client.loop_stop()
             why = self._refused or f"no CONNACK within {timeout:.0f}s"
             raise UnavailableError(where, why, hint="Check the broker address and credentials.")
@@ -162,12 +164,14 @@ class MqttLink:
         if reason.is_failure:
             self._refused = f"the broker refused the connection: {reason}"
             log.warning("MQTT connect refused: %s", reason)
+            self._answered.set()
             return
         with self._lock:
             subs = [(t, q) for t, (q, _) in self._subs.items()]
         for topic_filter, qos in subs:
             client.subscribe(topic_filter, qos)
         self._connected.set()
+        self._answered.set()
         log.info("MQTT connected to %s:%s", self.settings.host, self.settings.port)
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
