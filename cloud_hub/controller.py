@@ -117,6 +117,14 @@ class Controller:
                     self._advance(s, rollout)
 
     # --------------------------------------------------------------------- one wave
+    @staticmethod
+    def _devices(s: Session, ids: list[str]) -> dict[str, Device]:
+        """The devices of ``ids`` in a few queries (a wave may hold thousands)."""
+        out: dict[str, Device] = {}
+        for i in range(0, len(ids), 5000):
+            out.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids[i : i + 5000])))})
+        return out
+
     def _advance(self, s: Session, r: Rollout) -> None:
         wave = next(w for w in r.wave_rows if w.index == r.current_wave)
         now = utcnow()
@@ -166,14 +174,16 @@ class Controller:
         base = baseline_of(old)
         if base:
             r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
+        devices = self._devices(s, [d.device_id for d in deps])
+        digests: dict[str, str] = {}
         for dep in deps:
             if dep.state != "waiting":
                 continue
-            device = s.get(Device, dep.device_id)
+            device = devices.get(dep.device_id)
             if device is None:
                 dep.state, dep.detail = "failed", "device left the inventory"
                 continue
-            publish_desired(s, device, model, version, r.id, self.publish)
+            publish_desired(s, device, model, version, r.id, self.publish, digests)
             dep.state, dep.started_at, dep.updated_at = "pending", now, now
         wave.state, wave.started_at = "deploying", now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
@@ -188,10 +198,12 @@ class Controller:
         version: str,
         now: datetime,
     ) -> None:
+        devices = self._devices(s, [d.device_id for d in deps if d.state == "pending"])
+        digests: dict[str, str] = {}
         for dep in deps:
             if dep.state != "pending":
                 continue
-            device = s.get(Device, dep.device_id)
+            device = devices.get(dep.device_id)
             started = dep.started_at or now
             if (
                 device is not None
@@ -207,7 +219,7 @@ class Controller:
                 dep.state, dep.resolved_at = "timed_out", now
                 dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
             elif device is not None and device.desired_version != version:
-                publish_desired(s, device, model, version, r.id, self.publish)  # a lost publish
+                publish_desired(s, device, model, version, r.id, self.publish, digests)  # a lost publish
         size = max(len(deps), 1)
         failed = sum(d.state in ("failed", "timed_out") for d in deps)
         if failed / size > r.max_failure_ratio:
@@ -228,25 +240,22 @@ class Controller:
         if wave.soak_until is None:  # resumed: soak again
             wave.soak_until = now + timedelta(seconds=r.soak_s)
         updated = []
-        for dep in s.scalars(
-            select(DeviceDeployment).where(
-                DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
+        succeeded = list(
+            s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
+                )
             )
-        ):
-            device = s.get(Device, dep.device_id)
+        )
+        devices = self._devices(s, [d.device_id for d in succeeded])
+        for dep in succeeded:
+            device = devices.get(dep.device_id)
             since = (dep.started_at or now).timestamp()
             health = device.health if device is not None else None
             # a sample counts when the heartbeat came from the new version, after the update began
             if health and health.get("version") == dep.to_version and float(health.get("ts", 0)) >= since:
                 updated.append(dict(health))
-        settled = sum(
-            1
-            for _ in s.scalars(
-                select(DeviceDeployment.id).where(
-                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
-                )
-            )
-        )
+        settled = len(succeeded)
         gates = [parse_gate(g) for g in r.gates]
         baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
         verdict = evaluate(gates, updated, baseline, max(1, min(r.min_samples, settled)))

@@ -30,25 +30,32 @@ def publish_desired(
     version: str | None,
     rollout_id: int | None,
     publish: object,
+    digests: dict[str, str] | None = None,
 ) -> None:
+    """``digests`` memoises the bundle digest per profile across calls for the same release."""
     topic = desired_topic(device.id)
     if version is None:
         device.desired_model = device.desired_version = None
         if callable(publish):
             publish(topic, b"", 1, True)
         return
-    bundle = s.scalar(
-        select(Bundle)
-        .join(Release)
-        .join(Model)
-        .where(Model.name == model, Release.version == version, Bundle.profile == device.profile)
-    )
-    if bundle is None:
-        raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {device.profile!r}")
+    memo = f"{model}@{version}+{device.profile}"
+    digest = digests.get(memo) if digests is not None else None
+    if digest is None:
+        digest = s.scalar(
+            select(Bundle.manifest_digest)
+            .join(Release)
+            .join(Model)
+            .where(Model.name == model, Release.version == version, Bundle.profile == device.profile)
+        )
+        if digest is None:
+            raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {device.profile!r}")
+        if digests is not None:
+            digests[memo] = digest
     msg = Desired(
         model=model,
         version=version,
-        manifest_digest=bundle.manifest_digest,
+        manifest_digest=digest,
         rollout_id=str(rollout_id) if rollout_id is not None else None,
         profile=device.profile or "",
         issued_at=time.time(),

@@ -209,15 +209,18 @@ class Ingest:
 
     def _apply_reports(self, s: Any, reports: list[Report]) -> None:
         """Update events settle a device's deployment; a repeated report changes nothing."""
-        for rep in reports:
-            if rep.rollout_id is None or not rep.rollout_id.isdigit():
-                continue
-            dep = s.scalar(
-                select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == int(rep.rollout_id),
-                    DeviceDeployment.device_id == rep.device_id,
+        usable = [r for r in reports if r.rollout_id is not None and r.rollout_id.isdigit()]
+        deps: dict[tuple[int, str], DeviceDeployment] = {}
+        for rollout_id in {int(r.rollout_id) for r in usable}:  # type: ignore[arg-type]
+            ids = [r.device_id for r in usable if int(r.rollout_id) == rollout_id]  # type: ignore[arg-type]
+            for i in range(0, len(ids), 5000):
+                q = select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == rollout_id,
+                    DeviceDeployment.device_id.in_(ids[i : i + 5000]),
                 )
-            )
+                deps.update({(d.rollout_id, d.device_id): d for d in s.scalars(q)})
+        for rep in usable:
+            dep = deps.get((int(rep.rollout_id), rep.device_id))  # type: ignore[arg-type]
             if dep is None:
                 self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
                 continue

@@ -343,11 +343,16 @@ def revert_devices(
     ]
     model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
     reverted = []
+    devices: dict[str, Device] = {}
+    ids = [dep.device_id for dep in moved]
+    for i in range(0, len(ids), 5000):
+        devices.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids[i : i + 5000])))})
+    digests: dict[str, str] = {}
     for dep in moved:
-        device = s.get(Device, dep.device_id)
+        device = devices.get(dep.device_id)
         if device is None:
             continue
-        publish_desired(s, device, model, dep.from_version, None, publish)
+        publish_desired(s, device, model, dep.from_version, None, publish, digests)
         dep.state, dep.active, dep.updated_at = "reverted", False, utcnow()
         reverted.append(dep.device_id)
     for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
