@@ -488,13 +488,15 @@ def create_app(ctx: HubContext) -> FastAPI:
 
     @app.get(f"{API}/rollouts/{{rollout_id}}", tags=["rollouts"])
     def show_rollout(
-        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], who: Viewer
+        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], who: Viewer, devices: bool = True
     ) -> dict[str, Any]:
+        """``devices=false`` leaves out the per-device list (a large rollout's is long)."""
         with ctx.db.session() as s:
             r = s.get(Rollout, rollout_id)
             if r is None:
                 raise NotFoundError(f"rollout {rollout_id}", "does not exist")
-            return {**rollout_view(s, r), "deployments": rollout_ops.deployments(s, r)}
+            view = rollout_view(s, r)
+            return {**view, "deployments": rollout_ops.deployments(s, r)} if devices else view
 
     @app.post(f"{API}/rollouts/{{rollout_id}}/{{action}}", tags=["rollouts"])
     def control_rollout(

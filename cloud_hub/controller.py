@@ -4,6 +4,7 @@ Each tick, for every running rollout, the current wave advances by one of these 
 
     pending    capture the old version's health (baseline); desired state to the wave's devices
     deploying  a device succeeds when it reports ``committed`` or is seen online on the target;
+               a gate breach on the devices updated so far fails the wave at once;
                it fails on a failed report or when ``device_timeout_s`` passes (offline never
                succeeds); failures over ``max_failure_ratio``, or successes under
                ``success_threshold`` once all are settled -> failure; else soak
@@ -32,7 +33,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from cloud_hub import audit
 from cloud_hub.db import Database
 from cloud_hub.desired import publish_desired
-from cloud_hub.gates import baseline_of, evaluate, parse_gate
+from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
 from cloud_hub.rollouts import Publish, revert_devices
@@ -220,6 +221,11 @@ class Controller:
                 dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
             elif device is not None and device.desired_version != version:
                 publish_desired(s, device, model, version, r.id, self.publish, digests)  # a lost publish
+        if r.gates and any(d.state == "succeeded" for d in deps):
+            early = self._verdict(s, r, wave, now)  # a breach stops the wave before it finishes
+            if early.state == "breach":
+                self._fail(s, r, wave, f"wave {wave.index}: {early.detail}")
+                return
         size = max(len(deps), 1)
         failed = sum(d.state in ("failed", "timed_out") for d in deps)
         if failed / size > r.max_failure_ratio:
@@ -236,10 +242,11 @@ class Controller:
         wave.state, wave.soak_until = "soaking", now + timedelta(seconds=r.soak_s)
         self._event(s, r, "wave.soak", f"wave {wave.index}: {ok} succeeded; soaking {r.soak_s:g}s")
 
-    def _soak(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> None:
-        if wave.soak_until is None:  # resumed: soak again
-            wave.soak_until = now + timedelta(seconds=r.soak_s)
-        updated = []
+    def _verdict(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> Verdict:
+        """The gates on the health updated devices reported from the new version since their update."""
+        gates = [parse_gate(g) for g in r.gates]
+        if not gates:
+            return Verdict("pass", "no gates")
         succeeded = list(
             s.scalars(
                 select(DeviceDeployment).where(
@@ -248,17 +255,20 @@ class Controller:
             )
         )
         devices = self._devices(s, [d.device_id for d in succeeded])
+        updated = []
         for dep in succeeded:
             device = devices.get(dep.device_id)
             since = (dep.started_at or now).timestamp()
             health = device.health if device is not None else None
-            # a sample counts when the heartbeat came from the new version, after the update began
             if health and health.get("version") == dep.to_version and float(health.get("ts", 0)) >= since:
                 updated.append(dict(health))
-        settled = len(succeeded)
-        gates = [parse_gate(g) for g in r.gates]
         baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
-        verdict = evaluate(gates, updated, baseline, max(1, min(r.min_samples, settled)))
+        return evaluate(gates, updated, baseline, max(1, min(r.min_samples, len(succeeded))))
+
+    def _soak(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> None:
+        if wave.soak_until is None:  # resumed: soak again
+            wave.soak_until = now + timedelta(seconds=r.soak_s)
+        verdict = self._verdict(s, r, wave, now)
         if verdict.state == "breach":
             self._fail(s, r, wave, f"wave {wave.index}: {verdict.detail}")
             return

@@ -61,7 +61,7 @@ class Ingest:
         db: Database,
         metrics: HubMetrics,
         *,
-        flush_s: float = 0.5,
+        flush_s: float = 0.25,
         offline_after_s: float = 90.0,
         max_queue: int = 200_000,
     ) -> None:

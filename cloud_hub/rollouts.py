@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cloud_hub import audit
@@ -395,10 +395,14 @@ def rollback(
 def rollout_view(s: Session, r: Rollout) -> dict[str, Any]:
     release = s.get(Release, r.release_id)
     assert release is not None
-    deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)))
-    counts: dict[str, int] = {}
-    for d in deps:
-        counts[d.state] = counts.get(d.state, 0) + 1
+    counts = {
+        state: int(n)
+        for state, n in s.execute(
+            select(DeviceDeployment.state, func.count())
+            .where(DeviceDeployment.rollout_id == r.id)
+            .group_by(DeviceDeployment.state)
+        )
+    }
     return {
         "id": r.id,
         "release": f"{release.model.name}@{release.version}",

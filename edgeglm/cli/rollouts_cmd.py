@@ -187,7 +187,7 @@ def rollouts_status(
 ) -> None:
     client = client_from(hub_url, token)
     while True:
-        data = client.get(f"{API}/rollouts/{rollout_id}")
+        data = client.get(f"{API}/rollouts/{rollout_id}", devices=output == "json" and not watch)
         if watch and output == "table":
             click.clear()
         emit(data, output, _rollout_table)

@@ -1,0 +1,487 @@
+"""Fleet benchmark: thousands of simulated devices in one process against a real hub and mosquitto.
+
+    python -m bench.fleet [--devices N] [--quick] --json FILE
+
+Setup: a mosquitto of its own (TCP_NODELAY, no connection limit), a SQLite hub database with
+releases 1.0.0 / 1.1.0 / 1.2.0 of a small bundle, and ``edgectl hub serve --broker`` as its own
+process. The devices are paho MQTT 5 clients driven by one external loop on an epoll selector (a
+thread per client does not scale, and paho's own select() loop stops at ~340 sockets); the fd
+limit is raised and connections ramp up 100 at a time. Each device speaks the real wire protocol:
+retained status with a last will, heartbeats (QoS 0), desired state in, update reports out.
+
+Measured (JSON keys):
+    devices             simulated devices connected
+    heartbeats_sent     heartbeats sent in the window, one per device per --heartbeat-s, staggered
+    heartbeats_stored   heartbeats the hub counted in its database for the same window
+    rollout_s           deploy 1.1.0 in 3 waves (1,10,100 percent, no soak, no gates) with instant
+                        simulated updates, until the rollout is completed
+    breach_to_revert_s  deploy 1.2.0 (waves 5,100; gate error_rate<=0.02, 3 samples) whose devices
+                        report a 50% error rate: from the third breaching heartbeat sent to the
+                        last moved device receiving its revert desired state
+plus connect_s, heartbeat_window_s, heartbeats_per_s and the rollout's wave sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeglm.protocol import (
+    Desired,
+    Health,
+    Heartbeat,
+    Report,
+    Status,
+    decode,
+    desired_topic,
+    encode,
+    heartbeat_topic,
+    report_topic,
+    status_topic,
+)
+
+MODEL = "glm-fleet"
+PROFILE = "cpu-x86-int4"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _raise_fd_limit() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+# ------------------------------------------------------------------------------ the simulator
+@dataclass
+class _Dev:
+    name: str
+    client: paho.Client
+    version: str = "1.0.0"
+    seq: int = 0
+    connected: bool = False
+    desired: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Fleet:
+    """N paho clients on one epoll loop; devices answer desired state at once."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port = port
+        self.sel = selectors.EpollSelector()
+        self.devs: list[_Dev] = []
+        self.bad_versions: set[str] = set()
+        self.bad_beats: list[float] = []  # when each breaching heartbeat was sent
+        self.n = n
+
+    # socket bookkeeping -------------------------------------------------------------------
+    def _register(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        self.sel.register(sock, selectors.EVENT_READ, client)
+
+    def _unregister(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sock)
+
+    def _want_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def _done_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(sock, selectors.EVENT_READ, client)
+
+    # device behaviour ---------------------------------------------------------------------
+    def _status(self, d: _Dev, state: str) -> bytes:
+        return encode(
+            Status(
+                device_id=d.name,
+                state=state,
+                profile=PROFILE,
+                model=MODEL,
+                version=d.version,
+                agent_version="bench",
+                ts=time.time(),
+            )
+        )
+
+    def _on_connect(self, client: paho.Client, d: _Dev, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            return
+        d.connected = True
+        client.subscribe(desired_topic(d.name), qos=1)
+        client.publish(status_topic(d.name), self._status(d, "online"), qos=1, retain=True)
+        self.heartbeat(d)
+
+    def _on_message(self, client: paho.Client, d: _Dev, msg: Any) -> None:
+        if not msg.payload:
+            return
+        want = decode(Desired, msg.payload)
+        d.desired.append((want.version, time.monotonic()))
+        if want.version == d.version:
+            return
+        d.version = want.version
+        d.seq += 1
+        rep = Report(
+            device_id=d.name,
+            rollout_id=want.rollout_id,
+            step="committed",
+            seq=d.seq,
+            ok=True,
+            version=want.version,
+            ts=time.time(),
+        )
+        client.publish(report_topic(d.name), encode(rep), qos=1)
+        client.publish(status_topic(d.name), self._status(d, "online"), qos=1, retain=True)
+        if want.version in self.bad_versions:
+            self.heartbeat(d)  # the new version's health, at once: 50% errors
+            self.bad_beats.append(time.monotonic())
+
+    def heartbeat(self, d: _Dev) -> None:
+        bad = d.version in self.bad_versions
+        d.seq += 1
+        health = Health(
+            latency_p50_ms=40,
+            latency_p95_ms=90,
+            tokens_per_s=20,
+            error_rate=0.5 if bad else 0.0,
+            queue_depth=0,
+            rss_mb=900,
+            requests=100,
+            errors=50 if bad else 0,
+        )
+        hb = Heartbeat(
+            device_id=d.name, ts=time.time(), model=MODEL, version=d.version, health=health, seq=d.seq
+        )
+        d.client.publish(heartbeat_topic(d.name), encode(hb), qos=0)
+
+    # the loop ---------------------------------------------------------------------------
+    def pump(self, seconds: float) -> None:
+        """Run the network loop for ``seconds`` (reads, writes, keepalives)."""
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            for key, mask in self.sel.select(min(left, 0.05)):
+                client = key.data
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.loop_write()
+        now = time.monotonic()
+        if now - getattr(self, "_misc", 0.0) > 1.0:
+            self._misc = now
+            for d in self.devs:
+                d.client.loop_misc()
+
+    def connect(self) -> float:
+        t = time.perf_counter()
+        for start in range(0, self.n, 100):
+            for i in range(start, min(start + 100, self.n)):
+                d = _Dev(
+                    f"dev-{i:05d}",
+                    paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{i:05d}", protocol=paho.MQTTv5),
+                )
+                c = d.client
+                c.user_data_set(d)
+                c.on_socket_open = self._register
+                c.on_socket_close = self._unregister
+                c.on_socket_register_write = self._want_write
+                c.on_socket_unregister_write = self._done_write
+                c.on_connect = self._on_connect
+                c.on_message = self._on_message
+                c.will_set(status_topic(d.name), self._status(d, "offline"), qos=1, retain=True)
+                c.connect("127.0.0.1", self.port, keepalive=600)
+                c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.devs.append(d)
+            deadline = time.monotonic() + 30
+            while sum(d.connected for d in self.devs) < len(self.devs):
+                self.pump(0.05)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"only {sum(d.connected for d in self.devs)} of {len(self.devs)} connected"
+                    )
+        return time.perf_counter() - t
+
+    def heartbeat_window(self, window_s: float, every_s: float) -> int:
+        """One heartbeat per device per ``every_s``, evenly staggered, for ``window_s``; returns sent."""
+        n = len(self.devs)
+        offsets = np.arange(n) * (every_s / n)
+        start = time.monotonic()
+        sent = 0
+        rounds = int(window_s // every_s)
+        for r in range(rounds):
+            i = 0
+            while i < n:
+                due = start + r * every_s + offsets[i]
+                now = time.monotonic()
+                if now < due:
+                    self.pump(min(due - now, 0.02))
+                    continue
+                while i < n and start + r * every_s + offsets[i] <= time.monotonic():
+                    self.heartbeat(self.devs[i])
+                    sent += 1
+                    i += 1
+                self.pump(0.0)
+        self.pump(max(0.0, start + window_s - time.monotonic()))
+        return sent
+
+
+# ------------------------------------------------------------------------------------ the hub
+class Hub:
+    def __init__(self, work: Path, port: int) -> None:
+        self.work = work
+        self.db = f"sqlite:///{work / 'hub' / 'hub.db'}"
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.broker = port
+
+    def setup(self) -> None:
+        from cloud_hub import registry
+        from cloud_hub.auth import Role, create_token
+        from cloud_hub.db import migrate
+        from cloud_hub.server import build_context
+        from cloud_hub.settings import HubSettings
+        from edgeglm.bundle import load_manifest
+        from edgeglm.bundle_files import FolderSource, seal_folder
+        from edgeglm.keys import create_keypair, load_private_key
+
+        migrate(self.db)
+        priv, self.pub, _ = create_keypair(self.work / "keys", "release")
+        key = load_private_key(priv)
+        ctx = build_context(HubSettings(data_dir=self.work / "hub", db_url=self.db, trusted_keys=(self.pub,)))
+        with ctx.db.session() as s:
+            _, self.token = create_token(s, "bench", Role.operator, "bench")
+        for i, version in enumerate(("1.0.0", "1.1.0", "1.2.0")):
+            folder = self.work / "bundles" / version
+            folder.mkdir(parents=True)
+            rng = np.random.default_rng(i)
+            (folder / "weights.bin").write_bytes(rng.integers(0, 256, 64 * 1024, dtype=np.uint8).tobytes())
+            seal_folder(folder, key, model=MODEL, version=version, profile=PROFILE, quality={"passed": True})
+            raw = (folder / "manifest.json").read_bytes()
+            manifest, _ = load_manifest(folder, None)
+            source = FolderSource.of(folder, manifest)
+            with ctx.db.session() as s:
+                reg = registry.Registry(s, ctx.store, ctx.trusted)
+                up = reg.begin(raw, "bench")
+                for pid, _ in up.missing:
+                    reg.put_piece(up.upload_id, pid, source.read(pid))
+                reg.commit(up.upload_id, "bench")
+        ctx.db.dispose()
+
+    def start(self) -> None:
+        port = _free_port()
+        edgectl = Path(sys.executable).with_name("edgectl")
+        self.proc = subprocess.Popen(
+            [
+                str(edgectl),
+                "hub",
+                "serve",
+                "--db",
+                self.db,
+                "--data",
+                str(self.work / "hub"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--broker",
+                f"127.0.0.1:{self.broker}",
+                "--trust",
+                str(self.pub),
+                "--tick",
+                "0.2",
+                "--offline-after",
+                "3600",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the hub did not start") from None
+                time.sleep(0.2)
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        req = urllib.request.Request(
+            self.url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.load(resp)
+
+    def heartbeats_stored(self) -> int:
+        import sqlite3
+
+        path = self.db.removeprefix("sqlite:///")
+        with sqlite3.connect(path, timeout=30) as conn:
+            return int(conn.execute("SELECT COALESCE(SUM(heartbeats), 0) FROM devices").fetchone()[0])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _wait_rollout(hub: Hub, fleet: Fleet, rid: int, states: set[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        fleet.pump(0.25)
+        view = hub.api("GET", f"/api/v1/rollouts/{rid}?devices=false")
+        if view["state"] in states:
+            return view
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rollout {rid} still {view['state']} after {timeout:.0f}s: {view['devices']}")
+
+
+def run(n: int, heartbeat_s: float, window_s: float) -> dict[str, Any]:
+    fd_limit = _raise_fd_limit()
+    if fd_limit < n + 200:
+        raise RuntimeError(f"the fd limit is {fd_limit}; {n} devices need more")
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        work = Path(tmp)
+        port = _free_port()
+        conf = work / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
+            "max_connections -1\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+        )
+        broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        hub = Hub(work, port)
+        try:
+            time.sleep(0.3)
+            hub.setup()
+            hub.start()
+            fleet = Fleet(port, n)
+            connect_s = fleet.connect()
+            print(f"{n} devices connected in {connect_s:.1f}s", file=sys.stderr)
+            deadline = time.monotonic() + 120
+            while len(hub.api("GET", "/api/v1/devices?online=true")) < n:
+                fleet.pump(0.5)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the hub did not register every device")
+            fleet.pump(2.0)  # let the connect-time heartbeats land before the window starts
+            before = hub.heartbeats_stored()
+            t = time.monotonic()
+            sent = fleet.heartbeat_window(window_s, heartbeat_s)
+            elapsed = time.monotonic() - t
+            deadline = time.monotonic() + 30
+            while hub.heartbeats_stored() - before < sent and time.monotonic() < deadline:
+                fleet.pump(0.5)
+            stored = hub.heartbeats_stored() - before
+            print(f"heartbeats: sent {sent}, stored {stored} in {elapsed:.1f}s", file=sys.stderr)
+
+            t = time.monotonic()
+            r = hub.api(
+                "POST",
+                "/api/v1/rollouts",
+                {
+                    "release": f"{MODEL}@1.1.0",
+                    "waves": ["1", "10", "100"],
+                    "soak_s": 0,
+                    "device_timeout_s": 600,
+                },
+            )
+            done = _wait_rollout(hub, fleet, r["id"], {"completed", "reverted", "paused", "aborted"}, 600)
+            rollout_s = time.monotonic() - t
+            print(f"rollout of 1.1.0 over {n}: {done['state']} in {rollout_s:.1f}s", file=sys.stderr)
+
+            fleet.bad_versions.add("1.2.0")
+            fleet.bad_beats.clear()
+            r = hub.api(
+                "POST",
+                "/api/v1/rollouts",
+                {
+                    "release": f"{MODEL}@1.2.0",
+                    "waves": ["5", "100"],
+                    "soak_s": 60,
+                    "gates": ["error_rate<=0.02"],
+                    "min_samples": 3,
+                    "device_timeout_s": 600,
+                },
+            )
+            reverted = _wait_rollout(hub, fleet, r["id"], {"reverted", "completed", "paused", "aborted"}, 300)
+            moved = [d for d in fleet.devs if any(v == "1.2.0" for v, _ in d.desired)]
+            deadline = time.monotonic() + 60
+            while not all(d.version == "1.1.0" for d in moved) and time.monotonic() < deadline:
+                fleet.pump(0.1)
+            breach = sorted(fleet.bad_beats)[2] if len(fleet.bad_beats) >= 3 else float("nan")
+            last_revert = max(t for d in moved for v, t in d.desired if v == "1.1.0")
+            breach_to_revert = last_revert - breach
+            print(
+                f"breach -> revert of {len(moved)} devices: {breach_to_revert:.2f}s ({reverted['state']})",
+                file=sys.stderr,
+            )
+            return {
+                "devices": n,
+                "connect_s": connect_s,
+                "heartbeat_interval_s": heartbeat_s,
+                "heartbeat_window_s": elapsed,
+                "heartbeats_sent": sent,
+                "heartbeats_stored": stored,
+                "heartbeats_per_s": stored / elapsed if elapsed else 0.0,
+                "rollout_state": done["state"],
+                "rollout_waves": [w["size"] for w in done["waves"]],
+                "rollout_s": rollout_s,
+                "revert_state": reverted["state"],
+                "reverted_devices": len(moved),
+                "breach_to_revert_s": breach_to_revert,
+            }
+        finally:
+            hub.stop()
+            broker.terminate()
+            broker.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--quick", action="store_true", help="500 devices, a 10 s heartbeat window")
+    ap.add_argument("--heartbeat-s", type=float, default=5.0)
+    ap.add_argument("--window-s", type=float, default=30.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if shutil.which("mosquitto") is None:
+        print("bench.fleet needs mosquitto: apt-get install mosquitto", file=sys.stderr)
+        return 69
+    n, window = (500, 10.0) if args.quick else (args.devices, args.window_s)
+    result = run(n, args.heartbeat_s, window)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
