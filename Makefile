@@ -30,11 +30,13 @@ bench: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --json bench/results/delta.json
 	$(PY) -m bench.serve --json bench/results/serve.json
+	$(PY) -m bench.fleet --json bench/results/fleet.json
 
 bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --quick --json bench/results/delta-quick.json
 	$(PY) -m bench.serve --quick --json bench/results/serve-quick.json
+	$(PY) -m bench.fleet --quick --json bench/results/fleet-quick.json
 
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo

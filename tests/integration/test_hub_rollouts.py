@@ -255,3 +255,33 @@ def test_rollback_returns_the_fleet_to_the_previous_version(fleet_factory: Any) 
     assert r.status_code == 200 and len(r.json()["reverted"]) == N
     _until(lambda: all(d.version == "1.0.0" for d in fleet.devices.values()), what="fleet back on 1.0.0")
     assert fleet.rollout(rid)["state"] == "rolled_back"
+
+
+def test_pinned_devices_are_skipped_and_an_offline_device_times_out(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    waves = fleet.waves(waves=["10", "100"])
+    pinned, gone = waves[1][0], waves[0][0]
+    assert (
+        fleet.client.put(
+            f"/api/v1/devices/{pinned}/pin", json={"version": "1.0.0"}, headers=fleet.op
+        ).status_code
+        == 200
+    )
+    plan = fleet.deploy(dry_run=True, waves=["10", "100"]).json()
+    assert plan["skipped"] == {"pinned": [pinned]} and plan["devices"] == N - 1
+    fleet.devices[gone].client.disconnect()  # a clean disconnect: the hub still sees it go offline
+    fleet.devices[gone].client.loop_stop()
+    from cloud_hub.models import Device as D
+
+    with fleet.ctx.db.session() as s:
+        s.get(D, gone).online = False  # as the offline sweep would mark it
+    r = fleet.deploy(waves=["1n", "100"], max_failure_ratio=0.0, device_timeout_s=2, soak_s=0.2)
+    rid = r.json()["id"]
+    first = fleet.rollout(rid)["deployments"]
+    assert [d["device"] for d in first if d["wave"] == 0] == [gone]  # the same order as the dry run
+    done = fleet.wait_state(rid, "reverted", "completed", "paused")
+    assert done["state"] == "reverted" and "1 of 1 device(s) failed" in done["reason"]
+    states = {d["device"]: (d["state"], d["detail"]) for d in done["deployments"]}
+    assert states[gone] == ("reverted", "offline")  # offline is never success
+    assert pinned not in {d["device"] for d in fleet.rollout(rid)["deployments"]}
+    assert fleet.db_devices()[pinned].desired_version is None
