@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -292,6 +293,11 @@ def create_app(ctx: HubContext) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ())) or "request"
         return _error(UsageError(where, str(first.get("msg", "invalid"))[:300]), 422)
+
+    @app.exception_handler(DbIntegrityError)
+    async def _db_conflict(_request: Request, exc: DbIntegrityError) -> JSONResponse:
+        log.info("database refused a write: %s", str(exc.orig).splitlines()[0][:300])
+        return _error(ConflictError("database", "a concurrent change conflicts with this one; retry"), 409)
 
     @app.exception_handler(SQLAlchemyError)
     async def _db_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:

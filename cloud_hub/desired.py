@@ -1,9 +1,10 @@
 """A device's desired state: recorded in the database, then published retained on its topic.
 
-The database row is written in the caller's transaction; the MQTT message (QoS 1, retained) is
-sent after. A hub that dies in between re-publishes on the next controller tick for rows whose
-deployment is still open, so the device converges either way. ``version=None`` clears the
-retained message (the device keeps what it runs).
+The row changes in the caller's transaction and the MQTT message (QoS 1, retained) goes out at
+once, before that transaction commits. If the commit fails, nothing in the database says the
+device was told, so the controller's next tick sends the same message again (retained, same
+content: repeating it is harmless); a device whose desired row disagrees with its deployment is
+told again too. ``version=None`` clears the retained message (the device keeps what it runs).
 """
 
 from __future__ import annotations

@@ -77,7 +77,11 @@ class Registry:
 
     # ------------------------------------------------------------------------- publishing
     def begin(self, raw: bytes, actor: str, *, force: bool = False) -> UploadState:
-        manifest, doc = parse_manifest(raw, self.trusted)  # signature checked against trusted keys
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError("manifest", f"is not UTF-8 (byte {exc.start})") from exc
+        manifest, doc = parse_manifest(text, self.trusted)  # signature checked against trusted keys
         digest = manifest_digest(doc)
         existing = self._bundle(manifest.model, manifest.version, manifest.profile)
         if existing is not None:
@@ -99,7 +103,7 @@ class Registry:
         if upload is None:
             upload = Upload(
                 id=uuid.uuid4().hex,
-                manifest_json=raw.decode() if isinstance(raw, bytes) else raw,
+                manifest_json=text,
                 manifest_digest=digest,
                 model=manifest.model,
                 version=manifest.version,
