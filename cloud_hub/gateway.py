@@ -31,7 +31,7 @@ from edgeglm.errors import EdgeError, NotFoundError, ProtocolError
 from edgeglm.mqtt import Incoming
 from edgeglm.piece_store import PieceStore
 from edgeglm.pieces import piece_id
-from edgeglm.planner import PieceStep, plan
+from edgeglm.planner import PieceStep, plan, step_frames
 from edgeglm.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorBody,
@@ -204,17 +204,7 @@ class Gateway:
         return encoded
 
     def _frames(self, step: PieceStep) -> list[Frame]:
-        encoded = self._encoded_for(step)
-        return split_payload(
-            FrameKind.PIECE,
-            encoded.encoding,
-            piece_id=bytes.fromhex(step.piece_id),
-            piece_size=step.size,
-            payload=encoded.payload,
-            element_width=encoded.width,
-            base_id=bytes.fromhex(step.base_id) if step.base_id and encoded.is_delta else None,
-            max_message_bytes=self.max_message_bytes,
-        )
+        return step_frames(step, self._encoded_for(step), self.max_message_bytes)
 
     def _error(self, code: str, message: str, pid: str | None = None) -> Frame:
         body = ErrorBody(code=code, message=message[:500])
