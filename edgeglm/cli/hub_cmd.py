@@ -91,7 +91,7 @@ def serve_cmd(
     offline_after: float,
     tick: float,
 ) -> None:
-    """Serve the HTTP API (and, with --broker, consume device traffic) until SIGTERM."""
+    """Serve the HTTP API until SIGTERM; with --broker also device traffic and the rollout controller."""
     import os
     import socket
     import uuid
@@ -132,14 +132,16 @@ def serve_cmd(
         client_id = f"hub-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
         link, ingest = start_ingest(ctx, mqtt, client_id, group=share_group, offline_after_s=offline_after)
     holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    controller = start_controller(ctx, holder, tick_s=tick)
+    # only a process that can tell devices anything runs rollouts (an API-only replica cannot)
+    controller = start_controller(ctx, holder, tick_s=tick) if link is not None else None
     click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({ctx.db.dialect})", err=True)
     try:
         uvicorn.run(
             load_app(ctx), host=settings.host, port=settings.port, log_level="warning", access_log=False
         )
     finally:
-        controller.stop()
+        if controller is not None:
+            controller.stop()
         if link is not None and ingest is not None:
             link.close()
             ingest.stop()
