@@ -1,0 +1,93 @@
+"""The update's persisted state: one row per update, its step written *before* the step runs.
+
+SQLite through SQLAlchemy (the agent's own database, ``agent.db`` in its data directory). The step
+name is a stable string (never an ordinal). ``attempts`` counts how often a step was entered for
+this update: the loop guard of the machine reads it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Integer, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+__all__ = ["StateStore", "UpdateRecord"]
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class UpdateRecord(_Base):
+    __tablename__ = "updates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(128))
+    manifest_digest: Mapped[str] = mapped_column(String(80))
+    step: Mapped[str] = mapped_column(String(32))
+    previous_slot: Mapped[str] = mapped_column(String(1))
+    target_slot: Mapped[str] = mapped_column(String(1))
+    manifest_json: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[str] = mapped_column(String(40))
+
+
+def _pragmas(conn: Any, _record: Any) -> None:
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a step written is a step that survives a power cut
+    cur.close()
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(f"sqlite:///{path}")
+        event.listen(self.engine, "connect", _pragmas)
+        _Base.metadata.create_all(self.engine)
+
+    def latest(self) -> UpdateRecord | None:
+        with Session(self.engine, expire_on_commit=False) as s:
+            return s.scalar(select(UpdateRecord).order_by(UpdateRecord.id.desc()))
+
+    def begin(self, **fields: Any) -> UpdateRecord:
+        rec = UpdateRecord(updated_at=_now(), attempts={}, **fields)
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            s.add(rec)
+        return rec
+
+    def enter(self, rec: UpdateRecord, step: str, **changes: Any) -> UpdateRecord:
+        """Persist ``step`` (and ``changes``) before its side effect; count the entry."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            row = s.get(UpdateRecord, rec.id)
+            assert row is not None
+            attempts = dict(row.attempts or {})
+            attempts[step] = int(attempts.get(step, 0)) + 1
+            row.step, row.attempts, row.updated_at = step, attempts, _now()
+            for key, value in changes.items():
+                setattr(row, key, value)
+        return row
+
+    def save(self, rec: UpdateRecord, **changes: Any) -> UpdateRecord:
+        """Persist ``changes`` within the current step (not counted as an entry)."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            row = s.get(UpdateRecord, rec.id)
+            assert row is not None
+            for key, value in changes.items():
+                setattr(row, key, value)
+            row.updated_at = _now()
+        return row
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
