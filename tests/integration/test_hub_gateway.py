@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,6 +27,7 @@ from edgeglm.protocol import (
     fetch_topic,
 )
 from tests.integration.test_hub_rollouts import register
+from tests.tensor_bundles import tensor_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -35,30 +35,7 @@ SHAPE = (256, 512)  # 512 KiB of float32 per tensor
 
 
 def _tensor_bundle(root: Path, key: Any, version: str, fine_tune: float) -> Path:
-    """A bundle with one external-data file of two tensors (pieces per tensor) and a CDC file."""
-    from edgeglm.bundle import Manifest, sign_manifest, write_manifest
-    from edgeglm.bundle_files import describe_file
-    from edgeglm.pieces import TensorSpan
-
-    folder = root / version
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(SHAPE).astype(np.float32)
-    b = rng.standard_normal(SHAPE).astype(np.float32)
-    if fine_tune:
-        a = a + np.float32(fine_tune) * rng.standard_normal(SHAPE).astype(np.float32)
-    (folder / "model.onnx.data").write_bytes(a.tobytes() + b.tobytes())
-    (folder / "tokenizer.json").write_text('{"model": "tiny"}')
-    spans = [TensorSpan("a", "float32", 0, a.nbytes), TensorSpan("b", "float32", a.nbytes, b.nbytes)]
-    files = (
-        describe_file(folder / "model.onnx.data", "model.onnx.data", spans),
-        describe_file(folder / "tokenizer.json", "tokenizer.json"),
-    )
-    m = Manifest(
-        model="glm-tiny", version=version, profile="cpu-x86-int4", files=files, quality={"passed": True}
-    )
-    write_manifest(folder, sign_manifest(m, key))
-    return folder
+    return tensor_bundle(root, key, version, fine_tune, shape=SHAPE)
 
 
 class Device:

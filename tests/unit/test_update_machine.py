@@ -8,21 +8,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from edge_agent.update.machine import MAX_ENTRIES, TRANSITIONS, UpdateMachine
 from edge_agent.update.slots import Slots
 from edge_agent.update.state import StateStore
 from edgeglm.assembler import assemble_bundle
-from edgeglm.bundle import Manifest, load_manifest, manifest_digest, sign_manifest, write_manifest
-from edgeglm.bundle_files import describe_file, ingest_folder
+from edgeglm.bundle import Manifest, load_manifest, manifest_digest
+from edgeglm.bundle_files import ingest_folder
 from edgeglm.errors import UpdateError
 from edgeglm.keys import create_keypair, key_id, load_private_key
 from edgeglm.piece_store import PieceStore
-from edgeglm.pieces import TensorSpan
 from edgeglm.planner import PieceStep, encode_step
 from edgeglm.tensor_delta import Encoded
+from tests.tensor_bundles import tensor_bundle
 
 SHAPE = (128, 512)
 
@@ -32,22 +31,7 @@ class Crash(BaseException):
 
 
 def _bundle(root: Path, key: Any, version: str, tweak: float) -> Path:
-    folder = root / version
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(SHAPE).astype(np.float32)
-    b = rng.standard_normal(SHAPE).astype(np.float32)
-    a = a + np.float32(tweak) * rng.standard_normal(SHAPE).astype(np.float32)
-    (folder / "model.onnx.data").write_bytes(a.tobytes() + b.tobytes())
-    (folder / "tokenizer.json").write_text(json.dumps({"v": version}))
-    spans = [TensorSpan("a", "float32", 0, a.nbytes), TensorSpan("b", "float32", a.nbytes, b.nbytes)]
-    files = (
-        describe_file(folder / "model.onnx.data", "model.onnx.data", spans, piece_bytes=64 * 1024),
-        describe_file(folder / "tokenizer.json", "tokenizer.json"),
-    )
-    m = Manifest(model="glm-tiny", version=version, profile="cpu-x86-int4", files=files)
-    write_manifest(folder, sign_manifest(m, key))
-    return folder
+    return tensor_bundle(root, key, version, tweak, shape=SHAPE, piece_bytes=64 * 1024)
 
 
 class Hub:
@@ -216,7 +200,7 @@ def test_a_bad_manifest_is_refused_and_the_current_model_keeps_serving(world: An
     dev, hub, digests = world
     doc = json.loads((hub.folders["1.1.0"] / "manifest.json").read_text())
     if case == "bad signature":
-        doc["quality"] = {"passed": True}  # changed after signing
+        doc["dataset_version"] = "tampered"  # changed after signing
     else:
         doc["files"][1]["path"] = "../../etc/evil"
     hub.raw_override = json.dumps(doc).encode()
