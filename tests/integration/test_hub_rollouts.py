@@ -89,6 +89,7 @@ def fleet_factory(
     from edgeglm.mqtt import BrokerSettings
 
     started: list[Any] = []
+    sims: list[SimDevice] = []
 
     def make(behaviours: dict[str, dict[str, Behaviour]] | None = None) -> Fleet:
         settings = HubSettings(
@@ -112,6 +113,7 @@ def fleet_factory(
                 private_broker, name, "1.0.0", behaviours=(behaviours or {}).get(name, {})
             )
             devices[name].start()
+            sims.append(devices[name])
         fleet = Fleet(client, ctx, devices, {"Authorization": f"Bearer {op}"})
         fleet.viewer = {"Authorization": f"Bearer {viewer}"}  # type: ignore[attr-defined]
         _until(
@@ -126,6 +128,8 @@ def fleet_factory(
         return fleet
 
     yield make
+    for sim in sims:  # the devices first, then the hub's parts
+        sim.stop()
     for item in started:
         if isinstance(item, tuple):
             item[0].close()
@@ -269,12 +273,11 @@ def test_pinned_devices_are_skipped_and_an_offline_device_times_out(fleet_factor
     )
     plan = fleet.deploy(dry_run=True, waves=["10", "100"]).json()
     assert plan["skipped"] == {"pinned": [pinned]} and plan["devices"] == N - 1
-    fleet.devices[gone].client.disconnect()  # a clean disconnect: the hub still sees it go offline
-    fleet.devices[gone].client.loop_stop()
-    from cloud_hub.models import Device as D
-
-    with fleet.ctx.db.session() as s:
-        s.get(D, gone).online = False  # as the offline sweep would mark it
+    sim = fleet.devices[gone]
+    sim._stop.set()  # no more heartbeats
+    sim.client.loop_stop()  # no reconnect either
+    sim.client._sock.close()  # a power cut: the broker publishes its last will
+    _until(lambda: fleet.db_devices()[gone].online is False, what=f"{gone} seen offline")
     r = fleet.deploy(waves=["1n", "100"], max_failure_ratio=0.0, device_timeout_s=2, soak_s=0.2)
     rid = r.json()["id"]
     first = fleet.rollout(rid)["deployments"]
