@@ -34,7 +34,7 @@ from cloud_hub import audit
 from cloud_hub.db import Database
 from cloud_hub.desired import publish_desired
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
-from cloud_hub.inventory import matches
+from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
 from cloud_hub.rollouts import Publish, revert_devices
 
@@ -118,14 +118,6 @@ class Controller:
                     self._advance(s, rollout)
 
     # --------------------------------------------------------------------- one wave
-    @staticmethod
-    def _devices(s: Session, ids: list[str]) -> dict[str, Device]:
-        """The devices of ``ids`` in a few queries (a wave may hold thousands)."""
-        out: dict[str, Device] = {}
-        for i in range(0, len(ids), 5000):
-            out.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids[i : i + 5000])))})
-        return out
-
     def _advance(self, s: Session, r: Rollout) -> None:
         wave = next(w for w in r.wave_rows if w.index == r.current_wave)
         now = utcnow()
@@ -175,7 +167,7 @@ class Controller:
         base = baseline_of(old)
         if base:
             r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
-        devices = self._devices(s, [d.device_id for d in deps])
+        devices = devices_by_id(s, [d.device_id for d in deps])
         digests: dict[str, str] = {}
         for dep in deps:
             if dep.state != "waiting":
@@ -199,7 +191,7 @@ class Controller:
         version: str,
         now: datetime,
     ) -> None:
-        devices = self._devices(s, [d.device_id for d in deps if d.state == "pending"])
+        devices = devices_by_id(s, [d.device_id for d in deps if d.state == "pending"])
         digests: dict[str, str] = {}
         for dep in deps:
             if dep.state != "pending":
@@ -254,7 +246,7 @@ class Controller:
                 )
             )
         )
-        devices = self._devices(s, [d.device_id for d in succeeded])
+        devices = devices_by_id(s, [d.device_id for d in succeeded])
         updated = []
         for dep in succeeded:
             device = devices.get(dep.device_id)

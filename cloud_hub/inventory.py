@@ -9,7 +9,7 @@ matches labels) and pin them to a version (rollouts skip pinned devices).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ from cloud_hub import audit
 from cloud_hub.models import Device
 from edgeglm.errors import NotFoundError, UsageError
 
-__all__ = ["Inventory", "device_view", "parse_selector"]
+__all__ = ["Inventory", "device_view", "devices_by_id", "parse_selector"]
 
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
@@ -54,6 +54,14 @@ def matches(device: Device, selector: Mapping[str, str]) -> bool:
         if actual != value:
             return False
     return True
+
+
+def devices_by_id(s: Session, ids: Sequence[str]) -> dict[str, Device]:
+    """The devices of ``ids`` in a few queries (a wave may hold thousands of them)."""
+    out: dict[str, Device] = {}
+    for i in range(0, len(ids), 5000):
+        out.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids[i : i + 5000])))})
+    return out
 
 
 def device_view(d: Device) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from cloud_hub import audit
 from cloud_hub.gates import parse_gate
-from cloud_hub.inventory import matches
+from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, Rollout, RolloutWave, utcnow
 from cloud_hub.registry import Registry
 from edgeglm.bundle import Manifest, parse_manifest
@@ -343,10 +343,7 @@ def revert_devices(
     ]
     model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
     reverted = []
-    devices: dict[str, Device] = {}
-    ids = [dep.device_id for dep in moved]
-    for i in range(0, len(ids), 5000):
-        devices.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids[i : i + 5000])))})
+    devices = devices_by_id(s, [dep.device_id for dep in moved])
     digests: dict[str, str] = {}
     for dep in moved:
         device = devices.get(dep.device_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["HubSettings"]
@@ -24,7 +24,6 @@ class HubSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_piece_bytes: int = 64 * 1024 * 1024
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def database_url(self) -> str:

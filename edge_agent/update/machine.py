@@ -21,7 +21,7 @@ Steps report through ``report(step, ok, reason, progress)``; the hub makes repor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -263,7 +263,3 @@ class UpdateMachine:
 
 def _ref(manifest: Manifest) -> str:
     return f"{manifest.model}@{manifest.version}+{manifest.profile}"
-
-
-def pieces_of(manifests: Iterable[Manifest]) -> set[str]:
-    return {p for m in manifests for p in m.piece_ids()}
