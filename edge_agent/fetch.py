@@ -9,6 +9,10 @@ quiet for ``timeout_s`` is sent again for the pieces it still lacks (after a rec
 ``retries`` times; an ERROR frame for a piece drops that piece (the machine sees it missing). The
 broker going away mid-download costs only the requests in flight: nothing received is asked for
 again, because the caller keeps every verified piece in its store.
+
+An optional bandwidth cap (bytes per second) is a token bucket on what arrives: while it is
+empty no new request goes out, and while capped a request asks for about one second's worth of
+pieces, so the rate on the wire stays near the cap without the hub knowing about it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,31 @@ __all__ = ["MqttFetcher"]
 log = logging.getLogger(__name__)
 
 
+class _Bucket:
+    """``rate`` bytes per second, bursts up to one second's worth; 0 means no cap."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.at = time.monotonic()
+
+    def spend(self, n: int) -> None:
+        if self.rate:
+            self._refill()
+            self.tokens -= n
+
+    def ready(self) -> bool:
+        if not self.rate:
+            return True
+        self._refill()
+        return self.tokens > 0
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+
 @dataclass
 class _Request:
     rid: str
@@ -64,8 +93,10 @@ class MqttFetcher:
         batch: int = 32,
         timeout_s: float = 30.0,
         retries: int = 5,
+        bandwidth_bytes_s: int = 0,
     ) -> None:
         self.link = link
+        self.bucket = _Bucket(bandwidth_bytes_s)
         self.device_id = device_id
         self.window = window
         self.batch = batch
@@ -152,8 +183,9 @@ class MqttFetcher:
         open_: dict[str, _Request] = {}
         try:
             while todo or open_:
-                while todo and len(open_) < self.window:
-                    chunk, todo = todo[: self.batch], todo[self.batch :]
+                while todo and len(open_) < self.window and self.bucket.ready():
+                    n = self._chunk_len(todo)
+                    chunk, todo = todo[:n], todo[n:]
                     self._open(target, chunk, have, open_)
                 try:
                     rid, frame = self._events.get(timeout=0.2)
@@ -185,6 +217,15 @@ class MqttFetcher:
             for rid in open_:
                 self._forget(rid)
 
+    def _chunk_len(self, todo: Sequence[PieceStep]) -> int:
+        if not self.bucket.rate:
+            return min(self.batch, len(todo))
+        n, size = 0, 0
+        while n < min(self.batch, len(todo)) and (n == 0 or size + todo[n].size <= self.bucket.rate):
+            size += todo[n].size
+            n += 1
+        return n
+
     def _open(
         self, target: Manifest, chunk: Sequence[PieceStep], have: Sequence[str], open_: dict[str, _Request]
     ) -> _Request:
@@ -197,6 +238,7 @@ class MqttFetcher:
 
     def _take(self, req: _Request, frame: Frame) -> tuple[PieceStep, Encoded, str | None] | None:
         pid = frame.piece_id.hex()
+        self.bucket.spend(len(frame.payload))
         req.sent = time.monotonic()  # the request is alive: its timeout counts from the last frame
         if frame.kind == FrameKind.ERROR:
             body = decode(ErrorBody, frame.payload)

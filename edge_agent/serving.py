@@ -72,8 +72,8 @@ class InferService:
 
     def __init__(
         self,
-        engine: Engine,
-        scheduler: Scheduler,
+        engine: Engine | None,  # None: no model yet, every request gets an ``unavailable`` reply
+        scheduler: Scheduler | None,
         link: MqttLink,
         metrics: Metrics,
         *,
@@ -98,6 +98,16 @@ class InferService:
             self.link.subscribe(topic, 1, self.handle)
         return self
 
+    def retire(self, timeout_s: float = 60.0) -> None:
+        """Let the requests this service accepted finish, then stop its scheduler."""
+        sched = self.scheduler
+        if sched is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while (sched.queue_depth or sched.running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sched.stop()
+
     # ------------------------------------------------------------------------------ handling
     def handle(self, incoming: Incoming) -> None:
         try:
@@ -111,6 +121,9 @@ class InferService:
             request = decode(InferRequest, incoming.payload)
         except ProtocolError as exc:
             self._refuse(incoming, None, "bad_request", str(exc))
+            return
+        if self.engine is None or self.scheduler is None:
+            self._refuse(incoming, request.id, "unavailable", "no model is installed on this box yet")
             return
         target = self._target(incoming, request.reply_to)
         if target is None:

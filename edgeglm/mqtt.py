@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -44,6 +45,8 @@ class BrokerSettings:
     cert_file: str | None = None
     key_file: str | None = None
     keepalive: int = 30
+    reconnect_min_s: float = 1.0  # backoff between attempts: min * 2**failures, capped, jittered
+    reconnect_max_s: float = 30.0
 
     @property
     def tls(self) -> bool:
@@ -61,6 +64,16 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], None]
+
+
+def backoff_s(failures: int, low: float, high: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after ``failures`` failed attempts: exponential, capped, with equal jitter.
+
+    The delay lies in ``[d/2, d]`` for ``d = min(high, low * 2**failures)``: never zero (a broker
+    that just came back is not hammered), and spread so a fleet does not reconnect in lockstep.
+    """
+    d = min(high, low * 2 ** min(failures, 32))
+    return d / 2 + rand() * d / 2
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
@@ -102,6 +115,10 @@ class MqttLink:
         self._connected = threading.Event()
         self._answered = threading.Event()  # the first CONNACK came, accepted or refused
         self._refused: str | None = None
+        self._on_connected: list[Callable[[], None]] = []
+        self._was_up = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
     def connect(self, timeout: float = 10.0) -> MqttLink:
@@ -118,7 +135,50 @@ class MqttLink:
             raise UnavailableError(where, why, hint="Check the broker address and credentials.")
         return self
 
+    def start(self) -> MqttLink:
+        """Connect in the background and stay connected; never raises for an absent broker."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.settings.host}", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def on_connected(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (on the network thread) after every successful (re)connect."""
+        self._on_connected.append(hook)
+
+    def _run(self) -> None:
+        s = self.settings
+        failures = 0
+        while not self._stop.is_set():
+            self._was_up = False
+            try:
+                self.client.connect(s.host, s.port, keepalive=s.keepalive)
+            except (OSError, ssl.SSLError) as exc:
+                log.info("MQTT broker %s:%s unreachable: %s", s.host, s.port, exc)
+            else:
+                while not self._stop.is_set():
+                    if self.client.loop(timeout=0.5) != paho.MQTT_ERR_SUCCESS:
+                        break
+                if self._was_up:
+                    failures = 0  # it was up: start the backoff afresh
+                self._connected.clear()
+            if self._stop.is_set():
+                break
+            delay = backoff_s(failures, s.reconnect_min_s, s.reconnect_max_s)
+            failures += 1
+            log.info("MQTT reconnect to %s:%s in %.1fs", s.host, s.port, delay)
+            self._stop.wait(delay)
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+            self.client.loop(timeout=0.1)
+
     def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            return
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -143,7 +203,7 @@ class MqttLink:
         expiry_s: int | None = None,
         content_type: str | None = None,
         response_topic: str | None = None,
-    ) -> None:
+    ) -> paho.MQTTMessageInfo:
         props: Properties | None = None
         if correlation is not None or expiry_s is not None or content_type or response_topic:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -158,6 +218,22 @@ class MqttLink:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+        return info
+
+    def deliver(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, timeout: float = 10.0
+    ) -> bool:
+        """Publish and wait until the broker has it (PUBACK for QoS 1; written out for QoS 0)."""
+        if not self.connected:
+            return False
+        info = self.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
 
     # ----------------------------------------------------------------------------- callbacks
     def _on_connect(self, client: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
@@ -170,13 +246,20 @@ class MqttLink:
             subs = [(t, q) for t, (q, _) in self._subs.items()]
         for topic_filter, qos in subs:
             client.subscribe(topic_filter, qos)
+        self._refused = None
+        self._was_up = True
         self._connected.set()
         self._answered.set()
         log.info("MQTT connected to %s:%s", self.settings.host, self.settings.port)
+        for hook in self._on_connected:
+            try:
+                hook()
+            except Exception:
+                log.exception("on-connect hook failed")
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
-        log.info("MQTT disconnected (%s); paho reconnects", reason)
+        log.info("MQTT disconnected (%s)", reason)
 
     def _on_message(self, _client: Any, _u: Any, msg: Any) -> None:
         props = getattr(msg, "properties", None)

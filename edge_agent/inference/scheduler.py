@@ -91,6 +91,11 @@ class Scheduler:
         self.stop()
 
     @property
+    def alive(self) -> bool:
+        """The scheduler thread runs (a bug that escaped its loop would end it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 

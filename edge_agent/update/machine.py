@@ -21,6 +21,7 @@ Steps report through ``report(step, ok, reason, progress)``; the hub makes repor
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -103,6 +104,8 @@ class UpdateMachine:
         self.report = report
         self.crash_at = crash_at or (lambda _step: None)
         self.fetched: list[str] = []  # every piece id received, in order (tests read it)
+        self.current: UpdateRecord | None = None  # the update being driven (reports name it)
+        self.progress_every_s = 2.0
         self._steps: dict[str, Callable[[_Run], None]] = {
             "fetching_manifest": self._fetch_manifest,
             "downloading": self._download,
@@ -143,6 +146,7 @@ class UpdateMachine:
 
     # ----------------------------------------------------------------------------- loop
     def _drive(self, run: _Run, step: str) -> str:
+        self.current = run.rec
         while step not in TERMINAL:
             entries = int((run.rec.attempts or {}).get(step, 0))
             if entries >= MAX_ENTRIES:
@@ -152,6 +156,7 @@ class UpdateMachine:
                     step = "failed"
                 continue
             run.rec = self.state.enter(run.rec, step, reason=run.reason)  # persisted before the effect
+            self.current = run.rec
             self.crash_at(step)
             try:
                 self._steps[step](run)
@@ -177,7 +182,9 @@ class UpdateMachine:
     # ---------------------------------------------------------------------------- steps
     def _fetch_manifest(self, run: _Run) -> None:
         rec = run.rec
-        raw = self.fetcher.manifest(rec.model, rec.version, rec.profile)
+        raw = self._held_manifest(rec.manifest_digest) or self.fetcher.manifest(
+            rec.model, rec.version, rec.profile
+        )
         manifest, doc = parse_manifest(raw, self.trusted)  # signature and every path checked
         if (manifest.model, manifest.version, manifest.profile) != (rec.model, rec.version, rec.profile):
             raise IntegrityError(
@@ -190,6 +197,14 @@ class UpdateMachine:
         run.rec = self.state.save(rec, manifest_json=text)
         self.report("fetching_manifest", True, None, None)
 
+    def _held_manifest(self, digest: str) -> bytes | None:
+        """The signed manifest of a slot that holds exactly ``digest`` (a revert: no network)."""
+        for name in ("a", "b"):
+            m = self.slots.manifest(name)
+            if digest and m is not None and manifest_digest(m.to_json_dict()) == digest:
+                return (self.slots.path(name) / "manifest.json").read_bytes()
+        return None
+
     def _held(self) -> list[Manifest]:
         return [m for m in (self.slots.manifest(n) for n in ("a", "b")) if m is not None]
 
@@ -201,6 +216,7 @@ class UpdateMachine:
         steps = the_plan.steps()
         total = sum(s.size for s in steps)
         done = 0
+        last_report = time.monotonic()
         for attempt in range(PIECE_RETRIES):
             todo = [s for s in steps if not self.store.has(s.piece_id)]
             if not todo:
@@ -215,12 +231,26 @@ class UpdateMachine:
                     log.warning("piece %s rejected (%s); fetching it again", step.piece_id[:16], exc.why)
                     continue
                 self.fetched.append(step.piece_id)
+                log.debug("piece %s verified (%d bytes)", step.piece_id, step.size)
                 done += step.size
+                if time.monotonic() - last_report >= self.progress_every_s:
+                    last_report = time.monotonic()
+                    self.report("downloading", True, None, self._progress(steps))
             log.info("download round %d: %d of %d bytes", attempt + 1, done, total)
         missing = [s.piece_id for s in steps if not self.store.has(s.piece_id)]
         if missing:
             raise UpdateError("download", f"{len(missing)} piece(s) could not be fetched intact")
-        self.report("downloading", True, None, {"bytes_done": total, "bytes_total": total})
+        self.report("downloading", True, None, self._progress(steps))
+
+    def _progress(self, steps: Sequence[PieceStep]) -> dict[str, int]:
+        """What is in the store already (pieces verified before a restart count too)."""
+        held = [s for s in steps if self.store.has(s.piece_id)]
+        return {
+            "bytes_done": sum(s.size for s in held),
+            "bytes_total": sum(s.size for s in steps),
+            "pieces_done": len(held),
+            "pieces_total": len(steps),
+        }
 
     def _assemble(self, run: _Run) -> None:
         target = self._manifest(run)

@@ -1,4 +1,8 @@
-"""``edgectl agent``: try a bundle locally (``infer``) or serve it (``serve``)."""
+"""``edgectl agent``: try a bundle locally (``infer``), serve one (``serve``), or run the daemon.
+
+``run`` is the systemd daemon (also installed as ``edge-agent run``): config file + environment,
+A/B slots, updates from the hub. ``status`` reads a box's data directory: slots, last update.
+"""
 
 from __future__ import annotations
 
@@ -178,3 +182,75 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(flag, f"{value!r} is not HOST:PORT")
     return host, int(port)
+
+
+_config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Agent config (TOML) [default: $EDGE_AGENT_CONFIG, else /etc/edge-agent/agent.toml].",
+)
+
+
+def _load_agent_config(config_path: Path | None) -> Any:
+    import os
+
+    from edge_agent.config import DEFAULT_PATH, load_config
+
+    path = config_path or Path(os.environ.get("EDGE_AGENT_CONFIG", DEFAULT_PATH))
+    if config_path is None and not path.exists() and "EDGE_AGENT_DEVICE_ID" in os.environ:
+        return load_config(None)  # configured by the environment alone
+    return load_config(path)
+
+
+@agent.command("run")
+@_config_opt
+def run(config_path: Path | None) -> None:
+    """Run the edge agent daemon: serve the active slot and follow the hub (until SIGTERM)."""
+    config = _load_agent_config(config_path)
+    from edge_agent.daemon import Agent
+    from edge_agent.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
+    Agent(config).run_forever()
+
+
+@agent.command("status")
+@_config_opt
+@output_option
+def status(config_path: Path | None, output: str) -> None:
+    """What this box holds: the active slot, both slots' versions, the last update."""
+    config = _load_agent_config(config_path)
+    from edge_agent.update.slots import Slots
+    from edge_agent.update.state import StateStore
+
+    data = Path(config.data_dir)
+    slots = Slots(data)
+    rows: dict[str, Any] = {"device_id": config.device_id, "active_slot": slots.active_name()}
+    for name in ("a", "b"):
+        m = slots.manifest(name)
+        rows[f"slot_{name}"] = f"{m.model}@{m.version}" if m is not None else None
+    last = StateStore(data / "agent.db").latest() if (data / "agent.db").exists() else None
+    rows["last_update"] = (
+        None
+        if last is None
+        else {
+            "target": f"{last.model}@{last.version}",
+            "rollout_id": last.rollout_id,
+            "step": last.step,
+            "reason": last.reason or None,
+            "updated_at": last.updated_at,
+        }
+    )
+    emit(rows, output, lambda d: render_table(["", ""], [(k, v) for k, v in d.items()]))
+
+
+def agent_main() -> None:
+    """The ``edge-agent`` console script: the daemon's own name for ``edgectl agent``."""
+    from edgeglm.cli import EdgeGroup
+
+    group = EdgeGroup(
+        name="edge-agent", commands={"run": run, "status": status}, help="The EdgeGLM edge agent."
+    )
+    group(prog_name="edge-agent")

@@ -1,0 +1,166 @@
+"""Activating a slot: load its bundle in an engine, warm it up, smoke-test it, then serve it.
+
+The update machine calls :meth:`Activator.__call__` twice for one update: on the inactive slot
+before the switch (the candidate is loaded, warmed up and must pass the golden smoke test, while the
+old model keeps serving), and on the active slot after it (the same candidate is promoted to
+serving without a second load). After a crash between the two, the second call finds the slot
+already serving (the daemon loaded it at boot) and smoke-tests it through the scheduler.
+
+The smoke test (also the warm-up: its first prefill and decode size ORT's buffers) runs the
+manifest's golden prompt greedily and compares the tokens position by position with the expected
+ones; the agreement must reach the profile's ``smoke_min_agreement``.
+The manifest's signature is checked on every load (file digests were checked by the machine's
+``verifying`` step; :meth:`Activator.boot` checks them too, since nothing vouches for a slot on
+disk across a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.inference.engine import Engine
+from edge_agent.inference.generation import GenerationResult, Prompt
+from edge_agent.inference.sampling import SamplingParams
+from edge_agent.inference.scheduler import Scheduler
+from edgeglm.bundle import load_manifest, manifest_digest, verify_files
+from edgeglm.errors import UpdateError
+from edgeglm.profiles import DeviceProfile
+
+__all__ = ["Activator", "SmokeResult", "smoke_test"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    agreement: float
+    tokens: tuple[int, ...]
+    seconds: float
+
+
+def _smoke_prompt(engine: Engine) -> tuple[Prompt, tuple[int, ...]]:
+    smoke = engine.manifest.smoke_test
+    if smoke is None:
+        raise UpdateError(f"bundle {engine.model}@{engine.version}", "has no smoke test in its manifest")
+    ids = tuple(engine.codec.encode(smoke.prompt))
+    if smoke.prompt_tokens and ids != tuple(smoke.prompt_tokens):
+        raise UpdateError("smoke test", "the tokenizer on this box encodes the golden prompt differently")
+    prompt = Prompt(ids=ids, max_tokens=smoke.max_new_tokens, sampling=SamplingParams(temperature=0.0))
+    return prompt, tuple(smoke.expected_tokens)
+
+
+def _agreement(got: tuple[int, ...], expected: tuple[int, ...]) -> float:
+    if not expected:
+        return 1.0
+    return sum(1 for a, b in zip(got, expected, strict=False) if a == b) / len(expected)
+
+
+def smoke_test(engine: Engine, scheduler: Scheduler | None = None, timeout_s: float = 120.0) -> SmokeResult:
+    """Run the golden prompt greedily (through ``scheduler`` when the engine is serving)."""
+    prompt, expected = _smoke_prompt(engine)
+    t0 = time.perf_counter()
+    if scheduler is None:
+        result = engine.generate(prompt)
+    else:
+        done = threading.Event()
+        box: list[GenerationResult] = []
+        scheduler.submit(prompt, on_done=lambda r: (box.append(r), done.set()))
+        if not done.wait(timeout_s):
+            raise UpdateError("smoke test", f"no answer from the engine within {timeout_s:.0f}s")
+        result = box[0]
+    if result.error_code is not None:
+        raise UpdateError("smoke test", f"the engine failed: {result.error_code}: {result.error_message}")
+    got = tuple(result.tokens)
+    return SmokeResult(_agreement(got, expected), got, time.perf_counter() - t0)
+
+
+class Activator:
+    """The machine's ``activate`` callback; ``serve(engine)`` puts an engine in front of requests."""
+
+    def __init__(
+        self,
+        trusted: Mapping[str, Any],
+        profile: DeviceProfile,
+        active: Callable[[], Path],
+        serve: Callable[[Engine], None],
+        serving: Callable[[], tuple[Engine, Scheduler] | None],
+        *,
+        threads: int | None = None,
+    ) -> None:
+        self.trusted = trusted
+        self.profile = profile
+        self.active = active
+        self.serve = serve
+        self.serving = serving
+        self.threads = threads
+        self.last: SmokeResult | None = None
+        self._candidate: tuple[Path, str, Engine] | None = None
+
+    def boot(self, folder: Path) -> Engine:
+        """Load the active slot at start: signature and every file digest, then the smoke test."""
+        manifest, _ = load_manifest(folder, self.trusted)
+        verify_files(manifest, folder)
+        engine = self._load(folder)
+        self._check(engine, None)
+        return engine
+
+    def __call__(self, folder: Path) -> None:
+        real = Path(folder).resolve()
+        _, doc = load_manifest(real, self.trusted)  # the signature, on every activation
+        digest = manifest_digest(doc)
+        live = self.serving()
+        if (
+            live is not None
+            and Path(live[0].folder).resolve() == real
+            and manifest_digest(live[0].manifest.to_json_dict()) == digest
+        ):
+            self._check(live[0], live[1])  # serving it already (a resume after the switch)
+            return
+        cand = self._candidate
+        if cand is not None and cand[0] == real and cand[1] == digest:
+            engine = cand[2]  # loaded and smoke-tested before the switch
+        else:
+            self._candidate = None
+            engine = self._load(real)
+            self._check(engine, None)
+        if real == Path(self.active()).resolve():
+            self._candidate = None
+            self.serve(engine)
+        else:
+            self._candidate = (real, digest, engine)
+
+    def discard(self) -> None:
+        """Drop a loaded candidate (an update that failed after loading it)."""
+        self._candidate = None
+
+    def _load(self, folder: Path) -> Engine:
+        t0 = time.perf_counter()
+        engine = Engine.load(folder, profile=self.profile, threads=self.threads)
+        log.info(
+            "loaded %s@%s from %s in %.2fs", engine.model, engine.version, folder, time.perf_counter() - t0
+        )
+        return engine
+
+    def _check(self, engine: Engine, scheduler: Scheduler | None) -> None:
+        result = smoke_test(engine, scheduler)
+        self.last = result
+        need = self.profile.quality.smoke_min_agreement
+        log.info(
+            "smoke test of %s@%s: agreement %.3f (need %.3f) in %.2fs",
+            engine.model,
+            engine.version,
+            result.agreement,
+            need,
+            result.seconds,
+        )
+        if result.agreement < need:
+            raise UpdateError(
+                f"smoke test of {engine.model}@{engine.version}",
+                f"greedy tokens agree {result.agreement:.0%} with the manifest's, below {need:.0%}",
+            )

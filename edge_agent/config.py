@@ -1,0 +1,210 @@
+"""The agent's configuration: ``/etc/edge-agent/agent.toml``, overridden by ``EDGE_AGENT_*`` variables.
+
+    device_id = "box-17"                 # required: this box's id on the wire
+    profile = "cpu-x86-int4"             # required: the device profile it runs
+    data_dir = "/var/lib/edge-agent"     # state DB, outbox, piece store, slots
+    trusted_keys = ["/etc/edge-agent/release.pub"]   # manifests must be signed by one of these
+    bootstrap_bundle = "/opt/edgeglm/factory-bundle" # optional: installed when no slot holds a model
+    log_format = "kv"                    # or "json"
+
+    [cloud]                              # the hub's broker: updates, reports, telemetry
+    url = "mqtts://hub.example.com:8883" # mqtt:// or mqtts:// (TLS)
+    ca_file = "/etc/edge-agent/ca.pem"   # TLS: the broker's CA; cert_file + key_file: client cert
+    username = "box-17"                  # password: EDGE_AGENT_CLOUD_PASSWORD or password_file
+
+    [local]                              # optional: the sensors' broker (default: the cloud one)
+    url = "mqtt://127.0.0.1:1883"
+
+    [serving]   site, queue_size, threads
+    [telemetry] heartbeat_s, outbox_max_rows
+    [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap)
+
+An environment variable ``EDGE_AGENT_<KEY>`` sets a top-level key, ``EDGE_AGENT_<SECTION>_<KEY>``
+a key of a section (``EDGE_AGENT_CLOUD_PASSWORD``, ``EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S``); lists
+are comma-separated. Anything wrong is a :class:`ConfigError` naming the key (exit 78, so systemd
+does not restart a box into the same bad config). Secrets never appear in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from edgeglm.errors import ConfigError, EdgeError
+from edgeglm.mqtt import BrokerSettings
+from edgeglm.protocol import check_device_id, check_site
+
+__all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config"]
+
+DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
+_ENV = "EDGE_AGENT_"
+
+
+def _checked(check: Any, value: str) -> str:
+    try:
+        return str(check(value))
+    except EdgeError as exc:
+        raise ValueError(exc.why) from None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{v!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
+        return v
+
+    def settings(self) -> BrokerSettings:
+        """The link settings; reads ``password_file`` now (a missing file is a config error)."""
+        parts = urlsplit(self.url)
+        tls = parts.scheme == "mqtts"
+        if tls and self.ca_file is None:
+            raise ConfigError("cloud/local ca_file", f"{self.url} is TLS: give the broker's CA file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("cert_file / key_file", "a client certificate needs both")
+        for f in (self.ca_file, self.cert_file, self.key_file):
+            if f is not None and not f.is_file():
+                raise ConfigError(str(f), "does not exist")
+        password = self.password.get_secret_value() if self.password is not None else None
+        if password is None and self.password_file is not None:
+            try:
+                password = self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"password_file {self.password_file}", str(exc)) from exc
+        return BrokerSettings(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (8883 if tls else 1883),
+            username=self.username,
+            password=password,
+            ca_file=str(self.ca_file) if tls and self.ca_file else None,
+            cert_file=str(self.cert_file) if self.cert_file else None,
+            key_file=str(self.key_file) if self.key_file else None,
+            keepalive=self.keepalive,
+            reconnect_min_s=self.reconnect_min_s,
+            reconnect_max_s=max(self.reconnect_max_s, self.reconnect_min_s),
+        )
+
+
+class ServingConfig(_Section):
+    site: str | None = None
+    queue_size: int | None = Field(None, ge=0, le=100_000)
+    threads: int | None = Field(None, ge=1, le=256)
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str | None) -> str | None:
+        return None if v is None else _checked(check_site, v)
+
+
+class TelemetryConfig(_Section):
+    heartbeat_s: float = Field(30.0, gt=0, le=3600)
+    outbox_max_rows: int = Field(10_000, ge=10, le=10_000_000)
+
+
+class UpdateConfig(_Section):
+    window: int = Field(8, ge=1, le=256)
+    batch: int = Field(32, ge=1, le=1024)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+    bandwidth_bytes_s: int = Field(0, ge=0)  # 0: no cap
+
+
+class AgentConfig(_Section):
+    device_id: str
+    profile: str
+    data_dir: Path = Path("/var/lib/edge-agent")
+    trusted_keys: tuple[Path, ...] = Field(min_length=1)
+    bootstrap_bundle: Path | None = None
+    log_format: Literal["kv", "json"] = "kv"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cloud: BrokerConfig = BrokerConfig()
+    local: BrokerConfig | None = None
+    serving: ServingConfig = ServingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    update: UpdateConfig = UpdateConfig()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _checked(check_device_id, v)
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+
+_SECTIONS = {"cloud", "local", "serving", "telemetry", "update"}
+
+
+def _env_overrides(doc: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    for name, value in env.items():
+        if not name.startswith(_ENV) or name == "EDGE_AGENT_CONFIG":
+            continue
+        key = name[len(_ENV) :].lower()
+        section, _, rest = key.partition("_")
+        if section in _SECTIONS and rest:
+            out.setdefault(section, {})
+            if not isinstance(out[section], dict):
+                raise ConfigError(name, f"[{section}] in the config file is not a table")
+            out[section][rest] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read ``path`` (None: environment only), apply ``EDGE_AGENT_*`` overrides, validate."""
+    env = os.environ if env is None else env
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config {path}", exc.strerror or str(exc)) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {path}", f"is not valid TOML: {exc}") from exc
+    try:
+        config = AgentConfig.model_validate(_env_overrides(doc, env))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"config {where}", f"{first['msg']}{more}") from None
+    from edgeglm.profiles import load_profile
+
+    try:
+        load_profile(config.profile)
+    except EdgeError as exc:
+        raise ConfigError(f"config profile {config.profile!r}", exc.why) from None
+    for key in config.trusted_keys:
+        if not key.is_file():
+            raise ConfigError(f"config trusted_keys {key}", "does not exist")
+    return config

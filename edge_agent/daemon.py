@@ -1,0 +1,422 @@
+"""``edge-agent run``: the daemon on each box: serve the active slot, follow the hub's desired state.
+
+    cloud broker ── desired (retained) ──> update worker ──> UpdateMachine ──> Activator ──> Front
+         ^  <── FetchRequests / data ───── MqttFetcher            │ reports          (serves the
+         │                                                        v                 active slot)
+         └──── status (retained, LWT) · heartbeats · reports <── Outbox (SQLite) <── heartbeat timer
+    local broker (optional; default: the cloud one) ── infer requests ──> Front
+
+Start-up order: the state and the slots first; the active slot is verified (signature and every
+file digest) and loaded *before* any link comes up, so a box answers from the model it trusts;
+a slot that fails to load at boot is abandoned for the other one. The links then connect in the
+background (serving never waits for the cloud), the unfinished update, if any, resumes, and the
+worker follows the retained desired state. systemd hears ``READY=1`` when serving, and the
+watchdog is petted only while the engine answers.
+
+An update that ended ``failed`` is not tried again for the same (rollout, manifest digest) after a
+restart: the retained desired state would otherwise loop a box through the same failure; the hub
+answers failures by reverting the desired state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.activation import Activator
+from edge_agent.config import AgentConfig
+from edge_agent.fetch import MqttFetcher
+from edge_agent.front import Front
+from edge_agent.metrics import Metrics
+from edge_agent.notify import Watchdog, notify
+from edge_agent.outbox import Outbox, OutboxItem
+from edge_agent.update.machine import UpdateMachine
+from edge_agent.update.slots import Slots
+from edge_agent.update.state import StateStore
+from edgeglm import __version__
+from edgeglm.assembler import assemble_bundle
+from edgeglm.bundle import load_manifest, verify_files
+from edgeglm.bundle_files import ingest_folder
+from edgeglm.errors import EdgeError, ProtocolError
+from edgeglm.keys import load_public_keys
+from edgeglm.mqtt import Incoming, MqttLink
+from edgeglm.profiles import load_profile
+from edgeglm.protocol import (
+    UPDATE_SUCCEEDED,
+    Desired,
+    Heartbeat,
+    Progress,
+    Report,
+    Status,
+    decode,
+    desired_topic,
+    encode,
+    heartbeat_topic,
+    report_topic,
+    status_topic,
+)
+
+__all__ = ["Agent"]
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "EDGE_AGENT_FAULT_KILL_AT"  # fault injection for the crash tests: SIGKILL at this step
+
+
+@dataclass(frozen=True)
+class _Want:
+    model: str
+    version: str
+    profile: str
+    digest: str
+    rollout_id: str | None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.profile = load_profile(config.profile)
+        self.trusted = dict(load_public_keys(list(config.trusted_keys)))
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.state = StateStore(data / "agent.db")
+        self.outbox = Outbox(data / "outbox.db", max_rows=config.telemetry.outbox_max_rows)
+        from edgeglm.piece_store import PieceStore
+
+        self.store = PieceStore(data / "pieces")
+        self.slots = Slots(data)
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._term = threading.Event()  # SIGTERM / SIGINT
+        self._wake = threading.Event()
+        self._want: _Want | None = None
+        self._lock = threading.Lock()
+        self._hb_seq = 0
+        self.cloud: MqttLink | None = None
+        self.local: MqttLink | None = None
+        self.front: Front | None = None
+        self.machine: UpdateMachine | None = None
+        self.activator: Activator | None = None
+        self.watchdog: Watchdog | None = None
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------- lifecycle
+    def start(self) -> Agent:
+        c = self.config
+        cloud_settings = c.cloud.settings()
+        self.cloud = MqttLink(
+            cloud_settings,
+            client_id=f"edge-agent-{self.device_id}",
+            will=(status_topic(self.device_id), encode(self._status("offline")), 1, True),
+        )
+        self.cloud.on_connected(self._announce)
+        serving_link = self.cloud
+        if c.local is not None:
+            self.local = MqttLink(c.local.settings(), client_id=f"edge-agent-{self.device_id}-local")
+            serving_link = self.local
+        self.front = Front(
+            serving_link,
+            self.metrics,
+            device_id=self.device_id,
+            site=c.serving.site,
+            queue_size=c.serving.queue_size,
+        )
+        self.activator = Activator(
+            self.trusted,
+            self.profile,
+            active=lambda: self.slots.active,
+            serve=self._serve,
+            serving=self.front.current,
+            threads=c.serving.threads,
+        )
+        self._bootstrap()
+        self._boot()
+        self.front.start()
+        fetcher = MqttFetcher(
+            self.cloud,
+            self.device_id,
+            window=c.update.window,
+            batch=c.update.batch,
+            timeout_s=c.update.request_timeout_s,
+            bandwidth_bytes_s=c.update.bandwidth_bytes_s,
+        )
+        self.machine = UpdateMachine(
+            self.state,
+            self.store,
+            self.slots,
+            fetcher,
+            self.trusted,
+            self.activator,
+            self._report,
+            crash_at=_fault_injection(os.environ.get(FAULT_ENV)),
+        )
+        self.cloud.subscribe(desired_topic(self.device_id), 1, self._on_desired)
+        self.cloud.start()
+        if self.local is not None:
+            self.local.start()
+        self.outbox.start(self._deliver, lambda: self.cloud is not None and self.cloud.connected)
+        self._spawn("update-worker", self._work)
+        self._spawn("heartbeats", self._beat)
+        self.watchdog = Watchdog(self.front.healthy)
+        self.watchdog.start()
+        notify("READY=1")
+        log.info("edge agent %s up (profile %s, slot %s)", self.device_id, self.profile.name, self._slot())
+        return self
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.cloud is not None:
+            self.cloud.deliver(
+                status_topic(self.device_id), encode(self._status("offline")), qos=1, retain=True, timeout=2
+            )
+            self.outbox.flush(2.0)
+        self.outbox.close()
+        for link in (self.local, self.cloud):
+            if link is not None:
+                link.close()
+        if self.front is not None:
+            self.front.stop()
+        self.state.close()
+
+    def run_forever(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._term.set())
+        self.start()
+        try:
+            while not self._term.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def _spawn(self, name: str, target: Any) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # ------------------------------------------------------------------------- the slots
+    def _bootstrap(self) -> None:
+        """First start: install ``bootstrap_bundle`` when neither slot holds a model."""
+        src = self.config.bootstrap_bundle
+        if src is None or any(self.slots.manifest(n) is not None for n in ("a", "b")):
+            return
+        manifest, doc = load_manifest(src, self.trusted)
+        verify_files(manifest, src)
+        ingest_folder(src, manifest, self.store)
+        slot = self.slots.inactive_name()
+        assemble_bundle(manifest, doc, self.store, self.slots.clear(slot))
+        verify_files(manifest, self.slots.path(slot))
+        self.slots.switch(slot)
+        self.store.keep(f"{manifest.model}@{manifest.version}+{manifest.profile}", doc)
+        log.info("installed %s@%s from %s into slot %s", manifest.model, manifest.version, src, slot)
+
+    def _boot(self) -> None:
+        """Load the active slot; if it does not load, fall back to the other one."""
+        assert self.activator is not None
+        for attempt in range(2):
+            name = self.slots.active_name()
+            if self.slots.manifest(name) is None:
+                if attempt == 0 and self.slots.manifest(self.slots.inactive_name()) is not None:
+                    log.error("active slot %s holds no model: switching to the other slot", name)
+                    self.slots.switch(self.slots.inactive_name())
+                    continue
+                log.warning("no model installed yet: requests get 'unavailable' until one arrives")
+                return
+            try:
+                self._serve(self.activator.boot(self.slots.active))
+                return
+            except EdgeError as exc:
+                log.error("slot %s does not load: %s", name, exc)
+                other = self.slots.inactive_name()
+                if attempt == 1 or self.slots.manifest(other) is None:
+                    log.error("no slot loads: serving nothing until an update arrives")
+                    return
+                self.slots.switch(other)
+
+    def _serve(self, engine: Any) -> None:
+        assert self.front is not None
+        self.front.serve(engine)
+        if self.cloud is not None and self.cloud.connected:
+            self._announce()
+
+    def _slot(self) -> str | None:
+        return self.slots.active_name() if self.slots.manifest(self.slots.active_name()) else None
+
+    # ------------------------------------------------------------------------- wire
+    def _status(self, state: str) -> Status:
+        live = self.front.current() if self.front is not None else None
+        return Status(
+            device_id=self.device_id,
+            state=state,  # type: ignore[arg-type]
+            profile=self.profile.name,
+            model=live[0].model if live else None,
+            version=live[0].version if live else None,
+            slot=self._slot() if live else None,  # type: ignore[arg-type]
+            agent_version=__version__,
+            ts=time.time(),
+        )
+
+    def _announce(self) -> None:
+        """Retained online status: on every (re)connect and after every switch."""
+        if self.cloud is not None:
+            online = encode(self._status("online"))
+            self.cloud.publish(status_topic(self.device_id), online, qos=1, retain=True)
+
+    def _deliver(self, item: OutboxItem) -> bool:
+        assert self.cloud is not None
+        return self.cloud.deliver(item.topic, item.payload, qos=item.qos, retain=item.retain)
+
+    def _report(self, step: str, ok: bool, reason: str | None, progress: dict[str, int] | None) -> None:
+        rec = self.machine.current if self.machine is not None else None
+        if rec is None:
+            return
+        self._put_report(rec.rollout_id, rec.version, step, ok, reason, progress)
+
+    def _put_report(
+        self,
+        rollout_id: str | None,
+        version: str,
+        step: str,
+        ok: bool,
+        reason: str | None,
+        progress: dict[str, int] | None = None,
+    ) -> None:
+        body = Report(
+            device_id=self.device_id,
+            rollout_id=rollout_id,
+            step=step,
+            seq=self.outbox.next_seq("report"),
+            ok=ok,
+            reason=reason[:500] if reason else None,
+            progress=Progress(**progress) if progress else None,
+            version=version,
+            ts=time.time(),
+        )
+        self.outbox.put("report", report_topic(self.device_id), encode(body), qos=1)
+        log.info("report %s ok=%s%s", step, ok, f" ({reason[:200]})" if reason else "")
+
+    def _beat(self) -> None:
+        every = self.config.telemetry.heartbeat_s
+        while not self._stop.wait(every):
+            try:
+                self._put_heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _put_heartbeat(self) -> None:
+        live = self.front.current() if self.front is not None else None
+        health = self.metrics.health()
+        last = self.activator.last if self.activator is not None else None
+        if last is not None:
+            health = health.model_copy(update={"smoke_agreement": last.agreement})
+        self._hb_seq += 1
+        body = Heartbeat(
+            device_id=self.device_id,
+            ts=time.time(),
+            model=live[0].model if live else None,
+            version=live[0].version if live else None,
+            health=health,
+            seq=self._hb_seq,
+        )
+        self.outbox.put("heartbeat", heartbeat_topic(self.device_id), encode(body), qos=0)
+
+    # ------------------------------------------------------------------------- updates
+    def _on_desired(self, msg: Incoming) -> None:
+        if not msg.payload:
+            return  # the hub cleared it: keep running what we run
+        try:
+            d = decode(Desired, msg.payload)
+        except ProtocolError as exc:
+            log.warning("ignored a bad desired state: %s", exc)
+            return
+        with self._lock:
+            self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
+        self._wake.set()
+
+    def _work(self) -> None:
+        assert self.machine is not None
+        try:
+            self.machine.resume()
+        except Exception:
+            log.exception("resuming the unfinished update failed")
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                want, self._want = self._want, None
+            if want is None or self._stop.is_set():
+                continue
+            try:
+                self._follow(want)
+            except Exception:
+                log.exception("update to %s@%s failed unexpectedly", want.model, want.version)
+
+    def _follow(self, want: _Want) -> None:
+        assert self.machine is not None
+        if want.profile != self.profile.name:
+            self._put_report(
+                want.rollout_id, want.version, "failed", False, f"this box runs profile {self.profile.name}"
+            )
+            return
+        live = self.front.current() if self.front is not None else None
+        if live is not None and (live[0].model, live[0].version) == (want.model, want.version):
+            last = self.state.latest()
+            if want.rollout_id and not (last and last.rollout_id == want.rollout_id):
+                self._put_report(want.rollout_id, want.version, UPDATE_SUCCEEDED, True, None)
+            return
+        last = self.state.latest()
+        if (
+            last is not None
+            and last.step == "failed"
+            and (last.rollout_id, last.manifest_digest) == (want.rollout_id, want.digest)
+        ):
+            log.info("not retrying %s@%s (rollout %s): it failed", want.model, want.version, want.rollout_id)
+            return
+        final = self.machine.start(
+            model=want.model,
+            version=want.version,
+            profile=want.profile,
+            digest=want.digest,
+            rollout_id=want.rollout_id,
+        )
+        if self.activator is not None:
+            self.activator.discard()
+        if final == UPDATE_SUCCEEDED:
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Keep the pieces of what the two slots hold; drop the rest."""
+        held = {
+            f"{m.model}@{m.version}+{m.profile}"
+            for m in (self.slots.manifest(n) for n in ("a", "b"))
+            if m is not None
+        }
+        for ref in list(self.store.refs()):
+            if ref not in held:
+                self.store.release(ref)
+        stats = self.store.gc()
+        log.info("piece store: %s", stats)
+
+
+def _fault_injection(step: str | None) -> Any:
+    if not step:
+        return None
+
+    def crash_at(at: str) -> None:
+        if at == step:
+            log.warning("fault injection: SIGKILL at %s", at)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash_at

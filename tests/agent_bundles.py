@@ -1,0 +1,74 @@
+"""New versions of a real exported bundle: some float tensors changed, resealed and signed.
+
+``derive(src, dst, key, version, scale)`` copies the bundle at ``src``, multiplies the chosen
+float tensors of its external data by ``scale`` (a fine-tune: 1.001 keeps greedy tokens; 0.0 on
+the final norm breaks the model, so its smoke test fails), and seals it as ``version`` with the
+source's quality, runtime and smoke-test fields. Piece layout stays per tensor, so an update
+between two versions fetches only the changed tensors (as tensor deltas).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_FLOAT = {"float32": np.float32, "float16": np.float16}
+
+
+def float_tensors(folder: Path) -> list[Any]:
+    from edgeglm.onnx_tensors import read_external_tables
+
+    return [t for ts in read_external_tables(folder).values() for t in ts if t.dtype in _FLOAT]
+
+
+def derive(
+    src: Path,
+    dst: Path,
+    key: Any,
+    version: str,
+    *,
+    scale: float = 1.001,
+    fraction: float = 0.1,
+    names: tuple[str, ...] | None = None,
+) -> Path:
+    from edgeglm.bundle import load_manifest
+    from edgeglm.bundle_files import seal_folder
+    from edgeglm.onnx_tensors import read_external_tables
+
+    if dst.exists():
+        return dst
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink()
+    manifest, _ = load_manifest(src, None)
+    tables = read_external_tables(dst)
+    for rel, tensors in tables.items():
+        floats = [t for t in tensors if t.dtype in _FLOAT]
+        if names is not None:
+            chosen = [t for t in floats if any(n in t.name for n in names)]
+        else:
+            step = max(1, round(1 / fraction))
+            chosen = floats[::step]
+        with open(dst / rel, "r+b") as fh:
+            for t in chosen:
+                fh.seek(t.offset)
+                arr = np.frombuffer(fh.read(t.length), dtype=_FLOAT[t.dtype]).copy()
+                arr = (arr * scale).astype(_FLOAT[t.dtype])
+                fh.seek(t.offset)
+                fh.write(arr.tobytes())
+    chunk = {"piece_bytes": 1 << 20}
+    seal_folder(
+        dst,
+        key,
+        model=manifest.model,
+        version=version,
+        profile=manifest.profile,
+        quality=manifest.quality,
+        runtime=manifest.runtime,
+        smoke_test=manifest.smoke_test.model_dump() if manifest.smoke_test else None,
+        source_digest=manifest.source_digest,
+        **chunk,
+    )
+    return dst

@@ -1,0 +1,266 @@
+"""The real daemon under test: ``edge-agent run`` as a process, a mosquitto we can stop, the hub.
+
+``Broker`` is a private mosquitto on a fixed loopback port that a test may stop and start again.
+``AgentProc`` writes an ``agent.toml`` and runs ``edge-agent run`` with its log in a file (kill -9
+and restart at will). ``Wire`` is a paho client that plays the hub's desired state and watches
+reports and status, and sends inference requests like a sensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeglm.protocol import (
+    Desired,
+    InferReply,
+    Report,
+    Status,
+    decode,
+    desired_topic,
+    encode,
+    infer_topic,
+    report_topic,
+    status_topic,
+)
+
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+class Broker:
+    """A private mosquitto on ``port``; ``stop()`` and ``start()`` again on the same port."""
+
+    def __init__(self, root: Path, extra: str = "", port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.conf = root / f"mosquitto-{self.port}.conf"
+        listener = extra or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"{listener}set_tcp_nodelay true\npersistence false\n{user}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stderr=subprocess.DEVNULL)
+        wait_for(self._up, 10, f"mosquitto on port {self.port}")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+class AgentProc:
+    """``edge-agent run`` with a config of our making; the log goes to ``log_path``."""
+
+    def __init__(self, root: Path, device_id: str, port: int, trusted: Path, **config: Any) -> None:
+        self.root = root
+        self.device_id = device_id
+        self.data = root / "data"
+        self.config_path = root / "agent.toml"
+        self.log_path = root / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        sections: dict[str, dict[str, Any]] = {
+            "cloud": {"url": f"mqtt://127.0.0.1:{port}", "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "telemetry": {"heartbeat_s": 0.5},
+            "update": {"request_timeout_s": 3.0},
+        }
+        top: dict[str, Any] = {
+            "device_id": device_id,
+            "profile": "cpu-x86-int8",
+            "data_dir": str(self.data),
+            "trusted_keys": [str(trusted)],
+            "log_level": "debug",
+        }
+        for key, value in config.items():
+            if key in sections or key == "local":
+                sections.setdefault(key, {}).update(value)
+            else:
+                top[key] = value
+        self.config_path.write_text(_toml(top, sections))
+
+    def start(self, env: dict[str, str] | None = None) -> AgentProc:
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        log.write(f"\n=== start {self.starts} ===\n".encode())
+        log.flush()
+        full = {**os.environ, **(env or {})}
+        full.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [EDGE_AGENT, "run", "--config", str(self.config_path)], stderr=log, stdout=log, env=full
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, pattern: str, timeout: float = 60.0, after: int = 0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        return wait_for(lambda: rx.search(self.log()[after:]), timeout, f"agent log line /{pattern}/")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(10)
+        return self.proc.returncode
+
+    def verified_pieces(self) -> list[str]:
+        """Every piece the agent verified into its store, across all its runs (from its debug log)."""
+        return re.findall(r"piece ([0-9a-f]{64}) verified", self.log())
+
+    def state(self) -> Any:
+        from edge_agent.update.state import StateStore
+
+        store = StateStore(self.data / "agent.db")
+        try:
+            return store.latest()
+        finally:
+            store.close()
+
+    def active_version(self) -> str | None:
+        from edge_agent.update.slots import Slots
+
+        m = Slots(self.data).manifest(Slots(self.data).active_name())
+        return m.version if m is not None else None
+
+
+def _toml(top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in top.items()]
+    for name, table in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Wire:
+    """The test's own MQTT client: desired states out; reports, status and replies in."""
+
+    def __init__(self, port: int, device_id: str) -> None:
+        self.device_id = device_id
+        self.reports: list[Report] = []
+        self.status: list[Status] = []
+        self.replies: queue.Queue[tuple[bytes, InferReply]] = queue.Queue()
+        self.reply_topic = f"sensors/{uuid.uuid4().hex[:8]}/reply"
+        self.lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [(report_topic(device_id), 1), (status_topic(device_id), 1), (self.reply_topic, 1)]
+        )
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic == report_topic(self.device_id):
+            with self.lock:
+                self.reports.append(decode(Report, msg.payload))
+        elif msg.topic == status_topic(self.device_id) and msg.payload:
+            with self.lock:
+                self.status.append(decode(Status, msg.payload))
+        elif msg.topic == self.reply_topic:
+            corr = getattr(msg.properties, "CorrelationData", b"")
+            self.replies.put((corr, decode(InferReply, msg.payload)))
+
+    def desire(self, folder: Path, rollout_id: str) -> None:
+        from edgeglm.bundle import load_manifest, manifest_digest
+
+        m, doc = load_manifest(folder, None)
+        body = Desired(
+            model=m.model,
+            version=m.version,
+            manifest_digest=manifest_digest(doc),
+            rollout_id=rollout_id,
+            profile=m.profile,
+            issued_at=time.time(),
+        )
+        self.client.publish(desired_topic(self.device_id), encode(body), qos=1, retain=True).wait_for_publish(5)
+
+    def steps(self, rollout_id: str) -> list[tuple[str, bool]]:
+        with self.lock:
+            return [(r.step, r.ok) for r in self.reports if r.rollout_id == rollout_id]
+
+    def ask(self, prompt: str = "The sensor reads", timeout: float = 60.0) -> InferReply:
+        """One greedy request; returns the final reply (drains stale ones)."""
+        key = uuid.uuid4().hex.encode()
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = key
+        payload = json.dumps({"prompt": prompt, "max_tokens": 4}).encode()
+        self.client.publish(infer_topic(self.device_id), payload, qos=1, properties=props)
+        deadline = time.monotonic() + timeout
+        while True:
+            corr, reply = self.replies.get(timeout=max(0.1, deadline - time.monotonic()))
+            if corr == key and reply.done:
+                return reply
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

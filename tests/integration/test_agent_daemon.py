@@ -1,0 +1,136 @@
+"""``edge-agent run`` as a real process against the real hub gateway and a private mosquitto.
+
+A tiny trained GLM is exported once (``tiny_bundle``); ``1.1.0`` is a fine-tune of it (10% of the
+float tensors moved by 0.1%), ``1.2.0`` is broken (every norm zeroed: its smoke test fails).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_bundles import derive
+from tests.integration.agent_harness import AgentProc, Broker, Wire, wait_for
+from tests.integration.test_hub_rollouts import register
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Versions:
+    v1: Path
+    v11: Path
+    bad: Path
+    public: Path
+    key: Any
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Versions:
+    from edgeglm.keys import load_private_key
+
+    folder, _profile, public = tiny_bundle("fused-int8")
+    key = load_private_key(public.with_suffix(".key"))
+    root = tmp_path_factory.mktemp("agent-versions")
+    return Versions(
+        v1=folder,
+        v11=derive(folder, root / "1.1.0", key, "1.1.0", scale=1.001),
+        bad=derive(folder, root / "1.2.0", key, "1.2.0", scale=0.0, names=("norm",)),
+        public=public,
+        key=key,
+    )
+
+
+@dataclass
+class World:
+    root: Path
+    broker: Broker
+    ctx: Any
+    wire: Wire
+    versions: Versions
+    device_id: str
+
+    def agent(self, **config: Any) -> AgentProc:
+        config.setdefault("bootstrap_bundle", str(self.versions.v1))
+        return AgentProc(self.root / "box", self.device_id, self.broker.port, self.versions.public, **config)
+
+
+@pytest.fixture
+def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
+    from cloud_hub.server import build_context, start_ingest
+    from cloud_hub.settings import HubSettings
+    from edgeglm.mqtt import BrokerSettings
+
+    from cloud_hub.db import migrate
+
+    broker = Broker(tmp_path).start()
+    migrate(f"sqlite:///{tmp_path / 'hub.db'}")
+    ctx = build_context(
+        HubSettings(
+            data_dir=tmp_path / "hub",
+            db_url=f"sqlite:///{tmp_path / 'hub.db'}",
+            trusted_keys=(versions.public,),
+        )
+    )
+    for folder in (versions.v1, versions.v11, versions.bad):
+        register(ctx, folder)
+    link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), f"hub-{uuid.uuid4().hex[:6]}")
+    device = f"box-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "box").mkdir()
+    wire = Wire(broker.port, device)
+    try:
+        yield World(tmp_path, broker, ctx, wire, versions, device)
+    finally:
+        wire.close()
+        link.close()
+        ingest.stop()
+        ctx.gateway.close()
+        ctx.db.dispose()
+        broker.stop()
+
+
+def _committed(wire: Wire, rollout: str) -> bool:
+    return ("committed", True) in wire.steps(rollout)
+
+
+def _ended(wire: Wire, rollout: str) -> bool:
+    return any(step in ("committed", "failed") for step, _ in wire.steps(rollout))
+
+
+def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World) -> None:
+    agent = world.agent().start()
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        assert world.wire.ask().error is None
+        wait_for(lambda: any(s.version == "1.0.0" and s.state == "online" for s in world.wire.status), 20, "status")
+
+        world.wire.desire(world.versions.v11, "11")
+        wait_for(lambda: _ended(world.wire, "11"), 120, "the update to 1.1.0")
+        assert _committed(world.wire, "11"), world.wire.steps("11")
+        assert agent.active_version() == "1.1.0"
+        assert world.wire.ask().error is None
+        wait_for(lambda: any(s.version == "1.1.0" for s in world.wire.status), 20, "status 1.1.0")
+        fetched = agent.verified_pieces()
+        assert fetched and len(fetched) == len(set(fetched))
+        progress = [r.progress for r in world.wire.reports if r.step == "downloading" and r.progress]
+        assert progress and progress[-1].bytes_done == progress[-1].bytes_total
+
+        world.wire.desire(world.versions.v1, "12")
+        wait_for(lambda: _ended(world.wire, "12"), 60, "the revert to 1.0.0")
+        assert _committed(world.wire, "12"), world.wire.steps("12")
+        assert agent.active_version() == "1.0.0"
+        assert agent.verified_pieces() == fetched  # the revert fetched nothing
+        assert world.wire.ask().error is None
+    finally:
+        agent.stop()
+    assert agent.proc is not None and agent.proc.returncode == 0
+    offline = [s for s in world.wire.status if s.state == "offline"]
+    assert offline, "a clean stop publishes the retained offline status"
