@@ -66,7 +66,7 @@ __all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "EDGE_AGENT_FAULT_KILL_AT"  # fault injection for the crash tests: SIGKILL at this step
+FAULT_ENV = "EDGEGLM_FAULT_KILL_AT"  # fault injection for the crash tests: SIGKILL at this step
 
 
 @dataclass(frozen=True)

@@ -152,29 +152,45 @@ class MqttFetcher:
 
     # the update machine's thread ---------------------------------------------------------
     def manifest(self, model: str, version: str, profile: str) -> bytes:
-        for attempt in range(self.retries):
+        attempt = 0
+        while attempt < self.retries:
             rid = self._send("manifest", version, model, profile)
-            assembler = FrameAssembler()
-            deadline = time.monotonic() + self.timeout_s
             try:
-                while (left := deadline - time.monotonic()) > 0:
-                    try:
-                        got, frame = self._events.get(timeout=left)
-                    except queue.Empty:
-                        break
-                    if got != rid:
-                        continue
-                    if frame.kind == FrameKind.ERROR:
-                        body = decode(ErrorBody, frame.payload)
-                        cls = NotFoundError if body.code == "not_found" else UpdateError
-                        raise cls(f"manifest {model}@{version}", f"the hub says: {body.message}")
-                    whole = assembler.add(frame)
-                    if whole is not None:
-                        return whole
+                whole = self._manifest_answer(rid, model, version)
             finally:
                 self._forget(rid)
-            log.info("manifest request %d for %s@%s timed out; asking again", attempt + 1, model, version)
+            if whole is not None:
+                return whole
+            if self.link.connected:
+                attempt += 1  # a real silence, not time offline
+                log.info("manifest request %d for %s@%s timed out; asking again", attempt, model, version)
+            else:
+                self._wait_online()
         raise UnavailableError(f"hub (manifest {model}@{version})", f"no answer in {self.retries} tries")
+
+    def _manifest_answer(self, rid: str, model: str, version: str) -> bytes | None:
+        assembler = FrameAssembler()
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0 and self.link.connected:
+            try:
+                got, frame = self._events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if got != rid:
+                continue
+            if frame.kind == FrameKind.ERROR:
+                body = decode(ErrorBody, frame.payload)
+                cls = NotFoundError if body.code == "not_found" else UpdateError
+                raise cls(f"manifest {model}@{version}", f"the hub says: {body.message}")
+            whole = assembler.add(frame)
+            if whole is not None:
+                return whole
+        return None
+
+    def _wait_online(self) -> None:
+        log.info("cloud link down: the download waits for it")
+        while not self.link.wait_connected(1.0):
+            pass
 
     def pieces(
         self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
@@ -183,6 +199,13 @@ class MqttFetcher:
         open_: dict[str, _Request] = {}
         try:
             while todo or open_:
+                if not self.link.connected:
+                    # what was in flight is lost with the link: ask again, without counting a try
+                    self._wait_online()
+                    for req in list(open_.values()):
+                        self._forget(req.rid)
+                        del open_[req.rid]
+                        self._open(target, list(req.pieces.values()), have, open_).tries = req.tries
                 while todo and len(open_) < self.window and self.bucket.ready():
                     n = self._chunk_len(todo)
                     chunk, todo = todo[:n], todo[n:]

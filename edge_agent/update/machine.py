@@ -41,7 +41,7 @@ __all__ = ["MAX_ENTRIES", "TRANSITIONS", "Fetcher", "UpdateMachine"]
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 3
-PIECE_RETRIES = 3
+PIECE_RETRIES = 3  # rounds in a row that fetch nothing new before a download fails
 TERMINAL = frozenset({UPDATE_SUCCEEDED, "failed"})
 
 TRANSITIONS: Mapping[tuple[str, str], str] = {
@@ -172,11 +172,15 @@ class UpdateMachine:
             if step == "rolling_back":
                 self.report("rolled_back", False, run.reason, None)
             step = TRANSITIONS[(step, event)]
-        run.rec = self.state.enter(run.rec, step, reason=run.reason)
+        # The final report is queued (durably, in the outbox) before the final step is persisted:
+        # a crash in between resumes the last step, which is idempotent, and reports again.
         if step == UPDATE_SUCCEEDED:
             self.report(UPDATE_SUCCEEDED, True, None, None)
         else:
             self.report("failed", False, run.reason or "failed", None)
+        run.rec = self.state.enter(run.rec, step, reason=run.reason)
+        self.current = run.rec
+        self.crash_at(step)
         return step
 
     # ---------------------------------------------------------------------------- steps
@@ -217,10 +221,13 @@ class UpdateMachine:
         total = sum(s.size for s in steps)
         done = 0
         last_report = time.monotonic()
-        for attempt in range(PIECE_RETRIES):
+        idle_rounds, attempt = 0, 0
+        while idle_rounds < PIECE_RETRIES:  # give up only after rounds that bring nothing new
             todo = [s for s in steps if not self.store.has(s.piece_id)]
             if not todo:
                 break
+            attempt += 1
+            before = done
             versions = [m.version for m in held if m.model == target.model]
             for step, encoded, base in self.fetcher.pieces(target, todo, versions):
                 if self.store.has(step.piece_id):
@@ -236,7 +243,8 @@ class UpdateMachine:
                 if time.monotonic() - last_report >= self.progress_every_s:
                     last_report = time.monotonic()
                     self.report("downloading", True, None, self._progress(steps))
-            log.info("download round %d: %d of %d bytes", attempt + 1, done, total)
+            idle_rounds = 0 if done > before else idle_rounds + 1
+            log.info("download round %d: %d of %d bytes", attempt, done, total)
         missing = [s.piece_id for s in steps if not self.store.has(s.piece_id)]
         if missing:
             raise UpdateError("download", f"{len(missing)} piece(s) could not be fetched intact")

@@ -241,7 +241,13 @@ class Wire:
             profile=m.profile,
             issued_at=time.time(),
         )
-        self.client.publish(desired_topic(self.device_id), encode(body), qos=1, retain=True).wait_for_publish(5)
+        self.client.publish(desired_topic(self.device_id), encode(body), qos=1, retain=True).wait_for_publish(
+            5
+        )
+
+    def online(self, version: str) -> bool:
+        with self.lock:
+            return any(s.state == "online" and s.version == version for s in self.status)
 
     def steps(self, rollout_id: str) -> list[tuple[str, bool]]:
         with self.lock:

@@ -65,11 +65,10 @@ class World:
 
 @pytest.fixture
 def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
+    from cloud_hub.db import migrate
     from cloud_hub.server import build_context, start_ingest
     from cloud_hub.settings import HubSettings
     from edgeglm.mqtt import BrokerSettings
-
-    from cloud_hub.db import migrate
 
     broker = Broker(tmp_path).start()
     migrate(f"sqlite:///{tmp_path / 'hub.db'}")
@@ -110,14 +109,16 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
     try:
         agent.wait_log(r"edge agent \S+ up")
         assert world.wire.ask().error is None
-        wait_for(lambda: any(s.version == "1.0.0" and s.state == "online" for s in world.wire.status), 20, "status")
+        wait_for(
+            lambda: any(s.version == "1.0.0" and s.state == "online" for s in world.wire.status), 20, "status"
+        )
 
         world.wire.desire(world.versions.v11, "11")
         wait_for(lambda: _ended(world.wire, "11"), 120, "the update to 1.1.0")
         assert _committed(world.wire, "11"), world.wire.steps("11")
         assert agent.active_version() == "1.1.0"
         assert world.wire.ask().error is None
-        wait_for(lambda: any(s.version == "1.1.0" for s in world.wire.status), 20, "status 1.1.0")
+        wait_for(lambda: world.wire.online("1.1.0"), 20, "status online 1.1.0")
         fetched = agent.verified_pieces()
         assert fetched and len(fetched) == len(set(fetched))
         progress = [r.progress for r in world.wire.reports if r.step == "downloading" and r.progress]
@@ -134,3 +135,109 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
     assert agent.proc is not None and agent.proc.returncode == 0
     offline = [s for s in world.wire.status if s.state == "offline"]
     assert offline, "a clean stop publishes the retained offline status"
+
+
+def _settled(agent: AgentProc) -> bool:
+    return agent.state().step in ("committed", "failed")
+
+
+def _answers(world: World, agent: AgentProc, version: str) -> None:
+    """The agent is up on ``version`` and answers a request."""
+    wait_for(lambda: world.wire.online(version), 60, f"status online {version}")
+    reply = world.wire.ask()
+    assert reply.error is None and reply.done, reply
+
+
+@pytest.mark.parametrize(
+    ("step", "target", "final"),
+    [
+        ("fetching_manifest", "v11", "1.1.0"),
+        ("downloading", "v11", "1.1.0"),
+        ("assembling", "v11", "1.1.0"),
+        ("verifying", "v11", "1.1.0"),
+        ("activating", "v11", "1.1.0"),
+        ("activating:switch", "v11", "1.1.0"),
+        ("committed", "v11", "1.1.0"),
+        ("rolling_back", "bad", "1.0.0"),
+        ("failed", "bad", "1.0.0"),
+    ],
+)
+def test_kill_9_at_every_persisted_step_then_restart(
+    world: World, step: str, target: str, final: str
+) -> None:
+    """SIGKILL right after the step is persisted; the restarted agent finishes or rolls back."""
+    from edge_agent.daemon import FAULT_ENV
+
+    agent = world.agent()
+    agent.start(env={FAULT_ENV: step})
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        world.wire.desire(getattr(world.versions, target), "21")
+        assert agent.wait_exit(120) == -9  # killed at the step
+        assert agent.state().step == step.split(":")[0]
+        agent.start()  # no fault this time: the retained desired state is still there
+        wait_for(
+            lambda: _ended(world.wire, "21") and agent.state().step in ("committed", "failed"), 120, "end"
+        )
+        assert agent.active_version() == final
+        _answers(world, agent, final)
+        ok = final == "1.1.0"
+        assert (("committed", True) in world.wire.steps("21")) == ok, world.wire.steps("21")
+        if not ok:
+            assert ("failed", False) in world.wire.steps("21")
+        pieces = agent.verified_pieces()
+        assert len(pieces) == len(set(pieces)), "a verified piece was fetched twice"
+    finally:
+        agent.stop()
+
+
+def test_kill_9_at_random_moments_during_download(world: World) -> None:
+    rng = random.Random(int(os.environ.get("EDGEGLM_TEST_SEED", "7")))
+    agent = world.agent(update={"bandwidth_bytes_s": 30_000})  # ~4 s for the 1.1.0 delta
+    agent.start()
+    agent.wait_log(r"edge agent \S+ up")
+    world.wire.desire(world.versions.v11, "31")
+    kills = 0
+    try:
+        while kills < 3:
+            mark = len(agent.log())
+            agent.wait_log(r"report fetching_manifest ok=True", 60, after=mark)
+            time.sleep(rng.uniform(0.2, 2.5))
+            if agent.state().step != "downloading":
+                break
+            agent.kill9()
+            kills += 1
+            agent.start()
+        wait_for(lambda: _ended(world.wire, "31"), 120, "the update to end")
+        assert _committed(world.wire, "31"), world.wire.steps("31")
+        assert kills >= 2, "the download was too quick to be interrupted"
+        assert agent.active_version() == "1.1.0"
+        _answers(world, agent, "1.1.0")
+        pieces = agent.verified_pieces()
+        assert len(pieces) == len(set(pieces)), "a verified piece was fetched twice"
+    finally:
+        agent.stop()
+
+
+def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> None:
+    agent = world.agent(update={"bandwidth_bytes_s": 15_000})  # ~9 s for the 1.1.0 delta
+    agent.start()
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        world.wire.desire(world.versions.v11, "41")
+        wait_for(lambda: len(agent.verified_pieces()) >= 3, 60, "the download to get going")
+        before = len(agent.verified_pieces())
+        world.broker.stop()
+        time.sleep(30)
+        during = len(agent.verified_pieces())
+        assert agent.state().step == "downloading"
+        world.broker.start()
+        wait_for(lambda: _ended(world.wire, "41"), 120, "the update to end after the outage")
+        assert _committed(world.wire, "41"), world.wire.steps("41")
+        pieces = agent.verified_pieces()
+        assert len(pieces) == len(set(pieces)), "a piece verified before the outage was fetched again"
+        assert before <= during < len(pieces)
+        assert agent.proc is not None and agent.proc.poll() is None  # one process all along
+        _answers(world, agent, "1.1.0")
+    finally:
+        agent.stop()
