@@ -10,9 +10,9 @@ quiet for ``timeout_s`` is sent again for the pieces it still lacks (after a rec
 broker going away mid-download costs only the requests in flight: nothing received is asked for
 again, because the caller keeps every verified piece in its store.
 
-An optional bandwidth cap (bytes per second) is a token bucket on what arrives: while it is
-empty no new request goes out, and while capped a request asks for about one second's worth of
-pieces, so the rate on the wire stays near the cap without the hub knowing about it.
+An optional bandwidth cap (bytes per second) is a token bucket on what arrives: while capped, one
+request is in flight at a time, for about one second's worth of pieces, and the next goes out once
+the bucket has refilled, so the rate on the wire stays at or below the cap without the hub knowing.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ class MqttFetcher:
                         self._forget(req.rid)
                         del open_[req.rid]
                         self._open(target, list(req.pieces.values()), have, open_).tries = req.tries
-                while todo and len(open_) < self.window and self.bucket.ready():
+                window = 1 if self.bucket.rate else self.window  # capped: one request, then wait
+                while todo and len(open_) < window and self.bucket.ready():
                     n = self._chunk_len(todo)
                     chunk, todo = todo[:n], todo[n:]
                     self._open(target, chunk, have, open_)

@@ -156,7 +156,8 @@ class MqttLink:
             try:
                 self.client.connect(s.host, s.port, keepalive=s.keepalive)
             except (OSError, ssl.SSLError) as exc:
-                log.info("MQTT broker %s:%s unreachable: %s", s.host, s.port, exc)
+                level = logging.INFO if failures == 0 else logging.DEBUG  # once per outage at info
+                log.log(level, "MQTT broker %s:%s unreachable: %s", s.host, s.port, exc)
             else:
                 while not self._stop.is_set():
                     if self.client.loop(timeout=0.5) != paho.MQTT_ERR_SUCCESS:
@@ -168,7 +169,7 @@ class MqttLink:
                 break
             delay = backoff_s(failures, s.reconnect_min_s, s.reconnect_max_s)
             failures += 1
-            log.info("MQTT reconnect to %s:%s in %.1fs", s.host, s.port, delay)
+            log.debug("MQTT reconnect to %s:%s in %.1fs", s.host, s.port, delay)
             self._stop.wait(delay)
         with contextlib.suppress(Exception):
             self.client.disconnect()

@@ -1,7 +1,8 @@
 """New versions of a real exported bundle: some float tensors changed, resealed and signed.
 
 ``derive(src, dst, key, version, scale)`` copies the bundle at ``src``, multiplies the chosen
-float tensors of its external data by ``scale`` (a fine-tune: 1.001 keeps greedy tokens; 0.0 on
+float tensors of its external data by ``scale`` (plus ``noise`` x N(0, 1) per element: bytes
+that do not compress away) (a fine-tune: 1.001 keeps greedy tokens; 0.0 on
 the final norm breaks the model, so its smoke test fails), and seals it as ``version`` with the
 source's quality, runtime and smoke-test fields. Piece layout stays per tensor, so an update
 between two versions fetches only the changed tensors (as tensor deltas).
@@ -33,6 +34,7 @@ def derive(
     scale: float = 1.001,
     fraction: float = 0.1,
     names: tuple[str, ...] | None = None,
+    noise: float = 0.0,
 ) -> Path:
     from edgeglm.bundle import load_manifest
     from edgeglm.bundle_files import seal_folder
@@ -44,6 +46,7 @@ def derive(
     (dst / "manifest.json").unlink()
     manifest, _ = load_manifest(src, None)
     tables = read_external_tables(dst)
+    rng = np.random.default_rng(len(version))
     for rel, tensors in tables.items():
         floats = [t for t in tensors if t.dtype in _FLOAT]
         if names is not None:
@@ -55,7 +58,8 @@ def derive(
             for t in chosen:
                 fh.seek(t.offset)
                 arr = np.frombuffer(fh.read(t.length), dtype=_FLOAT[t.dtype]).copy()
-                arr = (arr * scale).astype(_FLOAT[t.dtype])
+                factor = scale + noise * rng.standard_normal(arr.shape) if noise else scale
+                arr = (arr * factor).astype(_FLOAT[t.dtype])
                 fh.seek(t.offset)
                 fh.write(arr.tobytes())
     chunk = {"piece_bytes": 1 << 20}

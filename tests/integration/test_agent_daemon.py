@@ -29,6 +29,7 @@ class Versions:
     v1: Path
     v11: Path
     bad: Path
+    big: Path  # 1.3.0: every float tensor retrained (a download long enough to interrupt)
     public: Path
     key: Any
 
@@ -44,6 +45,7 @@ def versions(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Vers
         v1=folder,
         v11=derive(folder, root / "1.1.0", key, "1.1.0", scale=1.001),
         bad=derive(folder, root / "1.2.0", key, "1.2.0", scale=0.0, names=("norm",)),
+        big=derive(folder, root / "1.3.0", key, "1.3.0", fraction=1.0, noise=1e-3),
         public=public,
         key=key,
     )
@@ -79,7 +81,7 @@ def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
             trusted_keys=(versions.public,),
         )
     )
-    for folder in (versions.v1, versions.v11, versions.bad):
+    for folder in (versions.v1, versions.v11, versions.bad, versions.big):
         register(ctx, folder)
     link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), f"hub-{uuid.uuid4().hex[:6]}")
     device = f"box-{uuid.uuid4().hex[:6]}"
@@ -135,6 +137,14 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
     assert agent.proc is not None and agent.proc.returncode == 0
     offline = [s for s in world.wire.status if s.state == "offline"]
     assert offline, "a clean stop publishes the retained offline status"
+
+
+BANDWIDTH = 20_000  # bytes/s: the 1.3.0 update then takes several seconds
+
+
+def _step(agent: AgentProc) -> str | None:
+    rec = agent.state()
+    return rec.step if rec is not None else None
 
 
 def _settled(agent: AgentProc) -> bool:
@@ -193,26 +203,27 @@ def test_kill_9_at_every_persisted_step_then_restart(
 
 def test_kill_9_at_random_moments_during_download(world: World) -> None:
     rng = random.Random(int(os.environ.get("EDGEGLM_TEST_SEED", "7")))
-    agent = world.agent(update={"bandwidth_bytes_s": 30_000})  # ~4 s for the 1.1.0 delta
+    agent = world.agent(update={"bandwidth_bytes_s": BANDWIDTH})
     agent.start()
     agent.wait_log(r"edge agent \S+ up")
-    world.wire.desire(world.versions.v11, "31")
+    world.wire.desire(world.versions.big, "31")
     kills = 0
     try:
+        mark, started = 0, r"report fetching_manifest ok=True"
         while kills < 3:
-            mark = len(agent.log())
-            agent.wait_log(r"report fetching_manifest ok=True", 60, after=mark)
-            time.sleep(rng.uniform(0.2, 2.5))
+            agent.wait_log(started, 60, after=mark)  # this run is downloading
+            time.sleep(rng.uniform(0.1, 1.5))
             if agent.state().step != "downloading":
                 break
             agent.kill9()
             kills += 1
+            mark, started = len(agent.log()), r"resuming update to \S+ at downloading"
             agent.start()
         wait_for(lambda: _ended(world.wire, "31"), 120, "the update to end")
         assert _committed(world.wire, "31"), world.wire.steps("31")
         assert kills >= 2, "the download was too quick to be interrupted"
-        assert agent.active_version() == "1.1.0"
-        _answers(world, agent, "1.1.0")
+        assert agent.active_version() == "1.3.0"
+        _answers(world, agent, "1.3.0")
         pieces = agent.verified_pieces()
         assert len(pieces) == len(set(pieces)), "a verified piece was fetched twice"
     finally:
@@ -220,11 +231,11 @@ def test_kill_9_at_random_moments_during_download(world: World) -> None:
 
 
 def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> None:
-    agent = world.agent(update={"bandwidth_bytes_s": 15_000})  # ~9 s for the 1.1.0 delta
+    agent = world.agent(update={"bandwidth_bytes_s": BANDWIDTH // 2})
     agent.start()
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(world.versions.v11, "41")
+        world.wire.desire(world.versions.big, "41")
         wait_for(lambda: len(agent.verified_pieces()) >= 3, 60, "the download to get going")
         before = len(agent.verified_pieces())
         world.broker.stop()
@@ -238,6 +249,6 @@ def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> 
         assert len(pieces) == len(set(pieces)), "a piece verified before the outage was fetched again"
         assert before <= during < len(pieces)
         assert agent.proc is not None and agent.proc.poll() is None  # one process all along
-        _answers(world, agent, "1.1.0")
+        _answers(world, agent, "1.3.0")
     finally:
         agent.stop()
