@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -250,5 +251,111 @@ def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> 
         assert before <= during < len(pieces)
         assert agent.proc is not None and agent.proc.poll() is None  # one process all along
         _answers(world, agent, "1.3.0")
+    finally:
+        agent.stop()
+
+
+class Tamper:
+    """Wraps the real gateway's ``send``: flips a byte in chosen pieces once, or swaps manifests."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.flip: set[str] = set()  # piece ids (hex) to corrupt the first time they go out
+        self.flipped: list[str] = []
+        self.manifest: bytes | None = None  # sent instead of whatever manifest is asked for
+
+    def __call__(self, topic: str, payload: bytes, correlation: bytes) -> None:
+        from edgeglm.piece_store import piece_id
+        from edgeglm.protocol import Frame, FrameKind, PieceEncoding, split_payload
+
+        frame = Frame.unpack(payload)
+        pid = frame.piece_id.hex()
+        if frame.kind == FrameKind.MANIFEST and self.manifest is not None:
+            for f in split_payload(
+                FrameKind.MANIFEST,
+                PieceEncoding.RAW,
+                piece_id=bytes.fromhex(piece_id(self.manifest)),
+                piece_size=len(self.manifest),
+                payload=self.manifest,
+            ):
+                self.send(topic, f.pack(), correlation)
+            return
+        if frame.kind == FrameKind.PIECE and pid in self.flip and frame.part == 0:
+            self.flip.discard(pid)
+            self.flipped.append(pid)
+            body = bytearray(frame.payload)
+            body[len(body) // 2] ^= 0x10
+            fields = {k: getattr(frame, k) for k in frame.__dataclass_fields__}
+            payload = Frame(**{**fields, "payload": bytes(body)}).pack()
+        self.send(topic, payload, correlation)
+
+
+def _tamper(world: World) -> Tamper:
+    t = Tamper(world.ctx.gateway.send)
+    world.ctx.gateway.send = t
+    return t
+
+
+def test_a_flipped_byte_in_a_piece_is_rejected_and_fetched_again(world: World) -> None:
+    from edgeglm.bundle import load_manifest
+
+    tamper = _tamper(world)
+    old = load_manifest(world.versions.v1, None)[0].piece_ids()
+    new = [p for p in load_manifest(world.versions.big, None)[0].piece_ids() if p not in old]
+    tamper.flip = set(new[:3])
+    agent = world.agent().start()
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        world.wire.desire(world.versions.big, "51")
+        wait_for(lambda: _ended(world.wire, "51"), 120, "the update")
+        assert _committed(world.wire, "51"), world.wire.steps("51")
+        assert len(tamper.flipped) == 3
+        assert len(re.findall(r"piece \w+ rejected", agent.log())) == 3
+        pieces = agent.verified_pieces()
+        assert set(tamper.flipped) <= set(pieces) and len(pieces) == len(set(pieces))
+        _answers(world, agent, "1.3.0")
+    finally:
+        agent.stop()
+
+
+def _signed_doc(folder: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["bad_signature", "dotdot_path"])
+def test_a_bad_manifest_is_refused_reported_and_the_current_model_keeps_serving(
+    world: World, case: str
+) -> None:
+    import base64
+    import json
+
+    from edgeglm.bundle import canonical_bytes
+    from edgeglm.keys import key_id
+
+    doc = _signed_doc(world.versions.v11)
+    if case == "bad_signature":
+        doc["quality"] = {**doc.get("quality", {}), "passed": True, "note": "edited after signing"}
+    else:  # validly signed by the trusted key, but a file path climbs out of the slot
+        doc = {k: v for k, v in doc.items() if k != "signature"}
+        doc["files"][0]["path"] = "../../escaped.txt"
+        key = world.versions.key
+        signature = base64.b64encode(key.sign(canonical_bytes(doc))).decode()
+        doc["signature"] = {"alg": "ed25519", "key_id": key_id(key.public_key()), "value": signature}
+    tamper = _tamper(world)
+    tamper.manifest = json.dumps(doc).encode()
+    agent = world.agent().start()
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        world.wire.desire(world.versions.v11, "61")
+        wait_for(lambda: _ended(world.wire, "61"), 60, "the refusal")
+        failed = [r for r in world.wire.reports if r.rollout_id == "61" and r.step == "failed"]
+        assert failed and not failed[0].ok and failed[0].reason, world.wire.steps("61")
+        assert ("committed", True) not in world.wire.steps("61")
+        assert agent.active_version() == "1.0.0"
+        assert not agent.verified_pieces()  # nothing was downloaded for a refused manifest
+        assert not (agent.root / "escaped.txt").exists() and not (agent.data / "escaped.txt").exists()
+        _answers(world, agent, "1.0.0")
     finally:
         agent.stop()
