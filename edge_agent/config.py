@@ -204,6 +204,9 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         load_profile(config.profile)
     except EdgeError as exc:
         raise ConfigError(f"config profile {config.profile!r}", exc.why) from None
+    for broker in (config.cloud, config.local):
+        if broker is not None:
+            broker.settings()  # TLS files, client certificate pair, password file: checked now
     for key in config.trusted_keys:
         if not key.is_file():
             raise ConfigError(f"config trusted_keys {key}", "does not exist")

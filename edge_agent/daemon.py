@@ -98,7 +98,6 @@ class Agent:
         self._wake = threading.Event()
         self._want: _Want | None = None
         self._lock = threading.Lock()
-        self._hb_seq = 0
         self.cloud: MqttLink | None = None
         self.local: MqttLink | None = None
         self.front: Front | None = None
@@ -321,14 +320,13 @@ class Agent:
         last = self.activator.last if self.activator is not None else None
         if last is not None:
             health = health.model_copy(update={"smoke_agreement": last.agreement})
-        self._hb_seq += 1
         body = Heartbeat(
             device_id=self.device_id,
             ts=time.time(),
             model=live[0].model if live else None,
             version=live[0].version if live else None,
             health=health,
-            seq=self._hb_seq,
+            seq=self.outbox.next_seq("heartbeat"),  # unique across restarts, like report seqs
         )
         self.outbox.put("heartbeat", heartbeat_topic(self.device_id), encode(body), qos=0)
 

@@ -8,6 +8,7 @@ reports and status, and sends inference requests like a sensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,12 +31,14 @@ from paho.mqtt.properties import Properties
 
 from edgeglm.protocol import (
     Desired,
+    Heartbeat,
     InferReply,
     Report,
     Status,
     decode,
     desired_topic,
     encode,
+    heartbeat_topic,
     infer_topic,
     report_topic,
     status_topic,
@@ -89,6 +92,68 @@ class Broker:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``target`` that a test can cut (a network partition) and restore."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(16)
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Close the listener and every connection through it."""
+        with self._lock:
+            srv, self._server = self._server, None
+            conns, self._conns = self._conns, []
+        if srv is not None:
+            with contextlib.suppress(OSError):
+                srv.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (close alone does not)
+            srv.close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
 
 
 class AgentProc:
@@ -206,13 +271,19 @@ class Wire:
         self.device_id = device_id
         self.reports: list[Report] = []
         self.status: list[Status] = []
+        self.heartbeats: list[Heartbeat] = []
         self.replies: queue.Queue[tuple[bytes, InferReply]] = queue.Queue()
         self.reply_topic = f"sensors/{uuid.uuid4().hex[:8]}/reply"
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(
-            [(report_topic(device_id), 1), (status_topic(device_id), 1), (self.reply_topic, 1)]
+            [
+                (report_topic(device_id), 1),
+                (status_topic(device_id), 1),
+                (heartbeat_topic(device_id), 0),
+                (self.reply_topic, 1),
+            ]
         )
         self.client.reconnect_delay_set(0.2, 1)
         self.client.connect("127.0.0.1", port)
@@ -225,6 +296,9 @@ class Wire:
         elif msg.topic == status_topic(self.device_id) and msg.payload:
             with self.lock:
                 self.status.append(decode(Status, msg.payload))
+        elif msg.topic == heartbeat_topic(self.device_id):
+            with self.lock:
+                self.heartbeats.append(decode(Heartbeat, msg.payload))
         elif msg.topic == self.reply_topic:
             corr = getattr(msg.properties, "CorrelationData", b"")
             self.replies.put((corr, decode(InferReply, msg.payload)))

@@ -1,0 +1,125 @@
+"""The agent config: TOML, ``EDGE_AGENT_*`` overrides, a clear ConfigError (exit 78) per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import load_config
+from edgeglm.errors import EXIT_CONFIG, ConfigError
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    from edgeglm.keys import create_keypair
+
+    return create_keypair(tmp_path / "keys", "release")[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_then_environment_overrides(tmp_path: Path, key: Path) -> None:
+    path = _write(
+        tmp_path,
+        f'device_id = "box-1"\nprofile = "cpu-x86-int4"\ntrusted_keys = ["{key}"]\n'
+        f'data_dir = "{tmp_path / "data"}"\n[cloud]\nurl = "mqtt://hub.example:1884"\nusername = "box-1"\n'
+        "[update]\nwindow = 4\n",
+    )
+    env = {
+        "EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S": "250000",
+        "EDGE_AGENT_CLOUD_PASSWORD": "s3cret",
+        "EDGE_AGENT_TELEMETRY_HEARTBEAT_S": "5",
+        "EDGE_AGENT_LOG_FORMAT": "json",
+        "UNRELATED": "x",
+    }
+    c = load_config(path, env)
+    assert (c.device_id, c.profile, c.log_format) == ("box-1", "cpu-x86-int4", "json")
+    assert (c.update.window, c.update.bandwidth_bytes_s, c.telemetry.heartbeat_s) == (4, 250000, 5.0)
+    s = c.cloud.settings()
+    assert (s.host, s.port, s.username, s.password, s.tls) == ("hub.example", 1884, "box-1", "s3cret", False)
+    assert "s3cret" not in repr(c) and "s3cret" not in str(c.model_dump())
+    assert c.local is None
+
+
+def test_environment_alone_configures_an_agent(tmp_path: Path, key: Path) -> None:
+    env = {
+        "EDGE_AGENT_DEVICE_ID": "box-2",
+        "EDGE_AGENT_PROFILE": "cpu-x86-int8",
+        "EDGE_AGENT_TRUSTED_KEYS": f"{key},{key}",
+        "EDGE_AGENT_LOCAL_URL": "mqtt://127.0.0.1:1883",
+    }
+    c = load_config(None, env)
+    assert c.device_id == "box-2" and len(c.trusted_keys) == 2
+    assert c.local is not None and c.local.settings().port == 1883
+
+
+def test_password_file_is_read_and_tls_port_defaults_to_8883(tmp_path: Path, key: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n")
+    path = _write(
+        tmp_path,
+        f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrusted_keys = ["{key}"]\n'
+        f'[cloud]\nurl = "mqtts://hub"\nca_file = "{ca}"\nusername = "b"\npassword_file = "{secret}"\n',
+    )
+    s = load_config(path, {}).cloud.settings()
+    assert (s.port, s.tls, s.password) == (8883, True, "from-a-file")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('profile = "cpu-x86-int4"\n', "device_id"),
+        ('device_id = "../etc"\nprofile = "cpu-x86-int4"\n', "device_id"),
+        ('device_id = "b"\nprofile = "no-such-profile"\n', "profile"),
+        ('device_id = "b"\nprofile = "cpu-x86-int4"\ncolour = "blue"\n', "colour"),
+        ('device_id = "b"\nprofile = "cpu-x86-int4"\n[cloud]\nurl = "http://hub"\n', "cloud.url"),
+        ('device_id = "b"\nprofile = "cpu-x86-int4"\n[cloud]\nurl = "mqtts://hub"\n', "ca_file"),
+        ('device_id = "b"\nprofile = "cpu-x86-int4"\n[update]\nwindow = 0\n', "update.window"),
+        ('device_id = "b"\nprofile = "cpu-x86-int4"\n[cloud]\ncert_file = "/x"\n', "cert_file"),
+        ('device_id = "b" profile', "TOML"),
+    ],
+)
+def test_every_mistake_is_a_config_error_naming_the_key(
+    tmp_path: Path, key: Path, text: str, where: str
+) -> None:
+    keys = f'trusted_keys = ["{key}"]\n' if "trusted_keys" not in text else ""
+    path = _write(tmp_path, keys + text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert where in str(err.value)
+    assert err.value.exit_code == EXIT_CONFIG == 78
+
+
+def test_missing_file_and_missing_trusted_key_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "absent.toml", {})
+    path = _write(
+        tmp_path, f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrusted_keys = ["{tmp_path / "k.pub"}"]\n'
+    )
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path, {})
+    path = _write(tmp_path, 'device_id = "b"\nprofile = "cpu-x86-int4"\ntrusted_keys = []\n')
+    with pytest.raises(ConfigError, match="trusted_keys"):
+        load_config(path, {})
+
+
+def test_backoff_grows_exponentially_is_capped_and_jittered() -> None:
+    from edgeglm.mqtt import backoff_s
+
+    assert backoff_s(0, 1.0, 30.0, rand=lambda: 0.0) == 0.5
+    assert backoff_s(0, 1.0, 30.0, rand=lambda: 1.0) == 1.0
+    assert backoff_s(3, 1.0, 30.0, rand=lambda: 1.0) == 8.0
+    assert backoff_s(10, 1.0, 30.0, rand=lambda: 1.0) == 30.0
+    assert backoff_s(10_000, 1.0, 30.0, rand=lambda: 0.0) == 15.0
+    import random
+
+    rng = random.Random(1)
+    spread = {round(backoff_s(4, 1.0, 30.0, rand=rng.random), 3) for _ in range(50)}
+    assert len(spread) > 40 and min(spread) >= 8.0 and max(spread) <= 16.0
