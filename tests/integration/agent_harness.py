@@ -191,8 +191,8 @@ class AgentProc:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         log.write(f"\n=== start {self.starts} ===\n".encode())
         log.flush()
-        full = {**os.environ, **(env or {})}
-        full.pop("NOTIFY_SOCKET", None)
+        full = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        full.update(env or {})
         self.proc = subprocess.Popen(
             [EDGE_AGENT, "run", "--config", str(self.config_path)], stderr=log, stdout=log, env=full
         )

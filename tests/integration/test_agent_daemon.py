@@ -6,9 +6,11 @@ float tensors moved by 0.1%), ``1.2.0`` is broken (every norm zeroed: its smoke 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.agent_bundles import derive
-from tests.integration.agent_harness import AgentProc, Broker, TcpProxy, Wire, wait_for
+from tests.integration.agent_harness import EDGE_AGENT, AgentProc, Broker, TcpProxy, Wire, wait_for
 from tests.integration.test_hub_rollouts import register
 
 pytestmark = pytest.mark.integration
@@ -134,6 +136,16 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
         assert agent.active_version() == "1.0.0"
         assert agent.verified_pieces() == fetched  # the revert fetched nothing
         assert world.wire.ask().error is None
+        out = subprocess.run(
+            [EDGE_AGENT, "status", "--config", str(agent.config_path), "--output", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        status = json.loads(out.stdout)
+        assert status["slot_" + status["active_slot"]] == "tiny-edge@1.0.0"
+        assert {status["slot_a"], status["slot_b"]} == {"tiny-edge@1.0.0", "tiny-edge@1.1.0"}
+        assert status["last_update"]["step"] == "committed" and status["last_update"]["rollout_id"] == "12"
     finally:
         agent.stop()
     assert agent.proc is not None and agent.proc.returncode == 0
