@@ -31,12 +31,14 @@ bench: $(VENV)/.dev-installed
 	$(PY) -m bench.delta --json bench/results/delta.json
 	$(PY) -m bench.serve --json bench/results/serve.json
 	$(PY) -m bench.fleet --json bench/results/fleet.json
+	$(PY) -m bench.update --json bench/results/update.json
 
 bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
 	$(PY) -m bench.delta --quick --json bench/results/delta-quick.json
 	$(PY) -m bench.serve --quick --json bench/results/serve-quick.json
 	$(PY) -m bench.fleet --quick --json bench/results/fleet-quick.json
+	$(PY) -m bench.update --quick --json bench/results/update-quick.json
 
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo

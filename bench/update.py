@@ -140,7 +140,14 @@ def fine_tune(
                 changed += 1
     m, _ = load_manifest(v1, None)
     _with_smoke(out, key, "1.1.0", profile, dict(m.runtime))
-    return out, changed
+    print(f"fine-tune changed {changed} tensors", file=sys.stderr)
+    return out
+
+
+def _span(path: Path, t: Any) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(t.offset)
+        return fh.read(t.length)
 
 
 def _register(ctx: Any, folder: Path) -> None:
@@ -165,7 +172,11 @@ class _Box:
         from tests.integration.agent_harness import AgentProc  # the same harness the tests use
 
         root.mkdir(parents=True)
-        extra: dict[str, Any] = {"profile": str(profile), "log_level": "debug"}
+        extra: dict[str, Any] = {
+            "profile": str(profile),
+            "log_level": "debug",
+            "update": {"request_timeout_s": 30.0},  # the shipped default: no re-asks of slow batches
+        }
         if bootstrap is not None:
             extra["bootstrap_bundle"] = str(bootstrap)
         self.proc = AgentProc(root, device, port, public, **extra)
@@ -197,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.update", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
     ap.add_argument("--json", type=Path, required=False)
+    ap.add_argument("--work", type=Path, help="keep the bundles (and the agents' logs) in this folder")
     args = ap.parse_args(argv)
     if shutil.which("mosquitto") is None:
         print("bench.update needs mosquitto: apt-get install mosquitto", file=sys.stderr)
@@ -214,16 +226,34 @@ def main(argv: list[str] | None = None) -> int:
 
     dims = QUICK if args.quick else GLM_EDGE_15B
     with tempfile.TemporaryDirectory(prefix="bench-update-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         t = time.perf_counter()
-        private, public, _ = create_keypair(work / "keys", "bench")
-        key = load_private_key(private)
-        profile = write_profile(work / "bench-cpu-x86-int4.toml", 1024)
-        ckpt = write_checkpoint(work / "ckpt", dims)
-        v1 = build_v1(ckpt, work / "v1", key, profile, 1024)
-        v11, changed = fine_tune(v1, work / "v11", key, profile)
+        bundles = work / "bundles"
+        public = bundles / "keys" / "bench.pub"
+        profile = bundles / "bench-cpu-x86-int4.toml"
+        v1, v11 = bundles / "v1", bundles / "v11"
+        if not (v11 / "manifest.json").exists():  # built once per --work folder
+            shutil.rmtree(bundles, ignore_errors=True)
+            bundles.mkdir(parents=True)
+            private, public, _ = create_keypair(bundles / "keys", "bench")
+            key = load_private_key(private)
+            write_profile(profile, 1024)
+            ckpt = write_checkpoint(bundles / "ckpt", dims)
+            build_v1(ckpt, v1, key, profile, 1024)
+            fine_tune(v1, v11, key, profile)
+            shutil.rmtree(bundles / "ckpt")
+        for stale in ("box-a", "box-b", "hub"):
+            shutil.rmtree(work / stale, ignore_errors=True)
+        for stale in work.glob("hub.db*"):
+            stale.unlink()
         m1, m11 = load_manifest(v1, None)[0], load_manifest(v11, None)[0]
         tensors = sum(len(ts) for ts in read_external_tables(v1).values())
+        changed = sum(
+            1
+            for rel, ts in read_external_tables(v1).items()
+            for t in ts
+            if _span(v1 / rel, t) != _span(v11 / rel, t)
+        )
         estimate = plan(m11, [m1], source=SourceChain(FolderSource.of(v11, m11), FolderSource.of(v1, m1)))
         print(f"bundles built in {time.perf_counter() - t:.0f}s", file=sys.stderr)
 
@@ -283,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     return 0
 

@@ -6,6 +6,11 @@ old model keeps serving), and on the active slot after it (the same candidate is
 serving without a second load). After a crash between the two, the second call finds the slot
 already serving (the daemon loaded it at boot) and smoke-tests it through the scheduler.
 
+The engine a switch replaces stays loaded as a *standby* when two models fit the profile's
+memory budget (``keep_previous``): a revert to it then costs a digest check and a smoke test, not
+a model load (seconds for a 1.5B model). It is dropped before any other model is loaded, so no
+more than two engines are ever in memory.
+
 The smoke test (also the warm-up: its first prefill and decode size ORT's buffers) runs the
 manifest's golden prompt greedily and compares the tokens position by position with the expected
 ones; the agreement must reach the profile's ``smoke_min_agreement``.
@@ -88,10 +93,12 @@ class Activator:
         trusted: Mapping[str, Any],
         profile: DeviceProfile,
         active: Callable[[], Path],
-        serve: Callable[[Engine], None],
+        serve: Callable[[Engine], Engine | None],
         serving: Callable[[], tuple[Engine, Scheduler] | None],
         *,
         threads: int | None = None,
+        keep_previous: bool = True,
+        quiesce: Callable[[Engine], None] = lambda _e: None,
     ) -> None:
         self.trusted = trusted
         self.profile = profile
@@ -99,8 +106,11 @@ class Activator:
         self.serve = serve
         self.serving = serving
         self.threads = threads
+        self.keep_previous = keep_previous
+        self.quiesce = quiesce
         self.last: SmokeResult | None = None
         self._candidate: tuple[Path, str, Engine] | None = None
+        self._standby: tuple[Path, str, Engine] | None = None
 
     def boot(self, folder: Path) -> Engine:
         """Load the active slot at start: signature and every file digest, then the smoke test."""
@@ -122,22 +132,41 @@ class Activator:
         ):
             self._check(live[0], live[1])  # serving it already (a resume after the switch)
             return
-        cand = self._candidate
+        cand, standby = self._candidate, self._standby
         if cand is not None and cand[0] == real and cand[1] == digest:
             engine = cand[2]  # loaded and smoke-tested before the switch
+        elif standby is not None and standby[0] == real and standby[1] == digest:
+            self._standby = None
+            engine = standby[2]  # the model this box ran before: still loaded
+            self.quiesce(engine)
+            log.info("reusing the loaded %s@%s (standby)", engine.model, engine.version)
+            self._check(engine, None)
         else:
-            self._candidate = None
+            self._candidate = self._standby = None  # at most two engines in memory
             engine = self._load(real)
             self._check(engine, None)
         if real == Path(self.active()).resolve():
             self._candidate = None
-            self.serve(engine)
+            previous = self.serve(engine)
+            if previous is not None and self.keep_previous and self._two_fit(engine, previous):
+                self._standby = (
+                    Path(previous.folder).resolve(),
+                    manifest_digest(previous.manifest.to_json_dict()),
+                    previous,
+                )
         else:
             self._candidate = (real, digest, engine)
 
     def discard(self) -> None:
         """Drop a loaded candidate (an update that failed after loading it)."""
         self._candidate = None
+
+    def _two_fit(self, a: Engine, b: Engine) -> bool:
+        need = sum(f.size for f in a.manifest.files) + sum(f.size for f in b.manifest.files)
+        fits = need <= self.profile.memory_budget_mb * 2**20
+        if not fits:
+            log.info("not keeping %s@%s loaded: two models exceed the memory budget", b.model, b.version)
+        return fits
 
     def _load(self, folder: Path) -> Engine:
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@
 
     [serving]   site, queue_size, threads
     [telemetry] heartbeat_s, outbox_max_rows
-    [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap)
+    [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap), keep_previous_loaded
 
 An environment variable ``EDGE_AGENT_<KEY>`` sets a top-level key, ``EDGE_AGENT_<SECTION>_<KEY>``
 a key of a section (``EDGE_AGENT_CLOUD_PASSWORD``, ``EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S``); lists
@@ -133,6 +133,7 @@ class UpdateConfig(_Section):
     batch: int = Field(32, ge=1, le=1024)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     bandwidth_bytes_s: int = Field(0, ge=0)  # 0: no cap
+    keep_previous_loaded: bool = True  # instant revert, when two models fit the memory budget
 
 
 class AgentConfig(_Section):

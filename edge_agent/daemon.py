@@ -15,7 +15,8 @@ watchdog is petted only while the engine answers.
 
 An update that ended ``failed`` is not tried again for the same (rollout, manifest digest) after a
 restart: the retained desired state would otherwise loop a box through the same failure; the hub
-answers failures by reverting the desired state.
+answers failures by reverting the desired state. A different desired state arriving during a
+download supersedes it at once (reported ``failed``, reason "superseded"); the new one runs next.
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ class Agent:
             serve=self._serve,
             serving=self.front.current,
             threads=c.serving.threads,
+            keep_previous=c.update.keep_previous_loaded,
+            quiesce=self.front.quiesce,
         )
         self._bootstrap()
         self._boot()
@@ -155,6 +158,7 @@ class Agent:
             self.activator,
             self._report,
             crash_at=_fault_injection(os.environ.get(FAULT_ENV)),
+            superseded=self._superseded,
         )
         self.cloud.subscribe(desired_topic(self.device_id), 1, self._on_desired)
         self.cloud.start()
@@ -244,11 +248,12 @@ class Agent:
                     return
                 self.slots.switch(other)
 
-    def _serve(self, engine: Any) -> None:
+    def _serve(self, engine: Any) -> Any:
         assert self.front is not None
-        self.front.serve(engine)
+        previous = self.front.serve(engine)
         if self.cloud is not None and self.cloud.connected:
             self._announce()
+        return previous
 
     def _slot(self) -> str | None:
         return self.slots.active_name() if self.slots.manifest(self.slots.active_name()) else None
@@ -342,6 +347,15 @@ class Agent:
         with self._lock:
             self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
         self._wake.set()
+
+    def _superseded(self, rec: Any) -> bool:
+        with self._lock:
+            want = self._want
+        return want is not None and (want.model, want.version, want.digest) != (
+            rec.model,
+            rec.version,
+            rec.manifest_digest,
+        )
 
     def _work(self) -> None:
         assert self.machine is not None

@@ -43,6 +43,7 @@ class Front:
         self._service = InferService(None, None, link, metrics, device_id=device_id, site=site)
         self._lock = threading.Lock()
         self._progress = (0, time.monotonic())  # (scheduler steps, when they last changed)
+        self._retiring: dict[int, threading.Thread] = {}  # id(engine) -> its service retiring
 
     def start(self) -> Front:
         for topic in self._service.topics():
@@ -58,7 +59,8 @@ class Front:
             return None
         return svc.engine, svc.scheduler
 
-    def serve(self, engine: Engine) -> None:
+    def serve(self, engine: Engine) -> Engine | None:
+        """Make ``engine`` answer requests; returns the engine it replaced (now retiring)."""
         scheduler = Scheduler(engine, queue_size=self.queue_size, metrics=self.metrics).start()
         service = InferService(
             engine, scheduler, self.link, self.metrics, device_id=self.device_id, site=self.site
@@ -68,8 +70,18 @@ class Front:
             self._progress = (0, time.monotonic())
         self.metrics.set_model(engine.model, engine.version)
         log.info("now serving %s@%s", engine.model, engine.version)
-        if old.scheduler is not None:
-            threading.Thread(target=old.retire, name="retire-engine", daemon=True).start()
+        if old.scheduler is None or old.engine is None:
+            return None
+        t = threading.Thread(target=old.retire, name="retire-engine", daemon=True)
+        self._retiring[id(old.engine)] = t
+        t.start()
+        return old.engine
+
+    def quiesce(self, engine: Engine, timeout_s: float = 120.0) -> None:
+        """Wait until a replaced ``engine`` has finished the requests it had (before reusing it)."""
+        t = self._retiring.pop(id(engine), None)
+        if t is not None:
+            t.join(timeout_s)
 
     def healthy(self) -> bool:
         svc = self._service

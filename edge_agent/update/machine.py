@@ -94,6 +94,7 @@ class UpdateMachine:
         report: Report,
         *,
         crash_at: Callable[[str], None] | None = None,  # tests: raise here to simulate a crash
+        superseded: Callable[[UpdateRecord], bool] | None = None,  # a newer desired state arrived
     ) -> None:
         self.state = state
         self.store = store
@@ -103,6 +104,7 @@ class UpdateMachine:
         self.activate = activate
         self.report = report
         self.crash_at = crash_at or (lambda _step: None)
+        self.superseded = superseded or (lambda _rec: False)
         self.fetched: list[str] = []  # every piece id received, in order (tests read it)
         self.current: UpdateRecord | None = None  # the update being driven (reports name it)
         self.progress_every_s = 2.0
@@ -158,9 +160,17 @@ class UpdateMachine:
             run.rec = self.state.enter(run.rec, step, reason=run.reason)  # persisted before the effect
             self.current = run.rec
             self.crash_at(step)
+            t0 = time.perf_counter()
             try:
                 self._steps[step](run)
                 event = "ok"
+                log.info(
+                    "update to %s@%s: %s took %.2fs",
+                    run.rec.model,
+                    run.rec.version,
+                    step,
+                    time.perf_counter() - t0,
+                )
             except EdgeError as exc:
                 run.reason = str(exc)
                 event = "error"
@@ -230,6 +240,8 @@ class UpdateMachine:
             before = done
             versions = [m.version for m in held if m.model == target.model]
             for step, encoded, base in self.fetcher.pieces(target, todo, versions):
+                if self.superseded(run.rec):  # the hub changed its mind: stop downloading now
+                    raise UpdateError("download", "superseded by a newer desired state")
                 if self.store.has(step.piece_id):
                     continue
                 try:

@@ -328,18 +328,25 @@ class Wire:
             return [(r.step, r.ok) for r in self.reports if r.rollout_id == rollout_id]
 
     def ask(self, prompt: str = "The sensor reads", timeout: float = 60.0) -> InferReply:
-        """One greedy request; returns the final reply (drains stale ones)."""
-        key = uuid.uuid4().hex.encode()
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = key
+        """One greedy request, sent again every 5 s until answered (an agent that is just starting
+        has not subscribed yet: a QoS 1 message to no subscriber is gone); the final reply."""
         payload = json.dumps({"prompt": prompt, "max_tokens": 4}).encode()
-        self.client.publish(infer_topic(self.device_id), payload, qos=1, properties=props)
         deadline = time.monotonic() + timeout
-        while True:
-            corr, reply = self.replies.get(timeout=max(0.1, deadline - time.monotonic()))
-            if corr == key and reply.done:
-                return reply
+        while time.monotonic() < deadline:
+            key = uuid.uuid4().hex.encode()
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = key
+            self.client.publish(infer_topic(self.device_id), payload, qos=1, properties=props)
+            resend = min(deadline, time.monotonic() + 5.0)
+            while (left := resend - time.monotonic()) > 0:
+                try:
+                    corr, reply = self.replies.get(timeout=left)
+                except queue.Empty:
+                    break
+                if corr == key and reply.done:
+                    return reply
+        raise AssertionError(f"no reply from {self.device_id} within {timeout:.0f}s")
 
     def close(self) -> None:
         self.client.loop_stop()

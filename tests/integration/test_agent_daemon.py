@@ -135,6 +135,7 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
         assert _committed(world.wire, "12"), world.wire.steps("12")
         assert agent.active_version() == "1.0.0"
         assert agent.verified_pieces() == fetched  # the revert fetched nothing
+        assert "reusing the loaded tiny-edge@1.0.0 (standby)" in agent.log()  # and loaded nothing
         assert world.wire.ask().error is None
         out = subprocess.run(
             [EDGE_AGENT, "status", "--config", str(agent.config_path), "--output", "json"],
@@ -402,3 +403,19 @@ def test_telemetry_waits_in_the_outbox_through_a_partition_and_a_kill(world: Wor
     finally:
         agent.stop()
         proxy.cut()
+
+
+def test_a_newer_desired_state_supersedes_a_download_in_progress(world: World) -> None:
+    agent = world.agent(update={"bandwidth_bytes_s": BANDWIDTH // 2}).start()
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        world.wire.desire(world.versions.big, "71")
+        wait_for(lambda: len(agent.verified_pieces()) >= 2, 60, "the download to get going")
+        world.wire.desire(world.versions.v11, "72")  # the hub changed its mind
+        wait_for(lambda: _ended(world.wire, "72"), 120, "the newer update")
+        failed = [r for r in world.wire.reports if r.rollout_id == "71" and r.step == "failed"]
+        assert failed and "superseded" in (failed[0].reason or "")
+        assert _committed(world.wire, "72") and agent.active_version() == "1.1.0"
+        _answers(world, agent, "1.1.0")
+    finally:
+        agent.stop()
