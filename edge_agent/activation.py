@@ -75,7 +75,12 @@ def smoke_test(engine: Engine, scheduler: Scheduler | None = None, timeout_s: fl
     else:
         done = threading.Event()
         box: list[GenerationResult] = []
-        scheduler.submit(prompt, on_done=lambda r: (box.append(r), done.set()))
+
+        def finished(result: GenerationResult) -> None:
+            box.append(result)
+            done.set()
+
+        scheduler.submit(prompt, on_done=finished)
         if not done.wait(timeout_s):
             raise UpdateError("smoke test", f"no answer from the engine within {timeout_s:.0f}s")
         result = box[0]

@@ -65,9 +65,9 @@ class BrokerConfig(_Section):
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
-    reconnect_min_s: float = Field(1.0, gt=0, le=60)
-    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("url")
     @classmethod
@@ -114,8 +114,8 @@ class BrokerConfig(_Section):
 
 class ServingConfig(_Section):
     site: str | None = None
-    queue_size: int | None = Field(None, ge=0, le=100_000)
-    threads: int | None = Field(None, ge=1, le=256)
+    queue_size: int | None = Field(default=None, ge=0, le=100_000)
+    threads: int | None = Field(default=None, ge=1, le=256)
 
     @field_validator("site")
     @classmethod
@@ -124,15 +124,15 @@ class ServingConfig(_Section):
 
 
 class TelemetryConfig(_Section):
-    heartbeat_s: float = Field(30.0, gt=0, le=3600)
-    outbox_max_rows: int = Field(10_000, ge=10, le=10_000_000)
+    heartbeat_s: float = Field(default=30.0, gt=0, le=3600)
+    outbox_max_rows: int = Field(default=10_000, ge=10, le=10_000_000)
 
 
 class UpdateConfig(_Section):
-    window: int = Field(8, ge=1, le=256)
-    batch: int = Field(32, ge=1, le=1024)
-    request_timeout_s: float = Field(30.0, gt=0, le=3600)
-    bandwidth_bytes_s: int = Field(0, ge=0)  # 0: no cap
+    window: int = Field(default=8, ge=1, le=256)
+    batch: int = Field(default=32, ge=1, le=1024)
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    bandwidth_bytes_s: int = Field(default=0, ge=0)  # 0: no cap
     keep_previous_loaded: bool = True  # instant revert, when two models fit the memory budget
 
 

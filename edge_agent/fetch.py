@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from edgeglm.bundle import Manifest
 from edgeglm.errors import NotFoundError, ProtocolError, UnavailableError, UpdateError
@@ -122,7 +123,7 @@ class MqttFetcher:
 
     def _send(
         self,
-        kind: str,
+        kind: Literal["manifest", "pieces"],
         version: str,
         model: str,
         profile: str,

@@ -73,7 +73,7 @@ def backoff_s(failures: int, low: float, high: float, rand: Callable[[], float] 
     that just came back is not hammered), and spread so a fleet does not reconnect in lockstep.
     """
     d = min(high, low * 2 ** min(failures, 32))
-    return d / 2 + rand() * d / 2
+    return float(d / 2 + rand() * d / 2)
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
