@@ -150,21 +150,6 @@ def _span(path: Path, t: Any) -> bytes:
         return fh.read(t.length)
 
 
-def _register(ctx: Any, folder: Path) -> None:
-    from cloud_hub.registry import Registry
-    from edgeglm.bundle import load_manifest
-    from edgeglm.bundle_files import FolderSource
-
-    raw = (folder / "manifest.json").read_bytes()
-    source = FolderSource.of(folder, load_manifest(folder, None)[0])
-    with ctx.db.session() as s:
-        reg = Registry(s, ctx.store, ctx.trusted)
-        up = reg.begin(raw, "bench")
-        for pid, _ in up.missing:
-            reg.put_piece(up.upload_id, pid, source.read(pid))
-        reg.commit(up.upload_id, "bench")
-
-
 class _Box:
     def __init__(
         self, root: Path, device: str, port: int, public: Path, profile: Path, bootstrap: Path | None
@@ -223,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgeglm.onnx_tensors import read_external_tables
     from edgeglm.planner import SourceChain, plan
     from tests.integration.agent_harness import Broker, Wire
+    from tests.integration.test_hub_rollouts import register  # the tests' registry helper
 
     dims = QUICK if args.quick else GLM_EDGE_15B
     with tempfile.TemporaryDirectory(prefix="bench-update-") as tmp:
@@ -261,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         db = f"sqlite:///{work / 'hub.db'}"
         migrate(db)
         ctx = build_context(HubSettings(data_dir=work / "hub", db_url=db, trusted_keys=(public,)))
-        _register(ctx, v1)
-        _register(ctx, v11)
+        register(ctx, v1)
+        register(ctx, v11)
         link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), "bench-hub")
         boxes: list[Any] = []
         try:

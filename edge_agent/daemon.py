@@ -44,7 +44,7 @@ from edgeglm import __version__
 from edgeglm.assembler import assemble_bundle
 from edgeglm.bundle import load_manifest, verify_files
 from edgeglm.bundle_files import ingest_folder
-from edgeglm.errors import EdgeError, ProtocolError
+from edgeglm.errors import ConfigError, EdgeError, ProtocolError
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import Incoming, MqttLink
 from edgeglm.profiles import load_profile
@@ -215,8 +215,11 @@ class Agent:
         src = self.config.bootstrap_bundle
         if src is None or any(self.slots.manifest(n) is not None for n in ("a", "b")):
             return
-        manifest, doc = load_manifest(src, self.trusted)
-        verify_files(manifest, src)
+        try:
+            manifest, doc = load_manifest(src, self.trusted)
+            verify_files(manifest, src)
+        except EdgeError as exc:  # provisioning is config: exit 78, systemd does not loop on it
+            raise ConfigError(f"config bootstrap_bundle {src}", exc.why) from exc
         ingest_folder(src, manifest, self.store)
         slot = self.slots.inactive_name()
         assemble_bundle(manifest, doc, self.store, self.slots.clear(slot))
