@@ -193,8 +193,12 @@ def plan(
         for seg, (pid, size) in zip(entry.segments(), entry.pieces, strict=True):
             if pid in held_ids or pid in seen:
                 steps.append(PieceStep(pid, size, "have", 0, dtype=seg.dtype))
-                if full_bytes is None and source is not None and pid not in seen:
-                    full_total += len(encode_raw(source.read(pid), dtype=seg.dtype, level=level).payload)
+                if full_bytes is None and pid not in seen:  # a full download sends it too
+                    full_total += (
+                        size
+                        if source is None
+                        else len(encode_raw(source.read(pid), dtype=seg.dtype, level=level).payload)
+                    )
                 seen.add(pid)
                 continue
             seen.add(pid)

@@ -1,4 +1,4 @@
-"""edgectl: exit codes and first error lines (PRODUCT.md section 9), keys, bundle diff/verify, demo."""
+"""edgectl: exit codes and first error lines (PRODUCT.md section 9), keys, bundle diff/verify."""
 
 from __future__ import annotations
 
@@ -104,17 +104,3 @@ def test_bad_key_file_is_a_config_error(bundles, tmp_path):
     res = run("bundle", "verify", str(new_dir), "--trust", str(bad))
     assert res.exit_code == 78
     assert res.stderr.startswith("Error: public key ")
-
-
-def test_demo_runs_the_export_and_kernel_story(tmp_path):
-    res = run("demo", "--workdir", str(tmp_path), "--output", "json")
-    assert res.exit_code == 0, res.output
-    data = json.loads(res.stdout)
-    assert all(q["passed"] for q in data["quality"].values())
-    assert data["answer"]  # the exported graph's own words, decoded
-    assert (tmp_path / "hub" / "1.0.0" / "model.onnx").is_file()
-    assert data["identical"] is True
-    assert len(data["tampering_refused"]) == 2
-    assert data["largest_frame"] <= data["message_limit"]
-    assert 0 < data["bytes_to_send"] < 0.2 * data["new_bytes"]
-    assert data["pieces"]["delta"] > 0
