@@ -224,9 +224,9 @@ class Ingest:
             if dep is None:
                 self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
                 continue
-            dep.last_step = rep.step
             if dep.state != "pending":
                 continue  # settled already (or not started): at-least-once delivery repeats reports
+            dep.last_step = rep.step  # (a late, reordered progress report cannot rewind a settled one)
             if rep.ok and rep.step == UPDATE_SUCCEEDED and rep.version == dep.to_version:
                 dep.state, dep.resolved_at, dep.detail = "succeeded", utcnow(), "reported committed"
             elif not rep.ok or rep.step in UPDATE_FAILED:

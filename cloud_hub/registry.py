@@ -91,7 +91,12 @@ class Registry:
                     "is published already with a different manifest; a published bundle never changes",
                     hint="Export under a new version.",
                 )
-            return self._state_of_bundle(existing, manifest)
+            if not self._missing(manifest):
+                return self._state_of_bundle(existing, manifest)
+            # the store lost pieces of a published bundle (a corrupt piece is removed when read):
+            # publishing the same bundle again repairs it; nothing about the release changes
+            repair = self._open_for(text, digest, manifest, actor, force=False, action="upload.repair")
+            return self._state(repair, manifest)
         passed, why = _quality(manifest)
         if not passed and not force:
             raise IntegrityError(
@@ -99,6 +104,13 @@ class Registry:
                 why,
                 hint="Fix the export, or publish with --force (admin) to register it anyway.",
             )
+        upload = self._open_for(text, digest, manifest, actor, force=force, action="upload.begin")
+        return self._state(upload, manifest)
+
+    def _open_for(
+        self, text: str, digest: str, manifest: Manifest, actor: str, *, force: bool, action: str
+    ) -> Upload:
+        """The open upload of this manifest, made (and audited as ``action``) when there is none."""
         upload = self.s.scalar(select(Upload).where(Upload.manifest_digest == digest, Upload.state == "open"))
         if upload is None:
             upload = Upload(
@@ -116,13 +128,13 @@ class Registry:
             audit.record(
                 self.s,
                 actor,
-                "upload.begin",
+                action,
                 f"release/{manifest.ref_name}/{manifest.profile}",
                 after={"upload": upload.id, "digest": digest, "force": force},
             )
         elif force and not upload.force:
             upload.force = True
-        return self._state(upload, manifest)
+        return upload
 
     def put_piece(self, upload_id: str, pid: str, data: bytes) -> bool:
         """Store one piece of an open upload; False when the hub held it already."""
@@ -154,6 +166,20 @@ class Registry:
                 f"{len(missing)} of {len(manifest.piece_ids())} pieces are still missing",
                 hint="Send them (edgectl publish resumes), then commit again.",
             )
+        existing = self._bundle(manifest.model, manifest.version, manifest.profile)
+        if existing is not None and existing.manifest_digest == upload.manifest_digest:
+            upload.state = "committed"  # a repair: the published bundle has all its pieces again
+            audit.record(
+                self.s,
+                actor,
+                "release.repair",
+                f"release/{manifest.ref_name}/{manifest.profile}",
+                after={"digest": upload.manifest_digest, "upload": upload.id},
+            )
+            log.warning(
+                "repaired %s for %s: its missing pieces were sent again", manifest.ref_name, manifest.profile
+            )
+            return existing
         model = self.s.scalar(select(Model).where(Model.name == manifest.model))
         if model is None:
             model = Model(name=manifest.model)

@@ -98,6 +98,7 @@ class Agent:
         self._term = threading.Event()  # SIGTERM / SIGINT
         self._wake = threading.Event()
         self._want: _Want | None = None
+        self._issued_at = 0.0  # the newest desired state seen: an older one arriving later is stale
         self._lock = threading.Lock()
         self.cloud: MqttLink | None = None
         self.local: MqttLink | None = None
@@ -348,6 +349,13 @@ class Agent:
             log.warning("ignored a bad desired state: %s", exc)
             return
         with self._lock:
+            if d.issued_at < self._issued_at:  # reordered or replayed: the hub has said more since
+                log.warning(
+                    "ignored a stale desired state %s@%s (rollout %s): issued %.3f, before the newest %.3f",
+                    d.model, d.version, d.rollout_id, d.issued_at, self._issued_at,
+                )  # fmt: skip
+                return
+            self._issued_at = d.issued_at
             self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
         self._wake.set()
 

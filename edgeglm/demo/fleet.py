@@ -119,13 +119,26 @@ class LocalFleet:
         self.say(f"cloud hub on {hub.url} ({dialect}), operator and viewer tokens created (stored hashed)")
         return hub
 
-    def start_agents(self, ids: list[str], extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def start_agents(
+        self,
+        ids: list[str],
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        top: Mapping[str, Any] | None = None,
+        ports: Mapping[str, int] | None = None,
+        env: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """``edge-agent run`` for each id; ``ports`` sends some through another port (a proxy),
+        ``env`` gives some an environment of their own (fault injection)."""
         for device_id in ids:
-            box = AgentBox(
-                self.root / "agents" / device_id, device_id, self.broker_port, self.trusted, extra=extra
-            )
-            self.agents[device_id] = self.procs.add(box.start())
-        self.say(f"{len(ids)} edge agents started (edge-agent run, own data folders, no model yet)")
+            port = (ports or {}).get(device_id, self.broker_port)
+            root = self.root / "agents" / device_id
+            box = AgentBox(root, device_id, port, self.trusted, extra=extra, top=top)
+            self.agents[device_id] = self.procs.add(box.start((env or {}).get(device_id)))
+        model = "no model yet"
+        if top and "bootstrap_bundle" in top:
+            model = f"installing {Path(top['bootstrap_bundle']).name} at first start"
+        self.say(f"{len(ids)} edge agents started (edge-agent run, own data folders, {model})")
         wait_for(lambda: self.online(ids), 90, "the agents to register with the hub", 0.2)
 
     def connect_sensor(self) -> Sensor:

@@ -239,6 +239,7 @@ class AgentBox:
         profile: str = "cpu-x86-int8",
         heartbeat_s: float = 1.0,
         extra: Mapping[str, Mapping[str, Any]] | None = None,
+        top: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.device_id = device_id
@@ -261,6 +262,7 @@ class AgentBox:
             "data_dir": str(self.data),
             "trusted_keys": [str(trusted)],
             "log_level": "debug",
+            **(top or {}),
         }
         root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(toml_text(top, sections))
