@@ -27,7 +27,7 @@ from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.models import Bundle, Model, Release
 from edgeglm.bundle import Manifest, parse_manifest
-from edgeglm.errors import EdgeError, NotFoundError, ProtocolError
+from edgeglm.errors import EdgeError, IntegrityError, NotFoundError, ProtocolError
 from edgeglm.mqtt import Incoming
 from edgeglm.piece_store import PieceStore
 from edgeglm.pieces import piece_id
@@ -137,6 +137,9 @@ class Gateway:
                     continue
                 self._send(topic, self._frames(step), correlation)
         except EdgeError as exc:
+            if isinstance(exc, IntegrityError):  # our own store rotted: the operator must act
+                self.metrics.inc("edgeglm_hub_store_corrupt_total")
+                log.error("fetch for %s: %s; publish the release again to repair it", req.device_id, exc)
             code = "not_found" if isinstance(exc, NotFoundError) else "internal"
             self._send(topic, [self._error(code, str(exc))], correlation)
         except Exception:  # a bug must not stop the gateway: the device hears of it and retries

@@ -118,17 +118,28 @@ class Proc:
         return self.popen.returncode
 
 
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    return found or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+def require_mosquitto() -> str:
+    """The mosquitto binary, or UnavailableError (exit 69) with the command that installs it."""
+    binary = find_mosquitto()
+    if binary is None:
+        raise UnavailableError(
+            "mosquitto", "is not installed (the demo runs its own broker)", hint=MOSQUITTO_HINT
+        )
+    return binary
+
+
 class ManagedBroker:
     """A mosquitto of our own on a free loopback port, with a generated config (TCP_NODELAY on)."""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-        )
-        if binary is None:
-            raise UnavailableError(
-                "mosquitto", "is not installed (the demo runs its own broker)", hint=MOSQUITTO_HINT
-            )
+        binary = require_mosquitto()
         self.port = port or free_port()
         self.conf = root / "mosquitto.conf"
         root.mkdir(parents=True, exist_ok=True)
@@ -172,7 +183,7 @@ class HubProc:
         edgectl = tool("edgectl")
         self.edgectl = edgectl
         argv = [
-            edgectl, "hub", "serve", "--migrate",
+            edgectl, "-v", "hub", "serve", "--migrate",
             "--db", db_url, "--data", str(root), "--trust", str(trusted),
             "--listen", f"127.0.0.1:{self.port}", "--broker", f"127.0.0.1:{broker_port}",
             "--tick", str(tick_s), "--offline-after", "10",

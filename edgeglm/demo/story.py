@@ -24,7 +24,7 @@ from typing import Any
 
 from edgeglm.demo.fleet import LocalFleet
 from edgeglm.demo.models import MODEL, build_versions
-from edgeglm.demo.procs import wait_for
+from edgeglm.demo.procs import require_mosquitto, wait_for
 
 DEVICES = ["demo-box-1", "demo-box-2", "demo-box-3"]
 SENSOR_PROMPT = "Sensor report 7. Sensor P-12 on the pump in the north bay reads 9 bar."
@@ -58,6 +58,8 @@ def run_story(
         if not ok:
             raise StoryFailed(f"the demo did not end as it should: {name}", result)
 
+    if broker_port is None:
+        require_mosquitto()  # before minutes of training, not after
     versions = build_versions(work, say, steps=steps)
     result.update(
         key_id=versions.key_id,

@@ -142,6 +142,41 @@ def test_publish_registers_a_release_and_every_write_has_its_audit_row(hub: Any,
     assert len(_audit(hub)) == 2
 
 
+def test_publishing_again_repairs_a_piece_the_store_lost(hub: Any, publisher: Any) -> None:
+    """A stored piece rots; reading it removes it (the store verifies). Publishing the same bundle
+    again sends only that piece; the release itself does not change."""
+    from edgeglm.errors import IntegrityError
+
+    folder = publisher.bundle("1.0.0")
+    first = _begin(hub, folder).json()
+    _send(hub, folder, first)
+    assert hub.client.post(
+        f"/api/v1/uploads/{first['upload_id']}/commit", headers=hub.as_("operator")
+    ).is_success
+    manifest, _ = load_manifest(folder, None)
+    pid = sorted(manifest.piece_ids())[0]
+    path = hub.ctx.store._path(pid)
+    path.write_bytes(b"rotten" + path.read_bytes()[6:])
+    with pytest.raises(IntegrityError):
+        hub.ctx.store.get(pid)
+    assert not hub.ctx.store.has(pid)
+
+    repair = _begin(hub, folder).json()
+    assert repair["state"] == "open" and [m[0] for m in repair["missing"]] == [pid]
+    assert _send(hub, folder, repair) > 0
+    done = hub.client.post(f"/api/v1/uploads/{repair['upload_id']}/commit", headers=hub.as_("operator"))
+    assert done.status_code == 200, done.text
+    assert hub.ctx.store.get(pid) == FolderSource.of(folder, manifest).read(pid)
+    assert [e.action for e in _audit(hub)] == [
+        "upload.begin",
+        "release.publish",
+        "upload.repair",
+        "release.repair",
+    ]
+    listed = hub.client.get("/api/v1/releases", headers=hub.as_("viewer")).json()
+    assert len(listed) == 1 and listed[0]["version"] == "1.0.0"
+
+
 def test_an_interrupted_publish_resumes_with_only_the_missing_pieces(hub: Any, publisher: Any) -> None:
     folder = publisher.bundle("1.1.0", size=400_000)
     first = _begin(hub, folder).json()

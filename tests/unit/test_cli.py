@@ -104,3 +104,14 @@ def test_bad_key_file_is_a_config_error(bundles, tmp_path):
     res = run("bundle", "verify", str(new_dir), "--trust", str(bad))
     assert res.exit_code == 78
     assert res.stderr.startswith("Error: public key ")
+
+
+def test_demo_without_mosquitto_exits_69_with_the_install_command_before_any_work(tmp_path, monkeypatch):
+    import edgeglm.demo.procs as procs
+
+    monkeypatch.setattr(procs, "find_mosquitto", lambda: None)
+    res = run("demo", "--workdir", str(tmp_path))
+    assert res.exit_code == 69, res.output
+    assert res.output.startswith("Error: mosquitto: is not installed")
+    assert "apt-get install mosquitto" in res.output
+    assert not (tmp_path / "checkpoints").exists()  # it stopped before training anything

@@ -153,3 +153,7 @@ def test_inserted_tensor_resends_only_itself(tmp_path):
     sent = the_plan.steps()
     assert {s.action for s in sent} == {"raw"}
     assert sum(s.size for s in sent) <= 4 * 1234 + 64  # the new tensor and at most its padding
+    # the estimate (no source: a dry run) counts held pieces in the full size, so one new small
+    # tensor is a delta-mode update, not a "full" one
+    assert the_plan.estimated and the_plan.mode == "delta"
+    assert 0.99 * m_new.total_bytes() <= the_plan.full_bytes <= m_new.total_bytes()  # (repeats once)
