@@ -224,9 +224,14 @@ class Ingest:
             if dep is None:
                 self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
                 continue
+            final = rep.step == UPDATE_SUCCEEDED or rep.step in UPDATE_FAILED
             if dep.state != "pending":
-                continue  # settled already (or not started): at-least-once delivery repeats reports
-            dep.last_step = rep.step  # (a late, reordered progress report cannot rewind a settled one)
+                # settled already (or not started): at-least-once delivery repeats reports. A late
+                # final report is still recorded; a late progress report does not rewind the step.
+                if final:
+                    dep.last_step = rep.step
+                continue
+            dep.last_step = rep.step
             if rep.ok and rep.step == UPDATE_SUCCEEDED and rep.version == dep.to_version:
                 dep.state, dep.resolved_at, dep.detail = "succeeded", utcnow(), "reported committed"
             elif not rep.ok or rep.step in UPDATE_FAILED:
