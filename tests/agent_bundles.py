@@ -37,7 +37,7 @@ def derive(
     noise: float = 0.0,
 ) -> Path:
     from edgeglm.bundle import load_manifest
-    from edgeglm.bundle_files import seal_folder
+    from edgeglm.demo.models import reseal_as
     from edgeglm.onnx_tensors import read_external_tables
 
     if dst.exists():
@@ -62,17 +62,5 @@ def derive(
                 arr = (arr * factor).astype(_FLOAT[t.dtype])
                 fh.seek(t.offset)
                 fh.write(arr.tobytes())
-    chunk = {"piece_bytes": 1 << 20}
-    seal_folder(
-        dst,
-        key,
-        model=manifest.model,
-        version=version,
-        profile=manifest.profile,
-        quality=manifest.quality,
-        runtime=manifest.runtime,
-        smoke_test=manifest.smoke_test.model_dump() if manifest.smoke_test else None,
-        source_digest=manifest.source_digest,
-        **chunk,
-    )
+    reseal_as(manifest, dst, key, version)
     return dst

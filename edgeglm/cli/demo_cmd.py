@@ -21,7 +21,7 @@ from edgeglm.cli.output import emit, output_option, render_table
 def _table(r: dict[str, Any]) -> str:
     q = r.get("quality", {})
     gates = " / ".join(f"{v}: top-1 {m['top1_agreement']:.3f}, KL {m['kl']:.4f}" for v, m in q.items())
-    first = next(iter(r.get("answers", {}).values()), {})
+    first: dict[str, Any] = next(iter(r.get("answers", {}).values()), {})
     v11, v12 = r.get("v11", {}), r.get("v12", {})
     canary = v12.get("canary") or {}
     rows = [

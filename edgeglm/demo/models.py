@@ -96,7 +96,6 @@ def break_bundle(src: Path, dst: Path, key: Any, version: str = "1.2.0") -> Path
     import numpy as np
 
     from edgeglm.bundle import load_manifest
-    from edgeglm.bundle_files import seal_folder
     from edgeglm.onnx_tensors import read_external_tables
 
     shutil.copytree(src, dst)
@@ -112,16 +111,24 @@ def break_bundle(src: Path, dst: Path, key: Any, version: str = "1.2.0") -> Path
                     zeroed += 1
     if not zeroed:
         raise RuntimeError(f"{src}: no norm tensor to break")
+    reseal_as(manifest, dst, key, version)
+    return dst
+
+
+def reseal_as(source: Any, folder: Path, key: Any, version: str) -> None:
+    """Sign ``folder`` as ``version`` of ``source``'s model and profile, carrying over its quality,
+    runtime, smoke-test and source records (1 MiB tensor pieces, as exports cut them)."""
+    from edgeglm.bundle_files import seal_folder
+
     seal_folder(
-        dst,
+        folder,
         key,
-        model=manifest.model,
+        model=source.model,
         version=version,
-        profile=manifest.profile,
-        quality=manifest.quality,
-        runtime=manifest.runtime,
-        smoke_test=manifest.smoke_test.model_dump() if manifest.smoke_test else None,
-        source_digest=manifest.source_digest,
+        profile=source.profile,
+        quality=source.quality,
+        runtime=source.runtime,
+        smoke_test=source.smoke_test.model_dump() if source.smoke_test else None,
+        source_digest=source.source_digest,
         piece_bytes=1 << 20,
     )
-    return dst

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeglm.demo.procs import free_port, toml_text, wait_for
 from edgeglm.protocol import (
     Desired,
     Heartbeat,
@@ -45,23 +45,6 @@ from edgeglm.protocol import (
 )
 
 EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 class Broker:
@@ -184,7 +167,7 @@ class AgentProc:
                 sections.setdefault(key, {}).update(value)
             else:
                 top[key] = value
-        self.config_path.write_text(_toml(top, sections))
+        self.config_path.write_text(toml_text(top, sections))
 
     def start(self, env: dict[str, str] | None = None) -> AgentProc:
         self.starts += 1
@@ -245,23 +228,6 @@ class AgentProc:
 
         m = Slots(self.data).manifest(Slots(self.data).active_name())
         return m.version if m is not None else None
-
-
-def _toml(top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    lines = [f"{k} = {value(v)}" for k, v in top.items()]
-    for name, table in sections.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Wire:
