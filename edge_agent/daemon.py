@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
+
 from edge_agent.activation import Activator
 from edge_agent.config import AgentConfig
 from edge_agent.fetch import MqttFetcher
@@ -317,9 +319,14 @@ class Agent:
 
     def _beat(self) -> None:
         every = self.config.telemetry.heartbeat_s
+        warned = 0.0
         while not self._stop.wait(every):
             try:
                 self._put_heartbeat()
+            except (OSError, sqlalchemy.exc.OperationalError) as exc:  # a full disk, most likely
+                if time.monotonic() - warned > 60:  # one line a minute, not a traceback a beat
+                    warned = time.monotonic()
+                    log.warning("heartbeat not queued (it is dropped): %s", str(exc).splitlines()[0][:200])
             except Exception:
                 log.exception("heartbeat failed")
 
@@ -418,6 +425,9 @@ class Agent:
             self.activator.discard()
         if final == UPDATE_SUCCEEDED:
             self._collect_garbage()
+        elif final == "failed" and _disk_full(self.state.latest()):
+            log.warning("the data folder is full: dropping the pieces of the failed update")
+            self._collect_garbage()  # a later rollout fetches them again; the box needs the space now
 
     def _collect_garbage(self) -> None:
         """Keep the pieces of what the two slots hold; drop the rest."""
@@ -431,6 +441,11 @@ class Agent:
                 self.store.release(ref)
         stats = self.store.gc()
         log.info("piece store: %s", stats)
+
+
+def _disk_full(rec: Any) -> bool:
+    reason = str(getattr(rec, "reason", "") or "")
+    return "No space left on device" in reason or "disk is full" in reason
 
 
 def _fault_injection(step: str | None) -> Any:

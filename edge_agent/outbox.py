@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -34,15 +33,15 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    create_engine,
     delete,
-    event,
     func,
     select,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from edge_agent.sqlite import durable_engine
 
 __all__ = ["Outbox", "OutboxItem"]
 
@@ -89,13 +88,6 @@ class OutboxItem:
     created_at: float
 
 
-def _pragmas(conn: Any, _record: Any) -> None:
-    cur = conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a report put() is a report that survives a power cut
-    cur.close()
-
-
 class Outbox:
     """A bounded, persistent FIFO of MQTT messages and the one thread that drains it."""
 
@@ -110,9 +102,7 @@ class Outbox:
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(f"sqlite:///{path}")
-        event.listen(self.engine, "connect", _pragmas)
+        self.engine: Engine = durable_engine(path)  # a row committed survives a power cut
         _Base.metadata.create_all(self.engine)
         self.max_rows = max_rows
         self.max_age_s = max_age_s

@@ -280,7 +280,11 @@ class UpdateMachine:
             log.info("slot %s already holds %s: nothing to assemble", slot, target.ref_name)
             return
         folder = self.slots.clear(slot)
-        assemble_bundle(target, run.doc, self.store, folder)
+        try:
+            assemble_bundle(target, run.doc, self.store, folder)
+        except BaseException:
+            self.slots.clear(slot)  # half a bundle is no use, and on a full disk it holds the space
+            raise
 
     def _verify(self, run: _Run) -> None:
         folder = self.slots.path(run.rec.target_slot)

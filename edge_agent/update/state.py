@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, Integer, String, Text, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from edge_agent.sqlite import durable_engine
 
 __all__ = ["StateStore", "UpdateRecord"]
 
@@ -39,18 +41,9 @@ class UpdateRecord(_Base):
     updated_at: Mapped[str] = mapped_column(String(40))
 
 
-def _pragmas(conn: Any, _record: Any) -> None:
-    cur = conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a step written is a step that survives a power cut
-    cur.close()
-
-
 class StateStore:
     def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(f"sqlite:///{path}")
-        event.listen(self.engine, "connect", _pragmas)
+        self.engine: Engine = durable_engine(path)  # a row committed survives a power cut
         _Base.metadata.create_all(self.engine)
 
     def latest(self) -> UpdateRecord | None:

@@ -239,6 +239,13 @@ def test_a_full_disk_during_assembly(fleet: LocalFleet, versions: Versions, tmp_
         failed = next(d for d in r["deployments"] if d["device"] == BOXES[0])
         assert "space" in failed["detail"].lower() or "disk" in failed["detail"].lower(), failed
         assert not list(data.rglob("*.partial")), "a partly written file was left behind"
+        inactive = "b" if fleet.agents[BOXES[0]].status()["active_slot"] == "a" else "a"
+        assert not any((data / "slots" / inactive).rglob("*")), "the half-assembled slot was kept"
+        log = fleet.agents[BOXES[0]].proc.log()
+        assert "Traceback" not in log  # full disk: clear lines, no crash
+        assert "dropping the pieces of the failed update" in log
+        du = subprocess.run(["du", "-a", str(data)], capture_output=True, text=True).stdout
+        assert shutil.disk_usage(data).free > 400_000, du  # the space came back
     finally:
         fleet.close()
         subprocess.run(["umount", "-l", str(data)], capture_output=True)
