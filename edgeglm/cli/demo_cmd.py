@@ -30,13 +30,15 @@ def _table(r: dict[str, Any]) -> str:
         ["published", ", ".join(f"{v}: {p['sent']:,} B sent" for v, p in r.get("published", {}).items())],
         [
             "deploy 1.0.0 (empty boxes)",
-            f"{r.get('v1', {}).get('state')}, {r.get('v1', {}).get('bytes_sent', 0):,} B",
+            f"{r.get('v1', {}).get('state')}, {r.get('v1', {}).get('bytes_sent', 0):,} B on the wire, "
+            f"{r.get('v1', {}).get('seconds')} s",
         ],
         ["sensor prompt", r.get("prompt", "")],
         ["answer (MQTT 5, each box)", first.get("text", "")],
         [
             "1.1.0 in waves",
-            f"{v11.get('state')}: waves of {[w['size'] for w in v11.get('waves', [])]} devices",
+            f"{v11.get('state')}: waves of {[w['size'] for w in v11.get('waves', [])]} devices, "
+            f"{v11.get('seconds')} s",
         ],
         [
             "delta sync",
@@ -44,7 +46,7 @@ def _table(r: dict[str, Any]) -> str:
             f"bundles ({v11.get('full_bytes', 0):,} B); the full 1.0.0 download was "
             f"{r.get('v1', {}).get('bytes_sent', 0):,} B",
         ],
-        ["broken 1.2.0", f"{v12.get('state')}: {v12.get('reason')}"],
+        ["broken 1.2.0", f"{v12.get('state')} in {v12.get('seconds')} s: {v12.get('reason')}"],
         ["canary", f"{canary.get('device')}: {canary.get('state')} ({canary.get('detail', '')[:110]})"],
         ["audit log", f"{r.get('audit', {}).get('entries', 0)} entries"],
         ["checks", f"{sum(ok for _, ok in r['checks'])} of {len(r['checks'])} passed"],

@@ -84,13 +84,13 @@ def run_story(
         say(f"labelled {', '.join(DEVICES)} site=demo")
 
         # --- 1.0.0 to an empty fleet: a full download each
-        sent0 = fleet.bytes_sent()
+        sent0, t_v1 = fleet.bytes_sent(), time.perf_counter()
         first = fleet.wait_rollout(fleet.deploy(f"{MODEL}@1.0.0")["id"])
         result["v1"] = {
             "rollout": first["id"],
             "state": first["state"],
             "bytes_sent": int(fleet.bytes_sent() - sent0),
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t_v1, 1),
         }
         say(f"rollout {first['id']} of 1.0.0: {first['state']}, {result['v1']['bytes_sent']:,} bytes sent")
         check("1.0.0 rolled out to every device", first["state"] == "completed")
