@@ -116,6 +116,24 @@ class ServingConfig(_Section):
     site: str | None = None
     queue_size: int | None = Field(default=None, ge=0, le=100_000)
     threads: int | None = Field(default=None, ge=1, le=256)
+    # OpenAI-compatible API and Prometheus /metrics: "127.0.0.1:8080" (loopback unless you mean it)
+    http_listen: str | None = None
+
+    @field_validator("http_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r}: write host:port, e.g. 127.0.0.1:8080")
+        return v
+
+    def http_address(self) -> tuple[str, int] | None:
+        if self.http_listen is None:
+            return None
+        host, _, port = self.http_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @field_validator("site")
     @classmethod

@@ -100,6 +100,7 @@ class Agent:
         self._term = threading.Event()  # SIGTERM / SIGINT
         self._wake = threading.Event()
         self._want: _Want | None = None
+        self.http: Any = None  # the optional HTTP API (serving.http_listen)
         self._issued_at = 0.0  # the newest desired state seen: an older one arriving later is stale
         self._lock = threading.Lock()
         self.cloud: MqttLink | None = None
@@ -170,6 +171,12 @@ class Agent:
         self.outbox.start(self._deliver, lambda: self.cloud is not None and self.cloud.connected)
         self._spawn("update-worker", self._work)
         self._spawn("heartbeats", self._beat)
+        if (address := c.serving.http_address()) is not None:
+            from edge_agent.http_api import HttpApi
+
+            self.http = HttpApi(
+                None, None, self.metrics, host=address[0], port=address[1], current=self.front.current
+            ).start()
         self.watchdog = Watchdog(self.front.healthy)
         self.watchdog.start()
         notify("READY=1")
@@ -193,6 +200,8 @@ class Agent:
         for link in (self.local, self.cloud):
             if link is not None:
                 link.close()
+        if self.http is not None:
+            self.http.stop()
         if self.front is not None:
             self.front.stop()
         self.state.close()

@@ -84,23 +84,44 @@ class _Server(ThreadingHTTPServer):
 
 
 class HttpApi:
-    """Serves ``engine`` over HTTP through ``scheduler``; :meth:`start` returns at once."""
+    """Serves ``engine`` over HTTP through ``scheduler``; :meth:`start` returns at once.
+
+    ``current`` (instead of a fixed engine and scheduler) names what serves *now*: the daemon's
+    front, whose engine an update swaps; while it has none, requests get 503 ``unavailable``.
+    """
 
     def __init__(
         self,
-        engine: Engine,
-        scheduler: Scheduler,
+        engine: Engine | None,
+        scheduler: Scheduler | None,
         metrics: Metrics,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
         default_timeout_s: float = 300.0,
+        current: Callable[[], tuple[Engine, Scheduler] | None] | None = None,
     ) -> None:
-        self.engine, self.scheduler, self.metrics = engine, scheduler, metrics
+        fixed = (engine, scheduler) if engine is not None and scheduler is not None else None
+        self._current = current or (lambda: fixed)
+        self.metrics = metrics
         self.default_timeout_s = default_timeout_s
         self._server = _Server((host, port), _Handler)
         self._server.api = self
         self._thread: threading.Thread | None = None
+
+    def now(self) -> tuple[Engine, Scheduler] | None:
+        return self._current()
+
+    def live(self) -> tuple[Engine, Scheduler]:
+        """The engine and scheduler serving now, or :class:`_Refused` ``unavailable``."""
+        now = self._current()
+        if now is None:
+            raise _Refused("unavailable", "no model is installed on this box yet")
+        return now
+
+    @property
+    def engine(self) -> Engine:
+        return self.live()[0]
 
     @property
     def url(self) -> str:
@@ -121,9 +142,9 @@ class HttpApi:
 
     def request(self, body: dict[str, Any], *, chat: bool) -> InferRequest:
         """The wire request for an OpenAI body, or :class:`_Refused`."""
-        model = body.get("model")
-        if model is not None and model != self.engine.model:
-            raise _Refused("model_not_found", f"this agent serves {self.engine.model!r}, not {model!r}")
+        model, engine = body.get("model"), self.engine
+        if model is not None and model != engine.model:
+            raise _Refused("model_not_found", f"this agent serves {engine.model!r}, not {model!r}")
         if body.get("n") not in (None, 1):
             raise _Refused("bad_request", "field 'n': only 1 choice is supported")
         data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
@@ -146,8 +167,9 @@ class HttpApi:
     def submit(self, request: InferRequest, events: _Events) -> Generation:
         """Queue ``request`` on the scheduler; its text and its result arrive on ``events``."""
         arrived = time.monotonic()
+        engine, scheduler = self.live()  # one pair for the whole request, even across a swap
         try:
-            prompt = self.engine.prepare(request, deadline=arrived + self.default_timeout_s)
+            prompt = engine.prepare(request, deadline=arrived + self.default_timeout_s)
         except RequestError as exc:
             self.metrics.rejected(exc.code)
             raise _Refused(exc.code, exc.why) from exc
@@ -165,7 +187,7 @@ class HttpApi:
 
         self.metrics.request_started()
         try:
-            return self.scheduler.submit(prompt, lambda text, _ids: events.put(("text", text)), done)
+            return scheduler.submit(prompt, lambda text, _ids: events.put(("text", text)), done)
         except RequestError as exc:  # balances request_started, as MQTT serving does
             self.metrics.request_finished(
                 outcome=exc.code, latency_s=0.0, ttft_s=None, prompt_tokens=0, completion_tokens=0
@@ -301,7 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.server.api.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def _health(self) -> None:
-        engine, health = self.server.api.engine, self.server.api.metrics.health().model_dump()
+        health = self.server.api.metrics.health().model_dump()
+        now = self.server.api.now()
+        if now is None:
+            self._send(503, json.dumps({"status": "no_model", "health": health}).encode(), "application/json")
+            return
+        engine = now[0]
         self._json({"status": "ok", "model": engine.model, "version": engine.version, "health": health})
 
     def _complete(self, *, chat: bool) -> None:

@@ -163,7 +163,7 @@ class AgentProc:
             "log_level": "debug",
         }
         for key, value in config.items():
-            if key in sections or key == "local":
+            if key in sections or isinstance(value, dict):
                 sections.setdefault(key, {}).update(value)
             else:
                 top[key] = value

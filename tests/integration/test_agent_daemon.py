@@ -419,3 +419,40 @@ def test_a_newer_desired_state_supersedes_a_download_in_progress(world: World) -
         _answers(world, agent, "1.1.0")
     finally:
         agent.stop()
+
+
+def test_the_http_api_and_metrics_follow_the_engine_an_update_swaps_in(world: World) -> None:
+    """``serving.http_listen``: OpenAI-compatible completions and Prometheus /metrics from the
+    daemon, answered by whichever engine serves now (1.0.0, then 1.1.0 after the update)."""
+    import urllib.request
+
+    from tests.integration.agent_harness import free_port
+
+    port = free_port()
+    agent = world.agent(serving={"http_listen": f"127.0.0.1:{port}"}).start()
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(base + path, timeout=10) as r:
+            body = r.read().decode()
+        return json.loads(body) if path != "/metrics" else body
+
+    try:
+        agent.wait_log(r"edge agent \S+ up")
+        assert get("/healthz")["version"] == "1.0.0"
+        req = urllib.request.Request(
+            base + "/v1/completions",
+            data=json.dumps({"prompt": "The sensor reads", "max_tokens": 4}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            done = json.loads(r.read())
+        assert done["model"] == "tiny-edge" and done["usage"]["completion_tokens"] > 0
+        assert re.search(r'^edgeglm_agent_requests_total\{outcome="length"\} [1-9]', get("/metrics"), re.M)
+
+        world.wire.desire(world.versions.v11, "h1")
+        wait_for(lambda: _ended(world.wire, "h1"), 120, "the update to 1.1.0")
+        assert _committed(world.wire, "h1")
+        assert get("/healthz")["version"] == "1.1.0"
+    finally:
+        agent.stop()

@@ -84,6 +84,10 @@ def test_password_file_is_read_and_tls_port_defaults_to_8883(tmp_path: Path, key
         ('device_id = "b"\nprofile = "cpu-x86-int4"\n[update]\nwindow = 0\n', "update.window"),
         ('device_id = "b"\nprofile = "cpu-x86-int4"\n[cloud]\ncert_file = "/x"\n', "cert_file"),
         ('device_id = "b" profile', "TOML"),
+        (
+            'device_id = "b"\nprofile = "cpu-x86-int4"\n[serving]\nhttp_listen = "8080"\n',
+            "serving.http_listen",
+        ),
     ],
 )
 def test_every_mistake_is_a_config_error_naming_the_key(
