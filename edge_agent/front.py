@@ -72,16 +72,32 @@ class Front:
         log.info("now serving %s@%s", engine.model, engine.version)
         if old.scheduler is None or old.engine is None:
             return None
-        t = threading.Thread(target=old.retire, name="retire-engine", daemon=True)
-        self._retiring[id(old.engine)] = t
+        key = id(old.engine)
+
+        def retire() -> None:
+            try:
+                old.retire()
+            finally:
+                with self._lock:
+                    self._retiring.pop(key, None)  # done: nothing to wait for, nothing kept
+
+        t = threading.Thread(target=retire, name="retire-engine", daemon=True)
+        with self._lock:
+            self._retiring[key] = t
         t.start()
         return old.engine
 
     def quiesce(self, engine: Engine, timeout_s: float = 120.0) -> None:
         """Wait until a replaced ``engine`` has finished the requests it had (before reusing it)."""
-        t = self._retiring.pop(id(engine), None)
+        with self._lock:
+            t = self._retiring.get(id(engine))
         if t is not None:
             t.join(timeout_s)
+
+    def retiring(self) -> int:
+        """Replaced engines still finishing their requests."""
+        with self._lock:
+            return len(self._retiring)
 
     def healthy(self) -> bool:
         svc = self._service

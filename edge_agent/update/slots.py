@@ -25,6 +25,7 @@ _NAMES = ("a", "b")
 class Slots:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._manifests: dict[str, tuple[tuple[int, int, int], Manifest | None]] = {}
         self.dir = self.root / "slots"
         self.link = self.root / "current"
         for name in _NAMES:
@@ -52,13 +53,26 @@ class Slots:
         return self.path(self.inactive_name())
 
     def manifest(self, name: str) -> Manifest | None:
-        """The manifest a slot holds (unverified: for deciding, never for activating)."""
-        if not (self.path(name) / MANIFEST_NAME).is_file():
-            return None
+        """The manifest a slot holds (unverified: for deciding, never for activating).
+
+        Parsed once per version of the file (keyed by its inode, size and mtime): at GLM-Edge-1.5B
+        size a manifest is ~160 KB of JSON, and the update worker asks for it many times.
+        """
+        path = self.path(name) / MANIFEST_NAME
         try:
-            return load_manifest(self.path(name), None)[0]
-        except Exception:  # a half-written or corrupt slot holds nothing usable
+            st = path.stat()
+        except OSError:
             return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._manifests.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        try:
+            manifest: Manifest | None = load_manifest(self.path(name), None)[0]
+        except Exception:  # a half-written or corrupt slot holds nothing usable
+            manifest = None
+        self._manifests[name] = (key, manifest)
+        return manifest
 
     def clear(self, name: str) -> Path:
         """Empty a slot (never the active one) for a new assembly."""

@@ -87,3 +87,25 @@ def test_front_is_unhealthy_while_the_engine_is_stuck_and_when_its_thread_dies(t
     assert front.healthy()
     scheduler.stop()
     assert not front.healthy()  # the scheduler thread is gone
+
+
+def test_a_replaced_engine_is_forgotten_once_it_has_retired(tiny_bundle: Any) -> None:
+    """Every switch retires the old engine on a thread; done, it leaves nothing behind."""
+    from edge_agent.front import Front
+    from edge_agent.inference.engine import Engine
+    from edge_agent.metrics import Metrics
+    from edgeglm.mqtt import BrokerSettings, MqttLink
+
+    folder, profile, _public = tiny_bundle("fused-int8")
+    one, two = Engine.load(folder, profile=profile), Engine.load(folder, profile=profile)
+    front = Front(MqttLink(BrokerSettings(), "unused"), Metrics(), device_id="box-r")
+    front.serve(one)
+    for _ in range(5):  # switch back and forth, as updates and reverts do
+        old = front.serve(two if front.current()[0] is one else one)  # type: ignore[index]
+        assert old is not None
+        front.quiesce(old)
+    deadline = time.monotonic() + 10
+    while front.retiring() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert front.retiring() == 0
+    front.stop()
