@@ -132,6 +132,18 @@ class Agent:
             site=c.serving.site,
             queue_size=c.serving.queue_size,
         )
+        if (address := c.serving.http_address()) is not None:
+            from edge_agent.http_api import HttpApi
+
+            try:
+                api = HttpApi(
+                    None, None, self.metrics, host=address[0], port=address[1], current=self.front.current
+                )
+            except OSError as exc:  # the port is taken, or the address is not this box's
+                raise ConfigError(
+                    "serving.http_listen", f"cannot listen on {c.serving.http_listen}: {exc}"
+                ) from exc
+            self.http = api  # bound now, before any link is up; started once serving
         self.activator = Activator(
             self.trusted,
             self.profile,
@@ -171,12 +183,8 @@ class Agent:
         self.outbox.start(self._deliver, lambda: self.cloud is not None and self.cloud.connected)
         self._spawn("update-worker", self._work)
         self._spawn("heartbeats", self._beat)
-        if (address := c.serving.http_address()) is not None:
-            from edge_agent.http_api import HttpApi
-
-            self.http = HttpApi(
-                None, None, self.metrics, host=address[0], port=address[1], current=self.front.current
-            ).start()
+        if self.http is not None:
+            self.http.start()
         self.watchdog = Watchdog(self.front.healthy)
         self.watchdog.start()
         notify("READY=1")

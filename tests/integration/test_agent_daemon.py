@@ -456,3 +456,16 @@ def test_the_http_api_and_metrics_follow_the_engine_an_update_swaps_in(world: Wo
         assert get("/healthz")["version"] == "1.1.0"
     finally:
         agent.stop()
+
+
+def test_an_http_port_already_taken_is_a_config_error(world: World) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        agent = world.agent(serving={"http_listen": f"127.0.0.1:{port}"}).start()
+        assert agent.wait_exit(60) == 78
+    assert "serving.http_listen: cannot listen on 127.0.0.1:" in agent.log()
+    assert "Traceback" not in agent.log()
