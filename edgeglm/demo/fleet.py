@@ -15,10 +15,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeglm.demo.procs import AgentBox, HubProc, ManagedBroker, Procs, wait_for
 from edgeglm.hub_client import HubClient
+
+if TYPE_CHECKING:
+    from edgeglm.protocol import InferReply
 
 API = "/api/v1"
 ENDED = ("completed", "reverted", "aborted", "rolled_back")
@@ -47,7 +50,7 @@ class Sensor:
         max_tokens: int = 24,
         timeout: float = 60.0,
         stop: tuple[str, ...] = ("\n",),
-    ) -> Any:
+    ) -> InferReply:
         """The final reply to one greedy request (sent again every 5 s until answered: a request
         published while the agent is not subscribed yet is gone)."""
         from edgeglm.protocol import InferReply, decode, infer_topic

@@ -99,6 +99,18 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def start_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Start, then wait until ``ready()``; a process that exits first is UnavailableError with
+        the end of its log, one that is not ready in time is stopped (TimeoutError)."""
+        self.start()
+        try:
+            wait_for(lambda: ready() or not self.alive(), timeout, what)
+        except TimeoutError:
+            self.stop()
+            raise
+        if not self.alive():
+            raise UnavailableError(self.name, f"exited at start: {self.log()[-600:].strip()}")
+
     def kill9(self) -> None:
         if self.alive():
             assert self.popen is not None
@@ -156,16 +168,7 @@ class ManagedBroker:
         self.proc = Proc("mosquitto", [binary, "-c", str(self.conf)], root / "mosquitto.log")
 
     def start(self, timeout: float = 10.0) -> ManagedBroker:
-        self.proc.start()
-        try:
-            wait_for(
-                lambda: port_open(self.port) or not self.proc.alive(), timeout, f"mosquitto on {self.port}"
-            )
-        except TimeoutError:
-            self.proc.stop()
-            raise
-        if not self.proc.alive():
-            raise UnavailableError("mosquitto", f"exited at start: {self.proc.log()[-400:].strip()}")
+        self.proc.start_until(lambda: port_open(self.port), timeout, f"mosquitto on {self.port}")
         return self
 
     def stop(self) -> None:
@@ -216,14 +219,7 @@ class HubProc:
             return False
 
     def start(self, timeout: float = 60.0) -> HubProc:
-        self.proc.start()
-        try:
-            wait_for(lambda: self.up() or not self.proc.alive(), timeout, f"the hub on {self.url}")
-        except TimeoutError:
-            self.proc.stop()
-            raise
-        if not self.proc.alive():
-            raise UnavailableError("cloud hub", f"exited at start: {self.proc.log()[-600:].strip()}")
+        self.proc.start_until(self.up, timeout, f"the hub on {self.url}")
         return self
 
     def metric(self, name: str) -> float:

@@ -9,9 +9,7 @@ reports and status, and sends inference requests like a sensor.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import queue
 import re
 import signal
 import socket
@@ -19,15 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from edgeglm.demo.fleet import Sensor
 from edgeglm.demo.procs import free_port, toml_text, wait_for
 from edgeglm.protocol import (
     Desired,
@@ -39,7 +35,6 @@ from edgeglm.protocol import (
     desired_topic,
     encode,
     heartbeat_topic,
-    infer_topic,
     report_topic,
     status_topic,
 )
@@ -187,7 +182,10 @@ class AgentProc:
 
     def wait_log(self, pattern: str, timeout: float = 60.0, after: int = 0) -> re.Match[str]:
         rx = re.compile(pattern)
-        return wait_for(lambda: rx.search(self.log()[after:]), timeout, f"agent log line /{pattern}/")
+        found: re.Match[str] = wait_for(
+            lambda: rx.search(self.log()[after:]), timeout, f"agent log line /{pattern}/"
+        )
+        return found
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
@@ -231,15 +229,15 @@ class AgentProc:
 
 
 class Wire:
-    """The test's own MQTT client: desired states out; reports, status and replies in."""
+    """The test's own MQTT client: desired states out; reports, status and replies in (requests go
+    through the demo's :class:`Sensor`, as a sensor sends them)."""
 
     def __init__(self, port: int, device_id: str) -> None:
         self.device_id = device_id
         self.reports: list[Report] = []
         self.status: list[Status] = []
         self.heartbeats: list[Heartbeat] = []
-        self.replies: queue.Queue[tuple[bytes, InferReply]] = queue.Queue()
-        self.reply_topic = f"sensors/{uuid.uuid4().hex[:8]}/reply"
+        self.sensor = Sensor(port)
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
@@ -248,7 +246,6 @@ class Wire:
                 (report_topic(device_id), 1),
                 (status_topic(device_id), 1),
                 (heartbeat_topic(device_id), 0),
-                (self.reply_topic, 1),
             ]
         )
         self.client.reconnect_delay_set(0.2, 1)
@@ -265,9 +262,6 @@ class Wire:
         elif msg.topic == heartbeat_topic(self.device_id):
             with self.lock:
                 self.heartbeats.append(decode(Heartbeat, msg.payload))
-        elif msg.topic == self.reply_topic:
-            corr = getattr(msg.properties, "CorrelationData", b"")
-            self.replies.put((corr, decode(InferReply, msg.payload)))
 
     def desire(self, folder: Path, rollout_id: str) -> None:
         from edgeglm.bundle import load_manifest, manifest_digest
@@ -294,26 +288,11 @@ class Wire:
             return [(r.step, r.ok) for r in self.reports if r.rollout_id == rollout_id]
 
     def ask(self, prompt: str = "The sensor reads", timeout: float = 60.0) -> InferReply:
-        """One greedy request, sent again every 5 s until answered (an agent that is just starting
-        has not subscribed yet: a QoS 1 message to no subscriber is gone); the final reply."""
-        payload = json.dumps({"prompt": prompt, "max_tokens": 4}).encode()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            key = uuid.uuid4().hex.encode()
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = self.reply_topic
-            props.CorrelationData = key
-            self.client.publish(infer_topic(self.device_id), payload, qos=1, properties=props)
-            resend = min(deadline, time.monotonic() + 5.0)
-            while (left := resend - time.monotonic()) > 0:
-                try:
-                    corr, reply = self.replies.get(timeout=left)
-                except queue.Empty:
-                    break
-                if corr == key and reply.done:
-                    return reply
-        raise AssertionError(f"no reply from {self.device_id} within {timeout:.0f}s")
+        """One greedy 4-token request, sent again every 5 s until answered (an agent that is just
+        starting has not subscribed yet: a QoS 1 message to no subscriber is gone); the final reply."""
+        return self.sensor.ask(self.device_id, prompt, max_tokens=4, timeout=timeout, stop=())
 
     def close(self) -> None:
+        self.sensor.close()
         self.client.loop_stop()
         self.client.disconnect()
