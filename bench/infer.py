@@ -16,8 +16,18 @@ the values. Each variant runs in its own process, so its peak RSS is its own:
     fused-int4-b128     + MatMulNBits 4-bit, block 128, accuracy_level 4
 
 Decode speed: a 32-token prompt then 64 new tokens, greedy, at batch 1 and batch 8, with a
-minimal loop on ONNX Runtime (export.ort_runner). Rows:
-``{variant, batch, decode_tok_s, prefill_s, peak_rss_mb, bundle_mb, export_s, ratio_vs_baseline}``.
+minimal loop on ONNX Runtime (export.ort_runner). Every variant is warmed up first; prefill is the
+time to the first new token and ``decode_tok_s`` counts the 63 tokens after it (for transformers
+the token arrival times come from a ``generate()`` streamer). Medians over ``--repeats`` runs
+(default 3) at batch 1, one fewer at batch 8. Rows:
+``{variant, batch, decode_tok_s, prefill_s, repeats, peak_rss_mb, bundle_mb, export_s,
+ratio_vs_baseline}``.
+
+A first row ``probe:memory`` records the CPU and how fast an fp32 GEMV streams weights here with
+torch (the baseline's BLAS) and with numpy: batch-1 decode is bound by reading the weights, so the
+ratios depend on how close the baseline's GEMV gets to this machine's memory bandwidth.
+
+Variant names may end in ``-sym``: symmetric quantization, no zero points (export/quant.py).
 
 Then the whole ``edgectl export`` pipeline (graph, quantization, quality gate with the fp32
 transformers reference, smoke test, signing) per route, in its own process, with ``--force``
@@ -36,6 +46,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -183,36 +194,61 @@ def _prompt(batch: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(batch).integers(2, vocab, (batch, PROMPT), dtype=np.int64)
 
 
-def worker_transformers(ckpt: Path, vocab: int) -> list[dict[str, Any]]:
+class _Stamps:
+    """A generate() streamer that only notes when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, _value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_row(batch: int, prefills: list[float], decodes: list[float]) -> dict[str, Any]:
+    """Medians over repeats; decode_tok_s counts the NEW - 1 tokens after the first one."""
+    return {
+        "batch": batch,
+        "prefill_s": statistics.median(prefills),
+        "decode_tok_s": batch * (NEW - 1) / statistics.median(decodes),
+        "repeats": len(decodes),
+    }
+
+
+def worker_transformers(ckpt: Path, vocab: int, repeats: int) -> list[dict[str, Any]]:
+    """generate() fp32, warmed up; token arrival times from a streamer split prefill from decode."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     rows = []
     for batch in BATCHES:
         ids = torch.from_numpy(_prompt(batch, vocab))
+        prefills, decodes = [], []
         with torch.no_grad():
-            t = time.perf_counter()
-            model(ids, use_cache=True)
-            prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            total = time.perf_counter() - t
-        rows.append(
-            {"batch": batch, "prefill_s": prefill, "decode_tok_s": batch * NEW / max(total - prefill, 1e-9)}
-        )
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
+            for _ in range(_repeats(batch, repeats)):
+                stamps = _Stamps()
+                t = time.perf_counter()
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW,
+                    min_new_tokens=NEW,
+                    do_sample=False,
+                    pad_token_id=0,
+                    streamer=stamps,
+                )
+                # times[0]: the prompt is handed over; times[1]: first new token (prefill done)
+                prefills.append(stamps.times[1] - t)
+                decodes.append(stamps.times[-1] - stamps.times[1])
+        rows.append(_decode_row(batch, prefills, decodes))
     return rows
 
 
-def worker_onnx(model: Path, vocab: int) -> list[dict[str, Any]]:
+def worker_onnx(model: Path, vocab: int, repeats: int) -> list[dict[str, Any]]:
     from export.ort_runner import OrtDecoder
 
     dec = OrtDecoder(model)
@@ -220,18 +256,73 @@ def worker_onnx(model: Path, vocab: int) -> list[dict[str, Any]]:
     for batch in BATCHES:
         ids = _prompt(batch, vocab)
         dec.greedy(ids[:, :4], 2)  # warm up
-        t = time.perf_counter()
-        logits, past = dec.step(ids, dec._empty_past(batch), PROMPT)
-        prefill = time.perf_counter() - t
-        total = PROMPT
-        t = time.perf_counter()
-        for _ in range(NEW):
-            nxt = logits[:, -1].argmax(-1)
-            total += 1
-            logits, past = dec.step(nxt[:, None], past, total)
-        decode = time.perf_counter() - t
-        rows.append({"batch": batch, "prefill_s": prefill, "decode_tok_s": batch * NEW / decode})
+        prefills, decodes = [], []
+        for _ in range(_repeats(batch, repeats)):
+            t = time.perf_counter()
+            logits, past = dec.step(ids, dec._empty_past(batch), PROMPT)
+            nxt = logits[:, -1].argmax(-1)  # the first new token
+            t1 = time.perf_counter()
+            total = PROMPT
+            for _ in range(NEW - 1):
+                total += 1
+                logits, past = dec.step(nxt[:, None], past, total)
+                nxt = logits[:, -1].argmax(-1)
+            prefills.append(t1 - t)
+            decodes.append(time.perf_counter() - t1)
+        rows.append(_decode_row(batch, prefills, decodes))
     return rows
+
+
+def _repeats(batch: int, repeats: int) -> int:
+    """Batch 1 (the targets) gets every repeat; batch 8 one fewer, at least one."""
+    return repeats if batch == 1 else max(1, repeats - 1)
+
+
+def probe_memory() -> dict[str, Any]:
+    """How fast this machine streams fp32 weights through a GEMV: torch (the baseline's) and numpy.
+
+    Decode at batch 1 is bound by reading the weights, so ratios against transformers depend on how
+    close torch's GEMV gets to the memory bandwidth here; the row makes runs on different machines
+    comparable.
+    """
+    import os
+    import platform
+
+    import torch
+
+    w = np.random.default_rng(0).standard_normal((24576, 2048), dtype=np.float32)  # 201 MB
+    x = np.ones((1, 2048), np.float32)
+    wt, xt = torch.from_numpy(w), torch.from_numpy(x)
+
+    def rate(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(15):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return w.nbytes / statistics.median(times) / 1e9
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    with torch.no_grad():
+        torch_gbs = rate(lambda: xt @ wt.T)
+    return {
+        "variant": "probe:memory",
+        "batch": None,
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_gemv_gb_s": round(torch_gbs, 2),
+        "numpy_gemv_gb_s": round(rate(lambda: x @ w.T), 2),
+    }
 
 
 def worker_export(variant: str, ckpt: Path, out: Path) -> float:
@@ -247,11 +338,13 @@ def worker_export(variant: str, ckpt: Path, out: Path) -> float:
     else:
         from export.fused import FusedOptions, build_fused
 
-        _, weights, *block = variant.split("-")
+        _, weights, *rest = variant.split("-")
+        block = [int(r[1:]) for r in rest if r.startswith("b")]
         opts = FusedOptions(
             weights=weights,
-            block_size=int(block[0][1:]) if block else 32,
+            block_size=block[0] if block else 32,
             accuracy_level=4,
+            symmetric="sym" in rest,
             max_context=PROMPT + NEW + 16,
         )
         c = Checkpoint(ckpt)
@@ -266,15 +359,18 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker.startswith("export:"):
         print(json.dumps({**result, **worker_pipeline(args.worker.split(":", 1)[1], args.ckpt, args.work)}))
         return
+    if args.worker == "probe:memory":
+        print(json.dumps(probe_memory()))
+        return
     if args.worker == "transformers-fp32":
-        result["rows"] = worker_transformers(args.ckpt, vocab)
+        result["rows"] = worker_transformers(args.ckpt, vocab, args.repeats)
         result["export_s"], result["bundle_mb"] = None, None
     else:
         out = args.work / args.worker
         result["export_s"] = worker_export(args.worker, args.ckpt, out)
         result["export_peak_rss_mb"] = _peak_mb()
         result["bundle_mb"] = sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6
-        result["rows"] = worker_onnx(out / "model.onnx", vocab)
+        result["rows"] = worker_onnx(out / "model.onnx", vocab, args.repeats)
     result["peak_rss_mb"] = _peak_mb()
     print(json.dumps(result))
 
@@ -285,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=False)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--pipelines", default=",".join(PIPELINES), help="'' to skip the edgectl export runs")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant at batch 1 (median)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -299,9 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         ckpt = write_checkpoint(work / "ckpt", QUICK if args.quick else GLM_EDGE_15B)
         print(f"checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        probe = _in_worker("probe:memory", ckpt, work)
+        if probe:
+            rows.append(probe)
+            print(
+                f"memory probe: fp32 GEMV torch {probe['torch_gemv_gb_s']} GB/s, "
+                f"numpy {probe['numpy_gemv_gb_s']} GB/s ({probe['cpu']}, {probe['cpus']} CPUs)",
+                flush=True,
+            )
         for variant in [v for v in args.variants.split(",") if v]:
-            res = _in_worker(variant, ckpt, work)
+            res = _in_worker(variant, ckpt, work, args.repeats)
             for r in res["rows"] if res else []:
                 rows.append(
                     {
@@ -309,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": r["batch"],
                         "decode_tok_s": round(r["decode_tok_s"], 3),
                         "prefill_s": round(r["prefill_s"], 4),
+                        "repeats": r["repeats"],
                         "peak_rss_mb": round(res["peak_rss_mb"], 1),
                         "bundle_mb": res["bundle_mb"] and round(res["bundle_mb"], 1),
                         "export_s": res["export_s"] and round(res["export_s"], 2),
@@ -337,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers-fp32"}
     for r in rows:
+        if r["variant"] == "probe:memory":
+            continue
         r["ratio_vs_baseline"] = (
             round(r["decode_tok_s"] / base[r["batch"]], 2)
             if r["batch"] in base and r["decode_tok_s"]
@@ -345,14 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print("\nratios vs transformers fp32 (same run):")
     for r in rows:
-        if r["ratio_vs_baseline"] is not None:
+        if r.get("ratio_vs_baseline") is not None:
             print(f"  {r['variant']:18} batch {r['batch']}: {r['ratio_vs_baseline']}x")
     return 0
 
 
-def _in_worker(variant: str, ckpt: Path, work: Path) -> dict[str, Any] | None:
+def _in_worker(variant: str, ckpt: Path, work: Path, repeats: int = 1) -> dict[str, Any] | None:
     """Run one variant in a fresh process (its peak RSS is its own); None if it failed."""
     cmd = [sys.executable, "-m", "bench.infer", "--worker", variant, "--ckpt", str(ckpt), "--work", str(work)]
+    cmd += ["--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)

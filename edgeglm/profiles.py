@@ -120,6 +120,7 @@ class DeviceProfile(_Table):
     weights: Weights
     block_size: int | None = None
     accuracy_level: int = Field(default=0, ge=0, le=4)
+    symmetric_quant: bool = False  # fused int4/int8: no zero points (MatMulNBits' faster kernel)
     kv_cache_dtype: KvCacheDtype  # default: fp16 for fp16 weights, else fp32 (see _defaults)
     max_context: int = Field(default=2048, ge=16, le=1 << 20)
     max_batch_size: int = Field(default=1, ge=1, le=1024)
@@ -194,6 +195,8 @@ class DeviceProfile(_Table):
             raise _rule("block_size", f"only used with int4/int8 weights (weights = {self.weights!r})")
         if self.accuracy_level and not (quantized and self.graph == "fused"):
             raise _rule("accuracy_level", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
+        if self.symmetric_quant and not (quantized and self.graph == "fused"):
+            raise _rule("symmetric_quant", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
         if self.weights in ("fp32", "fp16") and self.kv_cache_dtype != self.weights:
             raise _rule("kv_cache_dtype", f"must be {self.weights!r} with {self.weights} weights")
         if self.weights == "fp16" and eps[0] == "CPUExecutionProvider":

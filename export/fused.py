@@ -39,7 +39,7 @@ class _Quantized:
 
     packed: str
     scales: str
-    zeros: str
+    zeros: str  # "" when symmetric (the kernel's implicit zero point 2^(bits-1))
     n: int
     k: int
     bits: int
@@ -52,6 +52,7 @@ class FusedOptions:
     weights: str = "fp32"  # fp32 | fp16 | int8 | int4
     block_size: int = 32
     accuracy_level: int = 4
+    symmetric: bool = False  # no zero points (export/quant.py): faster MatMulNBits at batch 1
     activations: str = "fp32"  # fp32 | fp16
     max_context: int = 2048
     rotary_interleaved: bool = True  # GLM: True. False exists to prove the quality gate catches it.
@@ -89,22 +90,26 @@ class _Builder:
 
     def quantize(self, name: str, weight: np.ndarray) -> _Quantized:
         """Quantize W blockwise and stream B, scales and zero points into the data file."""
-        qw = quantize_blockwise(weight, 4 if self.opts.weights == "int4" else 8, self.opts.block_size)
+        bits = 4 if self.opts.weights == "int4" else 8
+        qw = quantize_blockwise(weight, bits, self.opts.block_size, symmetric=self.opts.symmetric)
+        zeros = qw.zero_points
         return _Quantized(
             packed=self.g.weight(f"{name}.qweight", qw.packed),
             scales=self.g.weight(f"{name}.scales", self.act(qw.scales)),
-            zeros=self.g.weight(f"{name}.qzeros", qw.zero_points),
+            zeros="" if zeros is None else self.g.weight(f"{name}.qzeros", zeros),
             n=qw.n,
             k=qw.k,
             bits=qw.bits,
             k_blocks=qw.packed.shape[1],
-            zero_cols=qw.zero_points.size // qw.n,
+            zero_cols=0 if zeros is None else zeros.size // qw.n,
         )
 
     def quantized_linear(self, name: str, q: _Quantized, bias: np.ndarray | None, x: str) -> str:
-        inputs = [x, q.packed, q.scales, q.zeros]
+        inputs = [x, q.packed, q.scales, q.zeros]  # A, B, scales, zero_points, g_idx, bias
         if bias is not None:
             inputs += ["", self.g.weight(f"{name}.bias", self.act(bias))]
+        while not inputs[-1]:
+            inputs.pop()
         return self.g.node(
             "MatMulNBits",
             inputs,
@@ -142,11 +147,13 @@ class _Builder:
             (q.scales, q.k_blocks),
             (q.zeros, q.zero_cols),
         ):
+            if not part:  # symmetric: no zero points
+                continue
             shape = g.const(f"{part}/shape2d", np.array([q.n, cols], np.int64))
             views.append(g.node("Reshape", [part, shape], [f"{part}/2d"], f"{part}/Reshape"))
         x = g.node(
             "GatherBlockQuantized",
-            [views[0], "input_ids", views[1], views[2]],
+            [views[0], "input_ids", *views[1:]],
             ["embed/out"],
             "embed/GatherBlockQuantized",
             MS,

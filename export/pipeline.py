@@ -66,7 +66,10 @@ class ExportResult:
 
 def _bytes_per_weight(profile: DeviceProfile) -> float:
     block = profile.block_size or 32
-    return {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 8 / block, "int4": 0.5 + 4.5 / block}[profile.weights]
+    zero = 0.0 if profile.symmetric_quant else 1.0  # a zero point per block: 1 byte (int8), 1/2 (int4)
+    return {"fp32": 4.0, "fp16": 2.0, "int8": 1 + (4 + zero) / block, "int4": 0.5 + (4 + zero / 2) / block}[
+        profile.weights
+    ]
 
 
 def estimate_memory_mb(
@@ -113,6 +116,7 @@ def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, stagin
             weights=profile.weights,
             block_size=profile.block_size or 32,
             accuracy_level=profile.accuracy_level,
+            symmetric=profile.symmetric_quant,
             activations="fp16" if profile.weights == "fp16" or profile.kv_cache_dtype == "fp16" else "fp32",
             max_context=profile.max_context,
             rotary_interleaved=spec.rotary_interleaved,
@@ -238,7 +242,13 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
             cdc_avg_bytes=profile.chunk.cdc_avg_bytes,
             source_digest=ckpt.digest(),
             dataset_version=spec.dataset_version,
-            quality={**report.to_dict(), "route": profile.graph, "weights": profile.weights},
+            quality={
+                **report.to_dict(),
+                "route": profile.graph,
+                "weights": profile.weights,
+                "block_size": profile.block_size,
+                "symmetric": profile.symmetric_quant,
+            },
             runtime={
                 "onnxruntime": onnxruntime.__version__,
                 "graph": profile.graph,

@@ -22,18 +22,26 @@ from export.ort_runner import OrtDecoder
 from export.quant import dequantize, quantize_blockwise
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize(
     ("bits", "block", "k"), [(4, 16, 64), (4, 32, 80), (4, 128, 256), (8, 32, 96), (8, 64, 64)]
 )
-def test_matmulnbits_matches_our_dequantization(tmp_path, bits, block, k):
+def test_matmulnbits_matches_our_dequantization(tmp_path, bits, block, k, symmetric):
+    """Asymmetric weights carry zero points; symmetric ones rely on the kernel's implicit 2^(bits-1)."""
     rng = np.random.default_rng(bits * block + k)
     w = rng.normal(0, 0.05, (48, k)).astype(np.float32)
-    qw = quantize_blockwise(w, bits, block)
+    w[0, :block] += 0.2  # a skewed block: the symmetric grid still has to hold it
+    qw = quantize_blockwise(w, bits, block, symmetric=symmetric)
+    assert (qw.zero_points is None) == symmetric
     deq = dequantize(qw)
-    assert np.abs(deq - w).max() <= qw.scales.max() * 0.51  # rounding error at most half a step
+    step = np.abs(qw.scales).reshape(48, -1).repeat(block, axis=1)[:, :k]
+    # rounding error at most half a step; symmetric also clips the top level (+2^(bits-1)) by one step
+    assert (np.abs(deq - w) <= step * (1.01 if symmetric else 0.51)).all()
     g = GraphWriter(tmp_path)
     g.input("x", TensorProto.FLOAT, [3, k])
-    inputs = ["x", g.weight("b", qw.packed), g.weight("s", qw.scales), g.weight("z", qw.zero_points)]
+    inputs = ["x", g.weight("b", qw.packed), g.weight("s", qw.scales)]
+    if not symmetric:
+        inputs.append(g.weight("z", qw.zero_points))
     g.node(
         "MatMulNBits",
         inputs,
@@ -137,21 +145,21 @@ def test_gqa_limits_are_said_up_front(tmp_path):
         build_fused(ckpt, arch, arch.spec(ckpt.config), FusedOptions(), tmp_path / "onnx")
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize(("bits", "block", "k"), [(4, 32, 64), (4, 16, 80), (8, 32, 96)])
-def test_gather_block_quantized_reads_the_matmulnbits_layout(tmp_path, bits, block, k):
+def test_gather_block_quantized_reads_the_matmulnbits_layout(tmp_path, bits, block, k, symmetric):
     """A tied embedding gathers from the lm_head's quantized weight: rows must equal our dequantization."""
     rng = np.random.default_rng(k)
     w = rng.normal(0, 0.05, (40, k)).astype(np.float32)
-    qw = quantize_blockwise(w, bits, block)
+    qw = quantize_blockwise(w, bits, block, symmetric=symmetric)
     kb = qw.packed.shape[1]
     g = GraphWriter(tmp_path)
     g.input("ids", TensorProto.INT64, [2, 3])
     views = []
-    for name, arr, cols in (
-        ("b", qw.packed, kb * block * bits // 8),
-        ("s", qw.scales, kb),
-        ("z", qw.zero_points, qw.zero_points.size // 40),
-    ):
+    parts = [("b", qw.packed, kb * block * bits // 8), ("s", qw.scales, kb)]
+    if qw.zero_points is not None:
+        parts.append(("z", qw.zero_points, qw.zero_points.size // 40))
+    for name, arr, cols in parts:
         g.weight(name, arr)
         views.append(
             g.node(
@@ -163,7 +171,7 @@ def test_gather_block_quantized_reads_the_matmulnbits_layout(tmp_path, bits, blo
         )
     g.node(
         "GatherBlockQuantized",
-        [views[0], "ids", views[1], views[2]],
+        [views[0], "ids", *views[1:]],
         ["y"],
         "gbq",
         "com.microsoft",

@@ -47,18 +47,29 @@ def derived_profile(base: str, name: str, **changes: Any) -> DeviceProfile:
 # route/weights -> profile. fp32 routes keep the int8 profile's gate: parity is asserted directly.
 PROFILES: dict[str, Callable[[], DeviceProfile]] = {
     "fused-fp32": lambda: derived_profile(
-        "cpu-x86-int8", "t-fused-fp32", weights="fp32", block_size=None, accuracy_level=None
+        "cpu-x86-int8",
+        "t-fused-fp32",
+        weights="fp32",
+        block_size=None,
+        accuracy_level=None,
+        symmetric_quant=None,
     ),
     "standard-fp32": lambda: derived_profile(
-        "cpu-x86-int8", "t-std-fp32", weights="fp32", graph="standard", block_size=None, accuracy_level=None
+        "cpu-x86-int8",
+        "t-std-fp32",
+        weights="fp32",
+        graph="standard",
+        block_size=None,
+        accuracy_level=None,
+        symmetric_quant=None,
     ),
     "fused-int8": lambda: load_profile("cpu-x86-int8"),
     "fused-int4": lambda: load_profile("cpu-x86-int4"),
     "standard-int8": lambda: derived_profile(
-        "cpu-x86-int8", "t-std-int8", graph="standard", accuracy_level=None
+        "cpu-x86-int8", "t-std-int8", graph="standard", accuracy_level=None, symmetric_quant=None
     ),
     "standard-int4": lambda: derived_profile(
-        "cpu-x86-int4", "t-std-int4", graph="standard", accuracy_level=None
+        "cpu-x86-int4", "t-std-int4", graph="standard", accuracy_level=None, symmetric_quant=None
     ),
 }
 

@@ -68,6 +68,8 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("bad name", CPU, {"name": "Test_CPU"}, "name"),
     ("block not power of two", CPU, {"block_size": 48}, "block_size"),
     ("int4 without block", CPU, {"block_size": DROP}, "block_size"),
+    ("symmetric not a bool", CPU, {"symmetric_quant": "yes"}, "symmetric_quant"),
+    ("symmetric on the standard graph", TRT, {"symmetric_quant": True}, "symmetric_quant"),
     ("fp16 on cpu", CPU, {"weights": "fp16", "block_size": DROP, "accuracy_level": DROP}, "weights"),
     (
         "fp32 with fp16 kv",
