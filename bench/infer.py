@@ -217,6 +217,33 @@ def _decode_row(batch: int, prefills: list[float], decodes: list[float]) -> dict
     }
 
 
+def timed_generate(model: Any, ids: Any) -> tuple[float, float]:
+    """One greedy ``generate()`` of NEW tokens: (seconds to the first new token, seconds for the rest)."""
+    import torch
+
+    stamps = _Stamps()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=stamps,
+        )
+    # times[0]: the prompt is handed over; times[1]: first new token (prefill done)
+    return stamps.times[1] - t, stamps.times[-1] - stamps.times[1]
+
+
+def warm_up(model: Any, ids: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
+
+
 def worker_transformers(ckpt: Path, vocab: int, repeats: int) -> list[dict[str, Any]]:
     """generate() fp32, warmed up; token arrival times from a streamer split prefill from decode."""
     import torch
@@ -226,25 +253,9 @@ def worker_transformers(ckpt: Path, vocab: int, repeats: int) -> list[dict[str, 
     rows = []
     for batch in BATCHES:
         ids = torch.from_numpy(_prompt(batch, vocab))
-        prefills, decodes = [], []
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, pad_token_id=0)
-            for _ in range(_repeats(batch, repeats)):
-                stamps = _Stamps()
-                t = time.perf_counter()
-                model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=NEW,
-                    min_new_tokens=NEW,
-                    do_sample=False,
-                    pad_token_id=0,
-                    streamer=stamps,
-                )
-                # times[0]: the prompt is handed over; times[1]: first new token (prefill done)
-                prefills.append(stamps.times[1] - t)
-                decodes.append(stamps.times[-1] - stamps.times[1])
-        rows.append(_decode_row(batch, prefills, decodes))
+        warm_up(model, ids)
+        runs = [timed_generate(model, ids) for _ in range(_repeats(batch, repeats))]
+        rows.append(_decode_row(batch, [r[0] for r in runs], [r[1] for r in runs]))
     return rows
 
 

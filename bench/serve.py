@@ -99,29 +99,21 @@ def write_profile(path: Path, max_context: int) -> Path:
 
 
 def baseline_worker(ckpt: Path) -> None:
+    """transformers fp32 at batch 1, timed as ``bench.infer`` times it (warm, by token arrival)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
+
+    from bench.infer import timed_generate, warm_up
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     speeds = []
     for seed in range(2):
         ids = torch.from_numpy(np.random.default_rng(seed).integers(2, vocab, (1, 32), dtype=np.int64))
-        with torch.no_grad():
-            t = time.perf_counter()
-            model(ids, use_cache=True)
-            prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            speeds.append(NEW / max(time.perf_counter() - t - prefill, 1e-9))
+        warm_up(model, ids)
+        _, decode = timed_generate(model, ids)
+        speeds.append((NEW - 1) / decode)
     print(json.dumps({"baseline_tok_s": statistics.median(speeds)}))
 
 
