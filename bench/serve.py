@@ -3,14 +3,18 @@
     python -m bench.serve [--quick] --json FILE
 
 A random-weight GlmForCausalLM with the real GLM-Edge-1.5B shape (``--quick``: a small model;
-see ``bench.infer``) is exported with the fused int4 route (block 32, accuracy_level 4) and
-sealed as a bundle for ``bench-cpu-x86-int4``: the shipped ``cpu-x86-int4`` profile with
-``max_batch_size = 8`` so that eight clients can decode together. Speed does not depend on the
-weights. Then, each in its own process:
+see ``bench.infer``) is exported with the fused int4 route, quantized as the shipped
+``cpu-x86-int4`` says (block, accuracy level, symmetric), and sealed as a bundle for
+``bench-cpu-x86-int4``: that profile with ``max_batch_size = 8`` so that eight clients can decode
+together. Speed does not depend on the weights. Then, each in its own process:
 
     baseline      transformers generate(), fp32, batch 1: 32-token prompt, 64 new tokens
     agent         ``edgectl agent serve`` on a mosquitto started here (set_tcp_nodelay true)
     clients       paho MQTT 5 sensors in this process
+
+Requests are what a site's sensors send: one fixed instruction (``HEAD``) and a reading that no
+other request repeats, 64 new tokens each. The profile's prefix cache serves the head; a second
+agent with ``prefix_cache_mb = 0`` repeats the aggregate runs to show what the cache is worth.
 
 Measured (JSON keys):
     baseline_tok_s          transformers decode tokens/s, batch 1
@@ -18,15 +22,20 @@ Measured (JSON keys):
     ttft_s                  time to first token seen by a streaming sensor (median)
     agg_tok_s_1             completion tokens/s, one sensor sending requests back to back
     agg_tok_s_8             the same with eight sensors at once
+    prompt_tokens_mean      prompt tokens per request in the 8-sensor run, and of them
+    cached_tokens_mean      the ones reused from the prefix cache
     mqtt_overhead_p50_ms    sensor round trip minus the agent's own total_ms, 1-token requests
     mqtt_overhead_p99_ms
     peak_rss_mb             the agent process's peak resident memory (VmHWM)
-plus the ratios ``decode_vs_baseline`` and ``agg_8_vs_1``. Medians over repeats throughout.
+    *_no_prefix_cache       agg_tok_s_1, agg_tok_s_8, ... from the agent without a prefix cache
+plus the ratios ``decode_vs_baseline``, ``agg_8_vs_1`` and ``agg_8_vs_1_no_prefix_cache``.
+Medians over repeats throughout.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -44,8 +53,19 @@ from typing import Any
 
 from bench.infer import GLM_EDGE_15B, QUICK, write_checkpoint
 
-PROMPT_WORDS = "The pressure sensor on line three reported a fault near the pump in hall two. "
+# What a site's sensors send: one fixed instruction around a reading that differs every time.
+HEAD = (
+    "You are the maintenance assistant of plant two. Read the sensor report and answer in one short"
+    " sentence: is it a fault, and what should the operator check first? Report: "
+)
 NEW = 64
+_readings = itertools.count()
+
+
+def sensor_prompt() -> str:
+    """The fixed head and a reading no other request in this run has."""
+    i = next(_readings)
+    return f"{HEAD}pressure sensor P-{i} on line {i % 5 + 1} reads {4 + (i * 37) % 50 / 10:.1f} bar."
 
 
 def _free_port() -> int:
@@ -55,9 +75,10 @@ def _free_port() -> int:
 
 
 def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
-    """Fused int4 graph + tokenizer files, sealed and signed: what an agent serves."""
+    """Fused int4 graph (quantized as ``cpu-x86-int4`` says) + tokenizer files, sealed and signed."""
     from edgeglm.bundle_files import seal_folder
     from edgeglm.keys import create_keypair, load_private_key
+    from edgeglm.profiles import load_profile
     from export.architectures import architecture_for
     from export.checkpoint import Checkpoint
     from export.fused import FusedOptions, build_fused
@@ -66,7 +87,15 @@ def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
     c = Checkpoint(ckpt)
     arch = architecture_for(c.config)
     spec = arch.spec(c.config)
-    opts = FusedOptions(weights="int4", block_size=32, accuracy_level=4, max_context=max_context)
+    shipped = load_profile("cpu-x86-int4")
+    assert shipped.block_size is not None
+    opts = FusedOptions(
+        weights="int4",
+        block_size=shipped.block_size,
+        accuracy_level=shipped.accuracy_level,
+        symmetric=shipped.symmetric_quant,
+        max_context=max_context,
+    )
     build_fused(c, arch, spec, opts, out)
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, out / path.name)
@@ -83,15 +112,15 @@ def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
     return out
 
 
-def write_profile(path: Path, max_context: int) -> Path:
+def write_profile(path: Path, max_context: int, prefix_cache_mb: int | None = None) -> Path:
+    """``cpu-x86-int4`` as ``bench-cpu-x86-int4``: batch 8, ``max_context``, maybe another prefix cache."""
     from edgeglm.profiles import profiles_dir
 
     text = (profiles_dir() / "cpu-x86-int4.toml").read_text()
-    for key, value in (
-        ("name", '"bench-cpu-x86-int4"'),
-        ("max_batch_size", "8"),
-        ("max_context", str(max_context)),
-    ):
+    changes = [("name", '"bench-cpu-x86-int4"'), ("max_batch_size", "8"), ("max_context", str(max_context))]
+    if prefix_cache_mb is not None:
+        changes.append(("prefix_cache_mb", str(prefix_cache_mb)))
+    for key, value in changes:
         text, n = re.subn(rf"^{key} = \S+", f"{key} = {value}", text, count=1, flags=re.M)
         assert n == 1, f"cpu-x86-int4.toml has no {key}"
     path.write_text(text)
@@ -176,7 +205,9 @@ def _rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def measure_agent(bundle: Path, profile: Path, quick: bool) -> dict[str, Any]:
+def measure_agent(
+    bundle: Path, profile: Path, quick: bool, *, aggregates_only: bool = False
+) -> dict[str, Any]:
     port = _free_port()
     conf = bundle.parent / "mosquitto.conf"
     conf.write_text(
@@ -207,8 +238,6 @@ def measure_agent(bundle: Path, profile: Path, quick: bool) -> dict[str, Any]:
     try:
         time.sleep(0.5)
         clients = [_Client(port) for _ in range(8)]
-        prompt = PROMPT_WORDS * 2
-        one = {"prompt": prompt, "max_tokens": NEW, "stream": True}
         deadline = time.time() + 600
         while True:  # the agent is up once it answers
             try:
@@ -218,42 +247,46 @@ def measure_agent(bundle: Path, profile: Path, quick: bool) -> dict[str, Any]:
                 if time.time() > deadline or agent.poll() is not None:
                     raise
         rounds = 2 if quick else 3
-        singles = [clients[0].ask(topic, one) for _ in range(rounds)]
-        ttft = statistics.median(s[1] for s in singles if s[1] is not None)
-        decode = statistics.median(
-            (s[2]["usage"]["completion_tokens"] - 1) / (s[2]["timings"]["decode_ms"] / 1000) for s in singles
-        )
-        plain = {"prompt": prompt, "max_tokens": NEW}
+        result: dict[str, Any] = {}
+        if not aggregates_only:
+            singles = [
+                clients[0].ask(topic, {"prompt": sensor_prompt(), "max_tokens": NEW, "stream": True})
+                for _ in range(rounds)
+            ]
+            result["ttft_s"] = statistics.median(s[1] for s in singles if s[1] is not None)
+            result["decode_tok_s"] = statistics.median(
+                (s[2]["usage"]["completion_tokens"] - 1) / (s[2]["timings"]["decode_ms"] / 1000)
+                for s in singles
+            )
+        usages: list[dict[str, int]] = []
+
+        def run(client: _Client, n: int) -> None:
+            for _ in range(n):
+                usages.append(client.ask(topic, {"prompt": sensor_prompt(), "max_tokens": NEW})[2]["usage"])
+
         t = time.perf_counter()
-        tokens = sum(clients[0].ask(topic, plain)[2]["usage"]["completion_tokens"] for _ in range(rounds))
-        agg_1 = tokens / (time.perf_counter() - t)
-        done: list[int] = []
-
-        def run(client: _Client) -> None:
-            for _ in range(rounds):
-                done.append(client.ask(topic, plain)[2]["usage"]["completion_tokens"])
-
-        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        run(clients[0], rounds)
+        result["agg_tok_s_1"] = sum(u["completion_tokens"] for u in usages) / (time.perf_counter() - t)
+        usages.clear()
+        threads = [threading.Thread(target=run, args=(c, rounds)) for c in clients]
         t = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        agg_8 = sum(done) / (time.perf_counter() - t)
-        overheads = []
-        for _ in range(60 if quick else 100):
-            rtt, _, final = clients[0].ask(topic, {"prompt": "The pump", "max_tokens": 1})
-            overheads.append(rtt * 1000 - final["timings"]["total_ms"])
-        overheads.sort()
-        return {
-            "decode_tok_s": decode,
-            "ttft_s": ttft,
-            "agg_tok_s_1": agg_1,
-            "agg_tok_s_8": agg_8,
-            "mqtt_overhead_p50_ms": statistics.median(overheads),
-            "mqtt_overhead_p99_ms": overheads[min(len(overheads) - 1, int(len(overheads) * 0.99))],
-            "peak_rss_mb": _rss_peak_mb(agent.pid),
-        }
+        result["agg_tok_s_8"] = sum(u["completion_tokens"] for u in usages) / (time.perf_counter() - t)
+        result["prompt_tokens_mean"] = statistics.mean(u["prompt_tokens"] for u in usages)
+        result["cached_tokens_mean"] = statistics.mean(u.get("cached_tokens", 0) for u in usages)
+        if not aggregates_only:
+            overheads = []
+            for _ in range(60 if quick else 100):
+                rtt, _, final = clients[0].ask(topic, {"prompt": "The pump", "max_tokens": 1})
+                overheads.append(rtt * 1000 - final["timings"]["total_ms"])
+            overheads.sort()
+            result["mqtt_overhead_p50_ms"] = statistics.median(overheads)
+            result["mqtt_overhead_p99_ms"] = overheads[min(len(overheads) - 1, int(len(overheads) * 0.99))]
+        result["peak_rss_mb"] = _rss_peak_mb(agent.pid)
+        return result
     finally:
         for c in clients:
             c.close()
@@ -296,15 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         result: dict[str, Any] = {
             "model": "quick" if args.quick else "glm-edge-1.5b",
-            "route": "fused-int4-b32",
+            "route": "fused-int4 as cpu-x86-int4",
             "bundle_mb": bundle_mb,
         }
         result |= json.loads(out.stdout.strip().splitlines()[-1])
         result |= measure_agent(
             bundle, write_profile(work / "bench-cpu-x86-int4.toml", max_context), args.quick
         )
+        # The same bundle and loads with the prefix cache off: what the cache is worth here.
+        no_cache = write_profile(work / "no-prefix-cache.toml", max_context, 0)
+        off = measure_agent(bundle, no_cache, args.quick, aggregates_only=True)
+        result |= {f"{k}_no_prefix_cache": v for k, v in off.items()}
     result["decode_vs_baseline"] = result["decode_tok_s"] / result["baseline_tok_s"]
     result["agg_8_vs_1"] = result["agg_tok_s_8"] / result["agg_tok_s_1"]
+    result["agg_8_vs_1_no_prefix_cache"] = (
+        result["agg_tok_s_8_no_prefix_cache"] / result["agg_tok_s_1_no_prefix_cache"]
+    )
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:

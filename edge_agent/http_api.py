@@ -182,6 +182,7 @@ class HttpApi:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 queue_s=result.queue_ms / 1000,
+                cached_tokens=result.cached_tokens,
             )
             events.put(("done", result))
 
@@ -205,9 +206,14 @@ def _message(message: Any) -> Any:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def _usage(result: GenerationResult) -> dict[str, int]:
+def _usage(result: GenerationResult) -> dict[str, Any]:
     prompt, completion = result.prompt_tokens, result.completion_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},  # as OpenAI reports it
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -135,7 +135,7 @@ class Metrics:
         self._model, self._version = model, version
         self._requests: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
-        self._tokens: Counter[str] = Counter(prompt=0, completion=0)
+        self._tokens: Counter[str] = Counter(prompt=0, completion=0, prompt_cached=0)
         self._latency = _Histogram(_LATENCY_BUCKETS)
         self._ttft = _Histogram(_FAST_BUCKETS)
         self._queue_wait = _Histogram(_FAST_BUCKETS)
@@ -163,6 +163,7 @@ class Metrics:
         prompt_tokens: int,
         completion_tokens: int,
         queue_s: float = 0.0,
+        cached_tokens: int = 0,
     ) -> None:
         """A request ended with ``outcome``; safe without a matching ``request_started``."""
         error = outcome not in _OK_OUTCOMES
@@ -175,6 +176,7 @@ class Metrics:
                 self._errors[outcome] += 1
             self._tokens["prompt"] += prompt_tokens
             self._tokens["completion"] += completion_tokens
+            self._tokens["prompt_cached"] += max(0, cached_tokens)
             self._latency.observe(latency_s)
             if ttft_s is not None:
                 self._ttft.observe(max(0.0, ttft_s))
@@ -218,7 +220,9 @@ class Metrics:
                 *_labelled("requests_total", "outcome", sorted(self._requests.items())),
                 *_header("errors_total", "counter", "Requests that ended in an error, by error code."),
                 *_labelled("errors_total", "code", sorted(self._errors.items())),
-                *_header("tokens_total", "counter", "Tokens processed, by kind (prompt or completion)."),
+                *_header(
+                    "tokens_total", "counter", "Tokens by kind: prompt, completion, prompt_cached (reused)."
+                ),
                 *_labelled("tokens_total", "kind", sorted(self._tokens.items())),
                 *self._latency.lines("request_latency_seconds", "Request latency from admission to end."),
                 *self._ttft.lines("time_to_first_token_seconds", "Time from admission to the first token."),

@@ -185,6 +185,7 @@ class InferService:
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             queue_s=result.queue_ms / 1000,
+            cached_tokens=result.cached_tokens,
         )
         if result.error_code is not None:
             failure = InferReply.failure(result.error_code, result.error_message)  # type: ignore[arg-type]
@@ -203,7 +204,11 @@ class InferService:
 
 
 def _usage(result: GenerationResult) -> Usage:
-    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        cached_tokens=result.cached_tokens,
+    )
 
 
 def _timings(result: GenerationResult) -> Timings:

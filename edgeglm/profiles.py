@@ -126,6 +126,7 @@ class DeviceProfile(_Table):
     max_batch_size: int = Field(default=1, ge=1, le=1024)
     batch_wait_ms: int = Field(default=0, ge=0, le=10_000)
     intra_op_threads: int = Field(default=0, ge=0, le=1024)
+    prefix_cache_mb: int = Field(default=0, ge=0, le=65536)  # fused: prompt KV kept for reuse; 0 = off
     memory_budget_mb: int = Field(gt=0)
     quality: QualityGate
     chunk: ChunkSettings = Field(default_factory=ChunkSettings)
@@ -197,6 +198,8 @@ class DeviceProfile(_Table):
             raise _rule("accuracy_level", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
         if self.symmetric_quant and not (quantized and self.graph == "fused"):
             raise _rule("symmetric_quant", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
+        if self.prefix_cache_mb and self.graph != "fused":
+            raise _rule("prefix_cache_mb", "reuses the fused graph's KV arena: needs graph 'fused'")
         if self.weights in ("fp32", "fp16") and self.kv_cache_dtype != self.weights:
             raise _rule("kv_cache_dtype", f"must be {self.weights!r} with {self.weights} weights")
         if self.weights == "fp16" and eps[0] == "CPUExecutionProvider":

@@ -518,6 +518,7 @@ class ErrorBody(Message):
 class Usage(_Body):
     prompt_tokens: _Count
     completion_tokens: _Count
+    cached_tokens: _Count = 0  # of prompt_tokens: KV reused from an earlier prompt, not prefilled
 
 
 class Timings(_Body):

@@ -90,13 +90,16 @@ def estimate_memory_mb(
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
     kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
     workspace = profile.tensorrt.workspace_mb * MIB if profile.tensorrt else 0
-    return weights_bytes / MIB, (weights_bytes + kv + workspace) / MIB
+    prefix = profile.prefix_cache_mb * MIB
+    return weights_bytes / MIB, (weights_bytes + kv + workspace + prefix) / MIB
 
 
 def _check_budget(profile: DeviceProfile, weights_mb: float, total_mb: float, estimated: bool) -> None:
     if total_mb > profile.memory_budget_mb:
         how = "an estimated " if estimated else ""
         workspace = f" + TensorRT workspace {profile.tensorrt.workspace_mb:,} MB" if profile.tensorrt else ""
+        if profile.prefix_cache_mb:
+            workspace += f" + prefix cache {profile.prefix_cache_mb:,} MB"
         raise ExportError(
             f"profile {profile.name}",
             f"the bundle needs {how}{total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache at "

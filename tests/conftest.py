@@ -54,7 +54,10 @@ AGENT_BUNDLES: dict[str, tuple[str, dict[str, Any]]] = {
     # name -> (shipped profile, changes): bundles the edge agent's tests serve.
     "fused-int8": ("cpu-x86-int8", {}),
     "fused-int4": ("cpu-x86-int4", {}),
-    "standard-int8": ("cpu-x86-int8", {"graph": "standard", "accuracy_level": None, "symmetric_quant": None}),
+    "standard-int8": (
+        "cpu-x86-int8",
+        {"graph": "standard", "accuracy_level": None, "symmetric_quant": None, "prefix_cache_mb": None},
+    ),
 }
 
 

@@ -80,6 +80,7 @@ class Engine:
             threads=profile.intra_op_threads if threads is None else threads,
             max_context=profile.max_context,
             rows=profile.max_batch_size + 1,  # one spare row for direct calls (smoke test, CLI)
+            prefix_cache_bytes=profile.prefix_cache_mb * 2**20,
         )
         log.info(
             "loaded %s@%s (%s, %s) in %.2fs",

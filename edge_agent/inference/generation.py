@@ -42,6 +42,7 @@ class GenerationResult:
     tokens: tuple[int, ...]
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, reused from the prefix cache instead of prefilled
     error_code: str | None = None
     error_message: str = ""
     queue_ms: float = 0.0
@@ -164,6 +165,7 @@ class Generation:
             tokens=tuple(self.tokens),
             finish_reason=reason,
             prompt_tokens=len(self.prompt.ids),
+            cached_tokens=self.seq.cached if self.seq is not None else 0,
             error_code=code,
             error_message=message,
             queue_ms=(started - self.created) * ms,

@@ -15,7 +15,9 @@ Past and present are bound by IO binding to the *same* buffer, so GroupQueryAtte
 new token in place at its row's length: nothing is copied per token. Rows decode together at
 different lengths (``attention_mask`` carries each row's length), so a new request joins a running
 batch at the next step (continuous batching). Prompts are prefilled in chunks, which bounds the
-``[chunk, vocab]`` logits a long prompt allocates.
+``[chunk, vocab]`` logits a long prompt allocates. With a prefix cache (the profile's
+``prefix_cache_mb``, see ``prefix_cache.py``) a prompt starting like an earlier one gets that
+head's KV copied into its row and prefills only the rest.
 
 Standard graph (plain ONNX, optimum names, ``position_ids``): each sequence keeps its own past;
 a decode step over a set of sequences left-pads and stacks their pasts once when the set changes
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.inference.prefix_cache import PrefixCache
 from edgeglm.errors import ConfigError, UnavailableError
 
 __all__ = ["DecoderGraph", "FusedGraph", "Sequence", "StandardGraph", "open_graph"]
@@ -79,6 +82,7 @@ class Sequence:
     length: int = 0
     past: list[np.ndarray] | None = None  # standard: [1, kv, L, D] per cache input, left-padded
     mask: np.ndarray | None = None  # standard: [L] 1 for real tokens
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache, not from a prefill
     closed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -142,11 +146,15 @@ class DecoderGraph:
 class FusedGraph(DecoderGraph):
     """GroupQueryAttention graph on a shared, preallocated KV arena (see the module docstring)."""
 
-    def __init__(self, session: ort.InferenceSession, max_context: int, rows: int) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, max_context: int, rows: int, prefix_cache_bytes: int = 0
+    ) -> None:
         super().__init__(session, max_context)
         self.rows = rows
         shape = (rows, self.kv_heads, max_context, self.head_dim)
         self.arena = [_lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
+        per_token = len(self.arena) * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+        self.prefix = PrefixCache(prefix_cache_bytes, per_token) if prefix_cache_bytes else None
         self._free = list(range(rows - 1, -1, -1))
         self._open: dict[int, Sequence] = {}
         self._logits = np.zeros((rows, 1, max(self.vocab, 1)), np.float32)
@@ -175,8 +183,10 @@ class FusedGraph(DecoderGraph):
 
     def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
         self._check_room(seq, len(ids))
+        fresh = seq.length == 0
+        done = self._reuse_prefix(seq, ids) if fresh and self.prefix is not None else 0
         logits = np.zeros(0, np.float32)
-        for start in range(0, len(ids), PREFILL_CHUNK):
+        for start in range(done, len(ids), PREFILL_CHUNK):
             chunk = np.asarray([ids[start : start + PREFILL_CHUNK]], np.int64)
             with self.lock:
                 io = self.session.io_binding()
@@ -186,8 +196,23 @@ class FusedGraph(DecoderGraph):
                 self._bind_cache(io, seq.row, 1)
                 self.session.run_with_iobinding(io)
                 logits = io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
-            seq.length += chunk.shape[1]
+                # under the lock: a concurrent decode writes its dummy token at this length
+                seq.length += chunk.shape[1]
+        if fresh and self.prefix is not None:
+            self.prefix.store(ids, lambda n: [buf[seq.row, :, :n].copy() for buf in self.arena])
         return logits
+
+    def _reuse_prefix(self, seq: Sequence, ids: Seq[int]) -> int:
+        """Copy the longest stored head of ``ids`` into ``seq``'s row; how many tokens it covers."""
+        assert self.prefix is not None
+        hit = self.prefix.lookup(ids)
+        if hit is None:
+            return 0
+        with self.lock:
+            for buf, kv in zip(self.arena, hit.kv, strict=True):
+                buf[seq.row, :, : hit.tokens] = kv
+            seq.length = seq.cached = hit.tokens
+        return hit.tokens
 
     def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
         """One step for ``seqs``; rows between them not in this step run a dummy token, unused.
@@ -299,12 +324,19 @@ class StandardGraph(DecoderGraph):
 
 
 def open_graph(
-    model: Path, *, graph: str, providers: Seq[str], threads: int, max_context: int, rows: int
+    model: Path,
+    *,
+    graph: str,
+    providers: Seq[str],
+    threads: int,
+    max_context: int,
+    rows: int,
+    prefix_cache_bytes: int = 0,
 ) -> DecoderGraph:
     """Load ``model`` for the profile's route: ``fused`` (``rows`` KV rows) or ``standard``."""
     session = _session(model, providers, threads)
     if graph == "fused":
-        return FusedGraph(session, max_context, rows)
+        return FusedGraph(session, max_context, rows, prefix_cache_bytes)
     if graph == "standard":
         return StandardGraph(session, max_context)
     raise ConfigError(f"ONNX model {model}", f"unknown graph route {graph!r} (fused or standard)")

@@ -135,6 +135,14 @@ def test_sensor_gets_the_engines_own_greedy_tokens(agent, sensor):
         assert parts[-1].done and not any(p.done for p in parts[:-1])
         assert "".join(p.text for p in parts) == want.text
         assert tuple(t for p in parts for t in p.tokens) == want.tokens
+    # A prompt the engine has seen: its head's KV comes from the prefix cache, the tokens do not change.
+    seen = "Check the valve in the south bay. The pressure sensor on line three reported a fault"
+    want = engine.generate(engine.prepare(InferRequest(prompt=seen, max_tokens=8)))
+    sensor.send(topic, _request(prompt=seen, max_tokens=8), b"seen")
+    [reply] = sensor.wait({b"seen"})[b"seen"]
+    assert reply.tokens == want.tokens
+    assert engine.profile.prefix_cache_mb > 0
+    assert reply.usage.cached_tokens == want.prompt_tokens - 1 > 8
 
 
 def test_mqtt311_sensor_uses_reply_to_and_id(agent):

@@ -79,6 +79,43 @@ def test_batched_requests_get_the_same_tokens_as_alone(engine):
     assert [r.text for r in staggered] == [r.text for r in alone]
 
 
+HEAD = "Check the valve in the south bay. The pressure sensor on line three reported"
+
+
+def test_a_shared_prompt_head_is_reused_not_prefilled(engine):
+    """A prompt starting like an earlier one copies that head's KV and prefills only the rest."""
+    tails = [" a fault", " a fault near the pump", " nothing", " a fault"]
+    prompts = [engine.prepare(InferRequest(prompt=HEAD + t, max_tokens=24)) for t in tails]
+    prefix = getattr(engine.graph, "prefix", None)
+    if prefix is None:  # the standard graph keeps no prefix cache (profile rule)
+        assert engine.profile.prefix_cache_mb == 0
+        assert {engine.generate(p).cached_tokens for p in prompts} == {0}
+        return
+    cold = []
+    for p in prompts:
+        prefix.clear()
+        cold.append(engine.generate(p))
+    assert {r.cached_tokens for r in cold} == {0}
+    prefix.clear()
+    warm = [engine.generate(p) for p in prompts]
+    assert [r.tokens for r in warm] == [r.tokens for r in cold]
+
+    def shared(a, b):  # common head, never the whole prompt: its last token always runs
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return min(n, len(b) - 1)
+
+    p0, p1, p2, _ = (p.ids for p in prompts)
+    # p1 extends p0 (and replaces it); p2 parts from p1 after HEAD, which is all that stays; p3 == p0
+    head = shared(p1, p2)
+    assert head >= len(engine.prepare(InferRequest(prompt=HEAD)).ids) - 2
+    assert [r.cached_tokens for r in warm] == [0, shared(p0, p1), head, head]
+    assert len(prefix) == 1 and prefix.nbytes == head * prefix.per_token
+    # Batched through the scheduler, sharing the cache, the tokens do not change either.
+    together, _ = _run_batched(engine, [HEAD + t for t in tails], 0.0, max_tokens=24)
+    assert [r.tokens for r in together] == [r.tokens for r in cold]
+    assert all(r.cached_tokens > 0 for r in together)
+
+
 def test_sampling_is_seeded_and_greedy_limits_agree(engine):
     knobs = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 40}
     a = _direct(engine, "The pump", seed=7, **knobs)

@@ -117,7 +117,10 @@ def test_chat_completion_is_the_engines_greedy_answer(api, engine, direct):
         "prompt_tokens": expected.prompt_tokens,
         "completion_tokens": expected.completion_tokens,
         "total_tokens": expected.prompt_tokens + expected.completion_tokens,
+        # the direct run had this prompt already: all but its last token come from the prefix cache
+        "prompt_tokens_details": {"cached_tokens": expected.prompt_tokens - 1},
     }
+    assert engine.profile.prefix_cache_mb > 0
 
 
 def test_openai_spellings_map_onto_the_wire_request(api, direct):

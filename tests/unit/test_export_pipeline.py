@@ -62,14 +62,25 @@ PROFILES: dict[str, Callable[[], DeviceProfile]] = {
         block_size=None,
         accuracy_level=None,
         symmetric_quant=None,
+        prefix_cache_mb=None,
     ),
     "fused-int8": lambda: load_profile("cpu-x86-int8"),
     "fused-int4": lambda: load_profile("cpu-x86-int4"),
     "standard-int8": lambda: derived_profile(
-        "cpu-x86-int8", "t-std-int8", graph="standard", accuracy_level=None, symmetric_quant=None
+        "cpu-x86-int8",
+        "t-std-int8",
+        graph="standard",
+        accuracy_level=None,
+        symmetric_quant=None,
+        prefix_cache_mb=None,
     ),
     "standard-int4": lambda: derived_profile(
-        "cpu-x86-int4", "t-std-int4", graph="standard", accuracy_level=None, symmetric_quant=None
+        "cpu-x86-int4",
+        "t-std-int4",
+        graph="standard",
+        accuracy_level=None,
+        symmetric_quant=None,
+        prefix_cache_mb=None,
     ),
 }
 

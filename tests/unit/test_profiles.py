@@ -70,6 +70,8 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("int4 without block", CPU, {"block_size": DROP}, "block_size"),
     ("symmetric not a bool", CPU, {"symmetric_quant": "yes"}, "symmetric_quant"),
     ("symmetric on the standard graph", TRT, {"symmetric_quant": True}, "symmetric_quant"),
+    ("prefix cache on the standard graph", TRT, {"prefix_cache_mb": 64}, "prefix_cache_mb"),
+    ("negative prefix cache", CPU, {"prefix_cache_mb": -1}, "prefix_cache_mb"),
     ("fp16 on cpu", CPU, {"weights": "fp16", "block_size": DROP, "accuracy_level": DROP}, "weights"),
     (
         "fp32 with fp16 kv",
