@@ -102,11 +102,12 @@ class PrefixCache:
 
         - ``ids`` extends it: ``ids`` replaces it (the same prompt again stores nothing), unless
           the entry is a head that prompts were seen to share;
-        - they part after a shared head: the entry is cut back to that head and ``ids`` is not
-          stored, so prompts that differ only in their tail converge on one copy of their head
-          instead of one copy each.
+        - they part after a shared head that is at least half of the entry: the entry is cut back
+          to that head and ``ids`` is not stored, so prompts that differ only in their tail
+          converge on one copy of their head instead of one copy each.
 
-        A prompt sharing nothing is stored whole, up to the budget. Returns whether an entry was
+        Otherwise (nothing shared, or a short common start such as the chat template's first
+        tokens) ``ids`` is stored whole, up to the budget. Returns whether an entry was
         added.
         """
         n = min(len(ids), self.max_tokens)
@@ -119,15 +120,16 @@ class PrefixCache:
                 if (k := _common(entry.ids, head)) > shared:
                     best, shared = entry, k
             if best is not None and shared >= self.min_tokens:
-                if shared < len(best.ids):  # parted: keep only the head both share
-                    if shared < n:
-                        best.ids = best.ids[:shared].copy()
-                        best.kv = [k[:, :shared].copy() for k in best.kv]
-                        best.nbytes = sum(k.nbytes for k in best.kv)
-                        best.parted = True
+                if shared == n:
+                    return False  # held already
+                if shared == len(best.ids) and best.parted:
+                    return False  # one more tail of a head that prompts share
+                if shared < len(best.ids) and 2 * shared >= len(best.ids):
+                    best.ids = best.ids[:shared].copy()  # parted: keep only the head both share
+                    best.kv = [k[:, :shared].copy() for k in best.kv]
+                    best.nbytes = sum(k.nbytes for k in best.kv)
+                    best.parted = True
                     return False
-                if n == len(best.ids) or best.parted:
-                    return False  # held already, or a shared head whose tails vary
         kv = read(n)  # outside the lock: a copy of a few MB
         entry = _Entry(head, kv, sum(k.nbytes for k in kv))
         with self._lock:

@@ -70,6 +70,11 @@ def test_prompts_parting_after_a_shared_head_keep_one_copy_of_it():
     assert len(cache) == 1 and cache.lookup(first).tokens == len(head)
     other = list(range(200, 220))
     assert cache.store(other, _kv(other)) and len(cache) == 2  # unrelated prompts have their own entry
+    # A short common start (under half of the entry) is no reason to cut: both keep their heads.
+    sibling = other[:5] + list(range(300, 320))
+    assert cache.store(sibling, _kv(sibling)) and len(cache) == 3
+    assert cache.lookup([*other, 1]).tokens == len(other)
+    assert cache.lookup([*sibling, 1]).tokens == len(sibling)
 
 
 def test_a_budget_smaller_than_min_tokens_stores_nothing():
