@@ -36,9 +36,12 @@ MIN_TOKENS = 8  # below this a hit saves less than the bookkeeping costs
 class _Entry:
     ids: np.ndarray  # [n] int64
     kv: list[np.ndarray]  # per cache tensor: [kv_heads, n, head_dim]
-    nbytes: int
     used: int = 0
     parted: bool = False  # cut back to a head that prompts share: not extended again
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in self.kv)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,8 @@ class PrefixCache:
     def lookup(self, ids: Seq[int]) -> PrefixHit | None:
         """The longest stored head of ``ids`` (never all of it), if at least ``min_tokens`` long."""
         want = np.asarray(ids, np.int64)[:-1]  # the last prompt token always runs
-        best, best_n = None, 0
         with self._lock:
-            for entry in self._entries:
-                n = _common(entry.ids, want)
-                if n > best_n:
-                    best, best_n = entry, n
+            best, best_n = self._longest(want)
             if best is None or best_n < self.min_tokens:
                 self.misses += 1
                 return None
@@ -115,10 +114,7 @@ class PrefixCache:
             return False
         head = np.asarray(ids[:n], np.int64)
         with self._lock:
-            best, shared = None, 0
-            for entry in self._entries:
-                if (k := _common(entry.ids, head)) > shared:
-                    best, shared = entry, k
+            best, shared = self._longest(head)
             if best is not None and shared >= self.min_tokens:
                 if shared == n:
                     return False  # held already
@@ -127,17 +123,17 @@ class PrefixCache:
                 if shared < len(best.ids) and 2 * shared >= len(best.ids):
                     best.ids = best.ids[:shared].copy()  # parted: keep only the head both share
                     best.kv = [k[:, :shared].copy() for k in best.kv]
-                    best.nbytes = sum(k.nbytes for k in best.kv)
                     best.parted = True
                     return False
         kv = read(n)  # outside the lock: a copy of a few MB
-        entry = _Entry(head, kv, sum(k.nbytes for k in kv))
+        entry = _Entry(head, kv)
         with self._lock:
             # an entry that is a head of this prompt says nothing this one does not
             self._entries = [e for e in self._entries if _common(e.ids, head) < len(e.ids)]
             self._entries.sort(key=lambda e: e.used)
-            while self._entries and sum(e.nbytes for e in self._entries) + entry.nbytes > self.budget:
-                self._entries.pop(0)
+            held = sum(e.nbytes for e in self._entries)
+            while self._entries and held + entry.nbytes > self.budget:
+                held -= self._entries.pop(0).nbytes
             self._tick += 1
             entry.used = self._tick
             self._entries.append(entry)
@@ -146,6 +142,14 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._entries = []
+
+    def _longest(self, ids: np.ndarray) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest head with ``ids``, and that length (call under the lock)."""
+        best, best_n = None, 0
+        for entry in self._entries:
+            if (n := _common(entry.ids, ids)) > best_n:
+                best, best_n = entry, n
+        return best, best_n
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:
