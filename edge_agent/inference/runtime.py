@@ -14,8 +14,10 @@ head_dim]``, allocated once in anonymous memory without huge pages (RSS grows as
 Past and present are bound by IO binding to the *same* buffer, so GroupQueryAttention writes each
 new token in place at its row's length: nothing is copied per token. Rows decode together at
 different lengths (``attention_mask`` carries each row's length), so a new request joins a running
-batch at the next step (continuous batching). Prompts are prefilled in chunks, which bounds the
-``[chunk, vocab]`` logits a long prompt allocates. With a prefix cache (the profile's
+batch at the next step (continuous batching). A step runs every row up to its highest, so a request
+takes the lowest free row and a step first moves its sequences down into free rows below them.
+Prompts are prefilled in chunks, which bounds the ``[chunk, vocab]`` logits a long prompt
+allocates. With a prefix cache (the profile's
 ``prefix_cache_mb``, see ``prefix_cache.py``) a prompt starting like an earlier one gets that
 head's KV copied into its row and prefills only the rest.
 
@@ -155,7 +157,8 @@ class FusedGraph(DecoderGraph):
         self.arena = [_lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
         per_token = len(self.arena) * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
         self.prefix = PrefixCache(prefix_cache_bytes, per_token) if prefix_cache_bytes else None
-        self._free = list(range(rows - 1, -1, -1))
+        self._free = list(range(rows))
+        self.moves = 0  # sequences moved to a lower row (see _compact)
         self._open: dict[int, Sequence] = {}
         self._logits = np.zeros((rows, 1, max(self.vocab, 1)), np.float32)
 
@@ -163,8 +166,10 @@ class FusedGraph(DecoderGraph):
         with self.lock:
             if not self._free:
                 raise RuntimeError("no free KV row")  # the scheduler never asks for more than it has
-            seq = Sequence(row=self._free.pop())
-            self._open[seq.row] = seq
+            row = min(self._free)  # the lowest free row: a step runs every row up to its highest
+            self._free.remove(row)
+            seq = Sequence(row=row)
+            self._open[row] = seq
             return seq
 
     def close(self, seq: Sequence) -> None:
@@ -214,6 +219,27 @@ class FusedGraph(DecoderGraph):
             seq.length = seq.cached = hit.tokens
         return hit.tokens
 
+    def _compact(self, seqs: Seq[Sequence]) -> None:
+        """Move ``seqs`` (highest row first) into free rows below them; the caller holds the lock.
+
+        A step runs every row up to the highest one in it, so a request left alone on row 7 of a
+        drained batch would pay for eight rows each token. Moving it costs one copy of its KV.
+        Only the step's own sequences move: another caller's sequence (the engine's direct loop)
+        stays where its owner expects it.
+        """
+        for seq in sorted(seqs, key=lambda s: s.row, reverse=True):
+            low = min(self._free, default=self.rows)
+            if low > seq.row:
+                break
+            for buf in self.arena:
+                buf[low, :, : seq.length] = buf[seq.row, :, : seq.length]
+            self._free.remove(low)
+            self._free.append(seq.row)
+            del self._open[seq.row]
+            self._open[low] = seq
+            seq.row = low
+            self.moves += 1
+
     def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
         """One step for ``seqs``; rows between them not in this step run a dummy token, unused.
 
@@ -223,19 +249,21 @@ class FusedGraph(DecoderGraph):
         """
         for seq in seqs:
             self._check_room(seq, 1)
-        span = max(s.row for s in seqs) + 1
-        ids = np.zeros((span, 1), np.int64)
-        lengths = np.zeros(span, np.int64)  # an idle row attends to one dummy position
+        # One hold of the lock from the rows' lengths to the new ones: another caller's dummy
+        # token must not land on a slot this step has just written, nor this step's on its.
         with self.lock:
+            self._compact(seqs)
+            span = max(s.row for s in seqs) + 1
+            ids = np.zeros((span, 1), np.int64)
+            lengths = np.zeros(span, np.int64)  # an idle row attends to one dummy position
             for row, other in self._open.items():
                 if row < span:
                     lengths[row] = min(other.length, self.max_context - 1)
-        for seq, tok in zip(seqs, tokens, strict=True):
-            ids[seq.row, 0] = tok
-            lengths[seq.row] = seq.length
-        total = int(lengths.max()) + 1
-        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
-        with self.lock:
+            for seq, tok in zip(seqs, tokens, strict=True):
+                ids[seq.row, 0] = tok
+                lengths[seq.row] = seq.length
+            total = int(lengths.max()) + 1
+            mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
             io = self.session.io_binding()
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
@@ -244,8 +272,8 @@ class FusedGraph(DecoderGraph):
             self._bind_cache(io, 0, span)
             self.session.run_with_iobinding(io)
             picked = out[[s.row for s in seqs], 0].copy()
-        for seq in seqs:
-            seq.length += 1
+            for seq in seqs:
+                seq.length += 1
         return picked
 
 

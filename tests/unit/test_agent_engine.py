@@ -116,6 +116,31 @@ def test_a_shared_prompt_head_is_reused_not_prefilled(engine):
     assert all(r.cached_tokens > 0 for r in together)
 
 
+def test_a_request_left_alone_on_a_high_row_moves_down(engine):
+    """A fused step runs every KV row up to its highest: the last request of a drained batch
+    moves to row 0 (one copy of its KV) and decodes exactly what it would have decoded alone."""
+    graph = engine.graph
+    if not hasattr(graph, "rows"):  # the standard graph stacks its sequences' own pasts: no rows
+        return
+    prompt = engine.prepare(InferRequest(prompt=PROMPTS[0], max_tokens=12))
+    alone = engine.generate(prompt)
+    seqs = [graph.open() for _ in range(min(4, graph.rows))]
+    assert [s.row for s in seqs] == list(range(len(seqs)))  # lowest free row first
+    last = seqs[-1]
+    tokens = [int(np.argmax(graph.prefill(last, prompt.ids)))]
+    for other in seqs[:-1]:
+        graph.close(other)
+    moves = graph.moves
+    while len(tokens) < len(alone.tokens):
+        tokens.append(int(np.argmax(graph.decode([last], [tokens[-1]])[0])))
+    graph.close(last)
+    assert last.row == 0 and graph.moves == moves + 1
+    assert tokens == list(alone.tokens)
+    again = graph.open()
+    graph.close(again)
+    assert again.row == 0
+
+
 def test_sampling_is_seeded_and_greedy_limits_agree(engine):
     knobs = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 40}
     a = _direct(engine, "The pump", seed=7, **knobs)
