@@ -17,9 +17,9 @@ different lengths (``attention_mask`` carries each row's length), so a new reque
 batch at the next step (continuous batching). A step runs every row up to its highest, so a request
 takes the lowest free row and a step first moves its sequences down into free rows below them.
 Prompts are prefilled in chunks, which bounds the ``[chunk, vocab]`` logits a long prompt
-allocates. With a prefix cache (the profile's
-``prefix_cache_mb``, see ``prefix_cache.py``) a prompt starting like an earlier one gets that
-head's KV copied into its row and prefills only the rest.
+allocates. With a prefix cache (the profile's ``prefix_cache_mb``, see ``prefix_cache.py``) a
+prompt starting like an earlier one gets that head's KV copied into its row and prefills only the
+rest.
 
 Standard graph (plain ONNX, optimum names, ``position_ids``): each sequence keeps its own past;
 a decode step over a set of sequences left-pads and stacks their pasts once when the set changes
