@@ -9,7 +9,8 @@ Each tick, for every running rollout, the current wave advances by one of these 
                succeeds); failures over ``max_failure_ratio``, or successes under
                ``success_threshold`` once all are settled -> failure; else soak
     soaking    health gates on the updated devices' heartbeats since their update, against the
-               baseline: a breach -> failure at once; at soak end pass -> next wave (or completed);
+               baseline (captured now if no old-version device had reported at the start):
+               a breach -> failure at once; at soak end pass -> next wave (or completed);
                inconclusive -> wait one more soak, then pause (never pass)
     failure    on_failure=revert: desired state back to the previous version for exactly the
                devices this rollout moved (rollout ``reverted``); pause: rollout ``paused``
@@ -148,25 +149,7 @@ class Controller:
         version: str,
         now: datetime,
     ) -> None:
-        moving = {
-            d.device_id
-            for d in s.scalars(
-                select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state != "waiting"
-                )
-            )
-        }
-        old = [
-            dict(d.health)
-            for d in s.scalars(select(Device).where(Device.online.is_(True)))
-            if matches(d, r.selector)
-            and d.id not in moving
-            and d.health
-            and not (d.current_model == model and d.current_version == version)
-        ]
-        base = baseline_of(old)
-        if base:
-            r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
+        self._capture_baseline(s, r, wave, model, version)
         devices = devices_by_id(s, [d.device_id for d in deps])
         digests: dict[str, str] = {}
         for dep in deps:
@@ -234,6 +217,29 @@ class Controller:
         wave.state, wave.soak_until = "soaking", now + timedelta(seconds=r.soak_s)
         self._event(s, r, "wave.soak", f"wave {wave.index}: {ok} succeeded; soaking {r.soak_s:g}s")
 
+    def _capture_baseline(self, s: Session, r: Rollout, wave: RolloutWave, model: str, version: str) -> None:
+        """Store what the matching online devices not yet in the rollout report now as ``wave``'s
+        baseline (and as the latest one); nothing when none of them has reported health yet."""
+        moving = {
+            d.device_id
+            for d in s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state != "waiting"
+                )
+            )
+        }
+        old = [
+            dict(d.health)
+            for d in s.scalars(select(Device).where(Device.online.is_(True)))
+            if matches(d, r.selector)
+            and d.id not in moving
+            and d.health
+            and not (d.current_model == model and d.current_version == version)
+        ]
+        base = baseline_of(old)
+        if base:
+            r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
+
     def _verdict(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> Verdict:
         """The gates on the health updated devices reported from the new version since their update."""
         gates = [parse_gate(g) for g in r.gates]
@@ -254,6 +260,12 @@ class Controller:
             health = device.health if device is not None else None
             if health and health.get("version") == dep.to_version and float(health.get("ts", 0)) >= since:
                 updated.append(dict(health))
+        if not r.baseline:
+            # No old-version device had reported health when the first wave started (a rollout
+            # started right after the fleet came up): the ones still on it have reported by now.
+            release = s.get(Release, r.release_id)
+            assert release is not None
+            self._capture_baseline(s, r, wave, release.model.name, release.version)
         baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
         return evaluate(gates, updated, baseline, max(1, min(r.min_samples, len(succeeded))))
 

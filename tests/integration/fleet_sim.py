@@ -44,6 +44,7 @@ class SimDevice:
     labels_site: str = "plant-7"
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     beat_s: float = 0.3
+    muted: bool = False  # send no heartbeats at all for now (the hub has heard no health yet)
     desired_seen: list[str] = field(default_factory=list)
 
     def start(self) -> SimDevice:
@@ -87,7 +88,7 @@ class SimDevice:
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.beat_s):
             b = self._behaviour()
-            if b.silent:
+            if b.silent or self.muted:
                 continue
             self._seq += 1
             health = Health(

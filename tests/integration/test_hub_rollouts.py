@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from cloud_hub.models import AuditEntry, Device
 from tests.integration.fleet_sim import Behaviour, SimDevice
@@ -178,6 +178,27 @@ def test_dry_run_then_a_rollout_advances_its_waves_to_completion(fleet_factory: 
     actions = _audit_actions(fleet, rid)
     assert actions[0] == "rollout.start" and actions[-1] == "rollout.completed"
     assert actions.count("rollout.wave.pass") == 3
+
+
+def test_a_rollout_started_before_any_health_takes_its_baseline_when_devices_report(
+    fleet_factory: Any,
+) -> None:
+    """Started right after the fleet came up, before the hub has any old-version health: the
+    latency gate takes its baseline once those devices report, instead of pausing without one."""
+    fleet = fleet_factory()
+    for dev in fleet.devices.values():
+        dev.muted = True
+    time.sleep(1.0)  # heartbeats already in flight are ingested (beat 0.3 s, flush 0.1 s)
+    with fleet.ctx.db.session() as s:
+        s.execute(update(Device).values(health={}))
+    rid = fleet.deploy(gates=["p95_ratio<=1.5"], min_samples=2).json()["id"]
+    _until(lambda: fleet.rollout(rid)["waves"][0]["state"] != "pending", what="the first wave started")
+    assert fleet.rollout(rid)["baseline"] == {}  # nothing to take at the start
+    for dev in fleet.devices.values():
+        dev.muted = False
+    done = fleet.wait_state(rid, "completed", "reverted", "paused")
+    assert done["state"] == "completed", done
+    assert done["baseline"]["0"]["p95_ms"] == 100.0 and done["baseline"]["0"]["devices"] > 0
 
 
 def test_failures_over_the_threshold_revert_exactly_the_updated_devices(fleet_factory: Any) -> None:
