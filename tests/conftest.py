@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.derived_profiles import STANDARD_GRAPH, derived_profile
+
 # Set before transformers is imported anywhere: a test that tries the hub fails instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,10 +56,7 @@ AGENT_BUNDLES: dict[str, tuple[str, dict[str, Any]]] = {
     # name -> (shipped profile, changes): bundles the edge agent's tests serve.
     "fused-int8": ("cpu-x86-int8", {}),
     "fused-int4": ("cpu-x86-int4", {}),
-    "standard-int8": (
-        "cpu-x86-int8",
-        {"graph": "standard", "accuracy_level": None, "symmetric_quant": None, "prefix_cache_mb": None},
-    ),
+    "standard-int8": ("cpu-x86-int8", STANDARD_GRAPH),
 }
 
 
@@ -69,10 +68,9 @@ def tiny_bundle(tiny_checkpoints: TinyCheckpoint, tmp_path_factory: pytest.TempP
     ``run_export`` pipeline (quality gate included), from the trained glm-edge checkpoint.
     """
     import json
-    import tomllib
 
     from edgeglm.keys import create_keypair
-    from edgeglm.profiles import DeviceProfile, profiles_dir
+    from edgeglm.profiles import load_profile
     from export.pipeline import run_export
     from export.spec import ExportSpec
     from export.tiny_glm import heldout_prompts
@@ -86,11 +84,7 @@ def tiny_bundle(tiny_checkpoints: TinyCheckpoint, tmp_path_factory: pytest.TempP
     def bundle(name: str) -> tuple[Path, Any, Path]:
         if name not in built:
             base, changes = AGENT_BUNDLES[name]
-            data = tomllib.loads((profiles_dir() / f"{base}.toml").read_text())
-            if changes:
-                data.update(changes, name=f"t-{name}")
-            data = {k: v for k, v in data.items() if v is not None}
-            profile = DeviceProfile.from_dict(data, source=f"test profile {name}")
+            profile = derived_profile(base, f"t-{name}", **changes) if changes else load_profile(base)
             spec = ExportSpec(
                 checkpoint=tiny_checkpoints("glm-edge"),
                 profile=profile,

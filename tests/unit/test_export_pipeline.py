@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,18 +29,9 @@ from export.ort_runner import OrtDecoder
 from export.pipeline import ExportResult, run_export
 from export.spec import ExportSpec
 from export.tiny_glm import SHAPES, heldout_prompts
+from tests.derived_profiles import STANDARD_GRAPH, derived_profile
 
 SHAPE_NAMES = sorted(SHAPES)
-
-
-def derived_profile(base: str, name: str, **changes: Any) -> DeviceProfile:
-    """A shipped profile with ``changes``, through the same validation as a TOML file."""
-    data = tomllib.loads((profiles_dir() / f"{base}.toml").read_text())
-    data.update(changes, name=name)
-    for key, value in list(data.items()):
-        if value is None:
-            del data[key]
-    return DeviceProfile.from_dict(data, source=f"test profile {name}")
 
 
 # route/weights -> profile. fp32 routes keep the int8 profile's gate: parity is asserted directly.
@@ -55,33 +45,12 @@ PROFILES: dict[str, Callable[[], DeviceProfile]] = {
         symmetric_quant=None,
     ),
     "standard-fp32": lambda: derived_profile(
-        "cpu-x86-int8",
-        "t-std-fp32",
-        weights="fp32",
-        graph="standard",
-        block_size=None,
-        accuracy_level=None,
-        symmetric_quant=None,
-        prefix_cache_mb=None,
+        "cpu-x86-int8", "t-std-fp32", **STANDARD_GRAPH, weights="fp32", block_size=None
     ),
     "fused-int8": lambda: load_profile("cpu-x86-int8"),
     "fused-int4": lambda: load_profile("cpu-x86-int4"),
-    "standard-int8": lambda: derived_profile(
-        "cpu-x86-int8",
-        "t-std-int8",
-        graph="standard",
-        accuracy_level=None,
-        symmetric_quant=None,
-        prefix_cache_mb=None,
-    ),
-    "standard-int4": lambda: derived_profile(
-        "cpu-x86-int4",
-        "t-std-int4",
-        graph="standard",
-        accuracy_level=None,
-        symmetric_quant=None,
-        prefix_cache_mb=None,
-    ),
+    "standard-int8": lambda: derived_profile("cpu-x86-int8", "t-std-int8", **STANDARD_GRAPH),
+    "standard-int4": lambda: derived_profile("cpu-x86-int4", "t-std-int4", **STANDARD_GRAPH),
 }
 
 
