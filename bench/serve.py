@@ -262,9 +262,9 @@ def measure_agent(
         usages: list[dict[str, int]] = []
         failures: list[BaseException] = []
 
-        def run(client: _Client, n: int) -> None:
+        def run(client: _Client) -> None:
             try:
-                for _ in range(n):
+                for _ in range(rounds):
                     usages.append(
                         client.ask(topic, {"prompt": sensor_prompt(), "max_tokens": NEW})[2]["usage"]
                     )
@@ -274,7 +274,7 @@ def measure_agent(
         def load(sensors: list[_Client]) -> float:
             """Completion tokens/s while ``sensors`` each send ``rounds`` requests back to back."""
             usages.clear()
-            threads = [threading.Thread(target=run, args=(c, rounds)) for c in sensors]
+            threads = [threading.Thread(target=run, args=(c,)) for c in sensors]
             t = time.perf_counter()
             for th in threads:
                 th.start()
