@@ -97,13 +97,13 @@ def estimate_memory_mb(
 def _check_budget(profile: DeviceProfile, weights_mb: float, total_mb: float, estimated: bool) -> None:
     if total_mb > profile.memory_budget_mb:
         how = "an estimated " if estimated else ""
-        workspace = f" + TensorRT workspace {profile.tensorrt.workspace_mb:,} MB" if profile.tensorrt else ""
+        extras = f" + TensorRT workspace {profile.tensorrt.workspace_mb:,} MB" if profile.tensorrt else ""
         if profile.prefix_cache_mb:
-            workspace += f" + prefix cache {profile.prefix_cache_mb:,} MB"
+            extras += f" + prefix cache {profile.prefix_cache_mb:,} MB"
         raise ExportError(
             f"profile {profile.name}",
             f"the bundle needs {how}{total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache at "
-            f"max_context {profile.max_context} x batch {profile.max_batch_size}{workspace}), over the "
+            f"max_context {profile.max_context} x batch {profile.max_batch_size}{extras}), over the "
             f"{profile.memory_budget_mb:,} MB memory budget",
             hint="Pick a profile with smaller weights or a larger budget, or lower max_context.",
         )
