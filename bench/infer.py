@@ -270,7 +270,7 @@ def worker_onnx(model: Path, vocab: int, repeats: int) -> list[dict[str, Any]]:
         prefills, decodes = [], []
         for _ in range(_repeats(batch, repeats)):
             t = time.perf_counter()
-            logits, past = dec.step(ids, dec._empty_past(batch), PROMPT)
+            logits, past = dec.step(ids, dec.empty_past(batch), PROMPT)
             nxt = logits[:, -1].argmax(-1)  # the first new token
             t1 = time.perf_counter()
             total = PROMPT

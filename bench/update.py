@@ -60,29 +60,27 @@ def _seal(folder: Path, key: Any, version: str, profile: str, runtime: dict[str,
     )
 
 
-def _with_smoke(folder: Path, key: Any, version: str, profile: Path, runtime: dict[str, Any]) -> None:
-    """Seal, run the golden prompt on ONNX Runtime, seal again with those tokens expected."""
-    from edge_agent.inference.engine import Engine
-    from edge_agent.inference.generation import Prompt
+def seal_with_smoke(
+    folder: Path, key: Any, version: str, profile: Path, runtime: dict[str, Any], prompt: str = SMOKE_PROMPT
+) -> None:
+    """Seal with the golden smoke test the exporter records (tokens, logits, tolerance)."""
+    from tokenizers import Tokenizer
+
     from edgeglm.profiles import load_profile
+    from export.ort_runner import OrtDecoder
+    from export.smoke import golden_smoke_test
 
     prof = load_profile(profile)
-    _seal(folder, key, version, prof.name, runtime, None)
-    engine = Engine.load(folder, profile=prof)
-    ids = tuple(engine.codec.encode(SMOKE_PROMPT))
-    got = engine.generate(Prompt(ids=ids, max_tokens=SMOKE_TOKENS)).tokens
-    smoke = {
-        "prompt": SMOKE_PROMPT,
-        "prompt_tokens": list(ids),
-        "expected_tokens": list(got),
-        "max_new_tokens": SMOKE_TOKENS,
-        "stop_tokens": sorted(engine.stop_tokens),
-    }
-    del engine
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
+    eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+    stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    smoke = golden_smoke_test(OrtDecoder(folder / "model.onnx"), prompt, ids, SMOKE_TOKENS, stop)
     _seal(folder, key, version, prof.name, runtime, smoke)
 
 
-def build_v1(ckpt: Path, out: Path, key: Any, profile: Path, max_context: int) -> Path:
+def build_v1(
+    ckpt: Path, out: Path, key: Any, profile: Path, max_context: int, prompt: str = SMOKE_PROMPT
+) -> Path:
     from export.architectures import architecture_for
     from export.checkpoint import Checkpoint
     from export.fused import FusedOptions, build_fused
@@ -101,7 +99,7 @@ def build_v1(ckpt: Path, out: Path, key: Any, profile: Path, max_context: int) -
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, out / path.name)
     kv = {"layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "dtype": "fp32"}
-    _with_smoke(out, key, "1.0.0", profile, {"graph": "fused", "kv_cache": kv})
+    seal_with_smoke(out, key, "1.0.0", profile, {"graph": "fused", "kv_cache": kv}, prompt)
     return out
 
 
@@ -110,9 +108,7 @@ def _nudge(nibbles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(nibbles.astype(np.int16) + moved, 0, 15).astype(np.uint8)
 
 
-def fine_tune(
-    v1: Path, out: Path, key: Any, profile: Path, fraction: float = 0.1, seed: int = 11
-) -> tuple[Path, int]:
+def fine_tune(v1: Path, out: Path, key: Any, profile: Path, fraction: float = 0.1, seed: int = 11) -> Path:
     """``v1`` with ``fraction`` of its tensors changed as a fine-tune's re-export changes them."""
     from edgeglm.bundle import load_manifest
     from edgeglm.onnx_tensors import read_external_tables
@@ -139,7 +135,8 @@ def fine_tune(
                 fh.write(new.tobytes())
                 changed += 1
     m, _ = load_manifest(v1, None)
-    _with_smoke(out, key, "1.1.0", profile, dict(m.runtime))
+    prompt = m.smoke_test.prompt if m.smoke_test else SMOKE_PROMPT
+    seal_with_smoke(out, key, "1.1.0", profile, dict(m.runtime), prompt)
     print(f"fine-tune changed {changed} tensors", file=sys.stderr)
     return out
 

@@ -12,8 +12,9 @@ a model load (seconds for a 1.5B model). It is dropped before any other model is
 more than two engines are ever in memory.
 
 The smoke test (also the warm-up: its first prefill and decode size ORT's buffers) runs the
-manifest's golden prompt greedily and compares the tokens position by position with the expected
-ones; the agreement must reach the profile's ``smoke_min_agreement``.
+manifest's golden prompt teacher-forced and compares each position's logits with the export's
+(``smoke.py`` holds the rule); the share of positions that pass must reach the profile's
+``smoke_min_agreement``.
 The manifest's signature is checked on every load (file digests were checked by the machine's
 ``verifying`` step; :meth:`Activator.boot` checks them too, since nothing vouches for a slot on
 disk across a restart).
@@ -22,72 +23,21 @@ disk across a restart).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.inference.engine import Engine
-from edge_agent.inference.generation import GenerationResult, Prompt
-from edge_agent.inference.sampling import SamplingParams
 from edge_agent.inference.scheduler import Scheduler
+from edge_agent.smoke import SmokeResult, smoke_test
 from edgeglm.bundle import load_manifest, manifest_digest, verify_files
 from edgeglm.errors import UpdateError
 from edgeglm.profiles import DeviceProfile
 
-__all__ = ["Activator", "SmokeResult", "smoke_test"]
+__all__ = ["Activator"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SmokeResult:
-    agreement: float
-    tokens: tuple[int, ...]
-    seconds: float
-
-
-def _smoke_prompt(engine: Engine) -> tuple[Prompt, tuple[int, ...]]:
-    smoke = engine.manifest.smoke_test
-    if smoke is None:
-        raise UpdateError(f"bundle {engine.model}@{engine.version}", "has no smoke test in its manifest")
-    ids = tuple(engine.codec.encode(smoke.prompt))
-    if smoke.prompt_tokens and ids != tuple(smoke.prompt_tokens):
-        raise UpdateError("smoke test", "the tokenizer on this box encodes the golden prompt differently")
-    prompt = Prompt(ids=ids, max_tokens=smoke.max_new_tokens, sampling=SamplingParams(temperature=0.0))
-    return prompt, tuple(smoke.expected_tokens)
-
-
-def _agreement(got: tuple[int, ...], expected: tuple[int, ...]) -> float:
-    if not expected:
-        return 1.0
-    return sum(1 for a, b in zip(got, expected, strict=False) if a == b) / len(expected)
-
-
-def smoke_test(engine: Engine, scheduler: Scheduler | None = None, timeout_s: float = 120.0) -> SmokeResult:
-    """Run the golden prompt greedily (through ``scheduler`` when the engine is serving)."""
-    prompt, expected = _smoke_prompt(engine)
-    t0 = time.perf_counter()
-    if scheduler is None:
-        result = engine.generate(prompt)
-    else:
-        done = threading.Event()
-        box: list[GenerationResult] = []
-
-        def finished(result: GenerationResult) -> None:
-            box.append(result)
-            done.set()
-
-        scheduler.submit(prompt, on_done=finished)
-        if not done.wait(timeout_s):
-            raise UpdateError("smoke test", f"no answer from the engine within {timeout_s:.0f}s")
-        result = box[0]
-    if result.error_code is not None:
-        raise UpdateError("smoke test", f"the engine failed: {result.error_code}: {result.error_message}")
-    got = tuple(result.tokens)
-    return SmokeResult(_agreement(got, expected), got, time.perf_counter() - t0)
 
 
 class Activator:
@@ -186,15 +136,16 @@ class Activator:
         self.last = result
         need = self.profile.quality.smoke_min_agreement
         log.info(
-            "smoke test of %s@%s: agreement %.3f (need %.3f) in %.2fs",
+            "smoke test of %s@%s: agreement %.3f (need %.3f) in %.2fs: %s",
             engine.model,
             engine.version,
             result.agreement,
             need,
             result.seconds,
+            result.describe(),
         )
         if result.agreement < need:
             raise UpdateError(
                 f"smoke test of {engine.model}@{engine.version}",
-                f"greedy tokens agree {result.agreement:.0%} with the manifest's, below {need:.0%}",
+                f"{result.describe()}; the profile needs {need:.0%}",
             )

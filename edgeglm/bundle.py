@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import stat
 from collections.abc import Mapping
@@ -23,7 +24,16 @@ from typing import Any, Literal
 import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgeglm.errors import IntegrityError, SignatureError
 from edgeglm.keys import key_id
@@ -34,6 +44,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "Signature",
+    "SmokePosition",
     "SmokeTest",
     "TensorEntry",
     "canonical_bytes",
@@ -134,14 +145,68 @@ class FileEntry(_Strict):
         return out
 
 
+class SmokePosition(_Strict):
+    """The exported graph's next-token logits at one golden position: its top ids, best first."""
+
+    ids: tuple[int, ...] = Field(min_length=2, max_length=64)
+    logits: tuple[float, ...] = Field(min_length=2, max_length=64)
+
+    @model_validator(mode="after")
+    def _paired(self) -> SmokePosition:
+        if len(self.ids) != len(self.logits) or len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids and logits must pair up, one logit per distinct id")
+        finite = all(math.isfinite(x) for x in self.logits)
+        if not finite or list(self.logits) != sorted(self.logits, reverse=True):
+            raise ValueError("logits must be finite and in descending order")
+        return self
+
+
 class SmokeTest(_Strict):
-    """The golden prompt an agent runs after loading a model, and the greedy tokens expected."""
+    """The golden prompt an agent runs after loading a model, and what the export computed for it.
+
+    ``expected_tokens`` are the export's greedy tokens. Bundles from this release on also carry,
+    per expected token, the graph's top logits at that position (``reference``, teacher-forced
+    on the golden path) and the largest |Δlogit| a box may show there (``logit_tolerance``),
+    derived from ``path_logit_diff``: what the export measured between its own numeric paths on
+    the same sequence (one prefill of it all, a prompt split as a prefix-cache hit splits it,
+    token by token). ``edge_agent/smoke.py`` holds the rule; docs/operator-guide.md explains it.
+    The three are left out of the JSON when absent, so an older bundle keeps its digest.
+    """
 
     prompt: str = Field(max_length=4096)
-    prompt_tokens: tuple[int, ...] = ()  # how the exporter tokenized it: a mismatch on the device is a bug
-    expected_tokens: tuple[int, ...]
+    prompt_tokens: tuple[int, ...] = Field(default=(), max_length=16384)  # a mismatch on the device is a bug
+    expected_tokens: tuple[int, ...] = Field(max_length=512)
     max_new_tokens: int = Field(gt=0, le=512)
-    stop_tokens: tuple[int, ...] = ()  # greedy decoding ends after one of these, as in serving
+    stop_tokens: tuple[int, ...] = Field(default=(), max_length=64)  # greedy ends after one, as in serving
+    reference: tuple[SmokePosition, ...] = Field(default=(), max_length=512)
+    logit_tolerance: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    path_logit_diff: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _reference(self) -> SmokeTest:
+        if not self.reference:
+            if self.logit_tolerance is not None:
+                raise ValueError("logit_tolerance needs reference logits")
+            return self
+        if self.logit_tolerance is None:
+            raise ValueError("reference logits need a logit_tolerance")
+        if len(self.reference) != len(self.expected_tokens):
+            raise ValueError("reference needs one position per expected token")
+        for i, (pos, token) in enumerate(zip(self.reference, self.expected_tokens, strict=True)):
+            if pos.ids[0] != token:
+                raise ValueError(f"reference position {i}: the top id is not the expected token")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for key in _SMOKE_OPTIONAL:
+            if out.get(key) in (None, [], ()):
+                out.pop(key, None)
+        return out
+
+
+_SMOKE_OPTIONAL = ("reference", "logit_tolerance", "path_logit_diff")
 
 
 class Signature(_Strict):

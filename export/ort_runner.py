@@ -63,7 +63,7 @@ class OrtDecoder:
         feeds.update(past)
         return feeds
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         c = self.cache
         return {n: np.zeros((batch, c.kv_heads, 0, c.head_dim), c.dtype) for n, _ in c.names}
 
@@ -78,13 +78,13 @@ class OrtDecoder:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits for every position of ``ids`` [batch, seq] (one prefill)."""
-        logits, _ = self.step(ids, self._empty_past(ids.shape[0]), ids.shape[1])
+        logits, _ = self.step(ids, self.empty_past(ids.shape[0]), ids.shape[1])
         return logits.astype(np.float32)
 
     def greedy(self, ids: np.ndarray, max_new_tokens: int, eos: set[int] | None = None) -> np.ndarray:
         """Greedy continuation [batch, max_new_tokens] (stops early when every row hit eos)."""
         batch, seq = ids.shape
-        logits, past = self.step(ids, self._empty_past(batch), seq)
+        logits, past = self.step(ids, self.empty_past(batch), seq)
         out = []
         total = seq
         done = np.zeros(batch, bool)

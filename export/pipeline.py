@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgeglm.bundle import Manifest
 from edgeglm.bundle_files import seal_folder
 from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded
@@ -31,6 +29,7 @@ from export.checkpoint import Checkpoint
 from export.fused import FusedOptions, build_fused
 from export.ort_runner import OrtDecoder
 from export.quality import QualityReport, Reference, evaluate, load_prompts
+from export.smoke import golden_smoke_test
 from export.spec import ExportSpec
 
 __all__ = ["ExportResult", "estimate_memory_mb", "run_export"]
@@ -223,8 +222,10 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "failed the quality gate: " + "; ".join(report.failures),
                 metrics=report.to_dict(),
             )
-        smoke_ids = _encode(tokenizer, spec.smoke_prompt)
-        expected = decoder.greedy(np.array([smoke_ids], np.int64), spec.smoke_tokens, set(stop))[0]
+        say("golden smoke test: tokens, logits and the tolerance the kernels need")
+        smoke = golden_smoke_test(
+            decoder, spec.smoke_prompt, _encode(tokenizer, spec.smoke_prompt), spec.smoke_tokens, set(stop)
+        )
         del decoder
 
         del engine
@@ -266,13 +267,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "tensorrt_engine": engine_record,
                 "memory_mb": round(total_mb, 1),
             },
-            smoke_test={
-                "prompt": spec.smoke_prompt,
-                "prompt_tokens": smoke_ids,
-                "expected_tokens": [int(t) for t in expected],
-                "max_new_tokens": spec.smoke_tokens,
-                "stop_tokens": sorted(stop),
-            },
+            smoke_test=smoke,
         )
         staging.rename(spec.out_dir)
     except BaseException:

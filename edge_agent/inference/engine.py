@@ -152,7 +152,7 @@ class Engine:
         gen.started = time.monotonic()
         seq = gen.seq = self.graph.open()
         try:
-            gen.accept(self.graph.prefill(seq, prompt.ids))
+            gen.accept(self.graph.prefill(seq, prompt.ids, cache=prompt.prefix_cache))
             gen.prefilled = time.monotonic()
             while not gen.done:
                 gen.accept(self.graph.decode([seq], [gen.last])[0])

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from edge_agent.inference.codec import Codec, Detokenizer
 from edge_agent.inference.runtime import Sequence
 from edge_agent.inference.sampling import Sampler, SamplingParams
@@ -34,6 +36,11 @@ class Prompt:
     stop: tuple[str, ...] = ()
     stream: bool = False
     deadline: float | None = None  # time.monotonic() after which the request is given up
+    prefix_cache: bool = True  # False: prefilled whole, nothing stored (the smoke test's path)
+    # Teacher forcing (the smoke test): these tokens are fed instead of sampled ones, and
+    # ``observe`` sees the logits of every step, the prompt's last position first.
+    forced: tuple[int, ...] = ()
+    observe: Callable[[np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,12 @@ class Generation:
         now = time.monotonic()
         penalised = self.prompt.sampling.repetition_penalty != 1.0
         history = (*self.prompt.ids, *self.tokens) if penalised else ()
-        token = self.sampler.pick(logits_row, history)  # type: ignore[arg-type]
+        if self.prompt.observe is not None:
+            self.prompt.observe(logits_row)  # type: ignore[arg-type]
+        if self.prompt.forced:
+            token = self.prompt.forced[len(self.tokens)]
+        else:
+            token = self.sampler.pick(logits_row, history)  # type: ignore[arg-type]
         if self.first_token is None:
             self.first_token = now
         self.tokens.append(token)
@@ -122,7 +134,8 @@ class Generation:
             self.finish("stop")
             return
         total = len(self.prompt.ids) + len(self.tokens)
-        if len(self.tokens) >= self.prompt.max_tokens or total >= self.max_context:
+        limit = len(self.prompt.forced) or self.prompt.max_tokens
+        if len(self.tokens) >= min(limit, self.prompt.max_tokens) or total >= self.max_context:
             self.text += self.detok.flush()
             if self._stop_string():
                 self.finish("stop")

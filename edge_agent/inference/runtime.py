@@ -6,6 +6,7 @@ request::
 
     graph.open()                    -> Sequence     reserve KV space for one request
     graph.prefill(seq, ids)         -> [vocab]      logits after the prompt (chunked)
+    graph.prefill(seq, ids, cache=False)            the same, neither using nor filling a prefix cache
     graph.decode([seq, ...], toks)  -> [n, vocab]   one token for each sequence, batched
     graph.close(seq)                                give the KV space back
 
@@ -130,8 +131,12 @@ class DecoderGraph:
     def close(self, seq: Sequence) -> None:
         seq.closed = True
 
-    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
-        """Run the prompt ``ids`` into ``seq``'s cache; logits of its last position [vocab]."""
+    def prefill(self, seq: Sequence, ids: Seq[int], *, cache: bool = True) -> np.ndarray:
+        """Run the prompt ``ids`` into ``seq``'s cache; logits of its last position [vocab].
+
+        ``cache=False`` keeps a prefix cache out of it both ways: the whole prompt is prefilled,
+        as the exporter prefilled it (the smoke test's numeric path), and nothing is stored.
+        """
         raise NotImplementedError
 
     def decode(self, seqs: Seq[Sequence], tokens: Seq[int]) -> np.ndarray:
@@ -186,10 +191,10 @@ class FusedGraph(DecoderGraph):
             io.bind_input(past, "cpu", 0, self.kv_dtype, shape, ptr)
             io.bind_output(present, "cpu", 0, self.kv_dtype, shape, ptr)
 
-    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
+    def prefill(self, seq: Sequence, ids: Seq[int], *, cache: bool = True) -> np.ndarray:
         self._check_room(seq, len(ids))
-        fresh = seq.length == 0
-        done = self._reuse_prefix(seq, ids) if fresh and self.prefix is not None else 0
+        fresh = seq.length == 0 and cache and self.prefix is not None
+        done = self._reuse_prefix(seq, ids) if fresh else 0
         logits = np.zeros(0, np.float32)
         for start in range(done, len(ids), PREFILL_CHUNK):
             chunk = np.asarray([ids[start : start + PREFILL_CHUNK]], np.int64)
@@ -203,7 +208,8 @@ class FusedGraph(DecoderGraph):
                 logits = io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
                 # under the lock: a concurrent decode writes its dummy token at this length
                 seq.length += chunk.shape[1]
-        if fresh and self.prefix is not None:
+        if fresh:
+            assert self.prefix is not None
             self.prefix.store(ids, lambda n: [buf[seq.row, :, :n].copy() for buf in self.arena])
         return logits
 
@@ -292,8 +298,8 @@ class StandardGraph(DecoderGraph):
             outs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         return outs["logits"], [outs[n] for n in self.present_names]
 
-    def prefill(self, seq: Sequence, ids: Seq[int]) -> np.ndarray:
-        self._check_room(seq, len(ids))
+    def prefill(self, seq: Sequence, ids: Seq[int], *, cache: bool = True) -> np.ndarray:
+        self._check_room(seq, len(ids))  # no prefix cache on this route: ``cache`` changes nothing
         n = len(ids)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         feeds = {

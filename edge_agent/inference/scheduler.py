@@ -160,7 +160,7 @@ class Scheduler:
         for gen in admitted:
             gen.started = time.monotonic()
             gen.seq = graph.open()
-            gen.accept(graph.prefill(gen.seq, gen.prompt.ids))
+            gen.accept(graph.prefill(gen.seq, gen.prompt.ids, cache=gen.prompt.prefix_cache))
             gen.prefilled = time.monotonic()
             self._running.append(gen)
         now = time.monotonic()

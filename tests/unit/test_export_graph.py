@@ -120,7 +120,7 @@ def test_fused_fp32_matches_transformers_prefill_and_decode(tmp_path, kind, shap
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.numpy()
-    logits, past = dec.step(ids[:, :7].numpy(), dec._empty_past(2), 7)
+    logits, past = dec.step(ids[:, :7].numpy(), dec.empty_past(2), 7)
     got = [logits]
     for t in range(7, 12):
         logits, past = dec.step(ids[:, t : t + 1].numpy(), past, t + 1)
