@@ -210,8 +210,17 @@ class FusedGraph(DecoderGraph):
                 seq.length += chunk.shape[1]
         if fresh:
             assert self.prefix is not None
-            self.prefix.store(ids, lambda n: [buf[seq.row, :, :n].copy() for buf in self.arena])
+            self.prefix.store(ids, lambda n: self._row_kv(seq.row, n))
         return logits
+
+    def _row_kv(self, row: int, n: int) -> list[np.ndarray]:
+        """A copy of the first ``n`` positions of ``row``'s KV, per cache tensor (for the prefix cache)."""
+        return [buf[row, :, :n].copy() for buf in self.arena]
+
+    def _move_kv(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` positions of row ``src``'s KV to row ``dst``; the caller holds the lock."""
+        for buf in self.arena:
+            buf[dst, :, :n] = buf[src, :, :n]
 
     def _reuse_prefix(self, seq: Sequence, ids: Seq[int]) -> int:
         """Copy the longest stored head of ``ids`` into ``seq``'s row; how many tokens it covers."""
@@ -237,8 +246,7 @@ class FusedGraph(DecoderGraph):
             low = min(self._free, default=self.rows)
             if low > seq.row:
                 break
-            for buf in self.arena:
-                buf[low, :, : seq.length] = buf[seq.row, :, : seq.length]
+            self._move_kv(seq.row, low, seq.length)
             self._free.remove(low)
             self._free.append(seq.row)
             del self._open[seq.row]
