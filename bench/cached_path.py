@@ -18,8 +18,9 @@ all but its last token are reused, and that token runs alone, as in a smoke test
 the golden question). It reports, over all positions, of ``cached`` and ``split`` against
 ``plain``: max |Δlogit|, mean and max KL(plain ‖ other), teacher-forced top-1 agreement; with
 the logits' scale (std over the vocabulary) and the smallest top-2 margin on the plain path,
-which say how often a difference of that size flips a greedy token. ``cached`` equal to ``split`` means the cache adds
-nothing of its own: the difference is the kernels' (MatMulNBits at M = 1 against M = n).
+which say how often a difference of that size flips a greedy token. ``cached`` equal to
+``split`` means the cache adds nothing of its own: the difference is the kernels' (MatMulNBits
+at M = 1 against M = n).
 
 Models: the tiny trained test shapes (``glm-edge``, ``glm4-0414``; peaked logits) and a random-weight
 GlmForCausalLM with the GLM-Edge-1.5B shape (``--quick``: ``bench.infer.QUICK``; flat logits).
