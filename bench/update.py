@@ -11,6 +11,8 @@ started here and the hub's gateway (in this process, SQLite):
 
     update     box A runs 1.0.0 (installed at first start); desired 1.1.0 -> committed
     revert     box A, desired 1.0.0 again (the version its other slot holds) -> committed
+               (a sensor asks the golden prompt before each switch: the engine reverted to has
+               it in its prefix cache, and its smoke test must not be fooled by that path)
     full       box B starts empty; desired 1.1.0 -> committed: the whole bundle on the wire
 
 Measured (JSON keys):
@@ -254,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             wire_a = Wire(broker.port, "bench-a")
             a.proc.start()
             a.proc.wait_log(r"edge agent \S+ up", 600)
+            # A sensor asks the golden question before each switch, so the serving engine's prefix
+            # cache holds it when that engine is smoke-tested again (the revert reuses it).
+            wire_a.ask(SMOKE_PROMPT)
             update = _transfer(ctx, wire_a, a, v11, "u1")
+            wire_a.ask(SMOKE_PROMPT)
             revert = _transfer(ctx, wire_a, a, v1, "u2")
             b = _Box(work / "box-b", "bench-b", broker.port, public, profile, None)
             boxes.append(b)

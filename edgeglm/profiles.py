@@ -75,7 +75,7 @@ class QualityGate(_Table):
     min_top1_agreement: Fraction
     max_kl: float = Field(ge=0)
     min_greedy_prefix_agreement: Fraction
-    smoke_min_agreement: Fraction
+    smoke_min_agreement: Fraction  # share of golden positions a box must pass (edge_agent/smoke.py)
 
 
 class ChunkSettings(_Table):

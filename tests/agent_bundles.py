@@ -4,15 +4,18 @@
 float tensors of its external data by ``scale`` (plus ``noise`` x N(0, 1) per element: bytes
 that do not compress away) (a fine-tune: 1.001 keeps greedy tokens; 0.0 on
 the final norm breaks the model, so its smoke test fails), and seals it as ``version`` with the
-source's quality, runtime and smoke-test fields. Piece layout stays per tensor, so an update
-between two versions fetches only the changed tensors (as tensor deltas).
+source's quality and runtime fields. The smoke test is its own (``smoke="own"``: recorded on the
+derived graph, as a re-export after a fine-tune records it) or the source's (``smoke="source"``:
+a bundle broken after export, which only a device's smoke test can tell). Piece layout stays
+per tensor, so an update between two versions fetches only the changed tensors (as tensor
+deltas).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +38,7 @@ def derive(
     fraction: float = 0.1,
     names: tuple[str, ...] | None = None,
     noise: float = 0.0,
+    smoke: Literal["own", "source"] = "own",
 ) -> Path:
     from edgeglm.bundle import load_manifest
     from edgeglm.demo.models import reseal_as
@@ -62,5 +66,20 @@ def derive(
                 arr = (arr * factor).astype(_FLOAT[t.dtype])
                 fh.seek(t.offset)
                 fh.write(arr.tobytes())
+    if smoke == "own" and manifest.smoke_test is not None:
+        manifest = manifest.model_copy(update={"smoke_test": _own_smoke(dst, manifest.smoke_test)})
     reseal_as(manifest, dst, key, version)
     return dst
+
+
+def _own_smoke(folder: Path, source: Any) -> Any:
+    from edgeglm.bundle import SmokeTest
+    from export.ort_runner import OrtDecoder
+    from export.smoke import golden_smoke_test
+
+    decoder = OrtDecoder(folder / "model.onnx")
+    stop = set(source.stop_tokens)
+    ids = list(source.prompt_tokens)
+    return SmokeTest.model_validate(
+        golden_smoke_test(decoder, source.prompt, ids, source.max_new_tokens, stop)
+    )

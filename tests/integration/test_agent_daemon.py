@@ -47,7 +47,7 @@ def versions(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Vers
     return Versions(
         v1=folder,
         v11=derive(folder, root / "1.1.0", key, "1.1.0", scale=1.001),
-        bad=derive(folder, root / "1.2.0", key, "1.2.0", scale=0.0, names=("norm",)),
+        bad=derive(folder, root / "1.2.0", key, "1.2.0", scale=0.0, names=("norm",), smoke="source"),
         big=derive(folder, root / "1.3.0", key, "1.3.0", fraction=1.0, noise=1e-3),
         public=public,
         key=key,
