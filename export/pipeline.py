@@ -29,7 +29,7 @@ from export.checkpoint import Checkpoint
 from export.fused import FusedOptions, build_fused
 from export.ort_runner import OrtDecoder
 from export.quality import QualityReport, Reference, evaluate, load_prompts
-from export.smoke import golden_smoke_test
+from export.smoke import GPU_TOLERANCE_FLOOR, TOLERANCE_FLOOR, golden_smoke_test
 from export.spec import ExportSpec
 
 __all__ = ["ExportResult", "estimate_memory_mb", "run_export"]
@@ -223,8 +223,14 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 metrics=report.to_dict(),
             )
         say("golden smoke test: tokens, logits and the tolerance the kernels need")
+        on_gpu = profile.execution_providers[0] != "CPUExecutionProvider"
         smoke = golden_smoke_test(
-            decoder, spec.smoke_prompt, _encode(tokenizer, spec.smoke_prompt), spec.smoke_tokens, set(stop)
+            decoder,
+            spec.smoke_prompt,
+            _encode(tokenizer, spec.smoke_prompt),
+            spec.smoke_tokens,
+            set(stop),
+            floor=GPU_TOLERANCE_FLOOR if on_gpu else TOLERANCE_FLOOR,
         )
         del decoder
 

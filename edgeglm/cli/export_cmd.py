@@ -128,6 +128,18 @@ def run(
     emit(run_export(spec, say).to_dict(), output, _result_table)
 
 
+def _smoke_summary(smoke: dict[str, Any] | None) -> str:
+    if not smoke:
+        return "none"
+    n = len(smoke.get("expected_tokens", []))
+    if smoke.get("logit_tolerance") is None:
+        return f"{n} golden tokens (tokens rule: no reference logits)"
+    return (
+        f"{n} positions, logit tolerance {smoke['logit_tolerance']:g}"
+        f" (kernel paths differ by {smoke.get('path_logit_diff', 0):g})"
+    )
+
+
 @export.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @output_option
@@ -162,6 +174,7 @@ def inspect(bundle: Path, output: str) -> None:
                 ["max |Δlogit|", q.get("max_abs_logit_diff")],
                 ["top-1 agreement", q.get("top1_agreement")],
                 ["greedy prefix agreement", q.get("greedy_prefix_agreement")],
+                ["smoke test", _smoke_summary(d["smoke_test"])],
                 ["bytes", f"{d['bytes']:,}"],
             ],
         )
