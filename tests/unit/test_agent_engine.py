@@ -259,3 +259,26 @@ def test_the_agent_needs_neither_torch_nor_transformers(tiny_bundle):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_smoke_test_passes_by_its_logits_and_a_broken_copy_fails(engine, tmp_path):
+    from edge_agent.smoke import smoke_test
+    from edgeglm.keys import load_private_key
+    from export.smoke import TOLERANCE_FACTOR
+    from tests.agent_bundles import derive
+
+    smoke = engine.manifest.smoke_test
+    assert len(smoke.reference) == len(smoke.expected_tokens) > 0
+    assert smoke.logit_tolerance >= TOLERANCE_FACTOR * smoke.path_logit_diff
+    result = smoke_test(engine)
+    assert (result.rule, result.agreement, result.failed) == ("logits", 1.0, ())
+    assert result.max_abs_logit_diff <= smoke.logit_tolerance
+    with Scheduler(engine) as scheduler:  # the same through the serving scheduler
+        assert smoke_test(engine, scheduler).agreement == 1.0
+
+    key = load_private_key(next(engine.folder.parent.glob("keys/*.key")))
+    # every float tensor halved after export, sealed with the source's smoke records
+    folder = derive(engine.folder, tmp_path / "broken", key, "9.9.9", scale=0.5, fraction=1.0, smoke="source")
+    broken = Engine.load(folder, profile=engine.profile)
+    bad = smoke_test(broken)
+    assert bad.agreement < 0.5 and bad.max_abs_logit_diff > 10 * smoke.logit_tolerance
