@@ -32,6 +32,7 @@ bench: $(VENV)/.dev-installed
 	$(PY) -m bench.serve --json bench/results/serve.json
 	$(PY) -m bench.fleet --json bench/results/fleet.json
 	$(PY) -m bench.update --json bench/results/update.json
+	$(PY) -m bench.cached_path --json bench/results/cached_path.json
 
 bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
@@ -39,6 +40,7 @@ bench-quick: $(VENV)/.dev-installed
 	$(PY) -m bench.serve --quick --json bench/results/serve-quick.json
 	$(PY) -m bench.fleet --quick --json bench/results/fleet-quick.json
 	$(PY) -m bench.update --quick --json bench/results/update-quick.json
+	$(PY) -m bench.cached_path --quick --json bench/results/cached_path-quick.json
 
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo

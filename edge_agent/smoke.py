@@ -123,25 +123,26 @@ class _Judge:
         )
 
 
-def _golden(engine: Engine) -> SmokeTest:
+def _golden(engine: Engine) -> tuple[SmokeTest, tuple[int, ...]]:
+    """The manifest's smoke test and its prompt as this box's tokenizer encodes it."""
     smoke = engine.manifest.smoke_test
     if smoke is None:
         raise UpdateError(f"bundle {engine.model}@{engine.version}", "has no smoke test in its manifest")
     ids = tuple(engine.codec.encode(smoke.prompt))
     if smoke.prompt_tokens and ids != tuple(smoke.prompt_tokens):
         raise UpdateError("smoke test", "the tokenizer on this box encodes the golden prompt differently")
-    return smoke
+    return smoke, ids
 
 
 def smoke_test(engine: Engine, scheduler: Scheduler | None = None, timeout_s: float = 120.0) -> SmokeResult:
     """Run the golden prompt teacher-forced (through ``scheduler`` when the engine is serving)."""
-    smoke = _golden(engine)
+    smoke, ids = _golden(engine)
     judge = _Judge(smoke)
     t0 = time.perf_counter()
     if not smoke.expected_tokens:
         return judge.result(0.0)
     prompt = Prompt(
-        ids=tuple(engine.codec.encode(smoke.prompt)),
+        ids=ids,
         max_tokens=len(smoke.expected_tokens),
         sampling=SamplingParams(temperature=0.0),
         prefix_cache=False,

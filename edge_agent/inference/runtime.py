@@ -193,8 +193,8 @@ class FusedGraph(DecoderGraph):
 
     def prefill(self, seq: Sequence, ids: Seq[int], *, cache: bool = True) -> np.ndarray:
         self._check_room(seq, len(ids))
-        fresh = seq.length == 0 and cache and self.prefix is not None
-        done = self._reuse_prefix(seq, ids) if fresh else 0
+        uses_cache = seq.length == 0 and cache and self.prefix is not None
+        done = self._reuse_prefix(seq, ids) if uses_cache else 0
         logits = np.zeros(0, np.float32)
         for start in range(done, len(ids), PREFILL_CHUNK):
             chunk = np.asarray([ids[start : start + PREFILL_CHUNK]], np.int64)
@@ -208,7 +208,7 @@ class FusedGraph(DecoderGraph):
                 logits = io.get_outputs()[0].numpy()[0, -1].astype(np.float32)
                 # under the lock: a concurrent decode writes its dummy token at this length
                 seq.length += chunk.shape[1]
-        if fresh:
+        if uses_cache:
             assert self.prefix is not None
             self.prefix.store(ids, lambda n: self._row_kv(seq.row, n))
         return logits
