@@ -35,7 +35,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,6 +51,14 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.models import ApiToken, Bundle, Release, Rollout
 from cloud_hub.registry import Registry, UploadState
 from cloud_hub.rollouts import DeploySpec, Publish, parse_waves, rollout_view
+from edgeglm.contracts import (
+    NAME_MAX,
+    NAME_PATTERN,
+    SEMVER_MAX,
+    SEMVER_PATTERN,
+    name_problem,
+    version_problem,
+)
 from edgeglm.errors import (
     AccessError,
     ConfigError,
@@ -72,8 +80,8 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 _TRACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PIECE = r"^[0-9a-f]{64}$"
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_VERSION = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+_NAME = f"^{NAME_PATTERN}$"
+_VERSION = f"^{SEMVER_PATTERN}$"
 
 # The one table from domain errors to HTTP statuses (most specific class first).
 _STATUS: tuple[tuple[type[EdgeError], int], ...] = (
@@ -111,7 +119,7 @@ class _In(BaseModel):
 
 
 class PinBody(_In):
-    version: str = Field(pattern=_VERSION, max_length=64)
+    version: str = Field(pattern=_VERSION, max_length=SEMVER_MAX)
 
 
 class LabelsBody(_In):
@@ -127,7 +135,7 @@ class TokenBody(_In):
 
 
 class DeployBody(_In):
-    release: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}@\d+\.\d+\.\d+[0-9A-Za-z.+-]{0,64}$")
+    release: str = Field(max_length=NAME_MAX + 1 + SEMVER_MAX)
     selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
     waves: list[Annotated[str, Field(max_length=16)]] = Field(
         default=["5", "25", "100"], min_length=1, max_length=20
@@ -140,6 +148,14 @@ class DeployBody(_In):
     on_failure: Literal["revert", "pause"] = "revert"
     min_samples: int = Field(default=3, ge=1, le=10000)
     dry_run: bool = False
+
+    @field_validator("release")
+    @classmethod
+    def _release(cls, v: str) -> str:
+        model, _, version = v.rpartition("@")
+        if (problem := name_problem(model) or version_problem(version)) is not None:
+            raise ValueError(f"write it as MODEL@VERSION: {problem}")
+        return v
 
 
 class RollbackBody(_In):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -113,10 +114,28 @@ class Controller:
         with self.db.session() as s:
             ids = list(s.scalars(select(Rollout.id).where(Rollout.state == "running").order_by(Rollout.id)))
         for rid in ids:
-            with self.db.session() as s:
-                rollout = s.get(Rollout, rid)
-                if rollout is not None and rollout.state == "running":
-                    self._advance(s, rollout)
+            try:
+                with self.db.session() as s:
+                    rollout = s.get(Rollout, rid)
+                    if rollout is not None and rollout.state == "running":
+                        self._advance(s, rollout)
+            except (DBAPIError, StaleDataError):
+                raise  # the database, not this rollout: the loop tries again next tick
+            except Exception as exc:  # this rollout cannot go on (its desired state cannot be built)
+                log.exception("rollout %s cannot advance", rid)
+                self._give_up(rid, f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def _give_up(self, rid: int, why: str) -> None:
+        """End rollout ``rid`` as ``failed`` with ``why``; the other rollouts go on."""
+        with self.db.session() as s:
+            rollout = s.get(Rollout, rid)
+            if rollout is None or rollout.state != "running":
+                return
+            for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid)):
+                dep.active = False  # its devices may join another rollout; moved ones stay put
+                if dep.state == "waiting":
+                    dep.state = "skipped"
+            self._finish(s, rollout, "failed", f"the controller could not advance it: {why}")
 
     # --------------------------------------------------------------------- one wave
     def _advance(self, s: Session, r: Rollout) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from cloud_hub import audit
 from cloud_hub.models import Bundle, Chunk, Model, Release, Upload
+from edgeglm import contracts
 from edgeglm.bundle import Manifest, manifest_digest, parse_manifest
 from edgeglm.errors import ConflictError, IntegrityError, NotFoundError
 from edgeglm.piece_store import PieceStore
@@ -35,14 +35,13 @@ __all__ = ["Registry", "UploadState", "parse_ref", "semver_key"]
 
 log = logging.getLogger(__name__)
 
-_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-
 
 def semver_key(version: str) -> tuple[int, int, int, str]:
-    m = _SEMVER.match(version)
-    if not m:
-        raise IntegrityError("version", f"{version!r} is not semver")
-    return int(m[1]), int(m[2]), int(m[3]), m[4] or ""
+    """(major, minor, patch, pre-release) of ``version`` (the contract's), or IntegrityError."""
+    try:
+        return contracts.semver_key(version)
+    except ValueError as exc:
+        raise IntegrityError("version", str(exc)) from exc
 
 
 def parse_ref(ref: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgeglm.contracts import name_problem, version_problem
 from edgeglm.errors import IntegrityError, SignatureError
 from edgeglm.keys import key_id
 from edgeglm.pieces import Segment, TensorSpan, tensor_segments
@@ -61,8 +62,6 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 32 << 20
 
 _HEX64 = r"[0-9a-f]{64}"
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
 
 
@@ -232,15 +231,15 @@ class Manifest(_Strict):
     @field_validator("model", "profile")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v[:80]!r} must match {_NAME.pattern}")
+        if (problem := name_problem(v)) is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("version")
     @classmethod
     def _semver(cls, v: str) -> str:
-        if not _SEMVER.match(v):
-            raise ValueError(f"{v[:80]!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+        if (problem := version_problem(v)) is not None:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from edgeglm.contracts import NAME_MAX
 from edgeglm.errors import ConfigError, NotFoundError
 
 __all__ = [
@@ -170,7 +171,7 @@ class DeviceProfile(_Table):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if len(value) > 64 or not _NAME.fullmatch(value):
+        if len(value) > NAME_MAX or not _NAME.fullmatch(value):
             raise ValueError(f"must be 1-64 characters of a-z, 0-9 and '-' (got {value!r})")
         return value
 

@@ -65,6 +65,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgeglm.contracts import NAME_PATTERN, Name, SemVer
 from edgeglm.errors import ProtocolError
 
 __all__ = [
@@ -126,7 +127,7 @@ __all__ = [
 PREFIX = "edgeglm/v1"
 MAX_TOPIC_SLASHES = 7
 _MAX_TOPIC_BYTES = 65535  # MQTT's own limit on a topic name
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = NAME_PATTERN
 _NAME_RE = re.compile(_NAME)
 
 
@@ -302,16 +303,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 131072  # cloud IoT brokers' limit on one message
 _MAX_REASON = 512
 _MAX_PROMPT_CHARS = 65536
 
-_Name = Annotated[str, StringConstraints(strict=True, pattern=f"^{_NAME}$")]
-_SemVer = Annotated[
-    str,
-    StringConstraints(
-        strict=True,
-        max_length=64,
-        pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
-        r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$",
-    ),
-]
+_Name = Name
+_SemVer = SemVer
 _Digest = Annotated[str, StringConstraints(strict=True, pattern=r"^blake3:[0-9a-f]{64}$")]
 _PieceHex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64}$")]
 _Step = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z][a-z0-9_]{0,31}$")]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeglm.contracts import name_problem, version_problem
 from edgeglm.errors import UsageError
 from edgeglm.profiles import DeviceProfile
 
 __all__ = ["DEFAULT_SMOKE_PROMPT", "ExportSpec"]
 
 DEFAULT_SMOKE_PROMPT = "The pressure sensor on line three reported"
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class ExportSpec:
     rotary_interleaved: bool = True  # only tests turn this off, to prove the gate catches it
 
     def __post_init__(self) -> None:
-        if not _SEMVER.match(self.version):
-            raise UsageError("--version", f"{self.version!r} is not a semantic version like 1.4.0")
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", self.model_name):
-            raise UsageError("--model", f"{self.model_name!r}: use letters, digits, '.', '_' and '-'")
+        if (problem := version_problem(self.version)) is not None:
+            raise UsageError("--version", problem)
+        if (problem := name_problem(self.model_name)) is not None:
+            raise UsageError("--model", problem)

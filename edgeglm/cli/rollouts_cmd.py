@@ -14,7 +14,7 @@ from edgeglm.errors import UsageError
 
 API = "/api/v1"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_FINAL = {"completed", "reverted", "aborted", "rolled_back"}
+_FINAL = {"completed", "reverted", "aborted", "rolled_back", "failed"}
 
 
 class Duration(click.ParamType):
@@ -150,7 +150,7 @@ def rollouts() -> None:
 
 
 @rollouts.command("list")
-@click.option("--state", default=None, help="running, paused, completed, reverted, aborted, rolled_back")
+@click.option("--state", default=None, help="running, paused, completed, reverted, aborted, rolled_back, failed")
 @hub_options
 @output_option
 def rollouts_list(state: str | None, hub_url: str, token: str | None, output: str) -> None:

@@ -313,3 +313,40 @@ def test_pinned_devices_are_skipped_and_an_offline_device_times_out(fleet_factor
     assert states[gone] == ("reverted", "offline")  # offline is never success
     assert pinned not in {d["device"] for d in fleet.rollout(rid)["deployments"]}
     assert fleet.db_devices()[pinned].desired_version is None
+
+
+def test_a_rollout_that_cannot_advance_fails_with_its_reason_while_another_completes(
+    fleet_factory: Any,
+) -> None:
+    from cloud_hub.models import DeviceDeployment
+
+    fleet = fleet_factory()
+    names = sorted(fleet.devices)
+    for line, members in (("a", names[:10]), ("b", names[10:])):
+        for name in members:
+            r = fleet.client.patch(
+                f"/api/v1/devices/{name}/labels", json={"set": {"line": line}}, headers=fleet.op
+            )
+            assert r.status_code == 200
+    waves = fleet.waves(selector={"line": "a"}, waves=["1n", "100"])
+    ra = fleet.deploy(selector={"line": "a"}, waves=["1n", "100"], soak_s=3.0)
+    assert ra.status_code == 201, ra.text
+    # A box of the second wave re-registers with a profile this release has no build for: its
+    # desired state cannot be built when that wave starts.
+    moved = waves[1][-1]
+    with fleet.ctx.db.session() as s:
+        s.execute(update(Device).where(Device.id == moved).values(profile="cpu-arm-int4"))
+    rb = fleet.deploy(selector={"line": "b"}, waves=["100"])
+    assert rb.status_code == 201, rb.text
+
+    failed = fleet.wait_state(ra.json()["id"], "failed", "completed", "reverted", "paused")
+    assert failed["state"] == "failed", failed
+    assert "has no build for profile 'cpu-arm-int4'" in failed["reason"]
+    done = fleet.wait_state(rb.json()["id"], "completed", "reverted", "paused", "failed")
+    assert done["state"] == "completed", done
+    assert "rollout.failed" in _audit_actions(fleet, ra.json()["id"])
+    with fleet.ctx.db.session() as s:  # its devices are free for the next rollout
+        assert not any(
+            d.active
+            for d in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == ra.json()["id"]))
+        )
