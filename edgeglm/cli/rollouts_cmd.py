@@ -150,7 +150,9 @@ def rollouts() -> None:
 
 
 @rollouts.command("list")
-@click.option("--state", default=None, help="running, paused, completed, reverted, aborted, rolled_back, failed")
+@click.option(
+    "--state", default=None, help="running, paused, completed, reverted, aborted, rolled_back, failed"
+)
 @hub_options
 @output_option
 def rollouts_list(state: str | None, hub_url: str, token: str | None, output: str) -> None:
