@@ -320,18 +320,22 @@ class Agent:
         reason: str | None,
         progress: dict[str, int] | None = None,
     ) -> None:
-        body = Report(
-            device_id=self.device_id,
-            rollout_id=rollout_id,
-            step=step,
-            seq=self.outbox.next_seq("report"),
-            ok=ok,
-            reason=reason[:500] if reason else None,
-            progress=Progress(**progress) if progress else None,
-            version=version,
-            ts=time.time(),
-        )
-        self.outbox.put("report", report_topic(self.device_id), encode(body), qos=1)
+        def body(seq: int) -> bytes:
+            return encode(
+                Report(
+                    device_id=self.device_id,
+                    rollout_id=rollout_id,
+                    step=step,
+                    seq=seq,
+                    ok=ok,
+                    reason=reason[:500] if reason else None,
+                    progress=Progress(**progress) if progress else None,
+                    version=version,
+                    ts=time.time(),
+                )
+            )
+
+        self.outbox.put("report", report_topic(self.device_id), body, qos=1, seq="report")
         log.info("report %s ok=%s%s", step, ok, f" ({reason[:200]})" if reason else "")
 
     def _beat(self) -> None:
@@ -353,15 +357,20 @@ class Agent:
         last = self.activator.last if self.activator is not None else None
         if last is not None:
             health = health.model_copy(update={"smoke_agreement": last.agreement})
-        body = Heartbeat(
-            device_id=self.device_id,
-            ts=time.time(),
-            model=live[0].model if live else None,
-            version=live[0].version if live else None,
-            health=health,
-            seq=self.outbox.next_seq("heartbeat"),  # unique across restarts, like report seqs
-        )
-        self.outbox.put("heartbeat", heartbeat_topic(self.device_id), encode(body), qos=0)
+
+        def body(seq: int) -> bytes:  # seq: unique across restarts, like report seqs
+            return encode(
+                Heartbeat(
+                    device_id=self.device_id,
+                    ts=time.time(),
+                    model=live[0].model if live else None,
+                    version=live[0].version if live else None,
+                    health=health,
+                    seq=seq,
+                )
+            )
+
+        self.outbox.put("heartbeat", heartbeat_topic(self.device_id), body, qos=0, seq="heartbeat")
 
     # ------------------------------------------------------------------------- updates
     def _on_desired(self, msg: Incoming) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -122,12 +123,30 @@ class Outbox:
 
     # -- the table -------------------------------------------------------------------------------
 
-    def put(self, kind: str, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Queue one message and return its id; over ``max_rows``, drop the oldest heartbeats."""
-        row = _Row(
-            kind=kind, topic=topic, payload=bytes(payload), qos=qos, retain=retain, created_at=self._clock()
-        )
+    def put(
+        self,
+        kind: str,
+        topic: str,
+        payload: bytes | Callable[[int], bytes],
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        seq: str | None = None,
+    ) -> int:
+        """Queue one message and return its id; over ``max_rows``, drop the oldest heartbeats.
+
+        With ``seq``, ``payload(n)`` builds the message around the next value of counter ``seq``
+        (see :meth:`next_seq`) in the same transaction as its row: a crash keeps both or neither,
+        so a receiver never sees a number that was handed out and then lost.
+        """
         with self._db, Session(self.engine, expire_on_commit=False) as s, s.begin():
+            if seq is not None:
+                assert callable(payload)
+                data = payload(int(s.execute(self._count(seq)).scalar_one()))
+            else:
+                assert not callable(payload)
+                data = bytes(payload)
+            row = _Row(kind=kind, topic=topic, payload=data, qos=qos, retain=retain, created_at=self._clock())
             s.add(row)
             s.flush()
             excess = (s.scalar(select(func.count()).select_from(_Row)) or 0) - self.max_rows
@@ -168,14 +187,18 @@ class Outbox:
 
     def next_seq(self, name: str) -> int:
         """The next value of counter ``name`` (0 first), persisted before it is returned."""
-        stmt = (
+        with self._db, Session(self.engine) as s, s.begin():
+            return int(s.execute(self._count(name)).scalar_one())
+
+    @staticmethod
+    def _count(name: str) -> Any:
+        """Counter ``name`` one up (created at 0), returning its new value."""
+        return (
             sqlite_insert(_Counter)
             .values(name=name, value=0)
             .on_conflict_do_update(index_elements=[_Counter.name], set_={"value": _Counter.value + 1})
             .returning(_Counter.value)
         )
-        with self._db, Session(self.engine) as s, s.begin():
-            return int(s.execute(stmt).scalar_one())
 
     def _expire(self) -> int:
         """Delete heartbeats older than ``max_age_s``; reports never age out."""

@@ -144,6 +144,23 @@ def test_next_seq_counts_from_zero_per_name_and_persists(open_outbox: OpenOutbox
     assert box.next_seq("event") == 1
 
 
+def test_a_numbered_message_and_its_number_are_kept_together_or_not_at_all(open_outbox: OpenOutbox) -> None:
+    """A crash between taking a heartbeat's number and queueing it left a gap the hub saw."""
+    box = open_outbox()
+
+    def crash(n: int) -> bytes:
+        raise RuntimeError(f"died holding number {n}")
+
+    assert box.put("heartbeat", "t/h", lambda n: b"hb%d" % n, qos=0, seq="heartbeat")
+    with pytest.raises(RuntimeError, match="number 1"):
+        box.put("heartbeat", "t/h", crash, qos=0, seq="heartbeat")
+    box.put("heartbeat", "t/h", lambda n: b"hb%d" % n, qos=0, seq="heartbeat")
+    box.close()
+    box = open_outbox()
+    assert [i.payload for i in box.peek(10)] == [b"hb0", b"hb1"]  # 1 was never lost
+    assert box.next_seq("heartbeat") == 2
+
+
 def test_ack_removes_exactly_the_given_rows(open_outbox: OpenOutbox) -> None:
     box = open_outbox()
     ids = [box.put("report", "t/r", f"r{n}".encode()) for n in range(3)]
