@@ -134,8 +134,12 @@ class Generation:
             self.finish("stop")
             return
         total = len(self.prompt.ids) + len(self.tokens)
-        limit = len(self.prompt.forced) or self.prompt.max_tokens
-        if len(self.tokens) >= min(limit, self.prompt.max_tokens) or total >= self.max_context:
+        limit = (
+            min(len(self.prompt.forced), self.prompt.max_tokens)
+            if self.prompt.forced
+            else self.prompt.max_tokens
+        )
+        if len(self.tokens) >= limit or total >= self.max_context:
             self.text += self.detok.flush()
             if self._stop_string():
                 self.finish("stop")
