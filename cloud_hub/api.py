@@ -50,12 +50,13 @@ from cloud_hub.inventory import Inventory, device_view, parse_selector
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.models import ApiToken, Bundle, Release, Rollout
 from cloud_hub.registry import Registry, UploadState
-from cloud_hub.rollouts import DeploySpec, Publish, parse_waves, rollout_view
+from cloud_hub.rollouts import DeploySpec, Publish, rollout_view
 from edgeglm.contracts import (
-    NAME_MAX,
+    LABEL_VALUE_PATTERN,
     NAME_PATTERN,
     SEMVER_MAX,
     SEMVER_PATTERN,
+    RolloutId,
     name_problem,
     version_problem,
 )
@@ -71,7 +72,9 @@ from edgeglm.errors import (
     UnavailableError,
     UsageError,
 )
+from edgeglm.lifecycle import RolloutState
 from edgeglm.piece_store import PieceStore
+from edgeglm.rollout_params import RolloutParams
 
 __all__ = ["HubContext", "create_app"]
 
@@ -123,7 +126,7 @@ class PinBody(_In):
 
 
 class LabelsBody(_In):
-    set: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{0,63}$")]] = Field(
+    set: dict[str, Annotated[str, Field(pattern=f"^{LABEL_VALUE_PATTERN}$")]] = Field(
         default_factory=dict, max_length=64
     )
     remove: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
@@ -134,24 +137,17 @@ class TokenBody(_In):
     role: Literal["viewer", "operator", "admin"]
 
 
-class DeployBody(_In):
-    release: str = Field(max_length=NAME_MAX + 1 + SEMVER_MAX)
-    selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
-    waves: list[Annotated[str, Field(max_length=16)]] = Field(
-        default=["5", "25", "100"], min_length=1, max_length=20
-    )
-    soak_s: float = Field(default=60.0, ge=0, le=7 * 86400)
-    success_threshold: float = Field(default=1.0, ge=0, le=1)
-    max_failure_ratio: float = Field(default=0.05, ge=0, le=1)
-    gates: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=8)
-    device_timeout_s: float = Field(default=900.0, gt=0, le=7 * 86400)
-    on_failure: Literal["revert", "pause"] = "revert"
-    min_samples: int = Field(default=3, ge=1, le=10000)
+class DeployBody(RolloutParams):
+    """``POST /api/v1/rollouts``: the release, the rollout's parameters, and ``dry_run``."""
+
+    release: str
     dry_run: bool = False
 
-    @field_validator("release")
+    @field_validator("release", mode="before")  # before any size check: the contract's own words
     @classmethod
-    def _release(cls, v: str) -> str:
+    def _release(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v  # the str check says it
         model, _, version = v.rpartition("@")
         if (problem := name_problem(model) or version_problem(version)) is not None:
             raise ValueError(f"write it as MODEL@VERSION: {problem}")
@@ -480,28 +476,15 @@ def create_app(ctx: HubContext) -> FastAPI:
     def deploy(body: DeployBody, who: Operator) -> dict[str, Any]:
         """Start a staged rollout (the controller moves it along), or only show it (``dry_run``)."""
         model, _, version = body.release.partition("@")
-        spec = DeploySpec(
-            model=model,
-            version=version,
-            selector=parse_selector(f"{k}={v}" for k, v in body.selector.items()),
-            waves=parse_waves(body.waves),
-            soak_s=body.soak_s,
-            success_threshold=body.success_threshold,
-            max_failure_ratio=body.max_failure_ratio,
-            gates=tuple(body.gates),
-            device_timeout_s=body.device_timeout_s,
-            on_failure=body.on_failure,
-            min_samples=body.min_samples,
-        )
+        params = RolloutParams.model_validate(body.model_dump(exclude={"release", "dry_run"}))
+        spec = DeploySpec(model=model, version=version, params=params)
         with ctx.db.session() as s:
             if body.dry_run:
                 return {"dry_run": True, **rollout_ops.dry_run(s, spec)}
             return rollout_view(s, rollout_ops.create(s, spec, who.name))
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])
-    def list_rollouts(
-        who: Viewer, state: Annotated[str | None, Query(pattern=r"^[a-z_]{1,16}$")] = None
-    ) -> list[dict[str, Any]]:
+    def list_rollouts(who: Viewer, state: RolloutState | None = None) -> list[dict[str, Any]]:
         with ctx.db.session() as s:
             q = select(Rollout).order_by(Rollout.id.desc()).limit(200)
             if state:
@@ -510,7 +493,7 @@ def create_app(ctx: HubContext) -> FastAPI:
 
     @app.get(f"{API}/rollouts/{{rollout_id}}", tags=["rollouts"])
     def show_rollout(
-        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], who: Viewer, devices: bool = True
+        rollout_id: Annotated[RolloutId, PathParam()], who: Viewer, devices: bool = True
     ) -> dict[str, Any]:
         """``devices=false`` leaves out the per-device list (a large rollout's is long)."""
         with ctx.db.session() as s:
@@ -522,7 +505,7 @@ def create_app(ctx: HubContext) -> FastAPI:
 
     @app.post(f"{API}/rollouts/{{rollout_id}}/{{action}}", tags=["rollouts"])
     def control_rollout(
-        rollout_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)],
+        rollout_id: Annotated[RolloutId, PathParam()],
         action: Literal["pause", "resume", "abort"],
         who: Operator,
     ) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The rollout controller: one hub process at a time (a database lease) moves rollouts along.
 
-Each tick, for every running rollout, the current wave advances by one of these rules::
+Each tick, for every running rollout, the current wave's state picks its step (``_STEPS``); the
+step returns a :class:`~edgeglm.lifecycle.WaveEvent` or nothing, and the wave moves as
+``edgeglm.lifecycle.WAVE_TRANSITIONS`` says (the rollout as ``ROLLOUT_TRANSITIONS`` says)::
 
     pending    capture the old version's health (baseline); desired state to the wave's devices
     deploying  a device succeeds when it reports ``committed`` or is seen online on the target;
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -38,13 +42,35 @@ from cloud_hub.desired import publish_desired
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
-from cloud_hub.rollouts import Publish, revert_devices
+from cloud_hub.rollouts import Publish, release_devices, revert_devices
+from edgeglm.lifecycle import (
+    DeploymentState,
+    LifecycleError,
+    RolloutEvent,
+    RolloutState,
+    WaveEvent,
+    WaveState,
+    next_rollout_state,
+    next_wave_state,
+)
+from edgeglm.rollout_params import OnFailure
 
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 
 LEASE = "rollout-controller"
+
+
+@dataclass(frozen=True)
+class _Move:
+    """What a wave's step decided: the event that moves the wave, and why (for a failure)."""
+
+    event: WaveEvent
+    why: str = ""
+
+
+Step = Callable[..., "_Move | None"]
 ACTOR = "controller"
 
 
@@ -112,12 +138,13 @@ class Controller:
 
     def tick(self) -> None:
         with self.db.session() as s:
-            ids = list(s.scalars(select(Rollout.id).where(Rollout.state == "running").order_by(Rollout.id)))
+            running = select(Rollout.id).where(Rollout.state == RolloutState.RUNNING).order_by(Rollout.id)
+            ids = list(s.scalars(running))
         for rid in ids:
             try:
                 with self.db.session() as s:
                     rollout = s.get(Rollout, rid)
-                    if rollout is not None and rollout.state == "running":
+                    if rollout is not None and rollout.state == RolloutState.RUNNING:
                         self._advance(s, rollout)
             except (DBAPIError, StaleDataError):
                 raise  # the database, not this rollout: the loop tries again next tick
@@ -129,13 +156,10 @@ class Controller:
         """End rollout ``rid`` as ``failed`` with ``why``; the other rollouts go on."""
         with self.db.session() as s:
             rollout = s.get(Rollout, rid)
-            if rollout is None or rollout.state != "running":
+            if rollout is None or rollout.state != RolloutState.RUNNING:
                 return
-            for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid)):
-                dep.active = False  # its devices may join another rollout; moved ones stay put
-                if dep.state == "waiting":
-                    dep.state = "skipped"
-            self._finish(s, rollout, "failed", f"the controller could not advance it: {why}")
+            release_devices(s, rollout)  # they may join another rollout; moved ones stay put
+            self._finish(s, rollout, RolloutEvent.GIVE_UP, f"the controller could not advance it: {why}")
 
     # --------------------------------------------------------------------- one wave
     def _advance(self, s: Session, r: Rollout) -> None:
@@ -150,13 +174,26 @@ class Controller:
         )
         release = s.get(Release, r.release_id)
         assert release is not None
-        model = release.model.name
-        if wave.state == "pending":
-            self._start_wave(s, r, wave, deps, model, release.version, now)
-        elif wave.state == "deploying":
-            self._settle(s, r, wave, deps, model, release.version, now)
-        elif wave.state == "soaking":
-            self._soak(s, r, wave, now)
+        step = self._STEPS.get(WaveState(wave.state))
+        if step is None:  # passed or failed: the rollout moved on or ended with it
+            raise LifecycleError(f"rollout {r.id} is running on wave {wave.index}, which is {wave.state}")
+        move = step(self, s, r, wave, deps, release.model.name, release.version, now)
+        if move is None:
+            return
+        wave.state = next_wave_state(wave.state, move.event)
+        if move.event is WaveEvent.FAIL:
+            wave.finished_at = now
+            if r.on_failure == OnFailure.REVERT:
+                reverted = revert_devices(s, r, self.publish)
+                self._finish(s, r, RolloutEvent.REVERT, f"{move.why}; reverted {len(reverted)} device(s)")
+            else:
+                self._finish(s, r, RolloutEvent.HOLD, move.why)
+        elif move.event is WaveEvent.PASS:
+            wave.finished_at = now
+            if wave.index + 1 < len(r.wave_rows):
+                r.current_wave, r.updated_at = wave.index + 1, now
+            else:
+                self._finish(s, r, RolloutEvent.COMPLETE, "every wave passed")
 
     def _start_wave(
         self,
@@ -167,21 +204,22 @@ class Controller:
         model: str,
         version: str,
         now: datetime,
-    ) -> None:
+    ) -> _Move | None:
         self._capture_baseline(s, r, wave, model, version)
         devices = devices_by_id(s, [d.device_id for d in deps])
         digests: dict[str, str] = {}
         for dep in deps:
-            if dep.state != "waiting":
+            if dep.state != DeploymentState.WAITING:
                 continue
             device = devices.get(dep.device_id)
             if device is None:
-                dep.state, dep.detail = "failed", "device left the inventory"
+                dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
                 continue
             publish_desired(s, device, model, version, r.id, self.publish, digests)
-            dep.state, dep.started_at, dep.updated_at = "pending", now, now
-        wave.state, wave.started_at = "deploying", now
+            dep.state, dep.started_at, dep.updated_at = DeploymentState.PENDING, now, now
+        wave.started_at = now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
+        return _Move(WaveEvent.START)
 
     def _settle(
         self,
@@ -192,11 +230,11 @@ class Controller:
         model: str,
         version: str,
         now: datetime,
-    ) -> None:
-        devices = devices_by_id(s, [d.device_id for d in deps if d.state == "pending"])
+    ) -> _Move | None:
+        devices = devices_by_id(s, [d.device_id for d in deps if d.state == DeploymentState.PENDING])
         digests: dict[str, str] = {}
         for dep in deps:
-            if dep.state != "pending":
+            if dep.state != DeploymentState.PENDING:
                 continue
             device = devices.get(dep.device_id)
             started = dep.started_at or now
@@ -208,33 +246,32 @@ class Controller:
                 and device.last_seen is not None
                 and device.last_seen >= started
             ):
-                dep.state, dep.resolved_at, dep.detail = "succeeded", now, "seen running the target"
+                dep.state, dep.resolved_at = DeploymentState.SUCCEEDED, now
+                dep.detail = "seen running the target"
             elif (now - started).total_seconds() > r.device_timeout_s:
                 offline = device is None or not device.online
-                dep.state, dep.resolved_at = "timed_out", now
+                dep.state, dep.resolved_at = DeploymentState.TIMED_OUT, now
                 dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
             elif device is not None and device.desired_version != version:
                 publish_desired(s, device, model, version, r.id, self.publish, digests)  # a lost publish
-        if r.gates and any(d.state == "succeeded" for d in deps):
+        if r.gates and any(d.state == DeploymentState.SUCCEEDED for d in deps):
             early = self._verdict(s, r, wave, now)  # a breach stops the wave before it finishes
             if early.state == "breach":
-                self._fail(s, r, wave, f"wave {wave.index}: {early.detail}")
-                return
+                return self._failing(f"wave {wave.index}: {early.detail}")
         size = max(len(deps), 1)
-        failed = sum(d.state in ("failed", "timed_out") for d in deps)
+        failed = sum(d.state in (DeploymentState.FAILED, DeploymentState.TIMED_OUT) for d in deps)
         if failed / size > r.max_failure_ratio:
-            self._fail(s, r, wave, f"wave {wave.index}: {failed} of {len(deps)} device(s) failed")
-            return
-        if any(d.state == "pending" for d in deps):
-            return
-        ok = sum(d.state == "succeeded" for d in deps)
+            return self._failing(f"wave {wave.index}: {failed} of {len(deps)} device(s) failed")
+        if any(d.state == DeploymentState.PENDING for d in deps):
+            return None
+        ok = sum(d.state == DeploymentState.SUCCEEDED for d in deps)
         if ok / size < r.success_threshold:
-            self._fail(
-                s, r, wave, f"wave {wave.index}: {ok} of {len(deps)} succeeded, under {r.success_threshold:g}"
+            return self._failing(
+                f"wave {wave.index}: {ok} of {len(deps)} succeeded, under {r.success_threshold:g}"
             )
-            return
-        wave.state, wave.soak_until = "soaking", now + timedelta(seconds=r.soak_s)
+        wave.soak_until = now + timedelta(seconds=r.soak_s)
         self._event(s, r, "wave.soak", f"wave {wave.index}: {ok} succeeded; soaking {r.soak_s:g}s")
+        return _Move(WaveEvent.SETTLE)
 
     def _capture_baseline(self, s: Session, r: Rollout, wave: RolloutWave, model: str, version: str) -> None:
         """Store what the matching online devices not yet in the rollout report now as ``wave``'s
@@ -243,7 +280,7 @@ class Controller:
             d.device_id
             for d in s.scalars(
                 select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state != "waiting"
+                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state != DeploymentState.WAITING
                 )
             )
         }
@@ -267,7 +304,8 @@ class Controller:
         succeeded = list(
             s.scalars(
                 select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == "succeeded"
+                    DeviceDeployment.rollout_id == r.id,
+                    DeviceDeployment.state == DeploymentState.SUCCEEDED,
                 )
             )
         )
@@ -288,39 +326,46 @@ class Controller:
         baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
         return evaluate(gates, updated, baseline, max(1, min(r.min_samples, len(succeeded))))
 
-    def _soak(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> None:
+    def _soak(
+        self,
+        s: Session,
+        r: Rollout,
+        wave: RolloutWave,
+        deps: list[DeviceDeployment],
+        model: str,
+        version: str,
+        now: datetime,
+    ) -> _Move | None:
         if wave.soak_until is None:  # resumed: soak again
             wave.soak_until = now + timedelta(seconds=r.soak_s)
         verdict = self._verdict(s, r, wave, now)
         if verdict.state == "breach":
-            self._fail(s, r, wave, f"wave {wave.index}: {verdict.detail}")
-            return
+            return self._failing(f"wave {wave.index}: {verdict.detail}")
         if now < wave.soak_until:
-            return
+            return None
         if verdict.state == "pass":
-            wave.state, wave.finished_at = "passed", now
             self._event(s, r, "wave.pass", f"wave {wave.index}: {verdict.detail}")
-            if wave.index + 1 < len(r.wave_rows):
-                r.current_wave, r.updated_at = wave.index + 1, now
-            else:
-                self._finish(s, r, "completed", "every wave passed")
-            return
+            return _Move(WaveEvent.PASS)
         if now >= wave.soak_until + timedelta(seconds=r.soak_s):  # waited one more soak
-            self._finish(s, r, "paused", f"wave {wave.index} inconclusive: {verdict.detail}")
+            self._finish(s, r, RolloutEvent.HOLD, f"wave {wave.index} inconclusive: {verdict.detail}")
+        return None
+
+    _STEPS: ClassVar[Mapping[WaveState, Step]] = {
+        WaveState.PENDING: _start_wave,
+        WaveState.DEPLOYING: _settle,
+        WaveState.SOAKING: _soak,
+    }
 
     # ----------------------------------------------------------------------- ends
-    def _fail(self, s: Session, r: Rollout, wave: RolloutWave, why: str) -> None:
-        wave.state, wave.finished_at = "failed", utcnow()
-        if r.on_failure == "revert":
-            reverted = revert_devices(s, r, self.publish)
-            self._finish(s, r, "reverted", f"{why}; reverted {len(reverted)} device(s)")
-        else:
-            self._finish(s, r, "paused", why)
+    @staticmethod
+    def _failing(why: str) -> _Move:
+        return _Move(WaveEvent.FAIL, why)
 
-    def _finish(self, s: Session, r: Rollout, state: str, why: str) -> None:
+    def _finish(self, s: Session, r: Rollout, event: RolloutEvent, why: str) -> None:
         before = r.state
+        state = next_rollout_state(r.state, event)
         r.state, r.reason, r.updated_at = state, why, utcnow()
-        if state in ("completed",):
+        if state == RolloutState.COMPLETED:
             for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)):
                 dep.active = False
         audit.record(

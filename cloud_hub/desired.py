@@ -57,7 +57,7 @@ def publish_desired(
         model=model,
         version=version,
         manifest_digest=digest,
-        rollout_id=str(rollout_id) if rollout_id is not None else None,
+        rollout_id=rollout_id,
         profile=device.profile or "",
         issued_at=time.time(),
     )

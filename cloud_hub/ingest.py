@@ -29,6 +29,7 @@ from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.models import Device, DeviceDeployment, utcnow
 from edgeglm.errors import ProtocolError
+from edgeglm.lifecycle import DeploymentState
 from edgeglm.mqtt import Incoming
 from edgeglm.protocol import (
     UPDATE_FAILED,
@@ -209,10 +210,10 @@ class Ingest:
 
     def _apply_reports(self, s: Any, reports: list[Report]) -> None:
         """Update events settle a device's deployment; a repeated report changes nothing."""
-        usable = [r for r in reports if r.rollout_id is not None and r.rollout_id.isdigit()]
-        deps: dict[tuple[int, str], DeviceDeployment] = {}
-        for rollout_id in {int(r.rollout_id) for r in usable}:  # type: ignore[arg-type]
-            ids = [r.device_id for r in usable if int(r.rollout_id) == rollout_id]  # type: ignore[arg-type]
+        usable = [r for r in reports if r.rollout_id is not None]
+        deps: dict[tuple[int | None, str], DeviceDeployment] = {}
+        for rollout_id in {r.rollout_id for r in usable}:
+            ids = [r.device_id for r in usable if r.rollout_id == rollout_id]
             for i in range(0, len(ids), 5000):
                 q = select(DeviceDeployment).where(
                     DeviceDeployment.rollout_id == rollout_id,
@@ -220,12 +221,12 @@ class Ingest:
                 )
                 deps.update({(d.rollout_id, d.device_id): d for d in s.scalars(q)})
         for rep in usable:
-            dep = deps.get((int(rep.rollout_id), rep.device_id))  # type: ignore[arg-type]
+            dep = deps.get((rep.rollout_id, rep.device_id))
             if dep is None:
                 self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
                 continue
             final = rep.step == UPDATE_SUCCEEDED or rep.step in UPDATE_FAILED
-            if dep.state != "pending":
+            if dep.state != DeploymentState.PENDING:
                 # settled already (or not started): at-least-once delivery repeats reports. A late
                 # final report is still recorded; a late progress report does not rewind the step.
                 if final:
@@ -233,9 +234,10 @@ class Ingest:
                 continue
             dep.last_step = rep.step
             if rep.ok and rep.step == UPDATE_SUCCEEDED and rep.version == dep.to_version:
-                dep.state, dep.resolved_at, dep.detail = "succeeded", utcnow(), "reported committed"
+                dep.state, dep.resolved_at = DeploymentState.SUCCEEDED, utcnow()
+                dep.detail = "reported committed"
             elif not rep.ok or rep.step in UPDATE_FAILED:
-                dep.state, dep.resolved_at = "failed", utcnow()
+                dep.state, dep.resolved_at = DeploymentState.FAILED, utcnow()
                 dep.detail = f"{rep.step}: {rep.reason or 'no reason given'}"[:500]
             dep.updated_at = utcnow()
 

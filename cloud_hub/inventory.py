@@ -18,12 +18,13 @@ from sqlalchemy.orm import Session
 
 from cloud_hub import audit
 from cloud_hub.models import Device
+from edgeglm.contracts import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 from edgeglm.errors import NotFoundError, UsageError
 
 __all__ = ["Inventory", "device_view", "devices_by_id", "parse_selector"]
 
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 _RESERVED = {"id", "profile", "model", "version"}  # selector keys that match device fields
 
 
@@ -32,7 +33,7 @@ def parse_selector(pairs: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        if not sep or not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
             raise UsageError("fleet selector", f"{pair!r}: write key=value (letters, digits, ._-)")
         if key in out and out[key] != value:
             raise UsageError("fleet selector", f"{key} is given twice with different values")

@@ -38,6 +38,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from edgeglm.contracts import NAME_MAX, SEMVER_MAX
+from edgeglm.lifecycle import DeploymentState, WaveState
+
 __all__ = [
     "ApiToken",
     "AuditEntry",
@@ -91,7 +94,7 @@ class Base(DeclarativeBase):
 class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     releases: Mapped[list[Release]] = relationship(back_populates="model", order_by="Release.id")
 
@@ -101,12 +104,12 @@ class Release(Base):
     __table_args__ = (UniqueConstraint("model_id", "version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
-    version: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(SEMVER_MAX))
     # semver core as integers so that "latest" and ordering need no string tricks
     major: Mapped[int] = mapped_column(Integer)
     minor: Mapped[int] = mapped_column(Integer)
     patch: Mapped[int] = mapped_column(Integer)
-    prerelease: Mapped[str] = mapped_column(String(64), default="")
+    prerelease: Mapped[str] = mapped_column(String(SEMVER_MAX), default="")
     dataset_version: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
@@ -121,7 +124,7 @@ class Bundle(Base):
     __table_args__ = (UniqueConstraint("release_id", "profile"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
-    profile: Mapped[str] = mapped_column(String(128))
+    profile: Mapped[str] = mapped_column(String(NAME_MAX))
     manifest_json: Mapped[str] = mapped_column(Text)
     manifest_digest: Mapped[str] = mapped_column(String(80), index=True)
     key_id: Mapped[str] = mapped_column(String(16))
@@ -150,9 +153,9 @@ class Upload(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     manifest_json: Mapped[str] = mapped_column(Text)
     manifest_digest: Mapped[str] = mapped_column(String(80), index=True)
-    model: Mapped[str] = mapped_column(String(128))
-    version: Mapped[str] = mapped_column(String(64))
-    profile: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(NAME_MAX))
+    version: Mapped[str] = mapped_column(String(SEMVER_MAX))
+    profile: Mapped[str] = mapped_column(String(NAME_MAX))
     force: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default="open")  # open | committed
     created_by: Mapped[str] = mapped_column(String(128))
@@ -161,16 +164,16 @@ class Upload(Base):
 
 class Device(Base):
     __tablename__ = "devices"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    profile: Mapped[str | None] = mapped_column(String(128))
+    id: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    profile: Mapped[str | None] = mapped_column(String(NAME_MAX))
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     agent_version: Mapped[str | None] = mapped_column(String(64))
-    current_model: Mapped[str | None] = mapped_column(String(128))
-    current_version: Mapped[str | None] = mapped_column(String(64))
-    desired_model: Mapped[str | None] = mapped_column(String(128))
-    desired_version: Mapped[str | None] = mapped_column(String(64))
-    pinned_version: Mapped[str | None] = mapped_column(String(64))
+    current_model: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    current_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
+    desired_model: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    desired_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
+    pinned_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column()
@@ -183,15 +186,16 @@ class Rollout(Base):
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="RESTRICT"))
     previous_release_id: Mapped[int | None] = mapped_column(ForeignKey("releases.id", ondelete="RESTRICT"))
     selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    waves: Mapped[list[Any]] = mapped_column(default=list)  # ["5%", "25%", "100%"] or counts
-    soak_s: Mapped[float] = mapped_column(Float, default=60.0)
-    success_threshold: Mapped[float] = mapped_column(Float, default=1.0)
-    max_failure_ratio: Mapped[float] = mapped_column(Float, default=0.05)
+    # the parameters of edgeglm.rollout_params.RolloutParams (its defaults), selector and waves parsed
+    waves: Mapped[list[Any]] = mapped_column(default=list)  # [{"percent": 5.0}, ..., {"count": 3}]
+    soak_s: Mapped[float] = mapped_column(Float)
+    success_threshold: Mapped[float] = mapped_column(Float)
+    max_failure_ratio: Mapped[float] = mapped_column(Float)
     gates: Mapped[list[Any]] = mapped_column(default=list)
-    device_timeout_s: Mapped[float] = mapped_column(Float, default=900.0)
-    on_failure: Mapped[str] = mapped_column(String(16), default="revert")
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    min_samples: Mapped[int] = mapped_column(Integer, default=3)
+    device_timeout_s: Mapped[float] = mapped_column(Float)
+    on_failure: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # edgeglm.lifecycle.RolloutState
+    min_samples: Mapped[int] = mapped_column(Integer)
     baseline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # health of the old version, per wave
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -208,7 +212,7 @@ class RolloutWave(Base):
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(Integer)  # devices in this wave (cumulative target minus earlier)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=WaveState.PENDING)  # edgeglm.lifecycle
     started_at: Mapped[datetime | None] = mapped_column()
     soak_until: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -231,9 +235,9 @@ class DeviceDeployment(Base):
     rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     wave: Mapped[int] = mapped_column(Integer)
-    from_version: Mapped[str | None] = mapped_column(String(64))
-    to_version: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    from_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
+    to_version: Mapped[str] = mapped_column(String(SEMVER_MAX))
+    state: Mapped[str] = mapped_column(String(16), default=DeploymentState.PENDING)  # edgeglm.lifecycle
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     last_step: Mapped[str] = mapped_column(String(32), default="")

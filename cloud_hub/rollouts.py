@@ -20,23 +20,35 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cloud_hub import audit
 from cloud_hub.gates import parse_gate
-from cloud_hub.inventory import devices_by_id, matches
+from cloud_hub.inventory import devices_by_id, matches, parse_selector
 from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, Rollout, RolloutWave, utcnow
 from cloud_hub.registry import Registry
 from edgeglm.bundle import Manifest, parse_manifest
+from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError, UsageError
+from edgeglm.lifecycle import (
+    ACTIVE_ROLLOUT,
+    DeploymentState,
+    LifecycleError,
+    RolloutEvent,
+    RolloutState,
+    WaveState,
+    next_rollout_state,
+    rollout_sources,
+)
 from edgeglm.planner import plan as plan_update
+from edgeglm.rollout_params import DEFAULTS, RolloutParams
 
 __all__ = [
-    "ACTIVE",
     "DeploySpec",
     "Publish",
     "RolloutPlan",
@@ -46,13 +58,14 @@ __all__ = [
     "dry_run",
     "parse_waves",
     "pause",
+    "release_devices",
     "resume",
     "revert_devices",
     "rollback",
     "rollout_view",
 ]
 
-ACTIVE = ("running", "paused")
+_NOT_MOVED = frozenset({DeploymentState.WAITING, DeploymentState.SKIPPED, DeploymentState.REVERTED})
 _WAVE = re.compile(r"^(\d+(?:\.\d+)?)(%?|n)$")
 
 Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
@@ -95,25 +108,20 @@ def wave_targets(waves: Sequence[Mapping[str, Any]], total: int) -> list[int]:
 
 @dataclass(frozen=True)
 class DeploySpec:
+    """A rollout asked for: the release and its parameters, parsed (a wrong one is a UsageError)."""
+
     model: str
     version: str
-    selector: dict[str, str]
-    waves: list[dict[str, Any]]
-    soak_s: float = 60.0
-    success_threshold: float = 1.0
-    max_failure_ratio: float = 0.05
-    gates: tuple[str, ...] = ()
-    device_timeout_s: float = 900.0
-    on_failure: str = "revert"
-    min_samples: int = 3
+    params: RolloutParams = DEFAULTS
+    selector: dict[str, str] = field(init=False)
+    waves: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
-        for g in self.gates:
+        p = self.params
+        object.__setattr__(self, "selector", parse_selector(f"{k}={v}" for k, v in p.selector.items()))
+        object.__setattr__(self, "waves", parse_waves(p.waves))
+        for g in p.gates:
             parse_gate(g)
-        if self.on_failure not in ("revert", "pause"):
-            raise UsageError("--on-failure", f"{self.on_failure!r}: revert or pause")
-        if not 0 <= self.max_failure_ratio <= 1 or not 0 <= self.success_threshold <= 1:
-            raise UsageError("rollout", "ratios are between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -242,18 +250,19 @@ def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
         previous_release_id=p.previous.id if p.previous else None,
         selector=dict(spec.selector),
         waves=list(spec.waves),
-        soak_s=spec.soak_s,
-        success_threshold=spec.success_threshold,
-        max_failure_ratio=spec.max_failure_ratio,
-        gates=list(spec.gates),
-        device_timeout_s=spec.device_timeout_s,
-        on_failure=spec.on_failure,
-        min_samples=spec.min_samples,
-        state="running",
+        **spec.params.model_dump(mode="json", exclude={"selector", "waves"}),
+        state=RolloutState.RUNNING,
         created_by=actor,
     )
     s.add(rollout)
-    s.flush()
+    try:
+        s.flush()
+    except DBAPIError as exc:  # PostgreSQL: the id sequence (a 32-bit serial) is used up
+        if getattr(exc.orig, "sqlstate", None) != "2200H":
+            raise
+        raise _ids_exhausted(spec) from exc
+    if rollout.id > ROLLOUT_ID_MAX:  # SQLite: its row ids go on past what the wire carries
+        raise _ids_exhausted(spec)
     start = 0
     for i, end in enumerate(p.targets):
         s.add(RolloutWave(rollout_id=rollout.id, index=i, size=end - start))
@@ -265,7 +274,7 @@ def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
                     wave=i,
                     from_version=d.current_version if d.current_model == spec.model else None,
                     to_version=spec.version,
-                    state="waiting",
+                    state=DeploymentState.WAITING,
                     active=True,
                 )
             )
@@ -281,11 +290,19 @@ def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
             "selector": spec.selector,
             "devices": len(p.devices),
             "waves": p.targets,
-            "gates": list(spec.gates),
-            "on_failure": spec.on_failure,
+            "gates": list(spec.params.gates),
+            "on_failure": spec.params.on_failure.value,
         },
     )
     return rollout
+
+
+def _ids_exhausted(spec: DeploySpec) -> ConflictError:
+    return ConflictError(
+        f"rollout of {spec.model}@{spec.version}",
+        f"every rollout id up to {ROLLOUT_ID_MAX} is taken",
+        hint="A rollout id is a 32-bit number on the wire and in the database: this one is full.",
+    )
 
 
 def _get(s: Session, rollout_id: int) -> Rollout:
@@ -295,12 +312,13 @@ def _get(s: Session, rollout_id: int) -> Rollout:
     return r
 
 
-def _transition(
-    s: Session, rollout_id: int, allowed: Sequence[str], to: str, actor: str, why: str
-) -> Rollout:
+def _transition(s: Session, rollout_id: int, event: RolloutEvent, actor: str, why: str) -> Rollout:
     r = _get(s, rollout_id)
-    if r.state not in allowed:
-        raise ConflictError(f"rollout {rollout_id}", f"is {r.state}; this needs it {' or '.join(allowed)}")
+    try:
+        to = next_rollout_state(r.state, event)
+    except LifecycleError:
+        need = " or ".join(rollout_sources(event))
+        raise ConflictError(f"rollout {rollout_id}", f"is {r.state}; this needs it {need}") from None
     before = r.state
     r.state, r.reason, r.updated_at = to, why, utcnow()
     audit.record(
@@ -310,24 +328,29 @@ def _transition(
 
 
 def pause(s: Session, rollout_id: int, actor: str) -> Rollout:
-    return _transition(s, rollout_id, ("running",), "paused", actor, f"paused by {actor}")
+    return _transition(s, rollout_id, RolloutEvent.PAUSE, actor, f"paused by {actor}")
 
 
 def resume(s: Session, rollout_id: int, actor: str) -> Rollout:
-    r = _transition(s, rollout_id, ("paused",), "running", actor, f"resumed by {actor}")
+    r = _transition(s, rollout_id, RolloutEvent.RESUME, actor, f"resumed by {actor}")
     wave = next((w for w in r.wave_rows if w.index == r.current_wave), None)
-    if wave is not None and wave.state == "soaking":
+    if wave is not None and wave.state == WaveState.SOAKING:
         wave.soak_until = None  # soak again from now: the pause may have hidden a breach
     return r
 
 
 def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
-    r = _transition(s, rollout_id, ACTIVE, "aborted", actor, f"aborted by {actor}")
-    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)):
-        dep.active = False
-        if dep.state == "waiting":
-            dep.state = "skipped"
+    r = _transition(s, rollout_id, RolloutEvent.ABORT, actor, f"aborted by {actor}")
+    release_devices(s, r)
     return r
+
+
+def release_devices(s: Session, rollout: Rollout) -> None:
+    """The rollout's devices may join another one; those whose wave never started are skipped."""
+    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
+        dep.active = False
+        if dep.state == DeploymentState.WAITING:
+            dep.state = DeploymentState.SKIPPED
 
 
 def revert_devices(
@@ -339,7 +362,7 @@ def revert_devices(
     moved = [
         dep
         for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id))
-        if dep.state not in ("waiting", "skipped", "reverted") and (only is None or dep.device_id in only)
+        if dep.state not in _NOT_MOVED and (only is None or dep.device_id in only)
     ]
     model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
     reverted = []
@@ -350,12 +373,9 @@ def revert_devices(
         if device is None:
             continue
         publish_desired(s, device, model, dep.from_version, None, publish, digests)
-        dep.state, dep.active, dep.updated_at = "reverted", False, utcnow()
+        dep.state, dep.active, dep.updated_at = DeploymentState.REVERTED, False, utcnow()
         reverted.append(dep.device_id)
-    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
-        dep.active = False
-        if dep.state == "waiting":
-            dep.state = "skipped"
+    release_devices(s, rollout)
     return reverted
 
 
@@ -375,8 +395,8 @@ def rollback(
     devices = [d.id for d in s.scalars(select(Device)) if matches(d, selector)]
     before = r.state
     reverted = revert_devices(s, r, publish, only=devices)
-    if reverted or r.state in ACTIVE:
-        r.state = "rolled_back"
+    if reverted or r.state in ACTIVE_ROLLOUT:
+        r.state = next_rollout_state(r.state, RolloutEvent.ROLLBACK)
     r.reason, r.updated_at = f"rolled back by {actor}", utcnow()
     audit.record(
         s,

@@ -4,6 +4,10 @@
               with a letter or digit (a topic level, a DB column, a folder name)
     SemVer    a semantic version (semver.org 2.0.0) of at most 64 characters, each of MAJOR,
               MINOR and PATCH at most 9 digits (the hub stores them as 32-bit integers)
+    Digest    ``blake3:`` and 64 lowercase hex digits: a manifest's or a file's digest
+    RolloutId a rollout's number, 1 to 2**31-1 (the hub's 32-bit key); an ``int`` in Python, the
+              decimal string ``"42"`` in a wire message's JSON (what agents have always sent)
+    LabelKey / LabelValue   a device label and a fleet selector's ``key=value``
 
 A value one part cannot carry is refused where it enters the system (``edgectl export``, publish,
 deploy, a pin, a wire message) with the same one-line reason, :func:`name_problem` /
@@ -13,18 +17,27 @@ deploy, a pin, a wire message) with the same one-line reason, :func:`name_proble
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import StringConstraints
+from pydantic import BeforeValidator, Field, PlainSerializer, Strict, StringConstraints
 
 __all__ = [
+    "DIGEST_PATTERN",
+    "LABEL_KEY_PATTERN",
+    "LABEL_VALUE_PATTERN",
     "NAME_MAX",
     "NAME_PATTERN",
+    "ROLLOUT_ID_MAX",
     "SEMVER_MAX",
     "SEMVER_PATTERN",
+    "Digest",
+    "LabelKey",
+    "LabelValue",
     "Name",
+    "RolloutId",
     "SemVer",
     "name_problem",
+    "rollout_id_problem",
     "semver_key",
     "version_problem",
 ]
@@ -36,11 +49,36 @@ _NUM = r"(?:0|[1-9][0-9]{0,8})"
 _IDS = r"[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*"  # dot-separated identifiers, none empty
 SEMVER_PATTERN = rf"({_NUM})\.({_NUM})\.({_NUM})(?:-({_IDS}))?(?:\+{_IDS})?"
 
+DIGEST_PATTERN = r"blake3:[0-9a-f]{64}"
+ROLLOUT_ID_MAX = 2**31 - 1
+LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
+LABEL_VALUE_PATTERN = r"[A-Za-z0-9._-]{0,63}"
+
 _NAME_RE = re.compile(NAME_PATTERN)
 _SEMVER_RE = re.compile(SEMVER_PATTERN)
+_DECIMAL_RE = re.compile(r"[0-9]{1,19}")
 
 Name = Annotated[str, StringConstraints(strict=True, pattern=f"^{NAME_PATTERN}$")]
 SemVer = Annotated[str, StringConstraints(strict=True, max_length=SEMVER_MAX, pattern=f"^{SEMVER_PATTERN}$")]
+Digest = Annotated[str, StringConstraints(strict=True, pattern=f"^{DIGEST_PATTERN}$")]
+LabelKey = Annotated[str, StringConstraints(strict=True, pattern=f"^{LABEL_KEY_PATTERN}$")]
+LabelValue = Annotated[str, StringConstraints(strict=True, pattern=f"^{LABEL_VALUE_PATTERN}$")]
+
+
+def _rollout_id_in(value: Any) -> Any:
+    """The wire's decimal string to its number; anything else goes on to the strict int check."""
+    if isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
+        return int(value)
+    return value
+
+
+RolloutId = Annotated[
+    int,
+    BeforeValidator(_rollout_id_in),
+    Strict(),
+    Field(ge=1, le=ROLLOUT_ID_MAX),
+    PlainSerializer(str, return_type=str, when_used="json"),
+]
 
 
 def _clip(value: object) -> str:
@@ -70,6 +108,16 @@ def version_problem(value: object) -> str | None:
             f"{_clip(value)} is not a semantic version like 1.4.0 or 1.4.0-rc.1"
             " (MAJOR.MINOR.PATCH of at most 9 digits each, no empty pre-release part)"
         )
+    return None
+
+
+def rollout_id_problem(value: object) -> str | None:
+    """Why ``value`` (a number, or its decimal string) is not a :data:`RolloutId`, or None."""
+    number = _rollout_id_in(value)
+    if isinstance(number, bool) or not isinstance(number, int):
+        return f"{_clip(value)} is not a rollout id (a whole number)"
+    if not 1 <= number <= ROLLOUT_ID_MAX:
+        return f"{_clip(value)} is not a rollout id (1 to {ROLLOUT_ID_MAX})"
     return None
 
 

@@ -65,7 +65,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgeglm.contracts import NAME_PATTERN, Name, SemVer
+from edgeglm.contracts import NAME_PATTERN, Digest, Name, RolloutId, SemVer
 from edgeglm.errors import ProtocolError
 
 __all__ = [
@@ -305,7 +305,7 @@ _MAX_PROMPT_CHARS = 65536
 
 _Name = Name
 _SemVer = SemVer
-_Digest = Annotated[str, StringConstraints(strict=True, pattern=r"^blake3:[0-9a-f]{64}$")]
+_Digest = Digest
 _PieceHex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64}$")]
 _Step = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 _Short = Annotated[str, StringConstraints(strict=True, max_length=64)]
@@ -381,7 +381,7 @@ class Desired(Message):
     model: _Name
     version: _SemVer
     manifest_digest: _Digest
-    rollout_id: _Name | None = None
+    rollout_id: RolloutId | None = None
     profile: _Name
     issued_at: _NonNeg
 
@@ -415,7 +415,7 @@ class Report(Message):
 
     MAX_BYTES = 8192
     device_id: _Name
-    rollout_id: _Name | None = None
+    rollout_id: RolloutId | None = None
     step: _Step
     seq: _Count
     ok: StrictBool

@@ -118,7 +118,7 @@ class UpdateMachine:
         }
 
     # ---------------------------------------------------------------------------- entry
-    def start(self, *, model: str, version: str, profile: str, digest: str, rollout_id: str | None) -> str:
+    def start(self, *, model: str, version: str, profile: str, digest: str, rollout_id: int | None) -> str:
         """Begin an update to ``model@version`` (the hub's desired state); returns the final step."""
         active = self.slots.manifest(self.slots.active_name())
         if active is not None and (active.model, active.version) == (model, version):

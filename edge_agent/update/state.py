@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String, Text, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, Integer, String, Text, TypeDecorator, select
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from edge_agent.sqlite import durable_engine
@@ -24,10 +24,23 @@ class _Base(DeclarativeBase):
     pass
 
 
+class _RolloutIdText(TypeDecorator[int]):
+    """A :data:`~edgeglm.contracts.RolloutId` kept as its wire text (the column predates the type)."""
+
+    impl = String(64)
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(int(value))
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> int | None:
+        return int(value) if value is not None and value.isdecimal() else None
+
+
 class UpdateRecord(_Base):
     __tablename__ = "updates"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    rollout_id: Mapped[str | None] = mapped_column(String(64))
+    rollout_id: Mapped[int | None] = mapped_column(_RolloutIdText())
     model: Mapped[str] = mapped_column(String(128))
     version: Mapped[str] = mapped_column(String(64))
     profile: Mapped[str] = mapped_column(String(128))

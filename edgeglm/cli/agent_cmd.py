@@ -237,7 +237,7 @@ def status(config_path: Path | None, output: str) -> None:
         if last is None
         else {
             "target": f"{last.model}@{last.version}",
-            "rollout_id": last.rollout_id,
+            "rollout_id": None if last.rollout_id is None else str(last.rollout_id),  # its wire form
             "step": last.step,
             "reason": last.reason or None,
             "updated_at": last.updated_at,

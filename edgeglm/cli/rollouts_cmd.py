@@ -10,11 +10,14 @@ import click
 
 from edgeglm.cli.output import emit, output_option, render_table
 from edgeglm.cli.remote import client_from, hub_options
+from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import UsageError
+from edgeglm.lifecycle import FINAL_ROLLOUT, RolloutState
+from edgeglm.rollout_params import DEFAULTS, OnFailure
 
 API = "/api/v1"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_FINAL = {"completed", "reverted", "aborted", "rolled_back", "failed"}
+_ROLLOUT_ID = click.IntRange(1, ROLLOUT_ID_MAX)
 
 
 class Duration(click.ParamType):
@@ -30,6 +33,14 @@ class Duration(click.ParamType):
             self.fail(f"{value!r}: write 60s, 5m, 1h or 250ms", param, ctx)
         scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m[2]]
         return float(m[1]) * scale
+
+
+def _duration_text(seconds: float) -> str:
+    """A ``Duration`` text for ``seconds``: 900 -> ``15m``, 60 -> ``60s``."""
+    for unit, scale in (("h", 3600), ("m", 60)):
+        if seconds >= 2 * scale and seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
 
 
 class Ratio(click.ParamType):
@@ -77,19 +88,47 @@ def _rollout_table(r: dict[str, Any]) -> str:
     "--fleet", multiple=True, metavar="KEY=VALUE", help="Label selector (repeatable; all must match)."
 )
 @click.option(
-    "--waves", default="5,25,100", show_default=True, help="Cumulative percent; 3n = a count of devices."
+    "--waves",
+    default=",".join(DEFAULTS.waves),
+    show_default=True,
+    help="Cumulative percent; 3n = a count of devices.",
 )
-@click.option("--soak", type=Duration(), default="60s", show_default=True, help="Soak time per wave.")
-@click.option("--max-failure", type=Ratio(), default="5%", show_default=True, help="Failed devices per wave.")
-@click.option("--success-threshold", type=Ratio(), default="100%", show_default=True)
+@click.option(
+    "--soak",
+    type=Duration(),
+    default=_duration_text(DEFAULTS.soak_s),
+    show_default=True,
+    help="Soak time per wave.",
+)
+@click.option(
+    "--max-failure",
+    type=Ratio(),
+    default=f"{DEFAULTS.max_failure_ratio * 100:g}%",
+    show_default=True,
+    help="Failed devices per wave.",
+)
+@click.option(
+    "--success-threshold", type=Ratio(), default=f"{DEFAULTS.success_threshold * 100:g}%", show_default=True
+)
 @click.option(
     "--gate", "gates", multiple=True, help="p95_ratio<=1.2, error_rate<=0.02, smoke_agreement>=0.9."
 )
-@click.option("--device-timeout", type=Duration(), default="15m", show_default=True)
 @click.option(
-    "--min-samples", type=click.IntRange(1), default=3, show_default=True, help="Health samples a gate needs."
+    "--device-timeout", type=Duration(), default=_duration_text(DEFAULTS.device_timeout_s), show_default=True
 )
-@click.option("--on-failure", type=click.Choice(["revert", "pause"]), default="revert", show_default=True)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(1),
+    default=DEFAULTS.min_samples,
+    show_default=True,
+    help="Health samples a gate needs.",
+)
+@click.option(
+    "--on-failure",
+    type=click.Choice([f.value for f in OnFailure]),
+    default=DEFAULTS.on_failure.value,
+    show_default=True,
+)
 @click.option(
     "--dry-run", is_flag=True, help="Print waves, devices and bytes each would download; change nothing."
 )
@@ -150,9 +189,7 @@ def rollouts() -> None:
 
 
 @rollouts.command("list")
-@click.option(
-    "--state", default=None, help="running, paused, completed, reverted, aborted, rolled_back, failed"
-)
+@click.option("--state", type=click.Choice([s.value for s in RolloutState]), default=None)
 @hub_options
 @output_option
 def rollouts_list(state: str | None, hub_url: str, token: str | None, output: str) -> None:
@@ -179,7 +216,7 @@ def rollouts_list(state: str | None, hub_url: str, token: str | None, output: st
 
 
 @rollouts.command("status")
-@click.argument("rollout_id", type=click.IntRange(1))
+@click.argument("rollout_id", type=_ROLLOUT_ID)
 @click.option("--watch", is_flag=True, help="Redraw every second until the rollout ends (Ctrl-C leaves).")
 @click.option("--interval", type=Duration(), default="1s", show_default=True)
 @hub_options
@@ -193,14 +230,14 @@ def rollouts_status(
         if watch and output == "table":
             click.clear()
         emit(data, output, _rollout_table)
-        if not watch or data["state"] in _FINAL or (data["state"] == "paused" and output == "json"):
+        if not watch or data["state"] in FINAL_ROLLOUT or (data["state"] == "paused" and output == "json"):
             return
         time.sleep(interval)
 
 
 def _control(action: str) -> click.Command:
     @click.command(action, help=f"{action.capitalize()} a rollout.")
-    @click.argument("rollout_id", type=click.IntRange(1))
+    @click.argument("rollout_id", type=_ROLLOUT_ID)
     @hub_options
     @output_option
     def command(rollout_id: int, hub_url: str, token: str | None, output: str) -> None:

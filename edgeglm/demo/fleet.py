@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgeglm.demo.procs import AgentBox, HubProc, ManagedBroker, Procs, wait_for
 from edgeglm.hub_client import HubClient
+from edgeglm.lifecycle import FINAL_ROLLOUT
 
 if TYPE_CHECKING:
     from edgeglm.protocol import InferReply
 
 API = "/api/v1"
-ENDED = ("completed", "reverted", "aborted", "rolled_back")
+ENDED = FINAL_ROLLOUT
 BYTES_SENT = "edgeglm_hub_data_bytes_sent_total"
 
 

@@ -63,7 +63,7 @@ def test_update_over_mqtt_then_revert_without_download(
         sent_before = ctx.metrics.value("edgeglm_hub_data_bytes_sent_total")
         assert (
             machine.start(
-                model="glm-tiny", version="1.1.0", profile="cpu-x86-int4", digest=digest, rollout_id="1"
+                model="glm-tiny", version="1.1.0", profile="cpu-x86-int4", digest=digest, rollout_id=1
             )
             == "committed"
         )
@@ -80,7 +80,7 @@ def test_update_over_mqtt_then_revert_without_download(
         back = manifest_digest(doc_old)
         assert (
             machine.start(
-                model="glm-tiny", version="1.0.0", profile="cpu-x86-int4", digest=back, rollout_id="2"
+                model="glm-tiny", version="1.0.0", profile="cpu-x86-int4", digest=back, rollout_id=2
             )
             == "committed"
         )

@@ -350,3 +350,123 @@ def test_a_rollout_that_cannot_advance_fails_with_its_reason_while_another_compl
             d.active
             for d in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == ra.json()["id"]))
         )
+
+
+def _signed_doc(folder: Path, key: Any, **changes: Any) -> bytes:
+    """The bundle's manifest with ``changes``, signed again as-is: what a publisher with the key
+    could send even where our own types would refuse to build it."""
+    import base64
+    import json
+
+    from edgeglm.bundle import canonical_bytes
+    from edgeglm.keys import key_id
+
+    doc = json.loads((folder / "manifest.json").read_text())
+    doc.update(changes)
+    doc.pop("signature")
+    sig = base64.b64encode(key.sign(canonical_bytes(doc))).decode()
+    doc["signature"] = {
+        "alg": "ed25519",
+        "key_id": key_id(key.public_key()),
+        "value": sig,
+    }
+    return json.dumps(doc).encode()
+
+
+def _next_rollout_id_is(fleet: Fleet, rid: int) -> None:
+    """Make the database hand out ``rid`` as the next rollout id (both backends)."""
+    from sqlalchemy import text
+
+    from cloud_hub.models import Release, Rollout
+
+    with fleet.ctx.db.session() as s:
+        release = s.scalars(select(Release)).first()
+        assert release is not None
+        s.add(
+            Rollout(
+                id=rid - 1,
+                release_id=release.id,
+                selector={},
+                waves=[],
+                soak_s=0,
+                success_threshold=1,
+                max_failure_ratio=0,
+                gates=[],
+                device_timeout_s=1,
+                on_failure="pause",
+                state="aborted",
+                min_samples=1,
+                created_by="test",
+            )
+        )
+        s.flush()
+        if fleet.ctx.db.dialect == "postgresql":
+            s.execute(text("SELECT setval(pg_get_serial_sequence('rollouts', 'id'), :v)"), {"v": rid - 1})
+
+
+def test_names_versions_and_rollout_ids_are_carried_end_to_end_or_refused_at_entry(
+    fleet_factory: Any, publisher: Any, private_broker: int
+) -> None:
+    """A 64-character model name and the largest rollout id go from publish to the wire and back
+    (both databases); a 65- or 200-character name, ``1.0.0-rc..1`` and a rollout id past 2**31-1
+    are refused where they enter, with the contract's reason, and the controller never sees them."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgeglm.contracts import ROLLOUT_ID_MAX, name_problem, version_problem
+    from edgeglm.protocol import Report, encode, report_topic
+
+    fleet = fleet_factory()
+    long = "m" * 64
+    folder = publisher.bundle("2.0.0", model=long, seed=9)
+    for changes, problem in (
+        ({"model": "m" * 65}, name_problem("m" * 65)),
+        ({"model": "m" * 200}, name_problem("m" * 200)),
+        ({"version": "1.0.0-rc..1"}, version_problem("1.0.0-rc..1")),
+    ):
+        r = fleet.client.post(
+            "/api/v1/uploads", content=_signed_doc(folder, publisher.key, **changes), headers=fleet.op
+        )
+        assert r.status_code == 422 and problem in r.json()["error"]["why"], r.text
+    for release, problem in (
+        ("m" * 65 + "@2.0.0", name_problem("m" * 65)),
+        ("m" * 200 + "@2.0.0", name_problem("m" * 200)),
+        ("glm-tiny@1.0.0-rc..1", version_problem("1.0.0-rc..1")),
+    ):
+        r = fleet.deploy(release=release)
+        assert r.status_code == 422 and f"MODEL@VERSION: {problem}" in r.json()["error"]["why"], r.text
+    register(fleet.ctx, folder)
+
+    _next_rollout_id_is(fleet, ROLLOUT_ID_MAX)
+    r = fleet.deploy(release=f"{long}@2.0.0", selector={"id": "box-00"}, waves=["100"])
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    assert rid == ROLLOUT_ID_MAX
+    done = fleet.wait_state(rid, "completed", "reverted", "paused", "failed")
+    assert done["state"] == "completed", done
+    assert fleet.db_devices()["box-00"].desired_model == long
+    assert fleet.client.get(f"/api/v1/rollouts/{ROLLOUT_ID_MAX + 1}", headers=fleet.op).status_code == 422
+    full = fleet.deploy(release="glm-tiny@1.1.0", selector={"id": "box-01"}, waves=["100"])
+    assert full.status_code == 409 and f"up to {ROLLOUT_ID_MAX} is taken" in full.json()["error"]["why"]
+
+    # a report naming a rollout id past the contract is dropped as malformed; nothing else changes
+    dropped = fleet.ctx.metrics.value("edgeglm_hub_device_messages_dropped_total", reason="malformed")
+    report = Report(
+        device_id="box-00", rollout_id=rid, step="committed", seq=99, ok=True, version="2.0.0", ts=1.0
+    )
+    raw = encode(report).replace(f'"{rid}"'.encode(), f'"{ROLLOUT_ID_MAX + 1}"'.encode())
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", private_broker)
+    client.loop_start()
+    try:
+        client.publish(report_topic("box-00"), raw, qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    _until(
+        lambda: (
+            fleet.ctx.metrics.value("edgeglm_hub_device_messages_dropped_total", reason="malformed") > dropped
+        ),
+        what="the report dropped as malformed",
+    )
+    assert fleet.rollout(rid)["state"] == "completed"

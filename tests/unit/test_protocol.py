@@ -116,7 +116,7 @@ SAMPLES: dict[type[Message], list[Message]] = {
             model="glm-edge-1.5b-chat",
             version="1.4.0",
             manifest_digest=DIGEST,
-            rollout_id="r-42",
+            rollout_id=42,
             profile="cpu-x86-int4",
             issued_at=1.5,
         ),
@@ -125,7 +125,7 @@ SAMPLES: dict[type[Message], list[Message]] = {
     Report: [
         Report(
             device_id="d1",
-            rollout_id="r-42",
+            rollout_id=42,
             step="downloading",
             seq=3,
             ok=True,
@@ -508,6 +508,12 @@ BAD_FIELDS: list[tuple[type[Message], int, str, Any, str]] = [
     (Desired, 0, "manifest_digest", "sha256:" + HEX, "manifest_digest"),
     (Desired, 0, "manifest_digest", "blake3:" + HEX.upper(), "manifest_digest"),
     (Desired, 0, "rollout_id", "", "rollout_id"),
+    (Desired, 0, "rollout_id", "r-42", "rollout_id"),
+    (Desired, 0, "rollout_id", "0", "rollout_id"),
+    (Desired, 0, "rollout_id", "2147483648", "rollout_id"),
+    (Desired, 0, "rollout_id", 4.2, "rollout_id"),
+    (Desired, 0, "rollout_id", True, "rollout_id"),
+    (Report, 1, "rollout_id", "99999999999999999999999", "rollout_id"),
     (Report, 0, "ok", "true", "ok"),
     (Report, 0, "ok", 1, "ok"),
     (Report, 0, "step", "Downloading", "step"),
@@ -591,7 +597,7 @@ def test_largest_valid_messages_fit_their_limits() -> None:
         ),
         Report(
             device_id=name,
-            rollout_id=name,
+            rollout_id=2**31 - 1,
             step="s" * 32,
             seq=2**63 - 1,
             ok=False,
@@ -1017,3 +1023,19 @@ def test_random_bit_flips(flips: list[int]) -> None:
         packed[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(ProtocolError):
         Frame.unpack(bytes(packed))
+
+
+def test_a_rollout_id_is_a_number_in_python_and_its_decimal_string_on_the_wire() -> None:
+    """Agents of every release sent and accepted ``"rollout_id": "42"``: the JSON keeps that form,
+    a number decodes too, and anything the hub's 32-bit key cannot hold is refused by name."""
+    msg = Desired(
+        model="m", version="1.0.0", manifest_digest=DIGEST, rollout_id="42", profile="p", issued_at=0
+    )
+    assert msg.rollout_id == 42 and json.loads(encode(msg))["rollout_id"] == "42"
+    obj = as_dict(msg)
+    obj["rollout_id"] = 2**31 - 1
+    assert decode(Desired, json.dumps(obj)).rollout_id == 2**31 - 1
+    for bad in ("2147483648", 2**31, "42abc", " 42"):
+        obj["rollout_id"] = bad
+        with pytest.raises(ProtocolError, match="rollout_id"):
+            decode(Desired, json.dumps(obj))

@@ -120,7 +120,7 @@ def world(tmp_path: Path) -> tuple[Device, Hub, dict[str, str]]:
 
 def _update(dev: Device, version: str, digests: dict[str, str], crash_at: Any = None) -> str:
     return dev.machine(crash_at).start(
-        model="glm-tiny", version=version, profile="cpu-x86-int4", digest=digests[version], rollout_id="7"
+        model="glm-tiny", version=version, profile="cpu-x86-int4", digest=digests[version], rollout_id=7
     )
 
 
