@@ -138,7 +138,7 @@ def fine_tune(v1: Path, out: Path, key: Any, profile: Path, fraction: float = 0.
                 changed += 1
     m, _ = load_manifest(v1, None)
     prompt = m.smoke_test.prompt if m.smoke_test else SMOKE_PROMPT
-    seal_with_smoke(out, key, "1.1.0", profile, dict(m.runtime), prompt)
+    seal_with_smoke(out, key, "1.1.0", profile, m.runtime.model_dump(mode="json"), prompt)
     print(f"fine-tune changed {changed} tensors", file=sys.stderr)
     return out
 

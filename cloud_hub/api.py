@@ -56,6 +56,7 @@ from edgeglm.contracts import (
     NAME_PATTERN,
     SEMVER_MAX,
     SEMVER_PATTERN,
+    TOKEN_NAME_PATTERN,
     RolloutId,
     name_problem,
     version_problem,
@@ -133,7 +134,7 @@ class LabelsBody(_In):
 
 
 class TokenBody(_In):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+    name: str = Field(pattern=f"^{TOKEN_NAME_PATTERN}$")
     role: Literal["viewer", "operator", "admin"]
 
 
@@ -259,7 +260,7 @@ UploadId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
 PieceId = Annotated[str, PathParam(pattern=_PIECE)]
 Name = Annotated[str, PathParam(pattern=_NAME)]
 Version = Annotated[str, PathParam(pattern=_VERSION)]
-TokenName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
+TokenName = Annotated[str, PathParam(pattern=f"^{TOKEN_NAME_PATTERN}$")]
 
 
 # ---------------------------------------------------------------------------------- app

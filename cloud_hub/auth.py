@@ -21,13 +21,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.models import ApiToken, utcnow
+from edgeglm.contracts import TOKEN_NAME_PATTERN
 from edgeglm.errors import AccessError, ConflictError, NotFoundError, PermissionDenied, UsageError
 
 __all__ = ["Principal", "Role", "authenticate", "create_token", "hash_token", "require", "revoke_token"]
 
 _PREFIX = "egh_"
 _TOKEN = re.compile(r"^egh_[A-Za-z0-9_-]{43}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+_NAME = re.compile(f"^{TOKEN_NAME_PATTERN}$")
 
 
 class Role(IntEnum):

@@ -217,7 +217,7 @@ class Registry:
             key_id=manifest.signature.key_id,
             total_bytes=manifest.total_bytes(),
             pieces=len(manifest.piece_ids()),
-            quality=dict(manifest.quality),
+            quality=manifest.quality.model_dump(mode="json"),
             quality_passed=passed,
             forced=upload.force and not passed,
         )
@@ -335,10 +335,9 @@ def _order(r: Release) -> tuple[int, int, int, int, str]:
 
 def _quality(manifest: Manifest) -> tuple[bool, str]:
     q = manifest.quality
-    if not q:
+    if q.empty:
         return False, "carries no quality report (not validated against its reference)"
-    if q.get("passed") is not True:
-        failures = q.get("failures") or []
-        detail = "; ".join(str(f) for f in failures[:3]) if isinstance(failures, list) else ""
+    if q.passed is not True:
+        detail = "; ".join(q.failures[:3])
         return False, "failed its quality gate" + (f": {detail}" if detail else "")
     return True, ""

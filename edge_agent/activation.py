@@ -14,7 +14,8 @@ more than two engines are ever in memory.
 The smoke test (also the warm-up: its first prefill and decode size ORT's buffers) runs the
 manifest's golden prompt teacher-forced and compares each position's logits with the export's
 (``smoke.py`` holds the rule); the share of positions that pass must reach the profile's
-``smoke_min_agreement``.
+``smoke_min_agreement``. The profile is the one the bundle was exported and gated with (recorded
+in its manifest), or the box's own when its config names a profile file (``profile``, an override).
 The manifest's signature is checked on every load (file digests were checked by the machine's
 ``verifying`` step; :meth:`Activator.boot` checks them too, since nothing vouches for a slot on
 disk across a restart).
@@ -46,7 +47,7 @@ class Activator:
     def __init__(
         self,
         trusted: Mapping[str, Any],
-        profile: DeviceProfile,
+        profile: DeviceProfile | None,
         active: Callable[[], Path],
         serve: Callable[[Engine], Engine | None],
         serving: Callable[[], tuple[Engine, Scheduler] | None],
@@ -56,7 +57,7 @@ class Activator:
         quiesce: Callable[[Engine], None] = lambda _e: None,
     ) -> None:
         self.trusted = trusted
-        self.profile = profile
+        self.profile = profile  # the box's explicit override; None: each bundle's own
         self.active = active
         self.serve = serve
         self.serving = serving
@@ -116,9 +117,9 @@ class Activator:
         """Drop a loaded candidate (an update that failed after loading it)."""
         self._candidate = None
 
-    def _two_fit(self, a: Engine, b: Engine) -> bool:
+    def _two_fit(self, a: Engine, b: Engine) -> bool:  # a: the new engine, whose budget applies
         need = sum(f.size for f in a.manifest.files) + sum(f.size for f in b.manifest.files)
-        fits = need <= self.profile.memory_budget_mb * 2**20
+        fits = need <= a.profile.memory_budget_mb * 2**20
         if not fits:
             log.info("not keeping %s@%s loaded: two models exceed the memory budget", b.model, b.version)
         return fits
@@ -134,7 +135,7 @@ class Activator:
     def _check(self, engine: Engine, scheduler: Scheduler | None) -> None:
         result = smoke_test(engine, scheduler)
         self.last = result
-        need = self.profile.quality.smoke_min_agreement
+        need = engine.profile.quality.smoke_min_agreement
         log.info(
             "smoke test of %s@%s: agreement %.3f (need %.3f) in %.2fs: %s",
             engine.model,

@@ -1,7 +1,7 @@
 """The agent's configuration: ``/etc/edge-agent/agent.toml``, overridden by ``EDGE_AGENT_*`` variables.
 
     device_id = "box-17"                 # required: this box's id on the wire
-    profile = "cpu-x86-int4"             # required: the device profile it runs
+    profile = "cpu-x86-int4"             # the device profile's name; see "Profiles" below
     data_dir = "/var/lib/edge-agent"     # state DB, outbox, piece store, slots
     trusted_keys = ["/etc/edge-agent/release.pub"]   # manifests must be signed by one of these
     bootstrap_bundle = "/opt/edgeglm/factory-bundle" # optional: installed when no slot holds a model
@@ -18,6 +18,12 @@
     [serving]   site, queue_size, threads
     [telemetry] heartbeat_s, outbox_max_rows
     [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap), keep_previous_loaded
+
+Profiles: a bundle carries the device profile it was exported and quality-gated with, and the
+agent serves it with that one. ``profile`` is the box's profile name (the hub picks bundles by it);
+it may be left out when ``bootstrap_bundle`` or an installed slot says it. A *path* instead
+(``profile = "/etc/edge-agent/my-box.toml"``) is an explicit box-local override: every bundle,
+which must be for a profile of that name, is then served with this file's settings.
 
 An environment variable ``EDGE_AGENT_<KEY>`` sets a top-level key, ``EDGE_AGENT_<SECTION>_<KEY>``
 a key of a section (``EDGE_AGENT_CLOUD_PASSWORD``, ``EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S``); lists
@@ -36,11 +42,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from edgeglm.bundle import Manifest, load_manifest
 from edgeglm.errors import ConfigError, EdgeError
 from edgeglm.mqtt import BrokerSettings
+from edgeglm.profiles import DeviceProfile
 from edgeglm.protocol import check_device_id, check_site
 
-__all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config"]
+__all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config", "resolve_profile"]
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
 _ENV = "EDGE_AGENT_"
@@ -156,7 +164,7 @@ class UpdateConfig(_Section):
 
 class AgentConfig(_Section):
     device_id: str
-    profile: str
+    profile: str | None = None  # a name, or the path of an overriding profile file
     data_dir: Path = Path("/var/lib/edge-agent")
     trusted_keys: tuple[Path, ...] = Field(min_length=1)
     bootstrap_bundle: Path | None = None
@@ -172,6 +180,16 @@ class AgentConfig(_Section):
     @classmethod
     def _device(cls, v: str) -> str:
         return _checked(check_device_id, v)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str | None) -> str | None:
+        from edgeglm.contracts import name_problem
+        from edgeglm.profiles import is_profile_path
+
+        if v is not None and not is_profile_path(v) and (problem := name_problem(v)) is not None:
+            raise ValueError(f"a profile name or a profile file's path: {problem}")
+        return v
 
     @field_validator("trusted_keys", mode="before")
     @classmethod
@@ -217,12 +235,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         where = ".".join(str(p) for p in first["loc"]) or "config"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"config {where}", f"{first['msg']}{more}") from None
-    from edgeglm.profiles import load_profile
-
-    try:
-        load_profile(config.profile)
-    except EdgeError as exc:
-        raise ConfigError(f"config profile {config.profile!r}", exc.why) from None
+    resolve_profile(config)
     for broker in (config.cloud, config.local):
         if broker is not None:
             broker.settings()  # TLS files, client certificate pair, password file: checked now
@@ -230,3 +243,45 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         if not key.is_file():
             raise ConfigError(f"config trusted_keys {key}", "does not exist")
     return config
+
+
+def resolve_profile(config: AgentConfig) -> tuple[str, DeviceProfile | None]:
+    """This box's profile name, and its explicit override (``profile`` is a file's path) or None.
+
+    A name may be left out when the installed bundle (or the bootstrap bundle) says it; it must be
+    shipped here or recorded by such a bundle, so that a typo is caught at start (exit 78).
+    """
+    from edgeglm.profiles import is_profile_path, load_profile, shipped_profiles
+
+    given = config.profile
+    if given is not None and is_profile_path(given):
+        try:
+            override = load_profile(given)
+        except EdgeError as exc:
+            raise ConfigError(f"config profile {given!r}", exc.why) from None
+        return override.name, override
+    held = [m for m in (_held(Path(config.data_dir) / "current"), _held(config.bootstrap_bundle)) if m]
+    name = given or next((m.profile for m in held), None)
+    if name is None:
+        raise ConfigError(
+            "config profile",
+            "is not set and no bundle is installed to take it from",
+            hint="Set profile = NAME (or a profile file's path), or bootstrap_bundle.",
+        )
+    if name not in shipped_profiles() and not any(m.profile == name and m.device_profile for m in held):
+        raise ConfigError(
+            f"config profile {name!r}",
+            "is not a shipped profile and no installed bundle records it",
+            hint="Give the profile file's path instead, or a bootstrap_bundle exported with it.",
+        )
+    return name, None
+
+
+def _held(folder: Path | None) -> Manifest | None:
+    """The manifest of a bundle folder, unverified (read for its profile only), or None."""
+    if folder is None:
+        return None
+    try:
+        return load_manifest(folder, None)[0]
+    except (EdgeError, OSError):
+        return None

@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy.exc
 
 from edge_agent.activation import Activator
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, resolve_profile
 from edge_agent.fetch import MqttFetcher
 from edge_agent.front import Front
 from edge_agent.metrics import Metrics
@@ -49,7 +49,6 @@ from edgeglm.bundle_files import ingest_folder
 from edgeglm.errors import ConfigError, EdgeError, ProtocolError
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import Incoming, MqttLink
-from edgeglm.profiles import load_profile
 from edgeglm.protocol import (
     UPDATE_SUCCEEDED,
     Desired,
@@ -78,14 +77,13 @@ class _Want:
     version: str
     profile: str
     digest: str
-    rollout_id: str | None
+    rollout_id: int | None
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.device_id = config.device_id
-        self.profile = load_profile(config.profile)
         self.trusted = dict(load_public_keys(list(config.trusted_keys)))
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
@@ -95,6 +93,7 @@ class Agent:
 
         self.store = PieceStore(data / "pieces")
         self.slots = Slots(data)
+        self.profile_name, self.profile_override = resolve_profile(config)
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._term = threading.Event()  # SIGTERM / SIGINT
@@ -146,7 +145,7 @@ class Agent:
             self.http = api  # bound now, before any link is up; started once serving
         self.activator = Activator(
             self.trusted,
-            self.profile,
+            self.profile_override,
             active=lambda: self.slots.active,
             serve=self._serve,
             serving=self.front.current,
@@ -188,7 +187,7 @@ class Agent:
         self.watchdog = Watchdog(self.front.healthy)
         self.watchdog.start()
         notify("READY=1")
-        log.info("edge agent %s up (profile %s, slot %s)", self.device_id, self.profile.name, self._slot())
+        log.info("edge agent %s up (profile %s, slot %s)", self.device_id, self.profile_name, self._slot())
         return self
 
     def stop(self) -> None:
@@ -287,7 +286,7 @@ class Agent:
         return Status(
             device_id=self.device_id,
             state=state,  # type: ignore[arg-type]
-            profile=self.profile.name,
+            profile=self.profile_name,
             model=live[0].model if live else None,
             version=live[0].version if live else None,
             slot=self._slot() if live else None,  # type: ignore[arg-type]
@@ -313,7 +312,7 @@ class Agent:
 
     def _put_report(
         self,
-        rollout_id: str | None,
+        rollout_id: int | None,
         version: str,
         step: str,
         ok: bool,
@@ -421,9 +420,9 @@ class Agent:
 
     def _follow(self, want: _Want) -> None:
         assert self.machine is not None
-        if want.profile != self.profile.name:
+        if want.profile != self.profile_name:
             self._put_report(
-                want.rollout_id, want.version, "failed", False, f"this box runs profile {self.profile.name}"
+                want.rollout_id, want.version, "failed", False, f"this box runs profile {self.profile_name}"
             )
             return
         live = self.front.current() if self.front is not None else None

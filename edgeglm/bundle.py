@@ -35,10 +35,12 @@ from pydantic import (
     model_validator,
 )
 
-from edgeglm.contracts import name_problem, version_problem
+from edgeglm.contracts import Digest, name_problem, version_problem
 from edgeglm.errors import IntegrityError, SignatureError
 from edgeglm.keys import key_id
+from edgeglm.manifest_sections import QualitySection, RuntimeSection
 from edgeglm.pieces import Segment, TensorSpan, tensor_segments
+from edgeglm.profiles import DeviceProfile
 
 __all__ = [
     "MANIFEST_NAME",
@@ -95,7 +97,7 @@ class FileEntry(_Strict):
 
     path: str
     size: int = Field(ge=0)
-    digest: str = Field(pattern=rf"^blake3:{_HEX64}$")
+    digest: Digest
     layout: Literal["tensors", "cdc"]
     piece_bytes: int = Field(gt=0, le=64 << 20)
     tensors: tuple[TensorEntry, ...] = ()
@@ -222,8 +224,11 @@ class Manifest(_Strict):
     created_at: str = ""
     source_digest: str | None = None
     dataset_version: str | None = None
-    quality: dict[str, Any] = Field(default_factory=dict)
-    runtime: dict[str, Any] = Field(default_factory=dict)
+    quality: QualitySection = Field(default_factory=QualitySection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    # the device profile the export built and gated the bundle with; the agent serves it with this
+    # one (older bundles lack it: the agent then reads the shipped profile of the same name)
+    device_profile: DeviceProfile | None = None
     smoke_test: SmokeTest | None = None
     files: tuple[FileEntry, ...]
     signature: Signature | None = None
@@ -241,6 +246,21 @@ class Manifest(_Strict):
         if (problem := version_problem(v)) is not None:
             raise ValueError(problem)
         return v
+
+    @model_validator(mode="after")
+    def _profile_named(self) -> Manifest:
+        if self.device_profile is not None and self.device_profile.name != self.profile:
+            raise ValueError(
+                f"device_profile is {self.device_profile.name!r} but the bundle is for {self.profile!r}"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_profile(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("device_profile") is None:
+            out.pop("device_profile", None)  # an older agent knows no such key: leave it out
+        return out
 
     @model_validator(mode="after")
     def _unique_paths(self) -> Manifest:

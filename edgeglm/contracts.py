@@ -8,6 +8,8 @@
     RolloutId a rollout's number, 1 to 2**31-1 (the hub's 32-bit key); an ``int`` in Python, the
               decimal string ``"42"`` in a wire message's JSON (what agents have always sent)
     LabelKey / LabelValue   a device label and a fleet selector's ``key=value``
+    TOKEN_NAME_PATTERN      an API token's name (the actor the audit log records): 1-128 of
+                            ``A-Z a-z 0-9 . _ @ -``, starting with a letter or digit
 
 A value one part cannot carry is refused where it enters the system (``edgectl export``, publish,
 deploy, a pin, a wire message) with the same one-line reason, :func:`name_problem` /
@@ -30,6 +32,7 @@ __all__ = [
     "ROLLOUT_ID_MAX",
     "SEMVER_MAX",
     "SEMVER_PATTERN",
+    "TOKEN_NAME_PATTERN",
     "Digest",
     "LabelKey",
     "LabelValue",
@@ -53,6 +56,7 @@ DIGEST_PATTERN = r"blake3:[0-9a-f]{64}"
 ROLLOUT_ID_MAX = 2**31 - 1
 LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
 LABEL_VALUE_PATTERN = r"[A-Za-z0-9._-]{0,63}"
+TOKEN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _SEMVER_RE = re.compile(SEMVER_PATTERN)

@@ -33,6 +33,7 @@ __all__ = [
     "DeviceProfile",
     "QualityGate",
     "TensorRTSettings",
+    "is_profile_path",
     "load_profile",
     "profiles_dir",
     "shipped_profiles",
@@ -262,12 +263,20 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     return profile
 
 
-def _locate(name_or_path: str | Path) -> Path:
+def is_profile_path(name_or_path: str | Path) -> bool:
+    """True for a profile *file* (a Path, anything with a ``/`` or ending in ``.toml``), False for a name."""
     if isinstance(name_or_path, Path):
-        return name_or_path
+        return True
     value = name_or_path
-    if value.endswith(".toml") or "/" in value or (os.altsep and os.altsep in value) or os.sep in value:
-        return Path(value).expanduser()
+    return (
+        value.endswith(".toml") or "/" in value or bool(os.altsep and os.altsep in value) or os.sep in value
+    )
+
+
+def _locate(name_or_path: str | Path) -> Path:
+    if is_profile_path(name_or_path):
+        return Path(name_or_path).expanduser()
+    value = str(name_or_path)
     if value not in shipped_profiles():
         shipped = ", ".join(shipped_profiles()) or "none"
         raise NotFoundError(

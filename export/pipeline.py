@@ -274,6 +274,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "memory_mb": round(total_mb, 1),
             },
             smoke_test=smoke,
+            device_profile=profile,
         )
         staging.rename(spec.out_dir)
     except BaseException:

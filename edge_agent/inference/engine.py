@@ -23,11 +23,11 @@ from edge_agent.inference.generation import Generation, GenerationResult, OnDone
 from edge_agent.inference.runtime import DecoderGraph, open_graph
 from edge_agent.inference.sampling import SamplingParams
 from edgeglm.bundle import Manifest, load_manifest, verify_files
-from edgeglm.errors import ConfigError, ProtocolError, RequestError
+from edgeglm.errors import ConfigError, EdgeError, ProtocolError, RequestError
 from edgeglm.profiles import DeviceProfile, load_profile
 from edgeglm.protocol import InferRequest
 
-__all__ = ["Engine", "EngineLimits"]
+__all__ = ["Engine", "EngineLimits", "effective_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,34 @@ class EngineLimits:
     max_context: int
     max_batch_size: int
     batch_wait_ms: int
+
+
+def effective_profile(manifest: Manifest, override: DeviceProfile | None, folder: Path) -> DeviceProfile:
+    """The profile a bundle is served with: ``override`` when the box names one explicitly (same
+    name), else the one the export recorded in the manifest, else (a bundle from before that was
+    recorded) the shipped profile of the bundle's profile name."""
+    if override is not None:
+        if override.name != manifest.profile:
+            raise ConfigError(
+                f"bundle {folder}", f"was built for profile {manifest.profile!r}, not {override.name!r}"
+            )
+        if manifest.device_profile is not None and override != manifest.device_profile:
+            log.info(
+                "serving %s with the box's own profile %s, not the one it was gated with",
+                folder,
+                override.name,
+            )
+        return override
+    if manifest.device_profile is not None:
+        return manifest.device_profile
+    try:
+        return load_profile(manifest.profile)
+    except EdgeError as exc:
+        raise ConfigError(
+            f"bundle {folder}",
+            f"records no device profile and {manifest.profile!r} is not a profile here: {exc.why}",
+            hint="Give the profile file (--profile PATH), or re-export the bundle with this release.",
+        ) from exc
 
 
 class Engine:
@@ -66,12 +94,8 @@ class Engine:
         manifest, _ = load_manifest(folder, trusted)
         if trusted is not None:
             verify_files(manifest, folder)
-        profile = profile or load_profile(manifest.profile)
-        if profile.name != manifest.profile:
-            raise ConfigError(
-                f"bundle {folder}", f"was built for profile {manifest.profile!r}, not {profile.name!r}"
-            )
-        graph_route = manifest.runtime.get("graph", profile.graph)
+        profile = effective_profile(manifest, profile, folder)
+        graph_route = manifest.runtime.graph or profile.graph
         t0 = time.perf_counter()
         graph = open_graph(
             folder / "model.onnx",

@@ -152,8 +152,9 @@ def inspect(bundle: Path, output: str) -> None:
         "profile": manifest.profile,
         "signed_by": manifest.signature.key_id if manifest.signature else None,
         "source_digest": manifest.source_digest,
-        "quality": manifest.quality,
-        "runtime": manifest.runtime,
+        "quality": doc.get("quality", {}),
+        "runtime": doc.get("runtime", {}),
+        "device_profile": manifest.device_profile.to_dict() if manifest.device_profile else None,
         "smoke_test": doc.get("smoke_test"),
         "files": [
             {"path": f.path, "size": f.size, "layout": f.layout, "pieces": len(f.pieces)}
@@ -168,7 +169,7 @@ def inspect(bundle: Path, output: str) -> None:
             ["field", "value"],
             [
                 ["model", f"{d['model']}@{d['version']}"],
-                ["profile", d["profile"]],
+                ["profile", d["profile"] + ("" if d["device_profile"] else " (not recorded: older bundle)")],
                 ["signed by", d["signed_by"]],
                 ["quality gate", "passed" if q.get("passed") else "FAILED"],
                 ["max |Δlogit|", q.get("max_abs_logit_diff")],

@@ -160,6 +160,8 @@ class AgentProc:
         for key, value in config.items():
             if key in sections or isinstance(value, dict):
                 sections.setdefault(key, {}).update(value)
+            elif value is None:
+                top.pop(key, None)  # left out of the file
             else:
                 top[key] = value
         self.config_path.write_text(toml_text(top, sections))
@@ -263,7 +265,7 @@ class Wire:
             with self.lock:
                 self.heartbeats.append(decode(Heartbeat, msg.payload))
 
-    def desire(self, folder: Path, rollout_id: str) -> None:
+    def desire(self, folder: Path, rollout_id: int) -> None:
         from edgeglm.bundle import load_manifest, manifest_digest
 
         m, doc = load_manifest(folder, None)
@@ -283,7 +285,7 @@ class Wire:
         with self.lock:
             return any(s.state == "online" and s.version == version for s in self.status)
 
-    def steps(self, rollout_id: str) -> list[tuple[str, bool]]:
+    def steps(self, rollout_id: int) -> list[tuple[str, bool]]:
         with self.lock:
             return [(r.step, r.ok) for r in self.reports if r.rollout_id == rollout_id]
 

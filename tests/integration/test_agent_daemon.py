@@ -102,11 +102,11 @@ def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
         broker.stop()
 
 
-def _committed(wire: Wire, rollout: str) -> bool:
+def _committed(wire: Wire, rollout: int) -> bool:
     return ("committed", True) in wire.steps(rollout)
 
 
-def _ended(wire: Wire, rollout: str) -> bool:
+def _ended(wire: Wire, rollout: int) -> bool:
     return any(step in ("committed", "failed") for step, _ in wire.steps(rollout))
 
 
@@ -119,9 +119,9 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
             lambda: any(s.version == "1.0.0" and s.state == "online" for s in world.wire.status), 20, "status"
         )
 
-        world.wire.desire(world.versions.v11, "11")
-        wait_for(lambda: _ended(world.wire, "11"), 120, "the update to 1.1.0")
-        assert _committed(world.wire, "11"), world.wire.steps("11")
+        world.wire.desire(world.versions.v11, 11)
+        wait_for(lambda: _ended(world.wire, 11), 120, "the update to 1.1.0")
+        assert _committed(world.wire, 11), world.wire.steps(11)
         assert agent.active_version() == "1.1.0"
         assert world.wire.ask().error is None
         wait_for(lambda: world.wire.online("1.1.0"), 20, "status online 1.1.0")
@@ -130,9 +130,9 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
         progress = [r.progress for r in world.wire.reports if r.step == "downloading" and r.progress]
         assert progress and progress[-1].bytes_done == progress[-1].bytes_total
 
-        world.wire.desire(world.versions.v1, "12")
-        wait_for(lambda: _ended(world.wire, "12"), 60, "the revert to 1.0.0")
-        assert _committed(world.wire, "12"), world.wire.steps("12")
+        world.wire.desire(world.versions.v1, 12)
+        wait_for(lambda: _ended(world.wire, 12), 60, "the revert to 1.0.0")
+        assert _committed(world.wire, 12), world.wire.steps(12)
         assert agent.active_version() == "1.0.0"
         assert agent.verified_pieces() == fetched  # the revert fetched nothing
         assert "reusing the loaded tiny-edge@1.0.0 (standby)" in agent.log()  # and loaded nothing
@@ -197,19 +197,17 @@ def test_kill_9_at_every_persisted_step_then_restart(
     agent.start(env={FAULT_ENV: step})
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(getattr(world.versions, target), "21")
+        world.wire.desire(getattr(world.versions, target), 21)
         assert agent.wait_exit(120) == -9  # killed at the step
         assert agent.state().step == step.split(":")[0]
         agent.start()  # no fault this time: the retained desired state is still there
-        wait_for(
-            lambda: _ended(world.wire, "21") and agent.state().step in ("committed", "failed"), 120, "end"
-        )
+        wait_for(lambda: _ended(world.wire, 21) and agent.state().step in ("committed", "failed"), 120, "end")
         assert agent.active_version() == final
         _answers(world, agent, final)
         ok = final == "1.1.0"
-        assert (("committed", True) in world.wire.steps("21")) == ok, world.wire.steps("21")
+        assert (("committed", True) in world.wire.steps(21)) == ok, world.wire.steps(21)
         if not ok:
-            assert ("failed", False) in world.wire.steps("21")
+            assert ("failed", False) in world.wire.steps(21)
         pieces = agent.verified_pieces()
         assert len(pieces) == len(set(pieces)), "a verified piece was fetched twice"
     finally:
@@ -221,7 +219,7 @@ def test_kill_9_at_random_moments_during_download(world: World) -> None:
     agent = world.agent(update={"bandwidth_bytes_s": BANDWIDTH})
     agent.start()
     agent.wait_log(r"edge agent \S+ up")
-    world.wire.desire(world.versions.big, "31")
+    world.wire.desire(world.versions.big, 31)
     kills = 0
     try:
         mark, started = 0, r"report fetching_manifest ok=True"
@@ -234,8 +232,8 @@ def test_kill_9_at_random_moments_during_download(world: World) -> None:
             kills += 1
             mark, started = len(agent.log()), r"resuming update to \S+ at downloading"
             agent.start()
-        wait_for(lambda: _ended(world.wire, "31"), 120, "the update to end")
-        assert _committed(world.wire, "31"), world.wire.steps("31")
+        wait_for(lambda: _ended(world.wire, 31), 120, "the update to end")
+        assert _committed(world.wire, 31), world.wire.steps(31)
         assert kills >= 2, "the download was too quick to be interrupted"
         assert agent.active_version() == "1.3.0"
         _answers(world, agent, "1.3.0")
@@ -250,7 +248,7 @@ def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> 
     agent.start()
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(world.versions.big, "41")
+        world.wire.desire(world.versions.big, 41)
         wait_for(lambda: len(agent.verified_pieces()) >= 3, 60, "the download to get going")
         before = len(agent.verified_pieces())
         world.broker.stop()
@@ -258,8 +256,8 @@ def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> 
         during = len(agent.verified_pieces())
         assert agent.state().step == "downloading"
         world.broker.start()
-        wait_for(lambda: _ended(world.wire, "41"), 120, "the update to end after the outage")
-        assert _committed(world.wire, "41"), world.wire.steps("41")
+        wait_for(lambda: _ended(world.wire, 41), 120, "the update to end after the outage")
+        assert _committed(world.wire, 41), world.wire.steps(41)
         pieces = agent.verified_pieces()
         assert len(pieces) == len(set(pieces)), "a piece verified before the outage was fetched again"
         assert before <= during < len(pieces)
@@ -320,9 +318,9 @@ def test_a_flipped_byte_in_a_piece_is_rejected_and_fetched_again(world: World) -
     agent = world.agent().start()
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(world.versions.big, "51")
-        wait_for(lambda: _ended(world.wire, "51"), 120, "the update")
-        assert _committed(world.wire, "51"), world.wire.steps("51")
+        world.wire.desire(world.versions.big, 51)
+        wait_for(lambda: _ended(world.wire, 51), 120, "the update")
+        assert _committed(world.wire, 51), world.wire.steps(51)
         assert len(tamper.flipped) == 3
         assert len(re.findall(r"piece \w+ rejected", agent.log())) == 3
         pieces = agent.verified_pieces()
@@ -362,11 +360,11 @@ def test_a_bad_manifest_is_refused_reported_and_the_current_model_keeps_serving(
     agent = world.agent().start()
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(world.versions.v11, "61")
-        wait_for(lambda: _ended(world.wire, "61"), 60, "the refusal")
-        failed = [r for r in world.wire.reports if r.rollout_id == "61" and r.step == "failed"]
-        assert failed and not failed[0].ok and failed[0].reason, world.wire.steps("61")
-        assert ("committed", True) not in world.wire.steps("61")
+        world.wire.desire(world.versions.v11, 61)
+        wait_for(lambda: _ended(world.wire, 61), 60, "the refusal")
+        failed = [r for r in world.wire.reports if r.rollout_id == 61 and r.step == "failed"]
+        assert failed and not failed[0].ok and failed[0].reason, world.wire.steps(61)
+        assert ("committed", True) not in world.wire.steps(61)
         assert agent.active_version() == "1.0.0"
         assert not agent.verified_pieces()  # nothing was downloaded for a refused manifest
         assert not (agent.root / "escaped.txt").exists() and not (agent.data / "escaped.txt").exists()
@@ -409,13 +407,13 @@ def test_a_newer_desired_state_supersedes_a_download_in_progress(world: World) -
     agent = world.agent(update={"bandwidth_bytes_s": BANDWIDTH // 2}).start()
     try:
         agent.wait_log(r"edge agent \S+ up")
-        world.wire.desire(world.versions.big, "71")
+        world.wire.desire(world.versions.big, 71)
         wait_for(lambda: len(agent.verified_pieces()) >= 2, 60, "the download to get going")
-        world.wire.desire(world.versions.v11, "72")  # the hub changed its mind
-        wait_for(lambda: _ended(world.wire, "72"), 120, "the newer update")
-        failed = [r for r in world.wire.reports if r.rollout_id == "71" and r.step == "failed"]
+        world.wire.desire(world.versions.v11, 72)  # the hub changed its mind
+        wait_for(lambda: _ended(world.wire, 72), 120, "the newer update")
+        failed = [r for r in world.wire.reports if r.rollout_id == 71 and r.step == "failed"]
         assert failed and "superseded" in (failed[0].reason or "")
-        assert _committed(world.wire, "72") and agent.active_version() == "1.1.0"
+        assert _committed(world.wire, 72) and agent.active_version() == "1.1.0"
         _answers(world, agent, "1.1.0")
     finally:
         agent.stop()
@@ -450,9 +448,9 @@ def test_the_http_api_and_metrics_follow_the_engine_an_update_swaps_in(world: Wo
         assert done["model"] == "tiny-edge" and done["usage"]["completion_tokens"] > 0
         assert re.search(r'^edgeglm_agent_requests_total\{outcome="length"\} [1-9]', get("/metrics"), re.M)
 
-        world.wire.desire(world.versions.v11, "h1")
-        wait_for(lambda: _ended(world.wire, "h1"), 120, "the update to 1.1.0")
-        assert _committed(world.wire, "h1")
+        world.wire.desire(world.versions.v11, 81)
+        wait_for(lambda: _ended(world.wire, 81), 120, "the update to 1.1.0")
+        assert _committed(world.wire, 81)
         assert get("/healthz")["version"] == "1.1.0"
     finally:
         agent.stop()
@@ -469,3 +467,98 @@ def test_an_http_port_already_taken_is_a_config_error(world: World) -> None:
         assert agent.wait_exit(60) == 78
     assert "serving.http_listen: cannot listen on 127.0.0.1:" in agent.log()
     assert "Traceback" not in agent.log()
+
+
+def test_a_bundle_exported_with_a_profile_file_is_served_without_naming_the_profile_again(
+    tiny_checkpoints: Any, tmp_path: Path
+) -> None:
+    """``edgectl export --profile acme.toml`` records the profile in the manifest: ``edgectl agent
+    infer`` and ``edge-agent run`` (config without ``profile``) serve the bundle with it, on a box
+    that has no such profile file."""
+    from edgeglm.keys import create_keypair
+    from edgeglm.profiles import profiles_dir
+    from export.tiny_glm import heldout_prompts
+
+    text = (profiles_dir() / "cpu-x86-int8.toml").read_text()
+    text = re.sub(r"^name = .*$", 'name = "acme-gateway"', text, flags=re.M)
+    text = re.sub(r"^max_context = .*$", "max_context = 384", text, flags=re.M)
+    assert 'name = "acme-gateway"' in text and "max_context = 384" in text
+    custom = tmp_path / "profiles-of-the-build-host" / "acme.toml"
+    custom.parent.mkdir()
+    custom.write_text(text)
+    private, public, _ = create_keypair(tmp_path / "keys", "release")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(heldout_prompts()))
+    edgectl = str(Path(EDGE_AGENT).with_name("edgectl"))
+    bundle = tmp_path / "bundle"
+    checkpoint = str(tiny_checkpoints("glm-edge"))
+    args = ["--profile", str(custom), "--version", "1.0.0", "--key", str(private), "--out", str(bundle)]
+    run = subprocess.run(
+        [edgectl, "export", checkpoint, *args, "--eval-prompts", str(prompts), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    custom.unlink()  # the box never sees the file
+
+    info = json.loads(
+        subprocess.run(
+            [edgectl, "export", "inspect", str(bundle), "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert info["profile"] == "acme-gateway" and info["device_profile"]["max_context"] == 384
+
+    infer = subprocess.run(
+        [
+            edgectl,
+            "agent",
+            "infer",
+            str(bundle),
+            "--trust",
+            str(public),
+            "--prompt",
+            "The sensor reads",
+            "--max-tokens",
+            "4",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert infer.returncode == 0, infer.stderr
+    assert json.loads(infer.stdout)["completion_tokens"] >= 1
+    too_long = subprocess.run(
+        [edgectl, "agent", "infer", str(bundle), "--prompt", "reading " * 400, "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert too_long.returncode != 0 and "384" in too_long.stderr  # the recorded context, not 2048
+
+    broker = Broker(tmp_path).start()
+    device = f"box-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "box").mkdir()
+    wire = Wire(broker.port, device)
+    agent = AgentProc(
+        tmp_path / "box", device, broker.port, public, profile=None, bootstrap_bundle=str(bundle)
+    )
+    try:
+        agent.start()
+        agent.wait_log(r"edge agent \S+ up \(profile acme-gateway")
+        reply = wire.ask()
+        assert reply.error is None and reply.usage is not None and reply.usage.completion_tokens >= 1
+        wait_for(
+            lambda: any(s.profile == "acme-gateway" and s.state == "online" for s in wire.status),
+            20,
+            "status",
+        )
+    finally:
+        agent.stop()
+        wire.close()
+        broker.stop()

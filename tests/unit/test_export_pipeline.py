@@ -152,9 +152,9 @@ def test_quantized_exports_pass_their_profile_gates(exported, signing_key, shape
     assert q.greedy_prefix_agreement >= gate.min_greedy_prefix_agreement
     assert 0 < q.max_abs_logit_diff <= gate.max_abs_logit_diff  # quantized: never bit-exact
     manifest, _ = load_manifest(result.bundle, trusted=load_public_keys([signing_key[1]]))
-    assert manifest.quality["passed"] is True
-    assert manifest.quality["weights"] == variant.split("-")[1]
-    assert manifest.quality["top1_agreement"] == q.top1_agreement
+    assert manifest.quality.passed is True
+    assert manifest.quality.weights == variant.split("-")[1]
+    assert manifest.quality.top1_agreement == q.top1_agreement
 
 
 def test_int4_bundle_is_smaller_than_int8_and_fp32(exported):
@@ -179,9 +179,12 @@ def test_manifest_carries_what_the_agent_needs(exported, tiny_checkpoints, signi
     layouts = {f.path: f.layout for f in manifest.files}
     assert layouts["model.onnx.data"] == "tensors"
     assert manifest.source_digest and manifest.source_digest.startswith("blake3:")
-    assert manifest.runtime["kv_cache"] == {"layers": 2, "kv_heads": 2, "head_dim": 16, "dtype": "fp32"}
-    assert manifest.runtime["onnxruntime"]
-    assert set(manifest.quality) >= {
+    kv_cache = manifest.runtime.kv_cache
+    assert kv_cache is not None
+    assert kv_cache.model_dump() == {"layers": 2, "kv_heads": 2, "head_dim": 16, "dtype": "fp32"}
+    assert manifest.runtime.onnxruntime
+    assert manifest.device_profile == PROFILES["fused-int4"]()  # what it was exported and gated with
+    assert doc["quality"].keys() >= {
         "max_abs_logit_diff",
         "cosine",
         "top1_agreement",
@@ -229,8 +232,8 @@ def test_force_writes_a_failing_bundle_marked_failed(tiny_checkpoints, signing_k
     result = run_export(spec)
     assert not result.quality.passed
     manifest, _ = load_manifest(out, trusted=load_public_keys([signing_key[1]]))
-    assert manifest.quality["passed"] is False
-    assert manifest.quality["failures"]
+    assert manifest.quality.passed is False
+    assert manifest.quality.failures
 
 
 def test_memory_budget_is_enforced_with_the_numbers(tiny_checkpoints, signing_key, eval_prompts, tmp_path):
@@ -298,8 +301,8 @@ def test_tensorrt_profile_with_no_engine_ships_the_gated_onnx_graph(
     assert result.quality.passed, result.quality.failures
     assert result.quality.engine is None
     manifest, _ = load_manifest(out, trusted=load_public_keys([signing_key[1]]))
-    assert manifest.runtime["tensorrt_engine"] is None
-    assert manifest.runtime["kv_cache"]["dtype"] == "fp16"
+    assert manifest.runtime.tensorrt_engine is None
+    assert manifest.runtime.kv_cache.dtype == "fp16"
     # INT4 weights behind DequantizeLinear, dequantized straight to fp16 for a strongly typed network.
     decoder = OrtDecoder(out / "model.onnx")
     assert decoder.cache.dtype == np.float16

@@ -66,9 +66,10 @@ def test_engine_is_built_gated_and_recorded(gpu, tiny_checkpoints, tmp_path, pro
     assert result.quality.engine is not None
     assert result.quality.engine["top1_agreement"] >= spec.profile.quality.min_top1_agreement
     manifest, _ = load_manifest(out, trusted=load_public_keys([public]))
-    engine = manifest.runtime["tensorrt_engine"]
-    assert engine["tensorrt"] == gpu.tensorrt
-    assert engine["compute_capability"] == gpu.compute_capability
-    assert [p["name"] for p in engine["profiles"]] == ["prefill", "decode"]
-    assert Path(out / ENGINE_NAME).stat().st_size == engine["bytes"]
+    engine = manifest.runtime.tensorrt_engine
+    assert engine is not None
+    assert engine.tensorrt == gpu.tensorrt
+    assert engine.compute_capability == gpu.compute_capability
+    assert [p["name"] for p in engine.profiles] == ["prefill", "decode"]
+    assert Path(out / ENGINE_NAME).stat().st_size == engine.bytes
     assert ENGINE_NAME in {f.path for f in manifest.files}
