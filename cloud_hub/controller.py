@@ -60,6 +60,7 @@ __all__ = ["Controller"]
 log = logging.getLogger(__name__)
 
 LEASE = "rollout-controller"
+ACTOR = "controller"
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,7 @@ class _Move:
     why: str = ""
 
 
-Step = Callable[..., "_Move | None"]
-ACTOR = "controller"
+Step = Callable[..., "_Move | None"]  # a wave state's step (see _STEPS)
 
 
 class Controller:
