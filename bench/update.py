@@ -167,7 +167,7 @@ class _Box:
 
 
 def _transfer(
-    ctx: Any, wire: Any, box: Any, folder: Path, rollout: str, timeout: float = 1800
+    ctx: Any, wire: Any, box: Any, folder: Path, rollout: int, timeout: float = 1800
 ) -> dict[str, float]:
     from tests.integration.agent_harness import wait_for
 
@@ -176,11 +176,16 @@ def _transfer(
     t0 = time.perf_counter()
     wire.desire(folder, rollout)
     wait_for(
-        lambda: any(s in ("committed", "failed") for s, _ in wire.steps(rollout)), timeout, rollout, 0.01
+        lambda: any(s in ("committed", "failed") for s, _ in wire.steps(rollout)),
+        timeout,
+        f"rollout {rollout}",
+        0.01,
     )
     seconds = time.perf_counter() - t0
     if ("committed", True) not in wire.steps(rollout):
-        raise RuntimeError(f"{rollout} did not commit: {wire.steps(rollout)}\n{box.proc.log()[-3000:]}")
+        raise RuntimeError(
+            f"rollout {rollout} did not commit: {wire.steps(rollout)}\n{box.proc.log()[-3000:]}"
+        )
     return {
         "bytes": ctx.metrics.value("edgeglm_hub_data_bytes_sent_total") - sent0,
         "seconds": seconds,
@@ -259,15 +264,15 @@ def main(argv: list[str] | None = None) -> int:
             # A sensor asks the golden question before each switch, so the serving engine's prefix
             # cache holds it when that engine is smoke-tested again (the revert reuses it).
             wire_a.ask(SMOKE_PROMPT)
-            update = _transfer(ctx, wire_a, a, v11, "u1")
+            update = _transfer(ctx, wire_a, a, v11, 1)
             wire_a.ask(SMOKE_PROMPT)
-            revert = _transfer(ctx, wire_a, a, v1, "u2")
+            revert = _transfer(ctx, wire_a, a, v1, 2)
             b = _Box(work / "box-b", "bench-b", broker.port, public, profile, None)
             boxes.append(b)
             wire_b = Wire(broker.port, "bench-b")
             b.proc.start()
             b.proc.wait_log(r"edge agent \S+ up", 120)
-            full = _transfer(ctx, wire_b, b, v11, "f1")
+            full = _transfer(ctx, wire_b, b, v11, 3)
             log_a = a.proc.log()
         finally:
             for box in boxes:
