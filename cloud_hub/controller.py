@@ -44,6 +44,7 @@ from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
 from cloud_hub.rollouts import Publish, release_devices, revert_devices
 from edgeglm.lifecycle import (
+    FAILED_DEPLOYMENT,
     DeploymentState,
     LifecycleError,
     RolloutEvent,
@@ -71,7 +72,11 @@ class _Move:
     why: str = ""
 
 
-Step = Callable[..., "_Move | None"]  # a wave state's step (see _STEPS)
+# a wave state's step (see Controller._STEPS): controller, session, rollout, its current wave, the
+# wave's deployments, the release's model and version, now
+Step = Callable[
+    ["Controller", Session, Rollout, RolloutWave, list[DeviceDeployment], str, str, datetime], "_Move | None"
+]
 
 
 class Controller:
@@ -259,7 +264,7 @@ class Controller:
             if early.state == "breach":
                 return self._failing(f"wave {wave.index}: {early.detail}")
         size = max(len(deps), 1)
-        failed = sum(d.state in (DeploymentState.FAILED, DeploymentState.TIMED_OUT) for d in deps)
+        failed = sum(d.state in FAILED_DEPLOYMENT for d in deps)
         if failed / size > r.max_failure_ratio:
             return self._failing(f"wave {wave.index}: {failed} of {len(deps)} device(s) failed")
         if any(d.state == DeploymentState.PENDING for d in deps):

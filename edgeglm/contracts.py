@@ -7,7 +7,7 @@
     Digest    ``blake3:`` and 64 lowercase hex digits: a manifest's or a file's digest
     RolloutId a rollout's number, 1 to 2**31-1 (the hub's 32-bit key); an ``int`` in Python, the
               decimal string ``"42"`` in a wire message's JSON (what agents have always sent)
-    LabelKey / LabelValue   a device label and a fleet selector's ``key=value``
+    LABEL_KEY_PATTERN / LABEL_VALUE_PATTERN   a device label and a fleet selector's ``key=value``
     TOKEN_NAME_PATTERN      an API token's name (the actor the audit log records): 1-128 of
                             ``A-Z a-z 0-9 . _ @ -``, starting with a letter or digit
 
@@ -34,13 +34,10 @@ __all__ = [
     "SEMVER_PATTERN",
     "TOKEN_NAME_PATTERN",
     "Digest",
-    "LabelKey",
-    "LabelValue",
     "Name",
     "RolloutId",
     "SemVer",
     "name_problem",
-    "rollout_id_problem",
     "semver_key",
     "version_problem",
 ]
@@ -65,8 +62,6 @@ _DECIMAL_RE = re.compile(r"[0-9]{1,19}")
 Name = Annotated[str, StringConstraints(strict=True, pattern=f"^{NAME_PATTERN}$")]
 SemVer = Annotated[str, StringConstraints(strict=True, max_length=SEMVER_MAX, pattern=f"^{SEMVER_PATTERN}$")]
 Digest = Annotated[str, StringConstraints(strict=True, pattern=f"^{DIGEST_PATTERN}$")]
-LabelKey = Annotated[str, StringConstraints(strict=True, pattern=f"^{LABEL_KEY_PATTERN}$")]
-LabelValue = Annotated[str, StringConstraints(strict=True, pattern=f"^{LABEL_VALUE_PATTERN}$")]
 
 
 def _rollout_id_in(value: Any) -> Any:
@@ -112,16 +107,6 @@ def version_problem(value: object) -> str | None:
             f"{_clip(value)} is not a semantic version like 1.4.0 or 1.4.0-rc.1"
             " (MAJOR.MINOR.PATCH of at most 9 digits each, no empty pre-release part)"
         )
-    return None
-
-
-def rollout_id_problem(value: object) -> str | None:
-    """Why ``value`` (a number, or its decimal string) is not a :data:`RolloutId`, or None."""
-    number = _rollout_id_in(value)
-    if isinstance(number, bool) or not isinstance(number, int):
-        return f"{_clip(value)} is not a rollout id (a whole number)"
-    if not 1 <= number <= ROLLOUT_ID_MAX:
-        return f"{_clip(value)} is not a rollout id (1 to {ROLLOUT_ID_MAX})"
     return None
 
 

@@ -28,9 +28,9 @@ from types import MappingProxyType
 
 __all__ = [
     "ACTIVE_ROLLOUT",
+    "FAILED_DEPLOYMENT",
     "FINAL_ROLLOUT",
     "ROLLOUT_TRANSITIONS",
-    "SETTLED_DEPLOYMENT",
     "WAVE_TRANSITIONS",
     "DeploymentState",
     "LifecycleError",
@@ -92,7 +92,7 @@ class DeploymentState(StrEnum):
 
 ACTIVE_ROLLOUT = frozenset({RolloutState.RUNNING, RolloutState.PAUSED})
 FINAL_ROLLOUT = frozenset(RolloutState) - ACTIVE_ROLLOUT
-SETTLED_DEPLOYMENT = frozenset({DeploymentState.SUCCEEDED, DeploymentState.FAILED, DeploymentState.TIMED_OUT})
+FAILED_DEPLOYMENT = frozenset({DeploymentState.FAILED, DeploymentState.TIMED_OUT})
 
 _R, _E = RolloutState, RolloutEvent
 ROLLOUT_TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = MappingProxyType(

@@ -17,7 +17,7 @@ __all__ = ["DEFAULTS", "MAX_DURATION_S", "OnFailure", "RolloutParams"]
 
 MAX_DURATION_S = 7 * 86400
 
-# Sizes only: the hub parses selectors (edgeglm.contracts.LabelKey / LabelValue), waves and gates
+# Sizes only: the hub parses selectors (edgeglm.contracts' label patterns), waves and gates
 # and answers a wrong one with a usage error that says how to write it.
 _Label = Annotated[str, StringConstraints(max_length=63)]
 _Wave = Annotated[str, StringConstraints(max_length=16)]
