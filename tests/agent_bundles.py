@@ -40,8 +40,8 @@ def derive(
     noise: float = 0.0,
     smoke: Literal["own", "source"] = "own",
 ) -> Path:
+    from edgectl.demo.models import reseal_as
     from edgeglm.bundle import load_manifest
-    from edgeglm.demo.models import reseal_as
     from edgeglm.onnx_tensors import read_external_tables
 
     if dst.exists():

@@ -23,8 +23,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeglm.demo.fleet import Sensor
-from edgeglm.demo.procs import free_port, toml_text, wait_for
+from edgectl.demo.fleet import Sensor
+from edgectl.demo.procs import free_port, toml_text, wait_for
 from edgeglm.protocol import (
     Desired,
     Heartbeat,

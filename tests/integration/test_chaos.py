@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from edgeglm.demo.fleet import LocalFleet
-from edgeglm.demo.procs import wait_for
+from edgectl.demo.fleet import LocalFleet
+from edgectl.demo.procs import wait_for
 from tests.agent_bundles import derive
 from tests.integration.agent_harness import TcpProxy
 

@@ -59,7 +59,7 @@ def test_edgectl_demo_from_the_command_line(tmp_path: Path) -> None:
 def test_the_story_on_postgresql(tmp_path: Path, hub_db_url: str, private_broker: int) -> None:
     from cloud_hub.db import open_db
     from cloud_hub.models import AuditEntry, Device, DeviceDeployment
-    from edgeglm.demo.story import run_story
+    from edgectl.demo.story import run_story
 
     data = run_story(tmp_path, db_url=hub_db_url, broker_port=private_broker)
     _story_checks(data)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker_acl import password_line
-from edgeglm.cli import root
+from edgectl import root
 
 pytestmark = pytest.mark.integration
 

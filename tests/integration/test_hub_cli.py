@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgeglm.cli import root
+from edgectl import root
 from tests.integration.hub_process import free_port, start_hub
 
 pytestmark = pytest.mark.integration

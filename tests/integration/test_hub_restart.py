@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgeglm.cli import root
+from edgectl import root
 from tests.integration.fleet_sim import SimDevice
 from tests.integration.hub_process import start_hub
 from tests.integration.test_hub_rollouts import register

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from bench.synth_weights import Dims, base_model, make_pair, quantize_int8, write_model
+from edgectl import root
 from edgeglm.bundle_files import seal_folder
-from edgeglm.cli import root
 from edgeglm.keys import create_keypair, load_private_key
 
 
@@ -107,7 +107,7 @@ def test_bad_key_file_is_a_config_error(bundles, tmp_path):
 
 
 def test_demo_without_mosquitto_exits_69_with_the_install_command_before_any_work(tmp_path, monkeypatch):
-    import edgeglm.demo.procs as procs
+    import edgectl.demo.procs as procs
 
     monkeypatch.setattr(procs, "find_mosquitto", lambda: None)
     res = run("demo", "--workdir", str(tmp_path))

@@ -131,7 +131,7 @@ def test_the_hub_orders_versions_by_their_numbers() -> None:
 def test_the_cli_refuses_a_long_model_name_before_reading_anything(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from edgeglm.cli import root
+    from edgectl import root
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

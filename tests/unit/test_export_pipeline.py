@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from edgectl import root
 from edgeglm.bundle import load_manifest
-from edgeglm.cli import root
 from edgeglm.errors import ExportError, ToleranceExceeded, UnavailableError
 from edgeglm.keys import create_keypair, load_public_keys
 from edgeglm.profiles import DeviceProfile, load_profile, profiles_dir

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgeglm.cli import root
+from edgectl import root
 from edgeglm.errors import ConfigError, NotFoundError
 from edgeglm.profiles import DeviceProfile, load_profile, profiles_dir, shipped_profiles
 

@@ -32,7 +32,7 @@ def test_kernel_imports_nothing_heavy_and_no_wing():
     """An edge box imports the kernel and the CLI without torch, transformers, onnx or a wing."""
     code = (
         "import importlib, sys\n"
-        f"for m in {[*MODULES, 'edgeglm.cli']!r}: importlib.import_module(m)\n"
+        f"for m in {[*MODULES, 'edgectl']!r}: importlib.import_module(m)\n"
         "bad = {'torch', 'transformers', 'onnx', 'onnxruntime', 'export', 'edge_agent', 'cloud_hub'}\n"
         "print(sorted(bad & set(sys.modules)))\n"
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.remote import client_from, hub_options
+from edgectl.output import emit, output_option, render_table
+from edgectl.remote import client_from, hub_options
 from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import UsageError
 from edgeglm.lifecycle import FINAL_ROLLOUT, RolloutState

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.remote import client_from, hub_options
-from edgeglm.hub_client import HubClient
+from edgectl.hub_client import HubClient
+from edgectl.output import emit, output_option, render_table
+from edgectl.remote import client_from, hub_options
 
 API = "/api/v1"
 

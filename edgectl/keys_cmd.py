@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
+from edgectl.output import emit, output_option, render_table
 from edgeglm.keys import create_keypair, key_id, load_public_key
 
 

@@ -57,8 +57,8 @@ def root(verbose: int) -> None:
 
 
 def _register() -> None:
-    # Imported here so that importing edgeglm.cli stays cheap and free of cycles.
-    from edgeglm.cli import (
+    # Imported here so that importing edgectl stays cheap and free of cycles.
+    from edgectl import (
         agent_cmd,
         bundle_cmd,
         demo_cmd,

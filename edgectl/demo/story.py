@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeglm.demo.fleet import LocalFleet
-from edgeglm.demo.models import MODEL, build_versions
-from edgeglm.demo.procs import require_mosquitto, wait_for
+from edgectl.demo.fleet import LocalFleet
+from edgectl.demo.models import MODEL, build_versions
+from edgectl.demo.procs import require_mosquitto, wait_for
 
 DEVICES = ["demo-box-1", "demo-box-2", "demo-box-3"]
 SENSOR_PROMPT = "Sensor report 7. Sensor P-12 on the pump in the north bay reads 9 bar."

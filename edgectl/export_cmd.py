@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
+from edgectl import EdgeGroup
+from edgectl.output import emit, output_option, render_table
+from edgectl.params import ProfileParam
 from edgeglm.bundle import load_manifest
-from edgeglm.cli import EdgeGroup
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.params import ProfileParam
 from edgeglm.errors import UnavailableError
 from edgeglm.profiles import DeviceProfile
 

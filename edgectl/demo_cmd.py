@@ -4,7 +4,7 @@ It starts its own mosquitto (generated config, TCP_NODELAY), the hub on SQLite a
 ``edge-agent run`` processes; trains and exports a tiny GLM in three versions; deploys, answers
 sensors over MQTT, rolls an update out in waves as deltas, catches a broken version on the canary
 and reverts it; prints a summary table and stops every process it started. The story itself is
-:mod:`edgeglm.demo.story`; the end-to-end test runs the same code on PostgreSQL.
+:mod:`edgectl.demo.story`; the end-to-end test runs the same code on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
+from edgectl.output import emit, output_option, render_table
 
 
 def _table(r: dict[str, Any]) -> str:
@@ -77,7 +77,7 @@ def _exit(code: int | None) -> str:
 @output_option
 def demo(workdir: Path | None, steps: int, output: str) -> None:
     """Run the whole EdgeGLM story for real and print a summary table."""
-    from edgeglm.demo.story import StoryFailed, run_story
+    from edgectl.demo.story import StoryFailed, run_story
 
     def say(line: str) -> None:
         if output == "table":

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
+from edgectl.output import emit, output_option, render_table
 
 log = logging.getLogger(__name__)
 

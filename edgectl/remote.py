@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from edgeglm.hub_client import DEFAULT_HUB_URL, HubClient
+from edgectl.hub_client import DEFAULT_HUB_URL, HubClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 

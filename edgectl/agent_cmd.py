@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.params import ProfileParam
+from edgectl.output import emit, output_option, render_table
+from edgectl.params import ProfileParam
 from edgeglm.errors import UsageError
 
 
@@ -248,7 +248,7 @@ def status(config_path: Path | None, output: str) -> None:
 
 def agent_main() -> None:
     """The ``edge-agent`` console script: the daemon's own name for ``edgectl agent``."""
-    from edgeglm.cli import EdgeGroup
+    from edgectl import EdgeGroup
 
     group = EdgeGroup(
         name="edge-agent", commands={"run": run, "status": status}, help="The EdgeGLM edge agent."

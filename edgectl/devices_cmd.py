@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.remote import client_from, hub_options
+from edgectl.output import emit, output_option, render_table
+from edgectl.remote import client_from, hub_options
 
 API = "/api/v1"
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
+from edgectl.output import emit, output_option, render_table
+from edgectl.params import ProfileParam
 from edgeglm.bundle import MANIFEST_NAME, Manifest, load_manifest, verify_files
 from edgeglm.bundle_files import FolderSource, describe_file, describe_folder, describe_onnx
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.params import ProfileParam
 from edgeglm.keys import load_public_keys
 from edgeglm.pieces import DEFAULT_CDC_AVG_BYTES, DEFAULT_PIECE_BYTES
 from edgeglm.planner import DEFAULT_FULL_THRESHOLD, SourceChain, plan

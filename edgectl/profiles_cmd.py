@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from edgeglm.cli.output import emit, output_option, render_table
-from edgeglm.cli.params import ProfileParam
+from edgectl.output import emit, output_option, render_table
+from edgectl.params import ProfileParam
 from edgeglm.profiles import DeviceProfile, load_profile, profiles_dir, shipped_profiles
 
 __all__ = ["profiles"]

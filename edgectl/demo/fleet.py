@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeglm.demo.procs import AgentBox, HubProc, ManagedBroker, Procs, wait_for
-from edgeglm.hub_client import HubClient
+from edgectl.demo.procs import AgentBox, HubProc, ManagedBroker, Procs, wait_for
+from edgectl.hub_client import HubClient
 from edgeglm.lifecycle import FINAL_ROLLOUT
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class LocalFleet:
         self.api().request("PATCH", f"{API}/devices/{device_id}/labels", json_body={"set": labels})
 
     def publish(self, folder: Path) -> dict[str, Any]:
-        from edgeglm.cli.registry_cmd import publish_bundle
+        from edgectl.registry_cmd import publish_bundle
 
         return publish_bundle(self.api(), folder, progress=False)
 
