@@ -30,7 +30,6 @@ import resource
 import selectors
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgectl.demo.procs import HubProc, ManagedBroker
 from edgeglm.protocol import (
     Desired,
     Health,
@@ -255,7 +255,7 @@ class Hub:
         self.work = work
         self.db = f"sqlite:///{work / 'hub' / 'hub.db'}"
         self.url = ""
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: HubProc | None = None
         self.broker = port
 
     def setup(self) -> None:
@@ -292,40 +292,8 @@ class Hub:
         ctx.db.dispose()
 
     def start(self) -> None:
-        port = _free_port()
-        edgectl = Path(sys.executable).with_name("edgectl")
-        self.proc = subprocess.Popen(
-            [
-                str(edgectl),
-                "hub",
-                "serve",
-                "--db",
-                self.db,
-                "--data",
-                str(self.work / "hub"),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--broker",
-                f"127.0.0.1:{self.broker}",
-                "--trust",
-                str(self.pub),
-                "--tick",
-                "0.2",
-                "--offline-after",
-                "3600",
-            ],
-            stderr=subprocess.DEVNULL,
-        )
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("the hub did not start") from None
-                time.sleep(0.2)
+        self.proc = HubProc(self.work / "hub", self.db, self.broker, self.pub, offline_after_s=3600).start()
+        self.url = self.proc.url
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         req = urllib.request.Request(
@@ -346,11 +314,7 @@ class Hub:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            self.proc.proc.stop(grace=30)
 
 
 def _wait_rollout(hub: Hub, fleet: Fleet, rid: int, states: set[str], timeout: float) -> dict[str, Any]:
@@ -370,13 +334,9 @@ def run(n: int, heartbeat_s: float, window_s: float) -> dict[str, Any]:
         raise RuntimeError(f"the fd limit is {fd_limit}; {n} devices need more")
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
-        port = _free_port()
-        conf = work / "mosquitto.conf"
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-            "max_connections -1\nmax_queued_messages 0\nmax_inflight_messages 0\n"
-        )
-        broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        limits = ["max_connections -1", "max_queued_messages 0", "max_inflight_messages 0"]
+        broker = ManagedBroker(work / "broker", settings=limits).start()
+        port = broker.port
         hub = Hub(work, port)
         try:
             time.sleep(0.3)
@@ -459,8 +419,7 @@ def run(n: int, heartbeat_s: float, window_s: float) -> dict[str, Any]:
             }
         finally:
             hub.stop()
-            broker.terminate()
-            broker.wait(10)
+            broker.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,31 +209,15 @@ def _rss_peak_mb(pid: int) -> float:
 def measure_agent(
     bundle: Path, profile: Path, quick: bool, *, aggregates_only: bool = False
 ) -> dict[str, Any]:
-    port = _free_port()
-    conf = bundle.parent / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-    )
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    edgectl = Path(sys.executable).with_name("edgectl")
-    agent = subprocess.Popen(
-        [
-            str(edgectl),
-            "agent",
-            "serve",
-            str(bundle),
-            "--device-id",
-            "bench",
-            "--broker",
-            f"127.0.0.1:{port}",
-            "--profile",
-            str(profile),
-            "--queue-size",
-            "64",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    from edgectl.demo.procs import ManagedBroker, Proc, tool
+
+    broker = ManagedBroker(bundle.parent / "broker").start()
+    port = broker.port
+    argv = [
+        tool("edgectl"), "agent", "serve", str(bundle), "--device-id", "bench",
+        "--broker", f"127.0.0.1:{port}", "--profile", str(profile), "--queue-size", "64",
+    ]  # fmt: skip
+    agent = Proc("edgectl agent serve", argv, bundle.parent / "agent.log").start()
     topic = "edgeglm/v1/dev/bench/infer"
     clients: list[_Client] = []
     try:
@@ -245,7 +229,7 @@ def measure_agent(
                 clients[0].ask(topic, {"prompt": "warm up", "max_tokens": 2}, timeout=5)
                 break
             except TimeoutError:
-                if time.time() > deadline or agent.poll() is not None:
+                if time.time() > deadline or not agent.alive():
                     raise
         rounds = 2 if quick else 3
         result: dict[str, Any] = {}
@@ -304,18 +288,14 @@ def measure_agent(
             overheads.sort()
             result["mqtt_overhead_p50_ms"] = statistics.median(overheads)
             result["mqtt_overhead_p99_ms"] = overheads[min(len(overheads) - 1, int(len(overheads) * 0.99))]
+        assert agent.pid is not None
         result["peak_rss_mb"] = _rss_peak_mb(agent.pid)
         return result
     finally:
         for c in clients:
             c.close()
-        agent.terminate()
-        try:
-            agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        broker.terminate()
-        broker.wait(10)
+        agent.stop(grace=30)
+        broker.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,7 +153,7 @@ class _Box:
     def __init__(
         self, root: Path, device: str, port: int, public: Path, profile: Path, bootstrap: Path | None
     ):
-        from tests.integration.agent_harness import AgentProc  # the same harness the tests use
+        from edgectl.demo.agent_box import AgentBox  # the one harness: the demo's and the tests'
 
         root.mkdir(parents=True)
         extra: dict[str, Any] = {
@@ -163,13 +163,13 @@ class _Box:
         }
         if bootstrap is not None:
             extra["bootstrap_bundle"] = str(bootstrap)
-        self.proc = AgentProc(root, device, port, public, **extra)
+        self.proc = AgentBox(root, device, port, public, **extra)
 
 
 def _transfer(
     ctx: Any, wire: Any, box: Any, folder: Path, rollout: int, timeout: float = 1800
 ) -> dict[str, float]:
-    from tests.integration.agent_harness import wait_for
+    from edgectl.demo.procs import wait_for
 
     sent0 = ctx.metrics.value("edgeglm_hub_data_bytes_sent_total")
     pieces0 = len(box.proc.verified_pieces())
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgeglm.mqtt import BrokerSettings
     from edgeglm.onnx_tensors import read_external_tables
     from edgeglm.planner import SourceChain, plan
-    from tests.integration.agent_harness import Broker, Wire
+    from edgectl.demo.procs import ManagedBroker
+    from edgectl.demo.wire import Wire
     from tests.integration.test_hub_rollouts import register  # the tests' registry helper
 
     dims = QUICK if args.quick else GLM_EDGE_15B
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         estimate = plan(m11, [m1], source=SourceChain(FolderSource.of(v11, m11), FolderSource.of(v1, m1)))
         print(f"bundles built in {time.perf_counter() - t:.0f}s", file=sys.stderr)
 
-        broker = Broker(work).start()
+        broker = ManagedBroker(work / "broker").start()
         db = f"sqlite:///{work / 'hub.db'}"
         migrate(db)
         ctx = build_context(HubSettings(data_dir=work / "hub", db_url=db, trusted_keys=(public,)))

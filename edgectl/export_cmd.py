@@ -100,8 +100,7 @@ def run(
 ) -> None:
     """Export CHECKPOINT (a local Hugging Face GLM folder) for one device profile."""
     try:
-        from export.pipeline import run_export
-        from export.spec import ExportSpec
+        from export.facade import ExportSpec, run_export
     except ImportError as exc:
         raise UnavailableError(
             "export",

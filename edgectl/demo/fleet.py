@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgectl.demo.procs import AgentBox, HubProc, ManagedBroker, Procs, wait_for
+from edgectl.demo.agent_box import AgentBox
+from edgectl.demo.procs import HubProc, ManagedBroker, Procs, wait_for
 from edgectl.hub_client import HubClient
 from edgeglm.lifecycle import FINAL_ROLLOUT
 
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 API = "/api/v1"
 ENDED = FINAL_ROLLOUT
 BYTES_SENT = "edgeglm_hub_data_bytes_sent_total"
+# The demo's agents keep the shipped pace more closely than a test's quick one.
+DEMO_PACE: dict[str, dict[str, Any]] = {
+    "cloud": {"reconnect_max_s": 2.0},
+    "telemetry": {"heartbeat_s": 1.0},
+    "update": {"request_timeout_s": 5.0},
+}
 
 
 class Sensor:
@@ -108,7 +115,8 @@ class LocalFleet:
     # ------------------------------------------------------------------------------ start
     def start_broker(self) -> int:
         if not self.broker_port:
-            self.broker = self.procs.add(ManagedBroker(self.root / "broker").start())
+            broker = ManagedBroker(self.root / "broker", max_packet_bytes=1 << 20)
+            self.broker = self.procs.add(broker.start())
             self.broker_port = self.broker.port
             self.say(f"mosquitto on 127.0.0.1:{self.broker_port} (generated config, TCP_NODELAY on)")
         return self.broker_port
@@ -137,7 +145,10 @@ class LocalFleet:
         for device_id in ids:
             port = (ports or {}).get(device_id, self.broker_port)
             root = self.root / "agents" / device_id
-            box = AgentBox(root, device_id, port, self.trusted, extra=extra, top=top)
+            config = {name: dict(table) for name, table in DEMO_PACE.items()}
+            for name, table in (extra or {}).items():
+                config.setdefault(name, {}).update(table)
+            box = AgentBox(root, device_id, port, self.trusted, **config, **(top or {}))
             self.agents[device_id] = self.procs.add(box.start((env or {}).get(device_id)))
         model = "no model yet"
         if top and "bootstrap_bundle" in top:

@@ -42,9 +42,13 @@ def build_versions(work: Path, say: Callable[[str], None], *, steps: int = 300) 
     import time
 
     try:
-        from export.pipeline import run_export
-        from export.spec import ExportSpec
-        from export.tiny_glm import build_checkpoint, finetune_checkpoint, heldout_prompts
+        from export.facade import (
+            ExportSpec,
+            build_checkpoint,
+            finetune_checkpoint,
+            heldout_prompts,
+            run_export,
+        )
     except ImportError as exc:
         raise UnavailableError(
             "demo", f"needs the export extra ({exc.name} is missing)", hint="Run it with 'make demo'."

@@ -3,7 +3,9 @@
 Each one is a real child process with its log in a file, started on a free loopback port and
 stopped by PID (SIGTERM, then SIGKILL after a grace period). ``Procs`` owns every process it
 started and stops them all, in reverse order, however the caller leaves (an exception, Ctrl-C).
-Used by ``edgectl demo`` and by the end-to-end and chaos tests, so both run the very same setup.
+This is the one process harness: ``edgectl demo``, the tests and the benchmarks start their
+processes through it (``agent_box.AgentBox`` for ``edge-agent run``, ``wire.Wire`` to play the
+hub's side of the wire, ``partition.TcpProxy`` to cut a link), so all of them run the same setup.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,24 +150,38 @@ def require_mosquitto() -> str:
 
 
 class ManagedBroker:
-    """A mosquitto of our own on a free loopback port, with a generated config (TCP_NODELAY on)."""
+    """A mosquitto of our own on a loopback port, with a generated config (TCP_NODELAY on) and its
+    log in ``root``; ``stop()`` and ``start()`` again reuse the port (a broker outage).
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    ``listeners`` replaces the default listener on ``port`` (TLS, per-listener auth), which lets
+    anonymous clients in unless ``anonymous`` is false;
+    ``settings`` are further config lines (password and ACL files, connection limits).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        listeners: str | None = None,
+        settings: Sequence[str] = (),
+        anonymous: bool = True,
+        max_packet_bytes: int | None = None,
+    ) -> None:
         binary = require_mosquitto()
         self.port = port or free_port()
-        self.conf = root / "mosquitto.conf"
+        self.conf = root / f"mosquitto-{self.port}.conf"
         root.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "set_tcp_nodelay true",
-            "persistence false",
-            "max_packet_size 1048576",
-        ]
+        default = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}"]
+        lines = [listeners.rstrip("\n")] if listeners else default
+        lines += [*settings, "set_tcp_nodelay true", "persistence false"]
+        if max_packet_bytes is not None:
+            lines.append(f"max_packet_size {max_packet_bytes}")
         if os.geteuid() == 0:
-            lines.append("user root")  # mosquitto drops to 'mosquitto' otherwise, which may not exist
+            # mosquitto drops to 'mosquitto' otherwise, which may not exist or read our 0600 files
+            lines.append("user root")
         self.conf.write_text("\n".join(lines) + "\n")
-        self.proc = Proc("mosquitto", [binary, "-c", str(self.conf)], root / "mosquitto.log")
+        self.proc = Proc("mosquitto", [binary, "-c", str(self.conf)], root / f"mosquitto-{self.port}.log")
 
     def start(self, timeout: float = 10.0) -> ManagedBroker:
         self.proc.start_until(lambda: port_open(self.port), timeout, f"mosquitto on {self.port}")
@@ -178,7 +194,16 @@ class ManagedBroker:
 class HubProc:
     """``edgectl hub serve`` on a database (SQLite file or PostgreSQL URL) and a broker."""
 
-    def __init__(self, root: Path, db_url: str, broker_port: int, trusted: Path, *, tick_s: float = 0.2):
+    def __init__(
+        self,
+        root: Path,
+        db_url: str,
+        broker_port: int,
+        trusted: Path,
+        *,
+        tick_s: float = 0.2,
+        offline_after_s: float = 10.0,
+    ):
         self.root = root
         self.db_url = db_url
         self.port = free_port()
@@ -189,7 +214,7 @@ class HubProc:
             edgectl, "-v", "hub", "serve", "--migrate",
             "--db", db_url, "--data", str(root), "--trust", str(trusted),
             "--listen", f"127.0.0.1:{self.port}", "--broker", f"127.0.0.1:{broker_port}",
-            "--tick", str(tick_s), "--offline-after", "10",
+            "--tick", str(tick_s), "--offline-after", str(offline_after_s),
         ]  # fmt: skip
         self.proc = Proc("cloud-hub", argv, root / "hub.log")
 
@@ -231,64 +256,6 @@ class HubProc:
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
-
-
-class AgentBox:
-    """``edge-agent run`` with its own data folder and config, on the given broker."""
-
-    def __init__(
-        self,
-        root: Path,
-        device_id: str,
-        broker_port: int,
-        trusted: Path,
-        *,
-        profile: str = "cpu-x86-int8",
-        heartbeat_s: float = 1.0,
-        extra: Mapping[str, Mapping[str, Any]] | None = None,
-        top: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.root = root
-        self.device_id = device_id
-        self.data = root / "data"
-        self.config_path = root / "agent.toml"
-        sections: dict[str, dict[str, Any]] = {
-            "cloud": {
-                "url": f"mqtt://127.0.0.1:{broker_port}",
-                "reconnect_min_s": 0.2,
-                "reconnect_max_s": 2.0,
-            },
-            "telemetry": {"heartbeat_s": heartbeat_s},
-            "update": {"request_timeout_s": 5.0},
-        }
-        for name, table in (extra or {}).items():
-            sections.setdefault(name, {}).update(table)
-        top = {
-            "device_id": device_id,
-            "profile": profile,
-            "data_dir": str(self.data),
-            "trusted_keys": [str(trusted)],
-            "log_level": "debug",
-            **(top or {}),
-        }
-        root.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(toml_text(top, sections))
-        argv = [tool("edge-agent"), "run", "--config", str(self.config_path)]
-        self.proc = Proc(f"edge-agent {device_id}", argv, root / "agent.log")
-
-    def start(self, env: Mapping[str, str] | None = None) -> AgentBox:
-        self.proc.start(env)
-        return self
-
-    def status(self) -> dict[str, Any]:
-        """``edge-agent status -o json``: slots and the last update, read from the data folder."""
-        out = subprocess.run(
-            [tool("edge-agent"), "status", "--config", str(self.config_path), "--output", "json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return dict(json.loads(out.stdout))
 
 
 def toml_text(top: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]) -> str:

@@ -141,33 +141,10 @@ PublishFn = Callable[..., dict[str, Any]]
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[int]:
     """A mosquitto of our own on a free loopback port (no other test's traffic), stopped by PID."""
-    import shutil
-    import socket
-    import subprocess
-    import time
+    from edgectl.demo.procs import ManagedBroker
 
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is required for the hub's MQTT tests")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-    )
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("private mosquitto did not start")
-            time.sleep(0.05)
+    broker = ManagedBroker(tmp_path / "broker").start()
     try:
-        yield port
+        yield broker.port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        broker.stop()

@@ -20,8 +20,11 @@ from typing import Any
 
 import pytest
 
+from edgectl.demo.agent_box import AgentBox
+from edgectl.demo.partition import TcpProxy
+from edgectl.demo.procs import ManagedBroker, tool, wait_for
+from edgectl.demo.wire import Wire
 from tests.agent_bundles import derive
-from tests.integration.agent_harness import EDGE_AGENT, AgentProc, Broker, TcpProxy, Wire, wait_for
 from tests.integration.test_hub_rollouts import register
 
 pytestmark = pytest.mark.integration
@@ -57,16 +60,16 @@ def versions(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Vers
 @dataclass
 class World:
     root: Path
-    broker: Broker
+    broker: ManagedBroker
     ctx: Any
     wire: Wire
     versions: Versions
     device_id: str
 
-    def agent(self, port: int | None = None, **config: Any) -> AgentProc:
+    def agent(self, port: int | None = None, **config: Any) -> AgentBox:
         config.setdefault("bootstrap_bundle", str(self.versions.v1))
         port = port or self.broker.port
-        return AgentProc(self.root / "box", self.device_id, port, self.versions.public, **config)
+        return AgentBox(self.root / "box", self.device_id, port, self.versions.public, **config)
 
 
 @pytest.fixture
@@ -76,7 +79,7 @@ def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
     from cloud_hub.settings import HubSettings
     from edgeglm.mqtt import BrokerSettings
 
-    broker = Broker(tmp_path).start()
+    broker = ManagedBroker(tmp_path).start()
     migrate(f"sqlite:///{tmp_path / 'hub.db'}")
     ctx = build_context(
         HubSettings(
@@ -138,7 +141,7 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
         assert "reusing the loaded tiny-edge@1.0.0 (standby)" in agent.log()  # and loaded nothing
         assert world.wire.ask().error is None
         out = subprocess.run(
-            [EDGE_AGENT, "status", "--config", str(agent.config_path), "--output", "json"],
+            [tool("edge-agent"), "status", "--config", str(agent.config_path), "--output", "json"],
             capture_output=True,
             text=True,
             check=True,
@@ -149,7 +152,7 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
         assert status["last_update"]["step"] == "committed" and status["last_update"]["rollout_id"] == "12"
     finally:
         agent.stop()
-    assert agent.proc is not None and agent.proc.returncode == 0
+    assert agent.proc.popen is not None and agent.proc.popen.returncode == 0
     offline = [s for s in world.wire.status if s.state == "offline"]
     assert offline, "a clean stop publishes the retained offline status"
 
@@ -157,16 +160,16 @@ def test_the_daemon_updates_serves_and_reverts_without_downloading(world: World)
 BANDWIDTH = 20_000  # bytes/s: the 1.3.0 update then takes several seconds
 
 
-def _step(agent: AgentProc) -> str | None:
+def _step(agent: AgentBox) -> str | None:
     rec = agent.state()
     return rec.step if rec is not None else None
 
 
-def _settled(agent: AgentProc) -> bool:
+def _settled(agent: AgentBox) -> bool:
     return agent.state().step in ("committed", "failed")
 
 
-def _answers(world: World, agent: AgentProc, version: str) -> None:
+def _answers(world: World, agent: AgentBox, version: str) -> None:
     """The agent is up on ``version`` and answers a request."""
     wait_for(lambda: world.wire.online(version), 60, f"status online {version}")
     reply = world.wire.ask()
@@ -261,7 +264,7 @@ def test_broker_down_for_30s_during_download_then_it_continues(world: World) -> 
         pieces = agent.verified_pieces()
         assert len(pieces) == len(set(pieces)), "a piece verified before the outage was fetched again"
         assert before <= during < len(pieces)
-        assert agent.proc is not None and agent.proc.poll() is None  # one process all along
+        assert agent.proc.alive()  # one process all along
         _answers(world, agent, "1.3.0")
     finally:
         agent.stop()
@@ -424,7 +427,7 @@ def test_the_http_api_and_metrics_follow_the_engine_an_update_swaps_in(world: Wo
     daemon, answered by whichever engine serves now (1.0.0, then 1.1.0 after the update)."""
     import urllib.request
 
-    from tests.integration.agent_harness import free_port
+    from edgectl.demo.procs import free_port
 
     port = free_port()
     agent = world.agent(serving={"http_listen": f"127.0.0.1:{port}"}).start()
@@ -489,7 +492,7 @@ def test_a_bundle_exported_with_a_profile_file_is_served_without_naming_the_prof
     private, public, _ = create_keypair(tmp_path / "keys", "release")
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(heldout_prompts()))
-    edgectl = str(Path(EDGE_AGENT).with_name("edgectl"))
+    edgectl = tool("edgectl")
     bundle = tmp_path / "bundle"
     checkpoint = str(tiny_checkpoints("glm-edge"))
     args = ["--profile", str(custom), "--version", "1.0.0", "--key", str(private), "--out", str(bundle)]
@@ -541,11 +544,11 @@ def test_a_bundle_exported_with_a_profile_file_is_served_without_naming_the_prof
     )
     assert too_long.returncode != 0 and "384" in too_long.stderr  # the recorded context, not 2048
 
-    broker = Broker(tmp_path).start()
+    broker = ManagedBroker(tmp_path).start()
     device = f"box-{uuid.uuid4().hex[:6]}"
     (tmp_path / "box").mkdir()
     wire = Wire(broker.port, device)
-    agent = AgentProc(
+    agent = AgentBox(
         tmp_path / "box", device, broker.port, public, profile=None, bootstrap_bundle=str(bundle)
     )
     try:

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.integration.agent_harness import AgentProc, Broker, Wire, free_port, wait_for
+from edgectl.demo.agent_box import AgentBox
+from edgectl.demo.procs import ManagedBroker, free_port, wait_for
+from edgectl.demo.wire import Wire
 from tests.integration.test_hub_tls import _cert, _pem
 
 pytestmark = pytest.mark.integration
@@ -47,7 +49,7 @@ def tls_broker(tmp_path: Path) -> Any:
         f"password_file {creds_dir / 'passwd'}\nacl_file {creds_dir / 'acl'}\n"
         f"listener {ports['local']} 127.0.0.1\nallow_anonymous true\n"
     )
-    broker = Broker(tmp_path, extra=conf, port=ports["local"]).start()
+    broker = ManagedBroker(tmp_path, ports["local"], listeners=conf).start()
     wait_for(lambda: all(_open(p) for p in ports.values()), 10, "all three listeners")
     try:
         yield {
@@ -71,13 +73,11 @@ def _open(port: int) -> bool:
         return False
 
 
-def _agent(
-    tmp_path: Path, tiny_bundle: Any, device: str, cloud: dict[str, Any], local_port: int
-) -> AgentProc:
+def _agent(tmp_path: Path, tiny_bundle: Any, device: str, cloud: dict[str, Any], local_port: int) -> AgentBox:
     folder, _profile, public = tiny_bundle("fused-int8")
     root = tmp_path / device
     root.mkdir()
-    return AgentProc(
+    return AgentBox(
         root,
         device,
         0,

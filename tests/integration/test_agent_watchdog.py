@@ -10,20 +10,21 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agent_harness import AgentProc, Broker
+from edgectl.demo.agent_box import AgentBox
+from edgectl.demo.procs import ManagedBroker
 
 pytestmark = pytest.mark.integration
 
 
 def test_the_daemon_says_ready_and_pets_the_watchdog(tiny_bundle: Any, tmp_path: Path) -> None:
     folder, _profile, public = tiny_bundle("fused-int8")
-    broker = Broker(tmp_path).start()
+    broker = ManagedBroker(tmp_path).start()
     sock_path = Path("/tmp") / f"edge-notify-{time.monotonic_ns()}.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     srv.bind(str(sock_path))
     srv.settimeout(30)
     (tmp_path / "box").mkdir()
-    agent = AgentProc(tmp_path / "box", "box-wd", broker.port, public, bootstrap_bundle=str(folder))
+    agent = AgentBox(tmp_path / "box", "box-wd", broker.port, public, bootstrap_bundle=str(folder))
     try:
         agent.start(env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
         got: list[str] = []

@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from edgectl.demo.fleet import LocalFleet
+from edgectl.demo.partition import TcpProxy
 from edgectl.demo.procs import wait_for
 from tests.agent_bundles import derive
-from tests.integration.agent_harness import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker_acl import password_line
 from edgectl import root
+from edgectl.demo.procs import ManagedBroker
 
 pytestmark = pytest.mark.integration
 
@@ -67,16 +65,10 @@ def test_each_device_may_use_only_its_own_topics(tmp_path: Path) -> None:
     assert (out / "credentials.json").stat().st_mode & 0o777 == 0o600
     assert "s3cret" not in (out / "passwd").read_text() and creds["box-1"] not in (out / "passwd").read_text()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {out / 'passwd'}\n"
-        f"acl_file {out / 'acl'}\nset_tcp_nodelay true\npersistence false\n"
-        + ("user root\n" if os.geteuid() == 0 else "")  # keep access to the 0600 files under tmp
-    )
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.PIPE, text=True)
+    settings = [f"password_file {out / 'passwd'}", f"acl_file {out / 'acl'}"]
+    broker = ManagedBroker(tmp_path / "broker", settings=settings, anonymous=False)
+    port = broker.port
+    broker.start()
     try:
         time.sleep(0.5)
         hub, seen = _client(port, "hub", creds["hub"])
@@ -106,5 +98,4 @@ def test_each_device_may_use_only_its_own_topics(tmp_path: Path) -> None:
         for c in (hub, box1):
             c.loop_stop()
     finally:
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker_acl import write_acl
+from edgectl.demo.procs import ManagedBroker, free_port
 from edgeglm.errors import UnavailableError
 from edgeglm.protocol import Health, Heartbeat, encode, heartbeat_topic
 
@@ -79,17 +77,13 @@ def test_hub_ingests_over_tls_with_credentials(hub_db_url: str, tmp_path: Path) 
     import json
 
     creds = json.loads((creds_dir / "credentials.json").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
+    port = free_port()
+    listener = (
         f"listener {port} 127.0.0.1\ncafile {ca_file}\ncertfile {_pem(tmp_path / 'srv.pem', srv)}\n"
         f"keyfile {_pem(tmp_path / 'srv.key', srv_key)}\nallow_anonymous false\n"
-        f"password_file {creds_dir / 'passwd'}\nacl_file {creds_dir / 'acl'}\npersistence false\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
     )
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    settings = [f"password_file {creds_dir / 'passwd'}", f"acl_file {creds_dir / 'acl'}"]
+    broker = ManagedBroker(tmp_path / "broker", port, listeners=listener, settings=settings).start()
     db = open_db(hub_db_url)
     link = ingest = None
     try:
@@ -137,5 +131,4 @@ def test_hub_ingests_over_tls_with_credentials(hub_db_url: str, tmp_path: Path) 
             link.close()
             ingest.stop()
         db.dispose()
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()

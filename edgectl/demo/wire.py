@@ -1,0 +1,96 @@
+"""The hub's side of one device's wire, played by hand: desired states out; reports, status,
+heartbeats and inference replies in (requests go through :class:`~edgectl.demo.fleet.Sensor`,
+as a sensor sends them). Used where a test or a benchmark drives one agent without a hub."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from edgectl.demo.fleet import Sensor
+from edgeglm.mqtt import BrokerSettings, MqttLink
+from edgeglm.protocol import (
+    Desired,
+    Heartbeat,
+    InferReply,
+    Report,
+    Status,
+    decode,
+    desired_topic,
+    encode,
+    heartbeat_topic,
+    report_topic,
+    status_topic,
+)
+
+__all__ = ["Wire"]
+
+
+class Wire:
+    """One device's wire, seen from the hub's seat (``reports``, ``status``, ``heartbeats`` as
+    they arrive; ``desire()`` publishes a desired state; ``ask()`` a sensor's request)."""
+
+    def __init__(self, port: int, device_id: str) -> None:
+        self.device_id = device_id
+        self.reports: list[Report] = []
+        self.status: list[Status] = []
+        self.heartbeats: list[Heartbeat] = []
+        self.sensor = Sensor(port)
+        self.lock = threading.Lock()
+        self.link = MqttLink(
+            BrokerSettings(port=port, reconnect_min_s=0.2, reconnect_max_s=1.0),
+            f"wire-{device_id}-{uuid.uuid4().hex[:6]}",
+        )
+        self.link.subscribe(report_topic(device_id), 1, self._on_report)
+        self.link.subscribe(status_topic(device_id), 1, self._on_status)
+        self.link.subscribe(heartbeat_topic(device_id), 0, self._on_heartbeat)
+        self.link.start()  # reconnects and subscribes again after a broker outage
+        if not self.link.wait_connected(10):
+            raise TimeoutError(f"no MQTT broker on port {port}")
+
+    def _on_report(self, msg: Any) -> None:
+        with self.lock:
+            self.reports.append(decode(Report, msg.payload))
+
+    def _on_status(self, msg: Any) -> None:
+        if msg.payload:
+            with self.lock:
+                self.status.append(decode(Status, msg.payload))
+
+    def _on_heartbeat(self, msg: Any) -> None:
+        with self.lock:
+            self.heartbeats.append(decode(Heartbeat, msg.payload))
+
+    def desire(self, folder: Path, rollout_id: int) -> None:
+        from edgeglm.bundle import load_manifest, manifest_digest
+
+        m, doc = load_manifest(folder, None)
+        body = Desired(
+            model=m.model,
+            version=m.version,
+            manifest_digest=manifest_digest(doc),
+            rollout_id=rollout_id,
+            profile=m.profile,
+            issued_at=time.time(),
+        )
+        self.link.publish(desired_topic(self.device_id), encode(body), qos=1, retain=True).wait_for_publish(5)
+
+    def online(self, version: str) -> bool:
+        with self.lock:
+            return any(s.state == "online" and s.version == version for s in self.status)
+
+    def steps(self, rollout_id: int) -> list[tuple[str, bool]]:
+        with self.lock:
+            return [(r.step, r.ok) for r in self.reports if r.rollout_id == rollout_id]
+
+    def ask(self, prompt: str = "The sensor reads", timeout: float = 60.0) -> InferReply:
+        """One greedy 4-token request, sent again every 5 s until answered (an agent that is just
+        starting has not subscribed yet: a QoS 1 message to no subscriber is gone); the final reply."""
+        return self.sensor.ask(self.device_id, prompt, max_tokens=4, timeout=timeout, stop=())
+
+    def close(self) -> None:
+        self.sensor.close()
+        self.link.close()
