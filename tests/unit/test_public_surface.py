@@ -9,7 +9,8 @@ import sys
 
 import edgeglm
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(edgeglm.__path__, "edgeglm.") if not m.ispkg)
+# Every kernel module and package, and the modules of its packages (edgeglm.protocol and its parts).
+MODULES = sorted(m.name for m in pkgutil.walk_packages(edgeglm.__path__, "edgeglm."))
 
 
 def _isort_key(name: str) -> tuple[int, str]:
