@@ -1,4 +1,4 @@
-"""The wire contract: topics, JSON messages and binary frames (edgeglm/protocol.py).
+"""The wire contract: topics, JSON messages and binary frames (the edgeglm.protocol package).
 
 Whatever arrives, ``decode`` and ``Frame.unpack`` answer with a message or a ProtocolError.
 """

@@ -9,7 +9,8 @@ import sys
 
 import edgeglm
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(edgeglm.__path__, "edgeglm.") if not m.ispkg)
+# Every kernel module and package, and the modules of its packages (edgeglm.protocol and its parts).
+MODULES = sorted(m.name for m in pkgutil.walk_packages(edgeglm.__path__, "edgeglm."))
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -26,6 +27,28 @@ def test_every_kernel_module_declares_a_sorted_all():
         assert list(exported) == sorted(exported, key=_isort_key), f"{name}.__all__ is not sorted"
         missing = [n for n in exported if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names missing attributes {missing}"
+
+
+def test_protocol_package_re_exports_the_names_of_its_parts():
+    """edgeglm.protocol is one module per part; the package's __all__ is exactly theirs, re-exported."""
+    parts = [n for n in MODULES if n.startswith("edgeglm.protocol.")]
+    assert set(parts) >= {
+        "edgeglm.protocol.topics",
+        "edgeglm.protocol.message",
+        "edgeglm.protocol.control",
+        "edgeglm.protocol.inference",
+        "edgeglm.protocol.error_body",
+        "edgeglm.protocol.frames",
+    }
+    package = importlib.import_module("edgeglm.protocol")
+    owners: dict[str, str] = {}
+    for name in parts:
+        module = importlib.import_module(name)
+        for exported in module.__all__:
+            assert exported not in owners, f"{exported} is in {owners[exported]} and {name}"
+            owners[exported] = name
+            assert getattr(package, exported) is getattr(module, exported), f"{exported} is not re-exported"
+    assert sorted(package.__all__) == sorted(owners)
 
 
 def test_kernel_imports_nothing_heavy_and_no_wing():

@@ -1,0 +1,120 @@
+"""The inference API over MQTT: a generation request with its sampling parameters, and the reply.
+
+A reply goes to the request's MQTT 5 response topic, or to ``reply_to`` for MQTT 3.1.1 clients.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import AfterValidator, Field, Strict, StrictBool, StringConstraints, model_validator
+
+from edgeglm.contracts import Name
+from edgeglm.errors import ProtocolError
+from edgeglm.protocol.error_body import ErrorBody, ErrorCode
+from edgeglm.protocol.message import _MAX_REASON, Message, _Body, _Count, _NonNeg
+from edgeglm.protocol.topics import check_reply_topic
+
+__all__ = [
+    "ChatMessage",
+    "InferReply",
+    "InferRequest",
+    "Timings",
+    "Usage",
+]
+
+_MAX_PROMPT_CHARS = 65536
+_TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+
+
+def _reply_topic_ok(topic: str) -> str:
+    try:
+        return check_reply_topic(topic)
+    except ProtocolError as exc:
+        raise ValueError(exc.why) from exc
+
+
+_ReplyTopic = Annotated[str, StringConstraints(strict=True, max_length=1024), AfterValidator(_reply_topic_ok)]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, StringConstraints(strict=True, max_length=_MAX_PROMPT_CHARS)]
+
+
+class InferRequest(Message):
+    """A generation request: ``prompt`` or chat ``messages``, exactly one.
+
+    MQTT 5 clients set the response topic and correlation data; MQTT 3.1.1 clients set
+    ``reply_to`` and ``id`` instead. The agent checks the prompt against the context in tokens.
+    """
+
+    MAX_BYTES = 512 * 1024
+    prompt: (
+        Annotated[str, StringConstraints(strict=True, min_length=1, max_length=_MAX_PROMPT_CHARS)] | None
+    ) = None
+    messages: Annotated[tuple[ChatMessage, ...], Field(min_length=1, max_length=256)] | None = None
+    model: Name | None = None
+    max_tokens: Annotated[int, Strict(), Field(ge=1, le=8192)] = 128
+    temperature: _NonNeg = 0.0  # 0 = greedy
+    top_k: Annotated[int, Strict(), Field(ge=0, le=1_000_000)] = 0  # 0 = off
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    repetition_penalty: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1.0
+    stop: Annotated[
+        tuple[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)], ...],
+        Field(max_length=16),
+    ] = ()
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**64 - 1)] | None = None
+    stream: StrictBool = False
+    id: Annotated[str, StringConstraints(strict=True, max_length=128)] | None = None
+    reply_to: _ReplyTopic | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' and 'messages' is required")
+        if self.messages and sum(len(m.content) for m in self.messages) > _MAX_PROMPT_CHARS:
+            raise ValueError(f"messages hold more than {_MAX_PROMPT_CHARS} characters")
+        return self
+
+
+class Usage(_Body):
+    prompt_tokens: _Count
+    completion_tokens: _Count
+    cached_tokens: _Count = 0  # of prompt_tokens: KV reused from an earlier prompt, not prefilled
+
+
+class Timings(_Body):
+    queue_ms: _NonNeg
+    prefill_ms: _NonNeg
+    decode_ms: _NonNeg
+    total_ms: _NonNeg
+
+
+class InferReply(Message):
+    """A reply, or one part of a streamed reply (``seq`` counts from 0; the last has ``done``)."""
+
+    MAX_BYTES = 1024 * 1024
+    id: Annotated[str, StringConstraints(strict=True, max_length=128)] | None = None
+    seq: _Count = 0
+    text: Annotated[str, StringConstraints(strict=True, max_length=131072)] = ""
+    tokens: Annotated[tuple[_TokenId, ...], Field(max_length=8192)] = ()
+    done: StrictBool = False
+    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: ErrorBody | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.done != (self.finish_reason is not None):
+            raise ValueError("'finish_reason' is set exactly when 'done' is true")
+        if (self.error is not None) != (self.finish_reason == "error"):
+            raise ValueError("'error' is set exactly when 'finish_reason' is 'error'")
+        return self
+
+    @classmethod
+    def failure(cls, code: ErrorCode, message: str, *, id: str | None = None) -> InferReply:
+        """The final reply for a request that failed."""
+        body = ErrorBody(code=code, message=message[:_MAX_REASON])
+        return cls(id=id, done=True, finish_reason="error", error=body)
