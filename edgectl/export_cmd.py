@@ -100,7 +100,7 @@ def run(
 ) -> None:
     """Export CHECKPOINT (a local Hugging Face GLM folder) for one device profile."""
     try:
-        from export.facade import ExportSpec, run_export
+        from export.entry import ExportSpec, run_export
     except ImportError as exc:
         raise UnavailableError(
             "export",

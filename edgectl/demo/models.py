@@ -42,7 +42,7 @@ def build_versions(work: Path, say: Callable[[str], None], *, steps: int = 300) 
     import time
 
     try:
-        from export.facade import (
+        from export.entry import (
             ExportSpec,
             build_checkpoint,
             finetune_checkpoint,

@@ -1,4 +1,4 @@
-"""What the export wing offers the composition root (``edgectl export`` and ``edgectl demo``).
+"""The export wing's entry points for the composition root (``edgectl export`` and ``edgectl demo``).
 
 One export run (:class:`ExportSpec` in, :class:`ExportResult` out), and the tiny trained GLM
 checkpoints the demo tells its story with. Nothing above the wings imports another module of it.
