@@ -264,8 +264,7 @@ class Hub:
         from cloud_hub.db import migrate
         from cloud_hub.server import build_context
         from cloud_hub.settings import HubSettings
-        from edgeglm.bundle import load_manifest
-        from edgeglm.bundle_files import FolderSource, seal_folder
+        from edgeglm.bundle_files import seal_folder
         from edgeglm.keys import create_keypair, load_private_key
 
         migrate(self.db)
@@ -280,15 +279,8 @@ class Hub:
             rng = np.random.default_rng(i)
             (folder / "weights.bin").write_bytes(rng.integers(0, 256, 64 * 1024, dtype=np.uint8).tobytes())
             seal_folder(folder, key, model=MODEL, version=version, profile=PROFILE, quality={"passed": True})
-            raw = (folder / "manifest.json").read_bytes()
-            manifest, _ = load_manifest(folder, None)
-            source = FolderSource.of(folder, manifest)
             with ctx.db.session() as s:
-                reg = registry.Registry(s, ctx.store, ctx.trusted)
-                up = reg.begin(raw, "bench")
-                for pid, _ in up.missing:
-                    reg.put_piece(up.upload_id, pid, source.read(pid))
-                reg.commit(up.upload_id, "bench")
+                registry.Registry(s, ctx.store, ctx.trusted).publish_folder(folder, "bench")
         ctx.db.dispose()
 
     def start(self) -> None:

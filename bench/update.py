@@ -203,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.update needs mosquitto: apt-get install mosquitto", file=sys.stderr)
         return 69
     from cloud_hub.db import migrate
+    from cloud_hub.registry import Registry
     from cloud_hub.server import build_context, start_ingest
     from cloud_hub.settings import HubSettings
+    from edgectl.demo.procs import ManagedBroker
+    from edgectl.demo.wire import Wire
     from edgeglm.bundle import load_manifest
     from edgeglm.bundle_files import FolderSource
     from edgeglm.keys import create_keypair, load_private_key
     from edgeglm.mqtt import BrokerSettings
     from edgeglm.onnx_tensors import read_external_tables
     from edgeglm.planner import SourceChain, plan
-    from edgectl.demo.procs import ManagedBroker
-    from edgectl.demo.wire import Wire
-    from tests.integration.test_hub_rollouts import register  # the tests' registry helper
 
     dims = QUICK if args.quick else GLM_EDGE_15B
     with tempfile.TemporaryDirectory(prefix="bench-update-") as tmp:
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         db = f"sqlite:///{work / 'hub.db'}"
         migrate(db)
         ctx = build_context(HubSettings(data_dir=work / "hub", db_url=db, trusted_keys=(public,)))
-        register(ctx, v1)
-        register(ctx, v11)
+        for folder in (v1, v11):
+            with ctx.db.session() as s:
+                Registry(s, ctx.store, ctx.trusted).publish_folder(folder, "bench")
         link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), "bench-hub")
         boxes: list[Any] = []
         try:

@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
@@ -27,7 +28,8 @@ from sqlalchemy.orm import Session
 from cloud_hub import audit
 from cloud_hub.models import Bundle, Chunk, Model, Release, Upload
 from edgeglm import contracts
-from edgeglm.bundle import Manifest, manifest_digest, parse_manifest
+from edgeglm.bundle import MANIFEST_NAME, Manifest, load_manifest, manifest_digest, parse_manifest
+from edgeglm.bundle_files import FolderSource
 from edgeglm.errors import ConflictError, IntegrityError, NotFoundError
 from edgeglm.piece_store import PieceStore
 
@@ -148,6 +150,16 @@ class Registry:
         if self.s.get(Chunk, pid) is None:
             self.s.add(Chunk(piece_id=pid, size=len(data)))
         return new
+
+    def publish_folder(self, folder: Path, actor: str, *, force: bool = False) -> Bundle:
+        """A sealed bundle folder on this machine, published in one go (begin, the missing pieces,
+        commit): how a hub is seeded without going through its HTTP API."""
+        manifest, _ = load_manifest(folder, None)
+        source = FolderSource.of(folder, manifest)
+        upload = self.begin((folder / MANIFEST_NAME).read_bytes(), actor, force=force)
+        for pid, _size in upload.missing:
+            self.put_piece(upload.upload_id, pid, source.read(pid))
+        return self.commit(upload.upload_id, actor)
 
     def status(self, upload_id: str) -> UploadState:
         upload = self.s.get(Upload, upload_id)

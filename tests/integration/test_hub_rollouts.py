@@ -29,18 +29,9 @@ def _until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condit
 
 def register(ctx: Any, folder: Path) -> None:
     from cloud_hub.registry import Registry
-    from edgeglm.bundle import load_manifest
-    from edgeglm.bundle_files import FolderSource
 
-    raw = (folder / "manifest.json").read_bytes()
-    manifest, _ = load_manifest(folder, None)
-    source = FolderSource.of(folder, manifest)
     with ctx.db.session() as s:
-        reg = Registry(s, ctx.store, ctx.trusted)
-        up = reg.begin(raw, "test-setup")
-        for pid, _ in up.missing:
-            reg.put_piece(up.upload_id, pid, source.read(pid))
-        reg.commit(up.upload_id, "test-setup")
+        Registry(s, ctx.store, ctx.trusted).publish_folder(folder, "test-setup")
 
 
 @dataclass
