@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -136,6 +136,11 @@ class Database:
     def session(self) -> Iterator[Session]:
         with self._factory() as s, s.begin():
             yield s
+
+    def ping(self) -> None:
+        """One round trip; a database that cannot answer raises (the API answers 503)."""
+        with self.session() as s:
+            s.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()

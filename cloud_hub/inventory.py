@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,6 +18,7 @@ from cloud_hub import audit
 from cloud_hub.models import Device
 from edgeglm.contracts import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 from edgeglm.errors import NotFoundError, UsageError
+from edgeglm.hub_api import DeviceView
 
 __all__ = ["Inventory", "device_view", "devices_by_id", "parse_selector"]
 
@@ -65,25 +64,21 @@ def devices_by_id(s: Session, ids: Sequence[str]) -> dict[str, Device]:
     return out
 
 
-def device_view(d: Device) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "profile": d.profile,
-        "labels": dict(d.labels or {}),
-        "online": d.online,
-        "agent_version": d.agent_version,
-        "current": f"{d.current_model}@{d.current_version}" if d.current_model else None,
-        "desired": f"{d.desired_model}@{d.desired_version}" if d.desired_model else None,
-        "pinned_version": d.pinned_version,
-        "health": dict(d.health or {}),
-        "heartbeats": d.heartbeats,
-        "last_seen": _iso(d.last_seen),
-        "registered_at": _iso(d.registered_at),
-    }
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat() if t else None
+def device_view(d: Device) -> DeviceView:
+    return DeviceView(
+        id=d.id,
+        profile=d.profile,
+        labels=dict(d.labels or {}),
+        online=d.online,
+        agent_version=d.agent_version,
+        current=f"{d.current_model}@{d.current_version}" if d.current_model else None,
+        desired=f"{d.desired_model}@{d.desired_version}" if d.desired_model else None,
+        pinned_version=d.pinned_version,
+        health=dict(d.health or {}),
+        heartbeats=d.heartbeats,
+        last_seen=d.last_seen,
+        registered_at=d.registered_at,
+    )
 
 
 class Inventory:

@@ -12,6 +12,7 @@ devices and devices already on the target. Wave membership is deterministic: dev
 by SHA-256 of ``model@version/device`` and waves are cumulative (``5,25,100`` percent; ``3n`` is
 a count of devices), so a dry run shows exactly the waves the rollout will run. A device takes
 part in one active rollout at a time; the database enforces it with a partial unique index.
+Dry runs, rollouts and rollbacks are answered as the API's views (:mod:`edgeglm.hub_api`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ from cloud_hub.registry import Registry
 from edgeglm.bundle import Manifest, parse_manifest
 from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError, UsageError
+from edgeglm.hub_api import (
+    DeploymentView,
+    DryRunView,
+    PlannedDevice,
+    PlannedWave,
+    RollbackView,
+    RolloutDetail,
+    RolloutView,
+    WaveView,
+)
 from edgeglm.lifecycle import (
     ACTIVE_ROLLOUT,
     DeploymentState,
@@ -46,7 +57,7 @@ from edgeglm.lifecycle import (
     rollout_sources,
 )
 from edgeglm.planner import plan as plan_update
-from edgeglm.rollout_params import DEFAULTS, RolloutParams
+from edgeglm.rollout_params import DEFAULTS, OnFailure, RolloutParams
 
 __all__ = [
     "DeploySpec",
@@ -54,14 +65,16 @@ __all__ = [
     "RolloutPlan",
     "abort",
     "create",
-    "deployments",
     "dry_run",
+    "find",
+    "listing",
     "parse_waves",
     "pause",
     "release_devices",
     "resume",
     "revert_devices",
     "rollback",
+    "rollout_detail",
     "rollout_view",
 ]
 
@@ -196,7 +209,7 @@ def _held_manifest(s: Session, device: Device) -> Manifest | None:
     return parse_manifest(b.manifest_json, None)[0] if b else None
 
 
-def dry_run(s: Session, spec: DeploySpec) -> dict[str, Any]:
+def dry_run(s: Session, spec: DeploySpec) -> DryRunView:
     """The waves, their devices and the bytes each device would download (nothing is written)."""
     p = _plan(s, spec)
     targets = [parse_manifest(b.manifest_json, None)[0] for b in p.bundles.values()]
@@ -206,27 +219,28 @@ def dry_run(s: Session, spec: DeploySpec) -> dict[str, Any]:
         members = []
         for d in p.devices[start:end]:
             held = _held_manifest(s, d)
+            assert d.profile is not None  # the plan chose it for its profile's bundle
             cost = plan_update(by_profile[d.profile], [held] if held else [])
             members.append(
-                {
-                    "device": d.id,
-                    "from": f"{d.current_model}@{d.current_version}" if d.current_model else None,
-                    "bytes": cost.bytes_to_send,
-                    "mode": cost.mode,
-                    "conflict_rollout": p.conflicts.get(d.id),
-                }
+                PlannedDevice(
+                    device=d.id,
+                    from_=f"{d.current_model}@{d.current_version}" if d.current_model else None,
+                    bytes=cost.bytes_to_send,
+                    mode=cost.mode,
+                    conflict_rollout=p.conflicts.get(d.id),
+                )
             )
-        waves.append({"wave": i, "devices": members, "bytes": sum(m["bytes"] for m in members)})
+        waves.append(PlannedWave(wave=i, devices=members, bytes=sum(m.bytes for m in members)))
         start = end
-    return {
-        "release": f"{spec.model}@{spec.version}",
-        "selector": spec.selector,
-        "devices": len(p.devices),
-        "waves": waves,
-        "skipped": {k: v for k, v in p.skipped.items() if v},
-        "conflicts": len(p.conflicts),
-        "bytes_estimated": True,  # raw sizes of the pieces a device lacks; tensor deltas only shrink it
-    }
+    return DryRunView(
+        release=f"{spec.model}@{spec.version}",
+        selector=spec.selector,
+        devices=len(p.devices),
+        waves=waves,
+        skipped={k: v for k, v in p.skipped.items() if v},
+        conflicts=len(p.conflicts),
+        bytes_estimated=True,  # raw sizes of the pieces a device lacks; tensor deltas only shrink it
+    )
 
 
 def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
@@ -305,7 +319,15 @@ def _ids_exhausted(spec: DeploySpec) -> ConflictError:
     )
 
 
-def _get(s: Session, rollout_id: int) -> Rollout:
+def listing(s: Session, state: RolloutState | None = None, *, limit: int = 200) -> list[Rollout]:
+    """The newest rollouts first, only those in ``state`` if given."""
+    q = select(Rollout).order_by(Rollout.id.desc()).limit(limit)
+    if state:
+        q = q.where(Rollout.state == state)
+    return list(s.scalars(q))
+
+
+def find(s: Session, rollout_id: int) -> Rollout:
     r = s.get(Rollout, rollout_id)
     if r is None:
         raise NotFoundError(f"rollout {rollout_id}", "does not exist")
@@ -313,7 +335,7 @@ def _get(s: Session, rollout_id: int) -> Rollout:
 
 
 def _transition(s: Session, rollout_id: int, event: RolloutEvent, actor: str, why: str) -> Rollout:
-    r = _get(s, rollout_id)
+    r = find(s, rollout_id)
     try:
         to = next_rollout_state(r.state, event)
     except LifecycleError:
@@ -381,7 +403,7 @@ def revert_devices(
 
 def rollback(
     s: Session, model: str, selector: Mapping[str, str], actor: str, publish: Publish | None
-) -> dict[str, Any]:
+) -> RollbackView:
     """The latest rollout of ``model``: its moved devices (matching ``selector``) go back."""
     r = s.scalar(
         select(Rollout)
@@ -406,61 +428,58 @@ def rollback(
         {"state": before},
         {"state": r.state, "devices": reverted, "selector": dict(selector)},
     )
-    return {"rollout": r.id, "reverted": reverted}
+    return RollbackView(rollout=r.id, reverted=reverted)
 
 
-def rollout_view(s: Session, r: Rollout) -> dict[str, Any]:
+def rollout_view(s: Session, r: Rollout) -> RolloutView:
     release = s.get(Release, r.release_id)
     assert release is not None
     counts = {
-        state: int(n)
+        DeploymentState(state): int(n)
         for state, n in s.execute(
             select(DeviceDeployment.state, func.count())
             .where(DeviceDeployment.rollout_id == r.id)
             .group_by(DeviceDeployment.state)
         )
     }
-    return {
-        "id": r.id,
-        "release": f"{release.model.name}@{release.version}",
-        "state": r.state,
-        "reason": r.reason,
-        "current_wave": r.current_wave,
-        "waves": [
-            {
-                "wave": w.index,
-                "size": w.size,
-                "state": w.state,
-                "soak_until": w.soak_until.isoformat() if w.soak_until else None,
-            }
+    return RolloutView(
+        id=r.id,
+        release=f"{release.model.name}@{release.version}",
+        state=RolloutState(r.state),
+        reason=r.reason,
+        current_wave=r.current_wave,
+        waves=[
+            WaveView(wave=w.index, size=w.size, state=WaveState(w.state), soak_until=w.soak_until)
             for w in r.wave_rows
         ],
-        "devices": counts,
-        "selector": r.selector,
-        "gates": r.gates,
-        "on_failure": r.on_failure,
-        "created_by": r.created_by,
-        "created_at": r.created_at.isoformat(),
-        "updated_at": r.updated_at.isoformat(),
-        "baseline": r.baseline,
-    }
+        devices=counts,
+        selector=r.selector,
+        gates=r.gates,
+        on_failure=OnFailure(r.on_failure),
+        created_by=r.created_by,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        baseline=r.baseline,
+    )
 
 
-def deployments(s: Session, r: Rollout) -> list[dict[str, Any]]:
+def rollout_detail(s: Session, r: Rollout) -> RolloutDetail:
+    """The rollout's view and each of its devices, by wave."""
     rows = s.scalars(
         select(DeviceDeployment)
         .where(DeviceDeployment.rollout_id == r.id)
         .order_by(DeviceDeployment.wave, DeviceDeployment.device_id)
     )
-    return [
-        {
-            "device": d.device_id,
-            "wave": d.wave,
-            "state": d.state,
-            "from": d.from_version,
-            "to": d.to_version,
-            "last_step": d.last_step,
-            "detail": d.detail,
-        }
+    deployments = [
+        DeploymentView(
+            device=d.device_id,
+            wave=d.wave,
+            state=DeploymentState(d.state),
+            from_=d.from_version,
+            to=d.to_version,
+            last_step=d.last_step,
+            detail=d.detail,
+        )
         for d in rows
     ]
+    return RolloutDetail(**dict(rollout_view(s, r)), deployments=deployments)

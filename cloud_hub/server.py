@@ -6,7 +6,8 @@ import logging
 
 from fastapi import FastAPI
 
-from cloud_hub.api import HubContext, create_app
+from cloud_hub.api import create_app
+from cloud_hub.context import HubContext
 from cloud_hub.controller import Controller
 from cloud_hub.db import open_db
 from cloud_hub.gateway import Gateway

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
+from edgeglm.hub_api import API_PREFIX, AuditView, DeviceView
 
-API = "/api/v1"
+
+def _labels(d: DeviceView) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))
 
 
-def _device_table(rows: list[dict[str, Any]]) -> str:
+def _device_table(rows: list[DeviceView]) -> str:
     return render_table(
         ["DEVICE", "ONLINE", "PROFILE", "CURRENT", "DESIRED", "PINNED", "LABELS", "LAST SEEN"],
         [
             [
-                d["id"],
-                "yes" if d["online"] else "no",
-                d["profile"],
-                d["current"],
-                d["desired"],
-                d["pinned_version"],
-                ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
-                d["last_seen"],
+                d.id,
+                "yes" if d.online else "no",
+                d.profile,
+                d.current,
+                d.desired,
+                d.pinned_version,
+                _labels(d),
+                d.last_seen and d.last_seen.isoformat(),
             ]
             for d in rows
         ],
@@ -44,7 +45,9 @@ def devices() -> None:
 def devices_list(
     fleet: tuple[str, ...], online: bool | None, hub_url: str, token: str | None, output: str
 ) -> None:
-    rows = client_from(hub_url, token).get(f"{API}/devices", selector=",".join(fleet) or None, online=online)
+    rows = client_from(hub_url, token).get(
+        f"{API_PREFIX}/devices", list[DeviceView], selector=",".join(fleet) or None, online=online
+    )
     emit(rows, output, _device_table)
 
 
@@ -53,12 +56,11 @@ def devices_list(
 @hub_options
 @output_option
 def devices_show(device_id: str, hub_url: str, token: str | None, output: str) -> None:
-    d = client_from(hub_url, token).get(f"{API}/devices/{device_id}")
+    d = client_from(hub_url, token).get(f"{API_PREFIX}/devices/{device_id}", DeviceView)
 
-    def table(d: dict[str, Any]) -> str:
-        health = d["health"] or {}
+    def table(d: DeviceView) -> str:
         lines = [_device_table([d]), ""]
-        lines += [f"health.{k}: {v}" for k, v in sorted(health.items())]
+        lines += [f"health.{k}: {v}" for k, v in sorted(d.health.items())]
         return "\n".join(lines).rstrip()
 
     emit(d, output, table)
@@ -71,10 +73,10 @@ def devices_show(device_id: str, hub_url: str, token: str | None, output: str) -
 @output_option
 def devices_pin(device_id: str, version: str, hub_url: str, token: str | None, output: str) -> None:
     """Keep DEVICE_ID on VERSION: rollouts skip it until it is unpinned."""
-    d = client_from(hub_url, token).request(
-        "PUT", f"{API}/devices/{device_id}/pin", json_body={"version": version}
+    d = client_from(hub_url, token).call(
+        "PUT", f"{API_PREFIX}/devices/{device_id}/pin", DeviceView, json_body={"version": version}
     )
-    emit(d, output, lambda d: f"{d['id']} pinned to {d['pinned_version']}")
+    emit(d, output, lambda d: f"{d.id} pinned to {d.pinned_version}")
 
 
 @devices.command("unpin")
@@ -82,8 +84,8 @@ def devices_pin(device_id: str, version: str, hub_url: str, token: str | None, o
 @hub_options
 @output_option
 def devices_unpin(device_id: str, hub_url: str, token: str | None, output: str) -> None:
-    d = client_from(hub_url, token).request("DELETE", f"{API}/devices/{device_id}/pin")
-    emit(d, output, lambda d: f"{d['id']} unpinned")
+    d = client_from(hub_url, token).call("DELETE", f"{API_PREFIX}/devices/{device_id}/pin", DeviceView)
+    emit(d, output, lambda d: f"{d.id} unpinned")
 
 
 @devices.command("label")
@@ -107,14 +109,13 @@ def devices_label(
             remove.append(change[:-1])
         else:
             raise UsageError("label", f"{change!r}: write KEY=VALUE to set or KEY- to remove")
-    d = client_from(hub_url, token).request(
-        "PATCH", f"{API}/devices/{device_id}/labels", json_body={"set": set_, "remove": remove}
+    d = client_from(hub_url, token).call(
+        "PATCH",
+        f"{API_PREFIX}/devices/{device_id}/labels",
+        DeviceView,
+        json_body={"set": set_, "remove": remove},
     )
-    emit(
-        d,
-        output,
-        lambda d: f"{d['id']} labels: " + ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
-    )
+    emit(d, output, lambda d: f"{d.id} labels: {_labels(d)}")
 
 
 @click.group("audit")
@@ -139,13 +140,13 @@ def audit_list(
     output: str,
 ) -> None:
     rows = client_from(hub_url, token).get(
-        f"{API}/audit", actor=actor, action=action, target=target, limit=limit
+        f"{API_PREFIX}/audit", list[AuditView], actor=actor, action=action, target=target, limit=limit
     )
     emit(
         rows,
         output,
         lambda rs: render_table(
             ["ID", "AT", "ACTOR", "ACTION", "TARGET", "TRACE"],
-            [[r["id"], r["at"], r["actor"], r["action"], r["target"], r["trace_id"]] for r in rs],
+            [[r.id, r.at.isoformat(), r.actor, r.action, r.target, r.trace_id] for r in rs],
         ),
     )

@@ -1,7 +1,8 @@
 """``edgectl hub``: run the cloud hub (``serve``), bring its schema up (``migrate``), make tokens.
 
-These commands work on the hub's database directly (they are run where the hub runs); everything
-an operator does from elsewhere goes through the HTTP API (``publish``, ``releases``, ``devices``).
+These commands work on the hub's database directly (they are run where the hub runs), through
+the hub wing's facade :mod:`cloud_hub.admin`; everything an operator does from elsewhere goes
+through the HTTP API (``publish``, ``releases``, ``devices``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import click
 
 from edgectl.output import emit, output_option, render_table
+from edgeglm.errors import UsageError
+from edgeglm.hub_api import TokenRole
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,9 @@ def hub() -> None:
 @output_option
 def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
     """Create or upgrade the hub's database schema to this version's head."""
-    from cloud_hub.db import migrate
+    from cloud_hub import admin
 
-    settings = _settings(db_url=db_url, data_dir=data_dir)
-    before, after = migrate(settings.database_url)
+    before, after = admin.migrate(_settings(db_url=db_url, data_dir=data_dir))
     data = {"before": before, "after": after, "changed": before != after}
     emit(data, output, lambda d: f"schema: {d['before'] or 'empty'} -> {d['after']}")
 
@@ -93,32 +95,23 @@ def serve_cmd(
 ) -> None:
     """Serve the HTTP API until SIGTERM; with --broker also device traffic and the rollout controller."""
     import os
-    import socket
-    import uuid
 
     import uvicorn
 
-    from cloud_hub.server import build_context, load_app, start_controller, start_ingest
+    from cloud_hub import admin
     from edgeglm.mqtt import BrokerSettings
 
     host = port = None
     if listen:
         host, _, port_text = listen.rpartition(":")
         if not port_text.isdigit():
-            from edgeglm.errors import UsageError
-
             raise UsageError("--listen", f"{listen!r}: write host:port")
         port = int(port_text)
     settings = _settings(db_url=db_url, data_dir=data_dir, trusted_keys=trust, host=host or None, port=port)
     if migrate:
-        from cloud_hub.db import migrate as run_migrate
-
-        run_migrate(settings.database_url)
-    ctx = build_context(settings)
-    link = ingest = None
+        admin.migrate(settings)
+    mqtt = None
     if broker:
-        from edgeglm.errors import UsageError
-
         bhost, _, bport = broker.rpartition(":")
         if not bport.isdigit():
             raise UsageError("--broker", f"{broker!r}: write host:port")
@@ -129,24 +122,11 @@ def serve_cmd(
             password=os.environ.get("EDGEGLM_MQTT_PASSWORD"),
             ca_file=mqtt_ca,
         )
-        client_id = f"hub-{socket.gethostname()[:20]}-{uuid.uuid4().hex[:8]}"
-        link, ingest = start_ingest(ctx, mqtt, client_id, group=share_group, offline_after_s=offline_after)
-    holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    # only a process that can tell devices anything runs rollouts (an API-only replica cannot)
-    controller = start_controller(ctx, holder, tick_s=tick) if link is not None else None
-    click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({ctx.db.dialect})", err=True)
-    try:
-        uvicorn.run(
-            load_app(ctx), host=settings.host, port=settings.port, log_level="warning", access_log=False
-        )
-    finally:
-        if controller is not None:
-            controller.stop()
-        if link is not None and ingest is not None:
-            link.close()
-            ingest.stop()
-            ctx.gateway.close()
-        ctx.db.dispose()
+    with admin.running(
+        settings, broker=mqtt, share_group=share_group, offline_after_s=offline_after, tick_s=tick
+    ) as served:
+        click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({served.dialect})", err=True)
+        uvicorn.run(served.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
 
 
 @hub.group("token")
@@ -156,25 +136,17 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option("--role", type=click.Choice([r.value for r in TokenRole]), required=True)
 @_db_opt
 @_data_opt
 @output_option
 def token_create(name: str, role: str, db_url: str | None, data_dir: Path | None, output: str) -> None:
     """Make a token; its secret is printed once and stored only as a hash."""
-    from cloud_hub import audit
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import open_db
+    from cloud_hub import admin
 
-    db = open_db(_settings(db_url=db_url, data_dir=data_dir).database_url)
-    actor = f"local:{getpass.getuser()}"
-    try:
-        with db.session() as s:
-            row, secret = create_token(s, name, Role[role], actor)
-            audit.record(s, actor, "token.create", f"token/{row.name}", after={"role": role})
-    finally:
-        db.dispose()
-    data = {"name": name, "role": role, "token": secret}
+    settings = _settings(db_url=db_url, data_dir=data_dir)
+    made = admin.create_token(settings, name, TokenRole(role), _local_actor())
+    data = made.model_dump(mode="json", include={"name", "role", "token"})
     emit(data, output, lambda d: f"{d['token']}\n(token {d['name']!r}, role {d['role']}: shown only once)")
 
 
@@ -184,26 +156,12 @@ def token_create(name: str, role: str, db_url: str | None, data_dir: Path | None
 @output_option
 def token_list(db_url: str | None, data_dir: Path | None, output: str) -> None:
     """Tokens by name and role (never their secrets)."""
-    from sqlalchemy import select
+    from cloud_hub import admin
 
-    from cloud_hub.db import open_db
-    from cloud_hub.models import ApiToken
-
-    db = open_db(_settings(db_url=db_url, data_dir=data_dir).database_url)
-    try:
-        with db.session() as s:
-            rows = [
-                {
-                    "name": t.name,
-                    "role": t.role,
-                    "prefix": t.prefix,
-                    "created_at": t.created_at.isoformat(),
-                    "revoked": t.revoked_at is not None,
-                }
-                for t in s.scalars(select(ApiToken).order_by(ApiToken.name))
-            ]
-    finally:
-        db.dispose()
+    listed = admin.list_tokens(_settings(db_url=db_url, data_dir=data_dir))
+    rows = [
+        t.model_dump(mode="json", include={"name", "role", "prefix", "created_at", "revoked"}) for t in listed
+    ]
     emit(
         rows,
         output,
@@ -220,19 +178,15 @@ def token_list(db_url: str | None, data_dir: Path | None, output: str) -> None:
 @_data_opt
 def token_revoke(name: str, db_url: str | None, data_dir: Path | None) -> None:
     """Revoke a token at once (its requests get 401 from now on)."""
-    from cloud_hub import audit
-    from cloud_hub.auth import revoke_token
-    from cloud_hub.db import open_db
+    from cloud_hub import admin
 
-    db = open_db(_settings(db_url=db_url, data_dir=data_dir).database_url)
-    actor = f"local:{getpass.getuser()}"
-    try:
-        with db.session() as s:
-            revoke_token(s, name)
-            audit.record(s, actor, "token.revoke", f"token/{name}", {"revoked": False}, {"revoked": True})
-    finally:
-        db.dispose()
+    admin.revoke_token(_settings(db_url=db_url, data_dir=data_dir), name, _local_actor())
     click.echo(f"token {name!r} revoked")
+
+
+def _local_actor() -> str:
+    """Who the audit log records for a command run where the hub runs."""
+    return f"local:{getpass.getuser()}"
 
 
 @hub.command("acl")
@@ -259,22 +213,12 @@ def acl_cmd(
     Point mosquitto at them (password_file OUT/passwd, acl_file OUT/acl); OUT/credentials.json
     (0600) holds the generated passwords to provision the boxes with.
     """
-    from cloud_hub.broker_acl import write_acl
+    from cloud_hub import admin
 
     devices = list(device_ids)
     if registered:
-        from sqlalchemy import select
-
-        from cloud_hub.db import open_db
-        from cloud_hub.models import Device
-
-        db = open_db(_settings(db_url=db_url, data_dir=data_dir).database_url)
-        try:
-            with db.session() as s:
-                devices += list(s.scalars(select(Device.id)))
-        finally:
-            db.dispose()
-    counts = write_acl(out, devices, hub_users)
+        devices += admin.registered_devices(_settings(db_url=db_url, data_dir=data_dir))
+    counts = admin.write_acl(out, devices, hub_users)
     emit(
         {**counts, "out": str(out)},
         output,

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
+from pydantic import BaseModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,8 +37,19 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def emit(data: Any, output: str, table: Callable[[Any], str]) -> None:
-    """Print ``data`` as JSON, or as the text ``table(data)`` returns."""
+    """Print ``data`` as JSON, or as the text ``table(data)`` returns.
+
+    A model (or a list of them) prints as the JSON the hub sent it as (``edgeglm.hub_api``).
+    """
     if output == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(_plain(data), indent=2, sort_keys=True, default=str))
     else:
         click.echo(table(data))
+
+
+def _plain(data: Any) -> Any:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json", by_alias=True)
+    if isinstance(data, list):
+        return [_plain(item) for item in data]
+    return data

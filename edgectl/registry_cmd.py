@@ -10,8 +10,15 @@ import click
 from edgectl.hub_client import HubClient
 from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
-
-API = "/api/v1"
+from edgeglm.hub_api import (
+    API_PREFIX,
+    PieceView,
+    PublishedView,
+    ReleaseDetail,
+    ReleaseView,
+    UploadStatus,
+    UploadView,
+)
 
 
 def publish_bundle(
@@ -26,39 +33,40 @@ def publish_bundle(
 
     raw = (folder / MANIFEST_NAME).read_bytes()
     manifest, _ = parse_manifest(raw, None)  # the hub checks the signature against its trusted keys
-    state = client.request(
-        "POST", f"{API}/uploads", params={"force": force or None}, data=raw, content_type="application/json"
+    uploads = f"{API_PREFIX}/uploads"
+    state = client.call(
+        "POST",
+        uploads,
+        UploadView,
+        params={"force": force or None},
+        data=raw,
+        content_type="application/json",
     )
     sent = 0
-    if state["state"] == "open":
+    done: PublishedView | None = None
+    if state.state is UploadStatus.OPEN:
         source = FolderSource.of(folder, manifest)
-        missing = state["missing"]
-        total = sum(size for _, size in missing)
         with click.progressbar(
-            length=total,
+            length=state.missing_bytes,
             label=f"publishing {manifest.ref_name}",
             file=click.get_text_stream("stderr") if progress else _Null(),
         ) as bar:
-            for pid, size in missing:
-                client.request(
-                    "PUT", f"{API}/uploads/{state['upload_id']}/pieces/{pid}", data=source.read(pid)
+            for pid, size in state.missing:
+                client.call(
+                    "PUT", f"{uploads}/{state.upload_id}/pieces/{pid}", PieceView, data=source.read(pid)
                 )
                 sent += size
                 bar.update(size)
-        done = client.request("POST", f"{API}/uploads/{state['upload_id']}/commit")
-        already = False
-    else:
-        done = {"release": None, "bundle": None}
-        already = True
+        done = client.call("POST", f"{uploads}/{state.upload_id}/commit", PublishedView)
     return {
         "model": manifest.model,
         "version": manifest.version,
         "profile": manifest.profile,
-        "manifest_digest": state["manifest_digest"],
+        "manifest_digest": state.manifest_digest,
         "bytes_sent": sent,
-        "bytes_total": state["total_bytes"],
-        "already_published": already,
-        "quality_passed": (done.get("bundle") or {}).get("quality_passed"),
+        "bytes_total": state.total_bytes,
+        "already_published": done is None,
+        "quality_passed": done.bundle.quality_passed if done else None,
     }
 
 
@@ -101,14 +109,14 @@ def releases() -> None:
 @hub_options
 @output_option
 def releases_list(model: str | None, hub_url: str, token: str | None, output: str) -> None:
-    rows = client_from(hub_url, token).get(f"{API}/releases", model=model)
+    rows = client_from(hub_url, token).get(f"{API_PREFIX}/releases", list[ReleaseView], model=model)
     emit(
         rows,
         output,
         lambda rs: render_table(
             ["MODEL", "VERSION", "PROFILES", "DATASET", "CREATED"],
             [
-                [r["model"], r["version"], ",".join(r["profiles"]), r["dataset_version"], r["created_at"]]
+                [r.model, r.version, ",".join(r.profiles), r.dataset_version, r.created_at.isoformat()]
                 for r in rs
             ],
         ),
@@ -125,22 +133,22 @@ def releases_show(ref: str, hub_url: str, token: str | None, output: str) -> Non
     model, sep, version = ref.rpartition("@")
     if not sep or not model:
         raise UsageError("release", f"{ref!r}: write MODEL@VERSION")
-    data = client_from(hub_url, token).get(f"{API}/releases/{model}/{version}")
+    data = client_from(hub_url, token).get(f"{API_PREFIX}/releases/{model}/{version}", ReleaseDetail)
 
-    def table(d: dict[str, Any]) -> str:
-        head = f"{d['model']}@{d['version']}  dataset {d['dataset_version']}  by {d['created_by']}\n"
+    def table(d: ReleaseDetail) -> str:
+        head = f"{d.model}@{d.version}  dataset {d.dataset_version}  by {d.created_by}\n"
         return head + render_table(
             ["PROFILE", "BYTES", "PIECES", "QUALITY", "KEY", "DIGEST"],
             [
                 [
-                    b["profile"],
-                    b["total_bytes"],
-                    b["pieces"],
-                    "pass" if b["quality_passed"] else "FORCED",
-                    b["key_id"],
-                    b["manifest_digest"][:23],
+                    b.profile,
+                    b.total_bytes,
+                    b.pieces,
+                    "pass" if b.quality_passed else "FORCED",
+                    b.key_id,
+                    b.manifest_digest[:23],
                 ]
-                for b in d["bundles"]
+                for b in d.bundles
             ],
         )
 

@@ -12,10 +12,11 @@ from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
 from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import UsageError
+from edgeglm.hub_api import API_PREFIX, DryRunView, RollbackView, RolloutDetail, RolloutView
 from edgeglm.lifecycle import FINAL_ROLLOUT, RolloutState
 from edgeglm.rollout_params import DEFAULTS, OnFailure
 
-API = "/api/v1"
+ROLLOUTS = f"{API_PREFIX}/rollouts"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _ROLLOUT_ID = click.IntRange(1, ROLLOUT_ID_MAX)
 
@@ -69,16 +70,26 @@ def _selector(fleet: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _rollout_table(r: dict[str, Any]) -> str:
-    waves = " ".join(f"[{w['wave']}:{w['size']} {w['state']}]" for w in r["waves"])
-    devices = ", ".join(f"{k} {v}" for k, v in sorted(r["devices"].items()))
+def _rollout_table(r: RolloutView) -> str:
+    waves = " ".join(f"[{w.wave}:{w.size} {w.state}]" for w in r.waves)
+    devices = ", ".join(f"{k} {v}" for k, v in sorted(r.devices.items()))
     lines = [
-        f"rollout {r['id']}  {r['release']}  {r['state'].upper()}  wave {r['current_wave']}",
+        f"rollout {r.id}  {r.release}  {r.state.upper()}  wave {r.current_wave}",
         f"waves    {waves}",
         f"devices  {devices}",
     ]
-    if r.get("reason"):
-        lines.append(f"reason   {r['reason']}")
+    if r.reason:
+        lines.append(f"reason   {r.reason}")
+    return "\n".join(lines)
+
+
+def _dry_run_table(d: DryRunView) -> str:
+    lines = [f"dry run: {d.release} to {d.devices} device(s) in {len(d.waves)} wave(s)"]
+    for w in d.waves:
+        lines.append(f"wave {w.wave}: {len(w.devices)} device(s), {w.bytes} bytes")
+        lines += [f"  {m.device:<24} from {m.from_}  {m.bytes} bytes ({m.mode})" for m in w.devices]
+    for reason, ids in d.skipped.items():
+        lines.append(f"skipped ({reason}): {', '.join(ids)}")
     return "\n".join(lines)
 
 
@@ -164,23 +175,11 @@ def deploy(
         "on_failure": on_failure,
         "dry_run": dry_run,
     }
-    data = client_from(hub_url, token).request("POST", f"{API}/rollouts", json_body=body)
-
-    def table(d: dict[str, Any]) -> str:
-        if not d.get("dry_run"):
-            return _rollout_table(d)
-        lines = [f"dry run: {d['release']} to {d['devices']} device(s) in {len(d['waves'])} wave(s)"]
-        for w in d["waves"]:
-            lines.append(f"wave {w['wave']}: {len(w['devices'])} device(s), {w['bytes']} bytes")
-            lines += [
-                f"  {m['device']:<24} from {m['from']}  {m['bytes']} bytes ({m['mode']})"
-                for m in w["devices"]
-            ]
-        for reason, ids in d["skipped"].items():
-            lines.append(f"skipped ({reason}): {', '.join(ids)}")
-        return "\n".join(lines)
-
-    emit(data, output, table)
+    client = client_from(hub_url, token)
+    if dry_run:
+        emit(client.call("POST", ROLLOUTS, DryRunView, json_body=body), output, _dry_run_table)
+    else:
+        emit(client.call("POST", ROLLOUTS, RolloutView, json_body=body), output, _rollout_table)
 
 
 @click.group("rollouts")
@@ -193,7 +192,7 @@ def rollouts() -> None:
 @hub_options
 @output_option
 def rollouts_list(state: str | None, hub_url: str, token: str | None, output: str) -> None:
-    rows = client_from(hub_url, token).get(f"{API}/rollouts", state=state)
+    rows = client_from(hub_url, token).get(ROLLOUTS, list[RolloutView], state=state)
     emit(
         rows,
         output,
@@ -201,13 +200,13 @@ def rollouts_list(state: str | None, hub_url: str, token: str | None, output: st
             ["ID", "RELEASE", "STATE", "WAVE", "DEVICES", "CREATED BY", "UPDATED"],
             [
                 [
-                    r["id"],
-                    r["release"],
-                    r["state"],
-                    f"{r['current_wave'] + 1}/{len(r['waves'])}",
-                    sum(r["devices"].values()),
-                    r["created_by"],
-                    r["updated_at"],
+                    r.id,
+                    r.release,
+                    r.state,
+                    f"{r.current_wave + 1}/{len(r.waves)}",
+                    sum(r.devices.values()),
+                    r.created_by,
+                    r.updated_at.isoformat(),
                 ]
                 for r in rs
             ],
@@ -225,12 +224,18 @@ def rollouts_status(
     rollout_id: int, watch: bool, interval: float, hub_url: str, token: str | None, output: str
 ) -> None:
     client = client_from(hub_url, token)
+    detail = output == "json" and not watch  # the per-device list, only where it is printed
+    shape: type[RolloutView] = RolloutDetail if detail else RolloutView
     while True:
-        data = client.get(f"{API}/rollouts/{rollout_id}", devices=output == "json" and not watch)
+        data = client.get(f"{ROLLOUTS}/{rollout_id}", shape, devices=detail)
         if watch and output == "table":
             click.clear()
         emit(data, output, _rollout_table)
-        if not watch or data["state"] in FINAL_ROLLOUT or (data["state"] == "paused" and output == "json"):
+        if (
+            not watch
+            or data.state in FINAL_ROLLOUT
+            or (data.state is RolloutState.PAUSED and output == "json")
+        ):
             return
         time.sleep(interval)
 
@@ -241,7 +246,7 @@ def _control(action: str) -> click.Command:
     @hub_options
     @output_option
     def command(rollout_id: int, hub_url: str, token: str | None, output: str) -> None:
-        data = client_from(hub_url, token).request("POST", f"{API}/rollouts/{rollout_id}/{action}")
+        data = client_from(hub_url, token).call("POST", f"{ROLLOUTS}/{rollout_id}/{action}", RolloutView)
         emit(data, output, _rollout_table)
 
     return command
@@ -258,7 +263,10 @@ for _action in ("pause", "resume", "abort"):
 @output_option
 def rollback(model: str, fleet: tuple[str, ...], hub_url: str, token: str | None, output: str) -> None:
     """Send the devices MODEL's latest rollout moved back to the version they ran before."""
-    data = client_from(hub_url, token).request(
-        "POST", f"{API}/rollbacks", json_body={"model": model, "selector": _selector(fleet)}
+    data = client_from(hub_url, token).call(
+        "POST",
+        f"{API_PREFIX}/rollbacks",
+        RollbackView,
+        json_body={"model": model, "selector": _selector(fleet)},
     )
-    emit(data, output, lambda d: f"rollout {d['rollout']}: {len(d['reverted'])} device(s) sent back")
+    emit(data, output, lambda d: f"rollout {d.rollout}: {len(d.reverted)} device(s) sent back")

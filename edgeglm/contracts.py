@@ -5,6 +5,7 @@
     SemVer    a semantic version (semver.org 2.0.0) of at most 64 characters, each of MAJOR,
               MINOR and PATCH at most 9 digits (the hub stores them as 32-bit integers)
     Digest    ``blake3:`` and 64 lowercase hex digits: a manifest's or a file's digest
+    PieceId   64 lowercase hex digits: a piece's BLAKE3-256 (what the piece store files it under)
     RolloutId a rollout's number, 1 to 2**31-1 (the hub's 32-bit key); an ``int`` in Python, the
               decimal string ``"42"`` in a wire message's JSON (what agents have always sent)
     LABEL_KEY_PATTERN / LABEL_VALUE_PATTERN   a device label and a fleet selector's ``key=value``
@@ -29,12 +30,14 @@ __all__ = [
     "LABEL_VALUE_PATTERN",
     "NAME_MAX",
     "NAME_PATTERN",
+    "PIECE_ID_PATTERN",
     "ROLLOUT_ID_MAX",
     "SEMVER_MAX",
     "SEMVER_PATTERN",
     "TOKEN_NAME_PATTERN",
     "Digest",
     "Name",
+    "PieceId",
     "RolloutId",
     "SemVer",
     "name_problem",
@@ -50,6 +53,7 @@ _IDS = r"[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*"  # dot-separated identifiers, none e
 SEMVER_PATTERN = rf"({_NUM})\.({_NUM})\.({_NUM})(?:-({_IDS}))?(?:\+{_IDS})?"
 
 DIGEST_PATTERN = r"blake3:[0-9a-f]{64}"
+PIECE_ID_PATTERN = r"[0-9a-f]{64}"
 ROLLOUT_ID_MAX = 2**31 - 1
 LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
 LABEL_VALUE_PATTERN = r"[A-Za-z0-9._-]{0,63}"
@@ -62,6 +66,7 @@ _DECIMAL_RE = re.compile(r"[0-9]{1,19}")
 Name = Annotated[str, StringConstraints(strict=True, pattern=f"^{NAME_PATTERN}$")]
 SemVer = Annotated[str, StringConstraints(strict=True, max_length=SEMVER_MAX, pattern=f"^{SEMVER_PATTERN}$")]
 Digest = Annotated[str, StringConstraints(strict=True, pattern=f"^{DIGEST_PATTERN}$")]
+PieceId = Annotated[str, StringConstraints(strict=True, pattern=f"^{PIECE_ID_PATTERN}$")]
 
 
 def _rollout_id_in(value: Any) -> Any:

@@ -35,6 +35,7 @@ __all__ = [
     "PieceSource",
     "PieceStep",
     "Plan",
+    "PlanMode",
     "SourceChain",
     "encode_step",
     "plan",
@@ -44,6 +45,7 @@ __all__ = [
 
 DEFAULT_FULL_THRESHOLD = 0.65
 Action = Literal["have", "delta", "raw"]
+PlanMode = Literal["delta", "full"]  # full: no deltas, every missing piece raw
 
 
 class PieceSource(Protocol):
@@ -100,7 +102,7 @@ class Plan:
     full_bytes: int
     estimated: bool
     full_threshold: float = DEFAULT_FULL_THRESHOLD
-    mode: Literal["delta", "full"] = field(init=False)
+    mode: PlanMode = field(init=False)
 
     def __post_init__(self) -> None:
         delta = sum(f.bytes_to_send("delta") for f in self.files)

@@ -57,7 +57,7 @@ def _manifest(model: str, version: str) -> Any:
 
 
 def _deploy(model: str, version: str) -> Any:
-    from cloud_hub.api import DeployBody
+    from edgeglm.hub_api import DeployBody
 
     return DeployBody.model_validate({"release": f"{model}@{version}"})
 
@@ -111,7 +111,7 @@ def test_a_version_is_taken_or_refused_alike_everywhere(entry: str, case: str) -
 
 @pytest.mark.parametrize("case", VERSIONS)
 def test_a_pin_takes_the_same_versions(case: str) -> None:
-    from cloud_hub.api import PinBody
+    from edgeglm.hub_api import PinBody
 
     version, ok = VERSIONS[case]
     if ok:

@@ -1,0 +1,28 @@
+"""What every request of a hub process shares: its database, piece store, trusted keys, metrics, MQTT.
+
+``cloud_hub.server.build_context`` makes one from the settings; the app keeps it as
+``app.state.ctx`` and each route takes it as a dependency (``cloud_hub.routes.deps.Hub``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cloud_hub.db import Database
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.rollouts import Publish
+from edgeglm.piece_store import PieceStore
+
+__all__ = ["HubContext"]
+
+
+@dataclass
+class HubContext:
+    db: Database
+    store: PieceStore
+    trusted: dict[str, Any]
+    metrics: HubMetrics
+    max_piece_bytes: int = 64 * 1024 * 1024
+    publish: Publish | None = None  # MQTT publish (topic, payload, qos, retain), when a broker is set
+    gateway: Any = None  # the MQTT gateway (cloud_hub.gateway.Gateway), when a broker is set

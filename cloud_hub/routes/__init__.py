@@ -1,0 +1,47 @@
+"""The hub's HTTP routes, one router per resource; ``cloud_hub.api.create_app`` assembles them.
+
+    ops        GET    /healthz                                   -         database reachable
+               GET    /metrics                                   -         Prometheus text
+    tokens     GET    /api/v1/whoami                             viewer
+               GET    /api/v1/tokens                             admin
+               POST   /api/v1/tokens                             admin     answers the secret once
+               DELETE /api/v1/tokens/{name}                      admin
+    registry   POST   /api/v1/uploads?force=                     operator (force: admin)  body: manifest.json
+               GET    /api/v1/uploads/{id}                       operator
+               PUT    /api/v1/uploads/{id}/pieces/{piece}        operator  body: the piece's bytes
+               POST   /api/v1/uploads/{id}/commit                operator
+               GET    /api/v1/releases?model=                    viewer
+               GET    /api/v1/releases/{model}/{version}         viewer
+               GET    /api/v1/releases/{model}/{version}/bundles/{profile}/manifest   viewer
+    devices    GET    /api/v1/devices?selector=k=v,...&online=   viewer
+               GET    /api/v1/devices/{id}                       viewer
+               PUT    /api/v1/devices/{id}/pin                   operator
+               DELETE /api/v1/devices/{id}/pin                   operator
+               PATCH  /api/v1/devices/{id}/labels                operator
+    audit      GET    /api/v1/audit?actor=&action=&target=&limit=   viewer
+    rollouts   POST   /api/v1/rollouts                           operator  body: DeployBody (dry_run)
+               GET    /api/v1/rollouts?state=                    viewer
+               GET    /api/v1/rollouts/{id}?devices=             viewer
+               POST   /api/v1/rollouts/{id}/pause|resume|abort   operator
+               POST   /api/v1/rollbacks                          operator
+
+Request bodies and answers are the models of :mod:`edgeglm.hub_api`, which ``edgectl`` decodes
+with too; ``deps`` holds what the routes take from a request (context, caller, bounded body).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from cloud_hub.routes import audit, devices, ops, registry, rollouts, tokens
+
+__all__ = ["ROUTERS"]
+
+ROUTERS: tuple[APIRouter, ...] = (
+    ops.router,
+    tokens.router,
+    registry.router,
+    devices.router,
+    audit.router,
+    rollouts.router,
+)

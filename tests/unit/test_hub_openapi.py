@@ -1,0 +1,84 @@
+"""Every JSON answer in the hub's /openapi.json is a named model of the kernel's ``edgeglm.hub_api``.
+
+A route added later without a response model (an untyped object), or with a model of its own
+instead of the shared one, fails here. The app runs on a SQLite file; nothing is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import edgeglm.hub_api
+
+NOT_JSON = {("get", "/metrics"): "text/plain"}  # Prometheus text, documented as such
+OTHER_MODELS = {"Manifest"}  # the signed manifest, sent as its bytes (edgeglm.bundle)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from cloud_hub.db import migrate
+    from cloud_hub.server import build_context, load_app
+    from cloud_hub.settings import HubSettings
+
+    root: Path = tmp_path_factory.mktemp("openapi-hub")
+    url = f"sqlite:///{root / 'hub.db'}"
+    migrate(url)
+    ctx = build_context(HubSettings(data_dir=root, db_url=url))
+    try:
+        yield load_app(ctx).openapi()
+    finally:
+        ctx.db.dispose()
+
+
+def _answers(spec: dict[str, Any]) -> Iterator[tuple[str, str, str, str, dict[str, Any]]]:
+    """(method, path, status, media type, schema) of every 2xx answer."""
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            for status, answer in op["responses"].items():
+                if status.startswith("2"):
+                    assert answer.get("content"), f"{method.upper()} {path} {status} documents no body"
+                    for media, body in answer["content"].items():
+                        yield method, path, status, media, body.get("schema", {})
+
+
+def _models(schema: dict[str, Any]) -> list[str]:
+    """The component names a JSON answer is: one model, a list of one, or one of a few models."""
+    if "$ref" in schema:
+        return [schema["$ref"].removeprefix("#/components/schemas/")]
+    if schema.get("type") == "array" and "$ref" in schema.get("items", {}):
+        return _models(schema["items"])
+    choices = schema.get("anyOf") or schema.get("oneOf") or []
+    if choices and all("$ref" in c for c in choices):
+        return [name for c in choices for name in _models(c)]
+    return []
+
+
+def test_every_json_answer_is_a_named_model_with_properties(spec: dict[str, Any]) -> None:
+    components = spec["components"]["schemas"]
+    untyped, not_json, seen = [], [], set()
+    for method, path, status, media, schema in _answers(spec):
+        where = f"{method.upper()} {path} {status}"
+        if media != "application/json":
+            if NOT_JSON.get((method, path)) != media:
+                not_json.append(f"{where}: {media}")
+            continue
+        names = _models(schema)
+        if not names:
+            untyped.append(f"{where}: {schema}")
+        for name in names:
+            assert components[name].get("properties"), f"{where}: {name} declares no properties"
+            seen.add(name)
+    assert untyped == [], "answers without a response model"
+    assert not_json == [], "answers that are not JSON"
+    assert len(seen) >= 15
+    foreign = seen - set(edgeglm.hub_api.__all__) - OTHER_MODELS
+    assert foreign == set(), "answers must be the shared models of edgeglm.hub_api"
+
+
+def test_the_text_answers_are_the_documented_ones(spec: dict[str, Any]) -> None:
+    text = {(m, p): media for m, p, _, media, _ in _answers(spec) if media != "application/json"}
+    assert text == NOT_JSON
