@@ -1,8 +1,10 @@
 """What ``edgectl hub`` does where the hub runs: its schema, its tokens, its broker ACL, serving it.
 
-The composition root reaches the hub wing through this module only (and ``cloud_hub.settings``);
-each function takes the settings built once in the entrypoint and opens the database itself.
+The composition root reaches the hub wing through this module only (an import-linter contract
+says so); each function takes the settings built once in the entrypoint and opens the database
+itself.
 
+    HubSettings.from_env(**flags)            the settings: flags > environment > defaults
     migrate(settings)                        schema to this version's head -> (before, after)
     running(settings, broker=...)            the app (and with a broker, MQTT + the controller)
     create_token / list_tokens / revoke_token    audited as ``actor``, like the API's
@@ -32,6 +34,7 @@ from edgeglm.hub_api import NewTokenView, TokenRole, TokenView
 from edgeglm.mqtt import BrokerSettings
 
 __all__ = [
+    "HubSettings",
     "RunningHub",
     "create_token",
     "list_tokens",

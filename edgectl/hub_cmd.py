@@ -33,7 +33,7 @@ _data_opt = click.option(
 
 
 def _settings(**flags: Any) -> Any:
-    from cloud_hub.settings import HubSettings
+    from cloud_hub.admin import HubSettings
 
     return HubSettings.from_env(**flags)
 
