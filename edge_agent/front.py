@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Front:
     def __init__(
         self,
-        link: MqttLink,
+        link: MqttLink | None,  # None: HTTP only, no MQTT requests
         metrics: Metrics,
         *,
         device_id: str,
@@ -45,9 +45,14 @@ class Front:
         self._progress = (0, time.monotonic())  # (scheduler steps, when they last changed)
         self._retiring: dict[int, threading.Thread] = {}  # id(engine) -> its service retiring
 
+    def topics(self) -> list[str]:
+        """The MQTT topics requests arrive on (none without a link)."""
+        return self._service.topics() if self.link is not None else []
+
     def start(self) -> Front:
-        for topic in self._service.topics():
-            self.link.subscribe(topic, 1, self.handle)
+        if self.link is not None:
+            for topic in self.topics():
+                self.link.subscribe(topic, 1, self.handle)
         return self
 
     def handle(self, incoming: Incoming) -> None:

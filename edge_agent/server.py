@@ -1,10 +1,13 @@
-"""Serving one bundle: engine, scheduler, metrics, MQTT requests and the optional HTTP API.
+"""``edgectl agent serve``: one fixed bundle on the serving stack, until SIGINT/SIGTERM.
 
-    Server(settings).start() ──> Engine.load ──> Scheduler ──> InferService (MQTT) ──> HttpApi
-                                                                                   (/v1, /metrics)
+    Server(settings).start() ──> ServingStack (HTTP port bound) ──> Engine.load ──> stack.serve
+                             ──> stack.start (infer topics, HTTP API) ──> MQTT connect (blocking)
 
-``edgectl agent serve`` runs one until SIGINT/SIGTERM; tests and benchmarks start and stop it
-in-process. Model updates, slots and telemetry belong to the update daemon (``edge-agent run``).
+The stack is the one ``edge-agent run`` serves on (:mod:`edge_agent.serving_stack`); here it has a
+link of its own and never swaps its engine. An absent broker fails the start
+(:class:`UnavailableError`, exit 69); a taken ``--http`` port is a :class:`ConfigError` (exit 78).
+Tests and benchmarks start and stop one in-process. Model updates, slots and telemetry belong to
+the update daemon (``edge-agent run``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
-from edge_agent.serving import InferService
+from edge_agent.serving_stack import ServingStack
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.profiles import DeviceProfile
 
@@ -45,46 +48,46 @@ class ServeSettings:
 class Server:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.engine: Engine | None = None
-        self.scheduler: Scheduler | None = None
-        self.link: MqttLink | None = None
-        self.http: Any = None
         self.metrics = Metrics()
+        self.stack: ServingStack | None = None
         self._stopped = threading.Event()
+
+    @property
+    def engine(self) -> Engine | None:
+        now = self.stack.current() if self.stack is not None else None
+        return now[0] if now is not None else None
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        now = self.stack.current() if self.stack is not None else None
+        return now[1] if now is not None else None
 
     def start(self) -> Server:
         s = self.settings
+        link = None if s.broker is None else MqttLink(s.broker, client_id=f"edge-agent-{s.device_id}")
+        self.stack = ServingStack(
+            link,
+            self.metrics,
+            device_id=s.device_id,
+            site=s.site,
+            queue_size=s.queue_size,
+            http=None if s.http_host is None else (s.http_host, s.http_port),
+            http_setting="--http",
+            owns_link=True,
+        )
         try:
-            self.engine = Engine.load(s.bundle, profile=s.profile, trusted=s.trusted, threads=s.threads)
-            self.metrics.set_model(self.engine.model, self.engine.version)
-            self.scheduler = Scheduler(self.engine, queue_size=s.queue_size, metrics=self.metrics).start()
-            if s.broker is not None:
-                self.link = MqttLink(s.broker, client_id=f"edge-agent-{s.device_id}")
-                service = InferService(
-                    self.engine, self.scheduler, self.link, self.metrics, device_id=s.device_id, site=s.site
-                )
-                service.start()
-                self.link.connect()
-                log.info("serving %s on %s", self.engine.model, ", ".join(service.topics()))
-            if s.http_host is not None:
-                from edge_agent.http_api import HttpApi
-
-                self.http = HttpApi(
-                    self.engine, self.scheduler, self.metrics, host=s.http_host, port=s.http_port
-                ).start()
-                log.info("HTTP API on %s", self.http.url)
+            self.stack.serve(Engine.load(s.bundle, profile=s.profile, trusted=s.trusted, threads=s.threads))
+            self.stack.start()
+            if link is not None:
+                link.connect()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        if self.http is not None:
-            self.http.stop()
-        if self.link is not None:
-            self.link.close()
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        if self.stack is not None:
+            self.stack.stop()
         self._stopped.set()
 
     def run_forever(self) -> None:

@@ -74,7 +74,7 @@ class InferService:
         self,
         engine: Engine | None,  # None: no model yet, every request gets an ``unavailable`` reply
         scheduler: Scheduler | None,
-        link: MqttLink,
+        link: MqttLink | None,  # None: HTTP only (nothing arrives here, so nothing replies)
         metrics: Metrics,
         *,
         device_id: str,
@@ -93,10 +93,10 @@ class InferService:
             topics.append(shared(site_infer_topic(self.site), "agents"))
         return topics
 
-    def start(self) -> InferService:
-        for topic in self.topics():
-            self.link.subscribe(topic, 1, self.handle)
-        return self
+    def _link(self) -> MqttLink:
+        if self.link is None:  # only a link delivers requests: a call here without one is a bug
+            raise RuntimeError("this service has no MQTT link")
+        return self.link
 
     def retire(self, timeout_s: float = 60.0) -> None:
         """Let the requests this service accepted finish, then stop its scheduler."""
@@ -128,7 +128,7 @@ class InferService:
         target = self._target(incoming, request.reply_to)
         if target is None:
             return
-        reply = _Reply(self.link, target, incoming, request.id)
+        reply = _Reply(self._link(), target, incoming, request.id)
         timeout = float(incoming.expiry_s) if incoming.expiry_s else self.default_timeout_s
         try:
             prompt = self.engine.prepare(request, deadline=incoming.received + timeout)
@@ -168,7 +168,7 @@ class InferService:
         if target is None:
             return
         log.info("refused a request on %s: %s", incoming.topic, message[:200])
-        _Reply(self.link, target, incoming, request_id or rid).send(InferReply.failure(code, message))  # type: ignore[arg-type]
+        _Reply(self._link(), target, incoming, request_id or rid).send(InferReply.failure(code, message))  # type: ignore[arg-type]
 
     def _drop(self, incoming: Incoming, why: str) -> None:
         with self._lock:

@@ -72,10 +72,10 @@ def infer(
     """Load BUNDLE and answer one prompt, as the agent would; prints the text and timings."""
     if (prompt is None) == (chat is None):
         raise UsageError("--prompt / --chat", "give exactly one of them")
-    from edge_agent.inference.engine import Engine
+    from edge_agent.entry import load_engine
     from edgeglm.protocol import ChatMessage, InferRequest
 
-    engine = Engine.load(bundle, profile=profile, trusted=_trusted(trust))
+    engine = load_engine(bundle, profile=profile, trusted=_trusted(trust))
     live = stream and output == "table"
     request = InferRequest(
         prompt=prompt,
@@ -149,7 +149,7 @@ def serve(
     """Serve BUNDLE to MQTT sensors (and optionally HTTP) until interrupted."""
     import os
 
-    from edge_agent.server import Server, ServeSettings
+    from edge_agent.entry import serve_bundle
     from edgeglm.mqtt import BrokerSettings
     from edgeglm.protocol import check_device_id
 
@@ -161,20 +161,18 @@ def serve(
         broker_settings = BrokerSettings(
             host=host, port=port, username=username, password=password, ca_file=ca_file
         )
-    http_host, http_port = _host_port(http, "--http") if http else (None, 0)
-    settings = ServeSettings(
-        bundle=bundle,
+    http_address = _host_port(http, "--http") if http else None
+    click.echo(json.dumps({"serving": str(bundle), "device_id": device_id}), err=True)
+    serve_bundle(
+        bundle,
         device_id=device_id,
         broker=broker_settings,
         site=site,
-        http_host=http_host,
-        http_port=http_port,
+        http=http_address,
         profile=profile,
         trusted=_trusted(trust),
         queue_size=queue_size,
     )
-    click.echo(json.dumps({"serving": str(bundle), "device_id": device_id}), err=True)
-    Server(settings).run_forever()
 
 
 def _host_port(value: str, flag: str) -> tuple[str, int]:
@@ -193,27 +191,13 @@ _config_opt = click.option(
 )
 
 
-def _load_agent_config(config_path: Path | None) -> Any:
-    import os
-
-    from edge_agent.config import DEFAULT_PATH, load_config
-
-    path = config_path or Path(os.environ.get("EDGE_AGENT_CONFIG", DEFAULT_PATH))
-    if config_path is None and not path.exists() and "EDGE_AGENT_DEVICE_ID" in os.environ:
-        return load_config(None)  # configured by the environment alone
-    return load_config(path)
-
-
 @agent.command("run")
 @_config_opt
 def run(config_path: Path | None) -> None:
     """Run the edge agent daemon: serve the active slot and follow the hub (until SIGTERM)."""
-    config = _load_agent_config(config_path)
-    from edge_agent.daemon import Agent
-    from edge_agent.logs import setup_logging
+    from edge_agent.entry import load_config, run_daemon
 
-    setup_logging(config.log_format, config.log_level)
-    Agent(config).run_forever()
+    run_daemon(load_config(config_path))
 
 
 @agent.command("status")
@@ -221,28 +205,9 @@ def run(config_path: Path | None) -> None:
 @output_option
 def status(config_path: Path | None, output: str) -> None:
     """What this box holds: the active slot, both slots' versions, the last update."""
-    config = _load_agent_config(config_path)
-    from edge_agent.update.slots import Slots
-    from edge_agent.update.state import StateStore
+    from edge_agent.entry import box_status, load_config
 
-    data = Path(config.data_dir)
-    slots = Slots(data)
-    rows: dict[str, Any] = {"device_id": config.device_id, "active_slot": slots.active_name()}
-    for name in ("a", "b"):
-        m = slots.manifest(name)
-        rows[f"slot_{name}"] = f"{m.model}@{m.version}" if m is not None else None
-    last = StateStore(data / "agent.db").latest() if (data / "agent.db").exists() else None
-    rows["last_update"] = (
-        None
-        if last is None
-        else {
-            "target": f"{last.model}@{last.version}",
-            "rollout_id": None if last.rollout_id is None else str(last.rollout_id),  # its wire form
-            "step": last.step,
-            "reason": last.reason or None,
-            "updated_at": last.updated_at,
-        }
-    )
+    rows = box_status(load_config(config_path))
     emit(rows, output, lambda d: render_table(["", ""], [(k, v) for k, v in d.items()]))
 
 

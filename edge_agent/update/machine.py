@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edge_agent.update.install import assemble, keep, verify
 from edge_agent.update.slots import Slots
 from edge_agent.update.state import StateStore, UpdateRecord
-from edgeglm.assembler import assemble_bundle
-from edgeglm.bundle import Manifest, manifest_digest, parse_manifest, verify_files
+from edgeglm.bundle import Manifest, manifest_digest, parse_manifest
 from edgeglm.errors import EdgeError, IntegrityError, UpdateError
 from edgeglm.piece_store import PieceStore
 from edgeglm.planner import PieceStep, plan, receive
@@ -273,25 +273,10 @@ class UpdateMachine:
         }
 
     def _assemble(self, run: _Run) -> None:
-        target = self._manifest(run)
-        slot = run.rec.target_slot
-        there = self.slots.manifest(slot)
-        if there is not None and manifest_digest(there.to_json_dict()) == manifest_digest(run.doc):
-            log.info("slot %s already holds %s: nothing to assemble", slot, target.ref_name)
-            return
-        folder = self.slots.clear(slot)
-        try:
-            assemble_bundle(target, run.doc, self.store, folder)
-        except BaseException:
-            self.slots.clear(slot)  # half a bundle is no use, and on a full disk it holds the space
-            raise
+        assemble(self.slots, run.rec.target_slot, self._manifest(run), run.doc, self.store)
 
     def _verify(self, run: _Run) -> None:
-        folder = self.slots.path(run.rec.target_slot)
-        manifest, _ = parse_manifest((folder / "manifest.json").read_bytes(), self.trusted)
-        if manifest_digest(manifest.to_json_dict()) != manifest_digest(run.doc):
-            raise IntegrityError(f"slot {run.rec.target_slot}", "holds another manifest than the one fetched")
-        verify_files(manifest, folder)
+        verify(self.slots, run.rec.target_slot, run.doc, self.trusted)
 
     def _activate(self, run: _Run) -> None:
         target = run.rec.target_slot
@@ -300,7 +285,7 @@ class UpdateMachine:
             self.crash_at("activating:switch")
             self.slots.switch(target)
         self.activate(self.slots.active)  # and on the active slot (after a crash: again)
-        self.store.keep(_ref(self._manifest(run)), run.doc)
+        keep(self.store, self._manifest(run), run.doc)
 
     def _roll_back(self, run: _Run) -> None:
         previous = run.rec.previous_slot
@@ -313,7 +298,3 @@ class UpdateMachine:
         if run.manifest is None:
             raise UpdateError("update", "no manifest fetched yet")
         return run.manifest
-
-
-def _ref(manifest: Manifest) -> str:
-    return f"{manifest.model}@{manifest.version}+{manifest.profile}"

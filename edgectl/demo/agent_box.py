@@ -100,17 +100,12 @@ class AgentBox:
 
     def state(self) -> Any:
         """The update's last recorded step (the agent's state database)."""
-        from edge_agent.update.state import StateStore
+        from edge_agent.entry import last_update
 
-        store = StateStore(self.data / "agent.db")
-        try:
-            return store.latest()
-        finally:
-            store.close()
+        return last_update(self.data)
 
     def active_version(self) -> str | None:
-        from edge_agent.update.slots import Slots
+        from edge_agent.entry import active_manifest
 
-        slots = Slots(self.data)
-        m = slots.manifest(slots.active_name())
+        m = active_manifest(self.data)
         return m.version if m is not None else None
