@@ -14,8 +14,6 @@ import contextlib
 import http.client
 import json
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.agent_harness import AgentProc
 
+from edgectl.demo.agent_box import AgentBox
 from edgectl.demo.fleet import Sensor
-from edgectl.demo.procs import free_port, wait_for
+from edgectl.demo.procs import Proc, free_port, tool, wait_for
 from edgeglm.protocol import infer_topic
 
 pytestmark = pytest.mark.integration
 
-EDGECTL = str(Path(sys.executable).with_name("edgectl"))
+EDGECTL = tool("edgectl")
 PROMPT = "The sensor reads"
 
 
@@ -48,13 +46,11 @@ def agent_serve(bundle: Path, public: Path, broker: int, root: Path) -> Iterator
     device, port, log_path = f"serve-{uuid.uuid4().hex[:6]}", free_port(), root / "serve.log"
     cmd = [EDGECTL, "-v", "agent", "serve", str(bundle), "--device-id", device, "--trust", str(public)]
     cmd += ["--broker", f"127.0.0.1:{broker}", "--http", f"127.0.0.1:{port}", "--queue-size", "8"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    proc = Proc("edgectl agent serve", cmd, log_path).start()
     try:
-        yield Served(device, port, lambda: log_path.read_text(errors="replace"))
+        yield Served(device, port, proc.log)
     finally:
-        proc.terminate()
-        assert proc.wait(30) == 0
+        assert proc.stop(grace=30) == 0
 
 
 @contextlib.contextmanager
@@ -63,7 +59,7 @@ def edge_agent_run(bundle: Path, public: Path, broker: int, root: Path) -> Itera
     device, port = f"run-{uuid.uuid4().hex[:6]}", free_port()
     (root / "box").mkdir()
     serving = {"http_listen": f"127.0.0.1:{port}", "queue_size": 8}
-    agent = AgentProc(root / "box", device, broker, public, bootstrap_bundle=str(bundle), serving=serving)
+    agent = AgentBox(root / "box", device, broker, public, bootstrap_bundle=str(bundle), serving=serving)
     agent.start()
     try:
         agent.wait_log(r"edge agent \S+ up", 120)
