@@ -151,13 +151,21 @@ def _span(path: Path, t: Any) -> bytes:
 
 class _Box:
     def __init__(
-        self, root: Path, device: str, port: int, public: Path, profile: Path, bootstrap: Path | None
+        self,
+        root: Path,
+        device: str,
+        port: int,
+        public: Path,
+        profile: Path,
+        bootstrap: Path | None,
+        fleet_public: Path,
     ):
         from edgectl.demo.agent_box import AgentBox  # the one harness: the demo's and the tests'
 
         root.mkdir(parents=True)
         extra: dict[str, Any] = {
             "profile": str(profile),
+            "fleet_keys": [str(fleet_public)],
             "log_level": "debug",
             "update": {"request_timeout_s": 30.0},  # the shipped default: no re-asks of slow batches
         }
@@ -258,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), "bench-hub")
         boxes: list[Any] = []
         try:
-            a = _Box(work / "box-a", "bench-a", broker.port, public, profile, v1)
+            fleet_key = work / "fleet" / "fleet.key"  # the hub's key for desired states
+            if not fleet_key.exists():
+                create_keypair(fleet_key.parent, "fleet")
+            fleet_public = fleet_key.with_suffix(".pub")
+            a = _Box(work / "box-a", "bench-a", broker.port, public, profile, v1, fleet_public)
             boxes.append(a)
-            wire_a = Wire(broker.port, "bench-a")
+            wire_a = Wire(broker.port, "bench-a", fleet_key)
             a.proc.start()
             a.proc.wait_log(r"edge agent \S+ up", 600)
             # A sensor asks the golden question before each switch, so the serving engine's prefix
@@ -269,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             update = _transfer(ctx, wire_a, a, v11, 1)
             wire_a.ask(SMOKE_PROMPT)
             revert = _transfer(ctx, wire_a, a, v1, 2)
-            b = _Box(work / "box-b", "bench-b", broker.port, public, profile, None)
+            b = _Box(work / "box-b", "bench-b", broker.port, public, profile, None, fleet_public)
             boxes.append(b)
-            wire_b = Wire(broker.port, "bench-b")
+            wire_b = Wire(broker.port, "bench-b", fleet_key)
             b.proc.start()
             b.proc.wait_log(r"edge agent \S+ up", 120)
             full = _transfer(ctx, wire_b, b, v11, 3)

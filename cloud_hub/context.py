@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud_hub.db import Database
+from cloud_hub.desired import FleetKey
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import Publish
 from edgeglm.piece_store import PieceStore
@@ -26,3 +27,4 @@ class HubContext:
     max_piece_bytes: int = 64 * 1024 * 1024
     publish: Publish | None = None  # MQTT publish (topic, payload, qos, retain), when a broker is set
     gateway: Any = None  # the MQTT gateway (cloud_hub.gateway.Gateway), when a broker is set
+    fleet: FleetKey | None = None  # signs desired states (cloud_hub.desired)

@@ -38,7 +38,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
 from cloud_hub.db import Database
-from cloud_hub.desired import publish_desired
+from cloud_hub.desired import FleetKey, publish_desired
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
@@ -86,12 +86,14 @@ class Controller:
         publish: Publish | None,
         holder: str,
         *,
+        fleet: FleetKey | None,
         tick_s: float = 0.5,
         lease_s: float = 10.0,
         on_event: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self.db = db
         self.publish = publish
+        self.fleet = fleet
         self.holder = holder
         self.tick_s = tick_s
         self.lease_s = lease_s
@@ -189,7 +191,7 @@ class Controller:
         if move.event is WaveEvent.FAIL:
             wave.finished_at = now
             if r.on_failure == OnFailure.REVERT:
-                reverted = revert_devices(s, r, self.publish)
+                reverted = revert_devices(s, r, self.publish, fleet=self.fleet)
                 self._finish(s, r, RolloutEvent.REVERT, f"{move.why}; reverted {len(reverted)} device(s)")
             else:
                 self._finish(s, r, RolloutEvent.HOLD, move.why)
@@ -220,7 +222,7 @@ class Controller:
             if device is None:
                 dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
                 continue
-            publish_desired(s, device, model, version, r.id, self.publish, digests)
+            publish_desired(s, device, model, version, r.id, self.publish, digests, fleet=self.fleet)
             dep.state, dep.started_at, dep.updated_at = DeploymentState.PENDING, now, now
         wave.started_at = now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
@@ -258,7 +260,9 @@ class Controller:
                 dep.state, dep.resolved_at = DeploymentState.TIMED_OUT, now
                 dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
             elif device is not None and device.desired_version != version:
-                publish_desired(s, device, model, version, r.id, self.publish, digests)  # a lost publish
+                publish_desired(
+                    s, device, model, version, r.id, self.publish, digests, fleet=self.fleet
+                )  # a lost publish
         if r.gates and any(d.state == DeploymentState.SUCCEEDED for d in deps):
             early = self._verdict(s, r, wave, now)  # a breach stops the wave before it finishes
             if early.state == "breach":

@@ -5,23 +5,53 @@ once, before that transaction commits. If the commit fails, nothing in the datab
 device was told, so the controller's next tick sends the same message again (retained, same
 content: repeating it is harmless); a device whose desired row disagrees with its deployment is
 told again too. ``version=None`` clears the retained message (the device keeps what it runs).
+
+Every desired state is signed with the hub's fleet key (:class:`FleetKey`), names its device and
+carries the device's next sequence number, counted in the ``devices`` row by one atomic UPDATE
+(replicas never hand out the same number twice; never below the hub's clock in milliseconds, so
+a restored database cannot go back), and an expiry (:mod:`edgeglm.desired_signing`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from sqlalchemy import select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.models import Bundle, Device, Model, Release
-from edgeglm.errors import NotFoundError
-from edgeglm.protocol import Desired, desired_topic, encode
+from edgeglm.desired_signing import DESIRED_TTL_S, sign_desired
+from edgeglm.errors import ConfigError, NotFoundError
+from edgeglm.keys import create_keypair, key_id, load_private_key
+from edgeglm.protocol import Desired, desired_topic
 
-__all__ = ["publish_desired"]
+__all__ = ["FleetKey", "publish_desired"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetKey:
+    """The hub's fleet key: it signs desired states (the release key signs bundles)."""
+
+    private: Ed25519PrivateKey
+    ttl_s: float = DESIRED_TTL_S
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.private.public_key())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> FleetKey:
+        """The key at ``path``; made there (0600, with its ``.pub`` beside) if there is none yet."""
+        if not path.exists():
+            _, public, kid = create_keypair(path.parent, path.stem)
+            log.warning("created the fleet key %s (id %s): give boxes %s as fleet_keys", path, kid, public)
+        return cls(load_private_key(path))
 
 
 def publish_desired(
@@ -32,6 +62,8 @@ def publish_desired(
     rollout_id: int | None,
     publish: object,
     digests: dict[str, str] | None = None,
+    *,
+    fleet: FleetKey | None,
 ) -> None:
     """``digests`` memoises the bundle digest per profile across calls for the same release."""
     topic = desired_topic(device.id)
@@ -53,15 +85,33 @@ def publish_desired(
             raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {device.profile!r}")
         if digests is not None:
             digests[memo] = digest
+    if fleet is None:
+        raise ConfigError("fleet key", "is not loaded: a desired state cannot be signed")
+    now = time.time()
+    # The next number, and never below the hub's clock in milliseconds: a database restored from
+    # an older backup still hands out numbers above those the boxes have accepted.
+    now_ms = int(now * 1000)
+    sequence = s.execute(
+        update(Device)
+        .where(Device.id == device.id)
+        .values(desired_seq=case((Device.desired_seq + 1 > now_ms, Device.desired_seq + 1), else_=now_ms))
+        .returning(Device.desired_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
     msg = Desired(
         model=model,
         version=version,
         manifest_digest=digest,
         rollout_id=rollout_id,
         profile=device.profile or "",
-        issued_at=time.time(),
+        issued_at=now,
+        device_id=device.id,
+        sequence=sequence,
+        expires_at=now + fleet.ttl_s,
     )
     device.desired_model, device.desired_version = model, version
     if callable(publish):
-        publish(topic, encode(msg), 1, True)
-    log.info("device %s desired %s@%s (rollout %s)", device.id, model, version, rollout_id)
+        publish(topic, sign_desired(msg, fleet.private), 1, True)
+    log.info(
+        "device %s desired %s@%s (rollout %s, sequence %d)", device.id, model, version, rollout_id, sequence
+    )

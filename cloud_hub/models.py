@@ -174,6 +174,8 @@ class Device(Base):
     desired_model: Mapped[str | None] = mapped_column(String(NAME_MAX))
     desired_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
     pinned_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
+    # the last sequence number signed into this device's desired state (edgeglm.desired_signing)
+    desired_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column()

@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cloud_hub import audit
+from cloud_hub.desired import FleetKey
 from cloud_hub.gates import parse_gate
 from cloud_hub.inventory import devices_by_id, matches, parse_selector
 from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, Rollout, RolloutWave, utcnow
@@ -376,7 +377,12 @@ def release_devices(s: Session, rollout: Rollout) -> None:
 
 
 def revert_devices(
-    s: Session, rollout: Rollout, publish: Publish | None, *, only: Sequence[str] | None = None
+    s: Session,
+    rollout: Rollout,
+    publish: Publish | None,
+    *,
+    fleet: FleetKey | None,
+    only: Sequence[str] | None = None,
 ) -> list[str]:
     """Desired state back to what each moved device ran before, for exactly those devices."""
     from cloud_hub.desired import publish_desired
@@ -394,7 +400,7 @@ def revert_devices(
         device = devices.get(dep.device_id)
         if device is None:
             continue
-        publish_desired(s, device, model, dep.from_version, None, publish, digests)
+        publish_desired(s, device, model, dep.from_version, None, publish, digests, fleet=fleet)
         dep.state, dep.active, dep.updated_at = DeploymentState.REVERTED, False, utcnow()
         reverted.append(dep.device_id)
     release_devices(s, rollout)
@@ -402,7 +408,12 @@ def revert_devices(
 
 
 def rollback(
-    s: Session, model: str, selector: Mapping[str, str], actor: str, publish: Publish | None
+    s: Session,
+    model: str,
+    selector: Mapping[str, str],
+    actor: str,
+    publish: Publish | None,
+    fleet: FleetKey | None,
 ) -> RollbackView:
     """The latest rollout of ``model``: its moved devices (matching ``selector``) go back."""
     r = s.scalar(
@@ -416,7 +427,7 @@ def rollback(
         raise NotFoundError(f"model {model}", "has no rollout to roll back")
     devices = [d.id for d in s.scalars(select(Device)) if matches(d, selector)]
     before = r.state
-    reverted = revert_devices(s, r, publish, only=devices)
+    reverted = revert_devices(s, r, publish, fleet=fleet, only=devices)
     if reverted or r.state in ACTIVE_ROLLOUT:
         r.state = next_rollout_state(r.state, RolloutEvent.ROLLBACK)
     r.reason, r.updated_at = f"rolled back by {actor}", utcnow()

@@ -10,6 +10,7 @@ from cloud_hub.api import create_app
 from cloud_hub.context import HubContext
 from cloud_hub.controller import Controller
 from cloud_hub.db import open_db
+from cloud_hub.desired import FleetKey
 from cloud_hub.gateway import Gateway
 from cloud_hub.ingest import Ingest
 from cloud_hub.metrics import HubMetrics
@@ -36,6 +37,7 @@ def build_context(settings: HubSettings) -> HubContext:
         trusted=trusted,
         metrics=HubMetrics(),
         max_piece_bytes=settings.max_piece_bytes,
+        fleet=FleetKey.load_or_create(settings.fleet_key_path),
     )
 
 
@@ -87,4 +89,4 @@ def start_controller(
     ctx: HubContext, holder: str, *, tick_s: float = 0.5, lease_s: float = 10.0
 ) -> Controller:
     """The rollout controller; it only acts while this process holds the database lease."""
-    return Controller(ctx.db, ctx.publish, holder, tick_s=tick_s, lease_s=lease_s).start()
+    return Controller(ctx.db, ctx.publish, holder, fleet=ctx.fleet, tick_s=tick_s, lease_s=lease_s).start()

@@ -4,6 +4,7 @@ EDGEGLM_HUB_DB          database URL               sqlite:///<data>/hub.db
 EDGEGLM_HUB_DATA        data directory (pieces)    ./hub-data
 EDGEGLM_HUB_TRUST       trusted publisher keys      (comma-separated .pub paths)
 EDGEGLM_HUB_LISTEN      HTTP host:port              127.0.0.1:8080
+EDGEGLM_HUB_FLEET_KEY   the fleet key (private)     <data>/fleet.key, created at first start
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class HubSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_piece_bytes: int = 64 * 1024 * 1024
+    fleet_key: Path | None = None  # signs desired states; every replica of a hub uses the same
+
+    @property
+    def fleet_key_path(self) -> Path:
+        return self.fleet_key or self.data_dir / "fleet.key"
 
     @property
     def database_url(self) -> str:
@@ -44,6 +50,8 @@ class HubSettings:
             values["db_url"] = env["EDGEGLM_HUB_DB"]
         if env.get("EDGEGLM_HUB_TRUST"):
             values["trusted_keys"] = tuple(Path(p) for p in env["EDGEGLM_HUB_TRUST"].split(",") if p)
+        if env.get("EDGEGLM_HUB_FLEET_KEY"):
+            values["fleet_key"] = Path(env["EDGEGLM_HUB_FLEET_KEY"])
         if env.get("EDGEGLM_HUB_LISTEN"):
             host, _, port = env["EDGEGLM_HUB_LISTEN"].rpartition(":")
             values["host"], values["port"] = host or "127.0.0.1", int(port)

@@ -4,6 +4,7 @@
     profile = "cpu-x86-int4"             # the device profile's name; see "Profiles" below
     data_dir = "/var/lib/edge-agent"     # state DB, outbox, piece store, slots
     trusted_keys = ["/etc/edge-agent/release.pub"]   # manifests must be signed by one of these
+    fleet_keys = ["/etc/edge-agent/fleet.pub"]       # the hub's fleet key: signs desired states
     bootstrap_bundle = "/opt/edgeglm/factory-bundle" # optional: installed when no slot holds a model
     log_format = "kv"                    # or "json"
 
@@ -167,6 +168,8 @@ class AgentConfig(_Section):
     profile: str | None = None  # a name, or the path of an overriding profile file
     data_dir: Path = Path("/var/lib/edge-agent")
     trusted_keys: tuple[Path, ...] = Field(min_length=1)
+    # the hub's fleet keys: a desired state signed by none of them is refused (and reported)
+    fleet_keys: tuple[Path, ...] = ()
     bootstrap_bundle: Path | None = None
     log_format: Literal["kv", "json"] = "kv"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -191,7 +194,7 @@ class AgentConfig(_Section):
             raise ValueError(f"a profile name or a profile file's path: {problem}")
         return v
 
-    @field_validator("trusted_keys", mode="before")
+    @field_validator("trusted_keys", "fleet_keys", mode="before")
     @classmethod
     def _keys(cls, v: Any) -> Any:
         return [p for p in v.split(",") if p] if isinstance(v, str) else v
@@ -239,9 +242,10 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     for broker in (config.cloud, config.local):
         if broker is not None:
             broker.settings()  # TLS files, client certificate pair, password file: checked now
-    for key in config.trusted_keys:
-        if not key.is_file():
-            raise ConfigError(f"config trusted_keys {key}", "does not exist")
+    for field in ("trusted_keys", "fleet_keys"):
+        for key in getattr(config, field):
+            if not key.is_file():
+                raise ConfigError(f"config {field} {key}", "does not exist")
     return config
 
 

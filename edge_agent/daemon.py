@@ -61,6 +61,9 @@ class Agent:
         c = self.config = config
         self.device_id = config.device_id
         self.trusted = dict(load_public_keys(list(config.trusted_keys)))
+        self.fleet_keys = dict(load_public_keys(list(config.fleet_keys))) if config.fleet_keys else {}
+        if not self.fleet_keys:
+            log.warning("no fleet_keys configured: every desired state from the hub will be refused")
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.state = StateStore(data / "agent.db")
@@ -140,6 +143,8 @@ class Agent:
             fetcher,
             self.trusted,
             activator,
+            device_id=self.config.device_id,
+            fleet_keys=self.fleet_keys,
             profile=self.profile_name,
             report=self.telemetry.report,
             crash_at=_fault_injection(os.environ.get(FAULT_ENV)),

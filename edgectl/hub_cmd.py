@@ -67,6 +67,13 @@ def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Public key whose signed bundles may be published (repeatable) [env EDGEGLM_HUB_TRUST].",
 )
+@click.option(
+    "--fleet-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Private key that signs desired states; created if absent; the same on every replica"
+    " [env EDGEGLM_HUB_FLEET_KEY; DATA/fleet.key].",
+)
 @click.option("--migrate/--no-migrate", default=False, help="Run the migrations first.")
 @click.option("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for device traffic [none].")
 @click.option("--mqtt-user", default=None, help="MQTT username (password from EDGEGLM_MQTT_PASSWORD).")
@@ -85,6 +92,7 @@ def serve_cmd(
     data_dir: Path | None,
     listen: str | None,
     trust: tuple[Path, ...],
+    fleet_key: Path | None,
     migrate: bool,
     broker: str | None,
     mqtt_user: str | None,
@@ -107,7 +115,14 @@ def serve_cmd(
         if not port_text.isdigit():
             raise UsageError("--listen", f"{listen!r}: write host:port")
         port = int(port_text)
-    settings = _settings(db_url=db_url, data_dir=data_dir, trusted_keys=trust, host=host or None, port=port)
+    settings = _settings(
+        db_url=db_url,
+        data_dir=data_dir,
+        trusted_keys=trust,
+        fleet_key=fleet_key,
+        host=host or None,
+        port=port,
+    )
     if migrate:
         admin.migrate(settings)
     mqtt = None

@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgeglm.contracts import Digest, name_problem, version_problem
+from edgeglm.contracts import Digest, Signature, name_problem, version_problem
 from edgeglm.errors import IntegrityError, SignatureError
 from edgeglm.keys import key_id
 from edgeglm.manifest_sections import QualitySection, RuntimeSection
@@ -208,12 +208,6 @@ class SmokeTest(_Strict):
 
 
 _SMOKE_OPTIONAL = ("reference", "logit_tolerance", "path_logit_diff")
-
-
-class Signature(_Strict):
-    alg: Literal["ed25519"] = "ed25519"
-    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    value: str = Field(max_length=128)
 
 
 class Manifest(_Strict):

@@ -20,12 +20,13 @@ deploy, a pin, a wire message) with the same one-line reason, :func:`name_proble
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, Strict, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, Strict, StringConstraints
 
 __all__ = [
     "DIGEST_PATTERN",
+    "KEY_ID_PATTERN",
     "LABEL_KEY_PATTERN",
     "LABEL_VALUE_PATTERN",
     "NAME_MAX",
@@ -40,6 +41,7 @@ __all__ = [
     "PieceId",
     "RolloutId",
     "SemVer",
+    "Signature",
     "name_problem",
     "semver_key",
     "version_problem",
@@ -123,3 +125,16 @@ def semver_key(version: str) -> tuple[int, int, int, str]:
     m = _SEMVER_RE.fullmatch(version)
     assert m is not None
     return int(m[1]), int(m[2]), int(m[3]), m[4] or ""
+
+
+KEY_ID_PATTERN = r"^[0-9a-f]{16}$"  # edgeglm.keys.key_id: the start of the public key's BLAKE3
+
+
+class Signature(BaseModel):
+    """An Ed25519 signature over a document's canonical form, and the id of the key that made it
+    (a bundle's manifest: the release key; a device's desired state: the hub's fleet key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+    value: str = Field(max_length=128)

@@ -14,7 +14,8 @@ library, and re-raised with ``raise ... from exc``.
     ├── AccessError                exit 1   no valid credentials (HTTP 401)
     │   └── PermissionDenied                valid credentials, but the role may not do this (403)
     ├── IntegrityError             exit 1   a digest, signature or size does not match
-    │   └── SignatureError                  an Ed25519 signature does not verify
+    │   ├── SignatureError                  an Ed25519 signature does not verify
+    │   └── ReplayError                     a signed message older than one already accepted
     ├── ProtocolError              exit 1   a wire message is malformed (never crashes a process)
     ├── RequestError               exit 1   an inference request is refused (``code``: busy, too_long, ...)
     ├── UpdateError                exit 1   an update step failed on a device
@@ -37,6 +38,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDenied",
     "ProtocolError",
+    "ReplayError",
     "RequestError",
     "SignatureError",
     "ToleranceExceeded",
@@ -109,6 +111,10 @@ class IntegrityError(EdgeError):
 
 class SignatureError(IntegrityError):
     default_hint = "Check that the manifest was signed with a key this device trusts."
+
+
+class ReplayError(IntegrityError):
+    default_hint = "Nothing to do: a newer message has been accepted already."
 
 
 class ProtocolError(EdgeError):

@@ -76,4 +76,4 @@ def rollback(body: RollbackBody, who: Operator, hub: Hub) -> RollbackView:
     """The model's latest rollout: its moved devices matching ``selector`` back to their old version."""
     selector = parse_selector(f"{k}={v}" for k, v in body.selector.items())
     with hub.db.session() as s:
-        return rollouts.rollback(s, body.model, selector, who.name, hub.publish)
+        return rollouts.rollback(s, body.model, selector, who.name, hub.publish, hub.fleet)

@@ -54,6 +54,15 @@ class UpdateRecord(_Base):
     updated_at: Mapped[str] = mapped_column(String(40))
 
 
+class _AcceptedDesired(_Base):
+    """The newest desired state this box accepted (one row): its sequence never goes back."""
+
+    __tablename__ = "accepted_desired"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
 class StateStore:
     def __init__(self, path: Path) -> None:
         self.engine: Engine = durable_engine(path)  # a row committed survives a power cut
@@ -90,6 +99,19 @@ class StateStore:
                 setattr(row, key, value)
             row.updated_at = _now()
         return row
+
+    def accepted_desired(self) -> tuple[int, str] | None:
+        """(sequence, payload digest) of the newest desired state accepted, if any."""
+        with Session(self.engine) as s:
+            row = s.get(_AcceptedDesired, 1)
+            return None if row is None else (row.sequence, row.digest)
+
+    def accept_desired(self, sequence: int, digest: str) -> None:
+        """Record it before acting on it (durable: a power cut cannot make the box go back)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(_AcceptedDesired, 1) or _AcceptedDesired(id=1)
+            row.sequence, row.digest = sequence, digest
+            s.add(row)
 
     def close(self) -> None:
         self.engine.dispose()

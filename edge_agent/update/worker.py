@@ -3,8 +3,13 @@
     desired (retained) ──on_desired──> newest wish ──wake──> worker thread ──> UpdateMachine.start
                                                                               └─ garbage collection
 
-At start the unfinished update, if any, resumes. A desired state older than the newest one seen is
-stale (reordered or replayed) and ignored. An update that ended ``failed`` is not tried again for
+At start the unfinished update, if any, resumes. A desired state is acted on only if the hub's
+fleet key signed it for this device, it has not expired, it is not issued far ahead of this box's
+clock, and its sequence is not below the one accepted last (:func:`check_desired`); the accepted
+sequence is written down before anything else happens, so no restart lets the box go back. A
+lower sequence is stale (reordered or replayed) and ignored; anything else refused is reported
+(step ``desired_refused``, no rollout id: a refused message names no rollout the hub should trust).
+An update that ended ``failed`` is not tried again for
 the same (rollout, manifest digest): the retained desired state would otherwise loop a box through
 the same failure; the hub answers failures by reverting the desired state. A different desired
 state arriving during a download supersedes it at once (reported ``failed``, reason "superseded");
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +31,8 @@ from edge_agent.update.install import piece_ref
 from edge_agent.update.machine import Fetcher, UpdateMachine
 from edge_agent.update.slots import Slots
 from edge_agent.update.state import StateStore, UpdateRecord
-from edgeglm.errors import ProtocolError
+from edgeglm.desired_signing import Accepted, check_desired, desired_digest
+from edgeglm.errors import IntegrityError, ProtocolError, ReplayError
 from edgeglm.mqtt import Incoming
 from edgeglm.piece_store import PieceStore
 from edgeglm.protocol import UPDATE_SUCCEEDED, Desired, decode
@@ -57,12 +64,15 @@ class UpdateWorker:
         trusted: Mapping[str, Any],
         activator: Activator,
         *,
+        device_id: str,
+        fleet_keys: Mapping[str, Any],
         profile: str,
         report: PutReport,
         crash_at: Callable[[str], None] | None = None,
     ) -> None:
         self.state, self.store, self.slots, self.activator = state, store, slots, activator
         self.profile, self.put_report = profile, report
+        self.device_id, self.fleet_keys = device_id, fleet_keys
         self.machine = UpdateMachine(
             state,
             store,
@@ -75,7 +85,8 @@ class UpdateWorker:
             superseded=self._superseded,
         )
         self._want: _Want | None = None
-        self._issued_at = 0.0  # the newest desired state seen: an older one arriving later is stale
+        held = state.accepted_desired()
+        self._accepted = Accepted(*held) if held is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -89,24 +100,40 @@ class UpdateWorker:
         self._wake.set()
 
     def on_desired(self, msg: Incoming) -> None:
-        """The desired-state topic's handler (paho's thread): note the newest wish, wake the worker."""
+        """The desired-state topic's handler (paho's thread): check it, note it, wake the worker."""
         if not msg.payload:
             return  # the hub cleared it: keep running what we run
-        try:
-            d = decode(Desired, msg.payload)
-        except ProtocolError as exc:
-            log.warning("ignored a bad desired state: %s", exc)
-            return
         with self._lock:
-            if d.issued_at < self._issued_at:  # reordered or replayed: the hub has said more since
-                log.warning(
-                    "ignored a stale desired state %s@%s (rollout %s): issued %.3f, before the newest %.3f",
-                    d.model, d.version, d.rollout_id, d.issued_at, self._issued_at,
-                )  # fmt: skip
+            try:
+                d = check_desired(
+                    msg.payload,
+                    self.fleet_keys,
+                    device_id=self.device_id,
+                    accepted=self._accepted,
+                    now=time.time(),
+                )
+            except IntegrityError as exc:
+                self._refuse(msg.payload, exc)
                 return
-            self._issued_at = d.issued_at
+            assert d.sequence is not None
+            accepted = Accepted(d.sequence, desired_digest(msg.payload))
+            if accepted != self._accepted:
+                self.state.accept_desired(accepted.sequence, accepted.digest)  # before acting on it
+                self._accepted = accepted
             self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
         self._wake.set()
+
+    def _refuse(self, payload: bytes, exc: IntegrityError) -> None:
+        if isinstance(exc, ReplayError):  # a late copy or a replay of an older one: nothing to report
+            log.warning("ignored a stale desired state: %s", exc)
+            return
+        try:
+            d = decode(Desired, payload)
+        except ProtocolError:
+            log.warning("refused a desired state: %s", exc)
+            return
+        log.warning("refused a desired state: %s", exc)
+        self.put_report(None, d.version, "desired_refused", False, str(exc), None)
 
     def _report(self, step: str, ok: bool, reason: str | None, progress: dict[str, int] | None) -> None:
         rec = self.machine.current

@@ -145,7 +145,9 @@ class LocalFleet:
         for device_id in ids:
             port = (ports or {}).get(device_id, self.broker_port)
             root = self.root / "agents" / device_id
-            config = {name: dict(table) for name, table in DEMO_PACE.items()}
+            config: dict[str, Any] = {name: dict(table) for name, table in DEMO_PACE.items()}
+            if self.hub is not None:
+                config["fleet_keys"] = [str(self.hub.fleet_public)]
             for name, table in (extra or {}).items():
                 config.setdefault(name, {}).update(table)
             box = AgentBox(root, device_id, port, self.trusted, **config, **(top or {}))

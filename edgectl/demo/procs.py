@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeglm.errors import UnavailableError
+from edgeglm.keys import create_keypair
 
 MOSQUITTO_HINT = "Install it: sudo apt-get install mosquitto (Debian/Ubuntu) or brew install mosquitto."
 
@@ -210,9 +211,13 @@ class HubProc:
         self.url = f"http://127.0.0.1:{self.port}"
         edgectl = tool("edgectl")
         self.edgectl = edgectl
+        self.fleet_key = root / "fleet.key"  # signs desired states; boxes trust fleet_public
+        self.fleet_public = self.fleet_key.with_suffix(".pub")
+        if not self.fleet_key.exists():
+            create_keypair(root, "fleet")
         argv = [
             edgectl, "-v", "hub", "serve", "--migrate",
-            "--db", db_url, "--data", str(root), "--trust", str(trusted),
+            "--db", db_url, "--data", str(root), "--trust", str(trusted), "--fleet-key", str(self.fleet_key),
             "--listen", f"127.0.0.1:{self.port}", "--broker", f"127.0.0.1:{broker_port}",
             "--tick", str(tick_s), "--offline-after", str(offline_after_s),
         ]  # fmt: skip

@@ -4,6 +4,7 @@ as a sensor sends them). Used where a test or a benchmark drives one agent witho
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 import uuid
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from edgectl.demo.fleet import Sensor
+from edgeglm.desired_signing import DESIRED_TTL_S, sign_desired
+from edgeglm.keys import create_keypair, load_private_key
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.protocol import (
     Desired,
@@ -33,8 +36,16 @@ class Wire:
     """One device's wire, seen from the hub's seat (``reports``, ``status``, ``heartbeats`` as
     they arrive; ``desire()`` publishes a desired state; ``ask()`` a sensor's request)."""
 
-    def __init__(self, port: int, device_id: str) -> None:
+    def __init__(self, port: int, device_id: str, fleet_key: Path | None = None) -> None:
+        """``fleet_key``: the private key desired states are signed with (a hub's fleet key);
+        without one the wire makes its own, whose public half is ``fleet_public``."""
         self.device_id = device_id
+        if fleet_key is None:
+            self._keys = tempfile.TemporaryDirectory(prefix="wire-fleet-")
+            fleet_key, _, _ = create_keypair(Path(self._keys.name), "fleet")
+        self.fleet_key = load_private_key(fleet_key)
+        self.fleet_public = fleet_key.with_suffix(".pub")
+        self.sequence = int(time.time() * 1000)  # as the hub counts: never below its clock in ms
         self.reports: list[Report] = []
         self.status: list[Status] = []
         self.heartbeats: list[Heartbeat] = []
@@ -68,15 +79,38 @@ class Wire:
         from edgeglm.bundle import load_manifest, manifest_digest
 
         m, doc = load_manifest(folder, None)
-        body = Desired(
-            model=m.model,
-            version=m.version,
-            manifest_digest=manifest_digest(doc),
-            rollout_id=rollout_id,
-            profile=m.profile,
-            issued_at=time.time(),
+        self.publish_desired(
+            Desired(
+                model=m.model,
+                version=m.version,
+                manifest_digest=manifest_digest(doc),
+                rollout_id=rollout_id,
+                profile=m.profile,
+                issued_at=time.time(),
+            )
         )
-        self.link.publish(desired_topic(self.device_id), encode(body), qos=1, retain=True).wait_for_publish(5)
+
+    def publish_desired(self, body: Desired, *, sign: bool = True) -> bytes:
+        """``body`` with this device, the next sequence and a 30-day expiry, signed (unless
+        ``sign`` is false: then published as given); the payload published."""
+        self.sequence += 1
+        if sign:
+            body = body.model_copy(
+                update={
+                    "device_id": body.device_id or self.device_id,
+                    "sequence": body.sequence or self.sequence,
+                    "expires_at": body.expires_at or body.issued_at + DESIRED_TTL_S,
+                }
+            )
+            payload = sign_desired(body, self.fleet_key)
+        else:
+            payload = encode(body)
+        self.publish_raw(payload)
+        return payload
+
+    def publish_raw(self, payload: bytes) -> None:
+        """Any bytes, retained on the device's desired topic (as anyone with broker access could)."""
+        self.link.publish(desired_topic(self.device_id), payload, qos=1, retain=True).wait_for_publish(5)
 
     def online(self, version: str) -> bool:
         with self.lock:

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import Field, Strict, StrictBool, StringConstraints, model_validator
 
-from edgeglm.contracts import Digest, Name, RolloutId, SemVer
+from edgeglm.contracts import Digest, Name, RolloutId, SemVer, Signature
 from edgeglm.protocol.message import DEFAULT_MAX_MESSAGE_BYTES, Message, _Body, _Count, _NonNeg, _Reason
 
 __all__ = [
@@ -67,7 +67,12 @@ class Heartbeat(Message):
 
 
 class Desired(Message):
-    """What the hub wants a device to run (retained on the device's desired topic)."""
+    """What the hub wants a device to run (retained on the device's desired topic).
+
+    Signed by the hub's fleet key (:mod:`edgeglm.desired_signing`): it names its ``device_id``,
+    carries that device's ``sequence`` (counted by the hub, never reused) and ``expires_at``; an
+    agent acts on none that lacks them or whose signature does not verify.
+    """
 
     MAX_BYTES = 2048
     model: Name
@@ -76,6 +81,10 @@ class Desired(Message):
     rollout_id: RolloutId | None = None
     profile: Name
     issued_at: _NonNeg
+    device_id: Name | None = None
+    sequence: Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)] | None = None
+    expires_at: _NonNeg | None = None
+    signature: Signature | None = None
 
 
 class Progress(_Body):

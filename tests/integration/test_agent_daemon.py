@@ -68,6 +68,7 @@ class World:
 
     def agent(self, port: int | None = None, **config: Any) -> AgentBox:
         config.setdefault("bootstrap_bundle", str(self.versions.v1))
+        config.setdefault("fleet_keys", [str(self.wire.fleet_public)])
         port = port or self.broker.port
         return AgentBox(self.root / "box", self.device_id, port, self.versions.public, **config)
 
