@@ -280,15 +280,16 @@ class Manifest(_Strict):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
-    """The signed form: the JSON object without ``signature``, sorted keys, compact, UTF-8."""
+def canonical_bytes(doc: Mapping[str, Any], what: str = "manifest") -> bytes:
+    """The signed form of a signed JSON document (a manifest; a desired state): the object without
+    ``signature``, sorted keys, compact, UTF-8."""
     body = {k: v for k, v in doc.items() if k != "signature"}
     try:
         return json.dumps(
             body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
     except ValueError as exc:
-        raise IntegrityError("manifest", f"not canonicalisable: {exc}") from exc
+        raise IntegrityError(what, f"not canonicalisable: {exc}") from exc
 
 
 def manifest_digest(doc: Mapping[str, Any]) -> str:

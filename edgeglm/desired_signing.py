@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeglm.bundle import canonical_bytes
 from edgeglm.errors import IntegrityError, ProtocolError, ReplayError, SignatureError
 from edgeglm.keys import key_id
 from edgeglm.protocol import Desired, decode
@@ -48,10 +49,7 @@ class Accepted:
 
 
 def _canonical(doc: Mapping[str, Any]) -> bytes:
-    body = {k: v for k, v in doc.items() if k != "signature"}
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
+    return canonical_bytes(doc, "desired state")
 
 
 def desired_digest(payload: bytes) -> str:
