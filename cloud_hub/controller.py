@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,7 +39,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
 from cloud_hub.db import Database
-from cloud_hub.desired import FleetKey, publish_desired
+from cloud_hub.desired import FleetKey, publish_desired, refresh_desired
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
@@ -100,6 +101,8 @@ class Controller:
         self.on_event = on_event
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.refresh_every_s = 30.0
+        self._next_refresh = 0.0
 
     # ------------------------------------------------------------------------ loop
     def start(self) -> Controller:
@@ -144,6 +147,7 @@ class Controller:
         return True
 
     def tick(self) -> None:
+        self._refresh()
         with self.db.session() as s:
             running = select(Rollout.id).where(Rollout.state == RolloutState.RUNNING).order_by(Rollout.id)
             ids = list(s.scalars(running))
@@ -158,6 +162,15 @@ class Controller:
             except Exception as exc:  # this rollout cannot go on (its desired state cannot be built)
                 log.exception("rollout %s cannot advance", rid)
                 self._give_up(rid, f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def _refresh(self) -> None:
+        """Now and then: desired states near their expiry, or signed by a retired fleet key."""
+        now = time.monotonic()
+        if self.fleet is None or now < self._next_refresh:
+            return
+        self._next_refresh = now + self.refresh_every_s
+        with self.db.session() as s:
+            refresh_desired(s, self.publish, self.fleet, now=time.time())
 
     def _give_up(self, rid: int, why: str) -> None:
         """End rollout ``rid`` as ``failed`` with ``why``; the other rollouts go on."""

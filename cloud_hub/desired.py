@@ -10,6 +10,12 @@ Every desired state is signed with the hub's fleet key (:class:`FleetKey`), name
 carries the device's next sequence number, counted in the ``devices`` row by one atomic UPDATE
 (replicas never hand out the same number twice; never below the hub's clock in milliseconds, so
 a restored database cannot go back), and an expiry (:mod:`edgeglm.desired_signing`).
+
+:func:`refresh_desired` (the rollout controller calls it) signs a device's desired state again,
+unchanged but for a new sequence and expiry, once it is past half its life or was signed by a
+fleet key other than the hub's current one: boxes never see their desired state expire, and after
+a fleet key rotation every retained desired state is signed by the new key before the old one is
+revoked (a box offline through the rotation reads the new one when it comes back).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import case, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.models import Bundle, Device, Model, Release
@@ -29,7 +35,7 @@ from edgeglm.errors import ConfigError, NotFoundError
 from edgeglm.keys import create_keypair, key_id, load_private_key
 from edgeglm.protocol import Desired, desired_topic
 
-__all__ = ["FleetKey", "publish_desired"]
+__all__ = ["FleetKey", "publish_desired", "refresh_desired"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ def publish_desired(
     topic = desired_topic(device.id)
     if version is None:
         device.desired_model = device.desired_version = None
+        device.desired_rollout_id = device.desired_signed_at = device.desired_key_id = None
         if callable(publish):
             publish(topic, b"", 1, True)
         return
@@ -110,8 +117,52 @@ def publish_desired(
         expires_at=now + fleet.ttl_s,
     )
     device.desired_model, device.desired_version = model, version
+    device.desired_rollout_id, device.desired_signed_at, device.desired_key_id = rollout_id, now, fleet.key_id
     if callable(publish):
         publish(topic, sign_desired(msg, fleet.private), 1, True)
     log.info(
         "device %s desired %s@%s (rollout %s, sequence %d)", device.id, model, version, rollout_id, sequence
     )
+
+
+def refresh_desired(s: Session, publish: object, fleet: FleetKey, *, now: float, limit: int = 200) -> int:
+    """Sign again (and publish) up to ``limit`` desired states that are past half their life or
+    signed by another fleet key; returns how many."""
+    if not callable(publish):
+        return 0
+    due = (
+        select(Device)
+        .where(
+            Device.desired_version.is_not(None),
+            Device.desired_model.is_not(None),
+            or_(
+                Device.desired_signed_at.is_(None),
+                Device.desired_signed_at < now - fleet.ttl_s / 2,
+                Device.desired_key_id.is_(None),
+                Device.desired_key_id != fleet.key_id,
+            ),
+        )
+        .order_by(Device.id)
+        .limit(limit)
+    )
+    digests: dict[str, str] = {}
+    devices = list(s.scalars(due))
+    for device in devices:
+        assert device.desired_model is not None
+        why = "fleet key" if device.desired_key_id != fleet.key_id else "expiry"
+        try:
+            publish_desired(
+                s,
+                device,
+                device.desired_model,
+                device.desired_version,
+                device.desired_rollout_id,
+                publish,
+                digests,
+                fleet=fleet,
+            )
+        except NotFoundError as exc:  # the release was deleted: leave it to the operator
+            log.warning("cannot sign device %s's desired state again: %s", device.id, exc)
+            continue
+        log.info("signed device %s's desired state again (%s)", device.id, why)
+    return len(devices)

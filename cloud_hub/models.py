@@ -54,6 +54,7 @@ __all__ = [
     "Release",
     "Rollout",
     "RolloutWave",
+    "TrustRoot",
     "Upload",
     "UtcDateTime",
     "utcnow",
@@ -176,10 +177,25 @@ class Device(Base):
     pinned_version: Mapped[str | None] = mapped_column(String(SEMVER_MAX))
     # the last sequence number signed into this device's desired state (edgeglm.desired_signing)
     desired_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # what the desired state was last signed with: the hub signs it again before it expires, or
+    # once the fleet key changed (cloud_hub.desired.refresh_desired)
+    desired_rollout_id: Mapped[int | None] = mapped_column(Integer)
+    desired_signed_at: Mapped[float | None] = mapped_column(Float)
+    desired_key_id: Mapped[str | None] = mapped_column(String(16))
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column()
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrustRoot(Base):
+    """One version of the fleet's root of trust (edgeglm.trust_root), exactly as signed offline."""
+
+    __tablename__ = "trust_roots"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    document: Mapped[str] = mapped_column(Text)
+    added_by: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Rollout(Base):

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
+from cloud_hub import trust
 from cloud_hub.api import create_app
 from cloud_hub.context import HubContext
 from cloud_hub.controller import Controller
@@ -75,6 +76,15 @@ def start_ingest(
         ctx.gateway.close()
         raise
     ctx.publish = mqtt_publisher(link)
+    with ctx.db.session() as s:  # boxes read the root-of-trust chain from the retained message
+        latest = trust.latest_root(s)
+        trust.publish_chain(s, ctx.publish)
+    if latest is not None and ctx.fleet is not None and ctx.fleet.key_id not in latest.role("fleet"):
+        log.warning(
+            "the fleet key %s is not in root version %d: boxes refuse the desired states it signs",
+            ctx.fleet.key_id,
+            latest.version,
+        )
     return link, ingest
 
 

@@ -5,6 +5,9 @@
     data_dir = "/var/lib/edge-agent"     # state DB, outbox, piece store, slots
     trusted_keys = ["/etc/edge-agent/release.pub"]   # manifests must be signed by one of these
     fleet_keys = ["/etc/edge-agent/fleet.pub"]       # the hub's fleet key: signs desired states
+    # or, instead of both: the fleet's root of trust (edgeglm.trust_root), which names the valid
+    # release and fleet keys and is rotated through the hub without touching the box
+    # root = "/etc/edge-agent/root.json"
     bootstrap_bundle = "/opt/edgeglm/factory-bundle" # optional: installed when no slot holds a model
     log_format = "kv"                    # or "json"
 
@@ -41,7 +44,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgeglm.bundle import Manifest, load_manifest
 from edgeglm.errors import ConfigError, EdgeError
@@ -167,9 +178,11 @@ class AgentConfig(_Section):
     device_id: str
     profile: str | None = None  # a name, or the path of an overriding profile file
     data_dir: Path = Path("/var/lib/edge-agent")
-    trusted_keys: tuple[Path, ...] = Field(min_length=1)
+    trusted_keys: tuple[Path, ...] = ()
     # the hub's fleet keys: a desired state signed by none of them is refused (and reported)
     fleet_keys: tuple[Path, ...] = ()
+    # the root of trust the box is provisioned with; replaces trusted_keys and fleet_keys
+    root: Path | None = None
     bootstrap_bundle: Path | None = None
     log_format: Literal["kv", "json"] = "kv"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -198,6 +211,16 @@ class AgentConfig(_Section):
     @classmethod
     def _keys(cls, v: Any) -> Any:
         return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source_of_trust(self) -> AgentConfig:
+        if self.root is not None and (self.trusted_keys or self.fleet_keys):
+            raise ValueError(
+                "root names the valid release and fleet keys: leave trusted_keys and fleet_keys out"
+            )
+        if self.root is None and not self.trusted_keys:
+            raise ValueError("set root (the fleet's root of trust) or trusted_keys (release keys)")
+        return self
 
 
 _SECTIONS = {"cloud", "local", "serving", "telemetry", "update"}
@@ -246,6 +269,8 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         for key in getattr(config, field):
             if not key.is_file():
                 raise ConfigError(f"config {field} {key}", "does not exist")
+    if config.root is not None and not config.root.is_file():
+        raise ConfigError(f"config root {config.root}", "does not exist")
     return config
 
 

@@ -42,12 +42,12 @@ from edge_agent.notify import Watchdog, notify
 from edge_agent.outbox import Outbox
 from edge_agent.serving_stack import ServingStack
 from edge_agent.telemetry import Telemetry
+from edge_agent.trust import BoxTrust
 from edge_agent.update.slots import Slots
 from edge_agent.update.state import StateStore
 from edge_agent.update.worker import UpdateWorker
-from edgeglm.keys import load_public_keys
 from edgeglm.piece_store import PieceStore
-from edgeglm.protocol import desired_topic
+from edgeglm.protocol import desired_topic, root_topic
 
 __all__ = ["FAULT_ENV", "Agent"]
 
@@ -60,13 +60,13 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         c = self.config = config
         self.device_id = config.device_id
-        self.trusted = dict(load_public_keys(list(config.trusted_keys)))
-        self.fleet_keys = dict(load_public_keys(list(config.fleet_keys))) if config.fleet_keys else {}
-        if not self.fleet_keys:
-            log.warning("no fleet_keys configured: every desired state from the hub will be refused")
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.state = StateStore(data / "agent.db")
+        self.trust = BoxTrust(
+            self.state, trusted_keys=config.trusted_keys, fleet_keys=config.fleet_keys, root=config.root
+        )
+        self.trusted = self.trust.release
         self.store = PieceStore(data / "pieces")
         self.slots = Slots(data)
         self.profile_name, self.profile_override = resolve_profile(config)
@@ -116,6 +116,8 @@ class Agent:
         boot(self.slots, self.activator)
         stack.start()
         self.worker = self._worker(links, self.activator)
+        self.trust.on_change(self.worker.recheck)
+        links.cloud.subscribe(root_topic(), 1, self.trust.on_root)
         links.cloud.subscribe(desired_topic(self.device_id), 1, self.worker.on_desired)
         links.start()
         self.telemetry.start(links.deliver, links.connected)
@@ -144,7 +146,8 @@ class Agent:
             self.trusted,
             activator,
             device_id=self.config.device_id,
-            fleet_keys=self.fleet_keys,
+            fleet_keys=self.trust.fleet,
+            fresh=self.trust.check_fresh,
             profile=self.profile_name,
             report=self.telemetry.report,
             crash_at=_fault_injection(os.environ.get(FAULT_ENV)),

@@ -73,6 +73,8 @@ __all__ = [
     "RollbackView",
     "RolloutDetail",
     "RolloutView",
+    "RootChainView",
+    "RootView",
     "TokenBody",
     "TokenRole",
     "TokenView",
@@ -284,6 +286,22 @@ class NewTokenView(TokenView):
     """A token just made; ``token`` is its secret, shown this once and stored only as a hash."""
 
     token: str
+
+
+class RootView(BaseModel):
+    """A version of the fleet's root of trust: the key ids it makes valid, by role."""
+
+    version: int
+    expires_at: float
+    root: list[str]
+    release: list[str]
+    fleet: list[str]
+
+
+class RootChainView(BaseModel):
+    """Every root version the hub holds, oldest first, exactly as signed (as published on MQTT)."""
+
+    roots: list[dict[str, Any]]
 
 
 class WaveView(BaseModel):

@@ -19,6 +19,9 @@
                DELETE /api/v1/devices/{id}/pin                   operator
                PATCH  /api/v1/devices/{id}/labels                operator
     audit      GET    /api/v1/audit?actor=&action=&target=&limit=   viewer
+    trust      GET    /api/v1/trust/root                         viewer    the newest root: key ids by role
+               GET    /api/v1/trust/roots                        viewer    every root version, as signed
+               POST   /api/v1/trust/roots                        admin     body: the next root, signed
     rollouts   POST   /api/v1/rollouts                           operator  body: DeployBody (dry_run)
                GET    /api/v1/rollouts?state=                    viewer
                GET    /api/v1/rollouts/{id}?devices=             viewer
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cloud_hub.routes import audit, devices, ops, registry, rollouts, tokens
+from cloud_hub.routes import audit, devices, ops, registry, rollouts, tokens, trust
 
 __all__ = ["ROUTERS"]
 
@@ -44,4 +47,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     devices.router,
     audit.router,
     rollouts.router,
+    trust.router,
 )

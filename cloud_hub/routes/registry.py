@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from cloud_hub import trust
 from cloud_hub.auth import Role, require
 from cloud_hub.context import HubContext
 from cloud_hub.models import Bundle, Release
@@ -40,7 +41,7 @@ _MANIFEST_LIMIT = 32 << 20
 
 
 def _registry(hub: HubContext, s: Session) -> Registry:
-    return Registry(s, hub.store, hub.trusted)
+    return Registry(s, hub.store, trust.release_keys(s, hub.trusted))
 
 
 def _upload_view(u: UploadState) -> UploadView:

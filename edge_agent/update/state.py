@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String, Text, TypeDecorator, select
+from sqlalchemy import JSON, Integer, LargeBinary, String, Text, TypeDecorator, select
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -63,6 +63,15 @@ class _AcceptedDesired(_Base):
     digest: Mapped[str] = mapped_column(String(64))
 
 
+class _AcceptedRoot(_Base):
+    """The newest root of trust this box accepted (edgeglm.trust_root): one row."""
+
+    __tablename__ = "accepted_root"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    document: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class StateStore:
     def __init__(self, path: Path) -> None:
         self.engine: Engine = durable_engine(path)  # a row committed survives a power cut
@@ -111,6 +120,19 @@ class StateStore:
         with Session(self.engine) as s, s.begin():
             row = s.get(_AcceptedDesired, 1) or _AcceptedDesired(id=1)
             row.sequence, row.digest = sequence, digest
+            s.add(row)
+
+    def accepted_root(self) -> bytes | None:
+        """The newest root document accepted through the chain, if any."""
+        with Session(self.engine) as s:
+            row = s.get(_AcceptedRoot, 1)
+            return None if row is None else row.document
+
+    def accept_root(self, version: int, document: bytes) -> None:
+        """Record a root before trusting it (durable: a power cut cannot bring back a revoked key)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(_AcceptedRoot, 1) or _AcceptedRoot(id=1)
+            row.version, row.document = version, document
             s.add(row)
 
     def close(self) -> None:

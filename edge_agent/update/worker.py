@@ -66,13 +66,15 @@ class UpdateWorker:
         *,
         device_id: str,
         fleet_keys: Mapping[str, Any],
+        fresh: Callable[[], None] = lambda: None,
         profile: str,
         report: PutReport,
         crash_at: Callable[[str], None] | None = None,
     ) -> None:
         self.state, self.store, self.slots, self.activator = state, store, slots, activator
         self.profile, self.put_report = profile, report
-        self.device_id, self.fleet_keys = device_id, fleet_keys
+        self.device_id, self.fleet_keys, self.fresh = device_id, fleet_keys, fresh
+        self._refused: bytes | None = None  # the last refused payload: a newer root may admit it
         self.machine = UpdateMachine(
             state,
             store,
@@ -103,22 +105,37 @@ class UpdateWorker:
         """The desired-state topic's handler (paho's thread): check it, note it, wake the worker."""
         if not msg.payload:
             return  # the hub cleared it: keep running what we run
+        self._consider(msg.payload, report=True)
+
+    def recheck(self) -> None:
+        """The trusted keys changed (a newer root): the last refused desired state may now pass."""
+        payload = self._refused
+        if payload is not None:
+            self._consider(payload, report=False)
+
+    def _consider(self, payload: bytes, *, report: bool) -> None:
         with self._lock:
             try:
+                self.fresh()
                 d = check_desired(
-                    msg.payload,
+                    payload,
                     self.fleet_keys,
                     device_id=self.device_id,
                     accepted=self._accepted,
                     now=time.time(),
                 )
             except IntegrityError as exc:
-                self._refuse(msg.payload, exc)
+                self._refused = None if isinstance(exc, ReplayError) else payload
+                if report:
+                    self._refuse(payload, exc)
                 return
+            self._refused = None
             assert d.sequence is not None
-            accepted = Accepted(d.sequence, desired_digest(msg.payload))
+            accepted = Accepted(d.sequence, desired_digest(payload))
             if accepted != self._accepted:
                 self.state.accept_desired(accepted.sequence, accepted.digest)  # before acting on it
+                if not report:
+                    log.info("acting on desired state %s@%s, admitted by a newer root", d.model, d.version)
                 self._accepted = accepted
             self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
         self._wake.set()

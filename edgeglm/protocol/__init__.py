@@ -21,6 +21,7 @@ at most 7 slashes per topic, the limit of cloud IoT brokers):
     edgeglm/v1/dev/{id}/data       hub -> agent     1   no     Frame (binary); correlation = request_id
     edgeglm/v1/dev/{id}/infer      sensor -> agent  1   no     InferRequest
     edgeglm/v1/site/{site}/infer   sensor -> agents 1   no     InferRequest (agents: $share/agents/...)
+    edgeglm/v1/fleet/root          hub -> agents    1   yes    the root-of-trust chain (edgeglm.trust_root)
 
 An InferReply goes to the request's MQTT 5 response topic with its correlation data (MQTT 3.1.1
 clients put ``reply_to`` and ``id`` in the request instead). ``TOPIC_SPECS`` holds QoS and retain.
@@ -96,6 +97,7 @@ from edgeglm.protocol.topics import (
     infer_topic,
     parse_device_topic,
     report_topic,
+    root_topic,
     shared,
     site_infer_topic,
     status_topic,
@@ -149,6 +151,7 @@ __all__ = [
     "infer_topic",
     "parse_device_topic",
     "report_topic",
+    "root_topic",
     "shared",
     "site_infer_topic",
     "split_payload",

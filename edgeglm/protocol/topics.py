@@ -33,6 +33,7 @@ __all__ = [
     "infer_topic",
     "parse_device_topic",
     "report_topic",
+    "root_topic",
     "shared",
     "site_infer_topic",
     "status_topic",
@@ -208,3 +209,9 @@ def parse_device_topic(topic: object) -> tuple[str, TopicKind]:
     if levels[4] not in {k.value for k in _DEVICE_KINDS}:
         raise ProtocolError("topic", f"unknown device topic kind {_clip(repr(levels[4]), 40)}")
     return device_id, TopicKind(levels[4])
+
+
+def root_topic() -> str:
+    """The fleet's root-of-trust chain (:mod:`edgeglm.trust_root`): the hub publishes it retained
+    (QoS 1); every device reads it."""
+    return f"{PREFIX}/fleet/root"
