@@ -7,7 +7,7 @@
     fleet_keys = ["/etc/edge-agent/fleet.pub"]       # the hub's fleet key: signs desired states
     # or, instead of both: the fleet's root of trust (edgeglm.trust_root), which names the valid
     # release and fleet keys and is rotated through the hub without touching the box
-    # root = "/etc/edge-agent/root.json"
+    # trust_root = "/etc/edge-agent/root.json"
     bootstrap_bundle = "/opt/edgeglm/factory-bundle" # optional: installed when no slot holds a model
     log_format = "kv"                    # or "json"
 
@@ -182,7 +182,7 @@ class AgentConfig(_Section):
     # the hub's fleet keys: a desired state signed by none of them is refused (and reported)
     fleet_keys: tuple[Path, ...] = ()
     # the root of trust the box is provisioned with; replaces trusted_keys and fleet_keys
-    root: Path | None = None
+    trust_root: Path | None = None
     bootstrap_bundle: Path | None = None
     log_format: Literal["kv", "json"] = "kv"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -214,12 +214,12 @@ class AgentConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source_of_trust(self) -> AgentConfig:
-        if self.root is not None and (self.trusted_keys or self.fleet_keys):
+        if self.trust_root is not None and (self.trusted_keys or self.fleet_keys):
             raise ValueError(
-                "root names the valid release and fleet keys: leave trusted_keys and fleet_keys out"
+                "trust_root names the valid release and fleet keys: leave trusted_keys and fleet_keys out"
             )
-        if self.root is None and not self.trusted_keys:
-            raise ValueError("set root (the fleet's root of trust) or trusted_keys (release keys)")
+        if self.trust_root is None and not self.trusted_keys:
+            raise ValueError("set trust_root (the fleet's root of trust) or trusted_keys (release keys)")
         return self
 
 
@@ -269,8 +269,8 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         for key in getattr(config, field):
             if not key.is_file():
                 raise ConfigError(f"config {field} {key}", "does not exist")
-    if config.root is not None and not config.root.is_file():
-        raise ConfigError(f"config root {config.root}", "does not exist")
+    if config.trust_root is not None and not config.trust_root.is_file():
+        raise ConfigError(f"config trust_root {config.trust_root}", "does not exist")
     return config
 
 

@@ -64,7 +64,7 @@ class Agent:
         data.mkdir(parents=True, exist_ok=True)
         self.state = StateStore(data / "agent.db")
         self.trust = BoxTrust(
-            self.state, trusted_keys=config.trusted_keys, fleet_keys=config.fleet_keys, root=config.root
+            self.state, trusted_keys=config.trusted_keys, fleet_keys=config.fleet_keys, root=config.trust_root
         )
         self.trusted = self.trust.release
         self.store = PieceStore(data / "pieces")

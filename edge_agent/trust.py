@@ -3,7 +3,7 @@
 Two ways to configure it (``edge_agent.config``):
 
     trusted_keys + fleet_keys   fixed public keys; rotating one means touching every box
-    root                        the fleet's root of trust (edgeglm.trust_root): the keys it names,
+    trust_root                  the fleet's root of trust (edgeglm.trust_root): the keys it names,
                                 updated from the chain the hub publishes retained on
                                 edgeglm/v1/fleet/root, each newer root checked against the one held
 
@@ -58,9 +58,9 @@ class BoxTrust:
         try:
             provisioned = parse_root(root.read_bytes())
         except OSError as exc:
-            raise ConfigError(f"config root {root}", exc.strerror or str(exc)) from exc
+            raise ConfigError(f"config trust_root {root}", exc.strerror or str(exc)) from exc
         except IntegrityError as exc:
-            raise ConfigError(f"config root {root}", f"{exc.what} {exc.why}") from exc
+            raise ConfigError(f"config trust_root {root}", f"{exc.what} {exc.why}") from exc
         held = state.accepted_root()
         current = provisioned
         if held is not None:

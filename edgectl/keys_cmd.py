@@ -68,7 +68,7 @@ def root() -> None:
       edgectl keys create root-1 --dir /media/offline
       edgectl keys root sign --sign-with /media/offline/root-1.key --version 1 \\
           --release release.pub --fleet fleet.pub --out root-1.json
-    Boxes get root-1.json as `root = ...` in agent.toml. To rotate or revoke a key, sign the next
+    Boxes get root-1.json as `trust_root = ...` in agent.toml. To rotate or revoke a key, sign the next
     version with the previous root keys (and the new ones, if the root key changes), then
     `edgectl keys root push root-2.json`: the hub hands the chain to every box.
     """

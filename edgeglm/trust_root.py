@@ -3,7 +3,7 @@
 Modelled on TUF's root role and Uptane's two repositories (the release key plays Uptane's image
 repository targets key; the hub's fleet key its director). One document, a *root*, says which keys
 are valid for what; it is signed by the offline root key(s) and numbered. A box is provisioned
-with one root (``root = /etc/edge-agent/root.json``) and from then on accepts a newer one only
+with one root (``trust_root = /etc/edge-agent/root.json``) and from then on accepts a newer one only
 through the chain: version N+1 must carry a threshold of signatures from the root keys of version N
 *and* of its own (so the root key itself can be rotated), exactly one version at a time. The hub
 publishes the whole chain, retained, on ``edgeglm/v1/fleet/root``; a box that was offline for
