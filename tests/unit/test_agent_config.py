@@ -127,3 +127,18 @@ def test_backoff_grows_exponentially_is_capped_and_jittered() -> None:
     rng = random.Random(1)
     spread = {round(backoff_s(4, 1.0, 30.0, rand=rng.random), 3) for _ in range(50)}
     assert len(spread) > 40 and min(spread) >= 8.0 and max(spread) <= 16.0
+
+
+def test_trust_root_replaces_fixed_keys_and_must_exist(tmp_path: Path, key: Path) -> None:
+    root = tmp_path / "root.json"
+    path = _write(tmp_path, f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrust_root = "{root}"\n')
+    with pytest.raises(ConfigError, match=r"trust_root .* does not exist"):
+        load_config(path, {})
+    root.write_text("{}")
+    assert load_config(path, {}).trust_root == root
+    both = _write(
+        tmp_path,
+        f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrust_root = "{root}"\ntrusted_keys = ["{key}"]\n',
+    )
+    with pytest.raises(ConfigError, match="leave trusted_keys and fleet_keys out"):
+        load_config(both, {})
