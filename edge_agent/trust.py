@@ -49,6 +49,7 @@ class BoxTrust:
         self.root: Root | None = None
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._told_fixed = False
         if root is None:
             self.release.replace(load_public_keys(list(trusted_keys)))
             self.fleet.replace(load_public_keys(list(fleet_keys)) if fleet_keys else {})
@@ -74,7 +75,12 @@ class BoxTrust:
     def on_root(self, msg: Incoming) -> None:
         """The root topic's handler (paho's thread): walk the chain from the root held."""
         if self.root is None:
-            log.warning("ignored a root-of-trust chain: this box is configured with fixed keys")
+            if not self._told_fixed:  # retained: it comes again at every reconnect
+                self._told_fixed = True
+                log.warning(
+                    "the hub publishes a root of trust, but this box trusts fixed keys "
+                    "(trusted_keys, fleet_keys): set trust_root to follow key rotations"
+                )
             return
         if not msg.payload:
             return
