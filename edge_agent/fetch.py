@@ -11,7 +11,8 @@ broker going away mid-download costs only the requests in flight: nothing receiv
 again, because the caller keeps every verified piece in its store.
 
 Whoever can publish on the broker can answer a request (the request id travels in the clear), so
-every frame is checked against what was asked before a byte of it is buffered::
+every frame is checked on arrival (paho's thread) against what its request asked, before a byte
+of it is queued or buffered::
 
     MANIFEST  kind MANIFEST, RAW, piece_size <= MAX_MANIFEST_BYTES (edgeglm.bundle)
     PIECE     kind PIECE, a piece id this request asked for, piece_size == the manifest's size
@@ -97,6 +98,7 @@ class _Bucket:
 
 _RETRY_AFTER = re.compile(r"retry after ([0-9]{1,6}(?:\.[0-9]{1,3})?) s")
 _MAX_BACKOFF_S = 4.0
+_LOGGED_DROPS = 5  # per request; a flood of bad frames must not flood the log
 
 
 def _backoff(tries: int) -> float:
@@ -120,7 +122,6 @@ class _Request:
     answered: bool = False  # a frame that passed the checks arrived
     retry_at: float | None = None  # refused: ask again at this time (counts a try)
     parts: dict[str, FrameAssembler] = field(default_factory=dict)
-    asked: frozenset[str] = frozenset()
 
 
 class MqttFetcher:
@@ -150,7 +151,10 @@ class MqttFetcher:
         self.holds = holds
         self._events: queue.Queue[tuple[str, Frame]] = queue.Queue()
         self._lock = threading.Lock()
-        self._live: set[str] = set()
+        # request id -> what it asked for (piece id -> step; None for a manifest): frames are
+        # checked against it on paho's thread, so a frame that fails is never even queued
+        self._live: dict[str, dict[str, PieceStep] | None] = {}
+        self._drops: dict[str, int] = {}  # frames dropped per live request: the first few are logged
         self._seq = 0
         self._paused_until = 0.0  # rate limited by the hub: no request before this (monotonic)
         link.subscribe(data_topic(device_id), 1, self._on_data)
@@ -161,11 +165,17 @@ class MqttFetcher:
         with self._lock:
             if rid not in self._live:
                 return  # an answer to a request given up (or another process's)
+            asked = self._live[rid]
         try:
             frame = Frame.unpack(msg.payload)
         except ProtocolError as exc:
             log.warning("dropped a bad data frame: %s", exc)
             return
+        if frame.kind is not FrameKind.ERROR:
+            why = _manifest_check(frame) if asked is None else self._piece_check(asked, frame)
+            if why is not None:
+                self._dropped(rid, f"dropped a frame for {_what(asked)} {frame.piece_id.hex()[:16]}: {why}")
+                return
         self._events.put((rid, frame))
 
     def _send(
@@ -174,10 +184,11 @@ class MqttFetcher:
         version: str,
         model: str,
         profile: str,
-        pieces: Sequence[str] = (),
+        asked: dict[str, PieceStep] | None = None,
         have: Sequence[str] = (),
     ) -> str:
         rid = uuid.uuid4().hex[:24]
+        pieces = tuple(asked or ())
         req = FetchRequest(
             device_id=self.device_id,
             request_id=rid,
@@ -190,13 +201,25 @@ class MqttFetcher:
             window=self.window,
         )
         with self._lock:
-            self._live.add(rid)
+            self._live[rid] = None if kind == "manifest" else asked
         self.link.publish(fetch_topic(self.device_id), encode(req), qos=1)
         return rid
 
+    def _dropped(self, rid: str, line: str) -> None:
+        """A warning for each of the first few frames dropped per request, then one saying so."""
+        with self._lock:
+            n = self._drops[rid] = self._drops.get(rid, 0) + 1
+        if n <= _LOGGED_DROPS:
+            log.warning("%s", line)
+        elif n == _LOGGED_DROPS + 1:
+            log.warning("request %s: more frames dropped; logged at debug level from now on", rid)
+        else:
+            log.debug("%s", line)
+
     def _forget(self, rid: str) -> None:
         with self._lock:
-            self._live.discard(rid)
+            self._live.pop(rid, None)
+            self._drops.pop(rid, None)
 
     # the update machine's thread ---------------------------------------------------------
     def manifest(self, model: str, version: str, profile: str) -> bytes:
@@ -250,17 +273,13 @@ class MqttFetcher:
                 except ProtocolError as exc:
                     log.warning("dropped a manifest error frame: %s", exc)
                     continue
-            why = _manifest_check(frame)
-            if why is None:
-                try:
-                    whole = assembler.add(frame)
-                except ProtocolError as exc:
-                    why = f"assembly: {exc.why}"
-                else:
-                    if whole is not None:
-                        return whole
-            if why is not None:
-                log.warning("dropped a manifest frame: %s", why)
+            try:  # its sizes were checked on arrival (_manifest_check)
+                whole = assembler.add(frame)
+            except ProtocolError as exc:
+                log.warning("dropped a manifest frame: assembly: %s", exc.why)
+                continue
+            if whole is not None:
+                return whole
         return None
 
     def _wait_online(self) -> None:
@@ -348,12 +367,10 @@ class MqttFetcher:
     def _open(
         self, target: Manifest, chunk: Sequence[PieceStep], have: Sequence[str], open_: dict[str, _Request]
     ) -> _Request:
-        rid = self._send(
-            "pieces", target.version, target.model, target.profile, [s.piece_id for s in chunk], have
-        )
-        self._seq += 1
         pieces = {s.piece_id: s for s in chunk}
-        req = _Request(rid, pieces, time.monotonic(), seq=self._seq, asked=frozenset(pieces))
+        rid = self._send("pieces", target.version, target.model, target.profile, dict(pieces), have)
+        self._seq += 1
+        req = _Request(rid, pieces, time.monotonic(), seq=self._seq)
         open_[rid] = req
         return req
 
@@ -407,17 +424,12 @@ class MqttFetcher:
             req.pieces.pop(pid, None)
             req.sent, req.answered = time.monotonic(), True
             return None
-        if pid in req.asked and pid not in req.pieces:
-            return None  # a duplicate of a piece already complete
-        why = self._piece_check(req, frame, pid)
-        whole = None
-        if why is None:
-            try:
-                whole = req.parts.setdefault(pid, FrameAssembler()).add(frame)
-            except ProtocolError as exc:
-                why = f"assembly: {exc.why}"
-        if why is not None:
-            log.warning("dropped a frame for piece %s: %s", pid[:16], why)
+        if pid not in req.pieces:
+            return None  # a duplicate of a piece already complete (its sizes were checked on arrival)
+        try:
+            whole = req.parts.setdefault(pid, FrameAssembler()).add(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a frame for piece %s: assembly: %s", pid[:16], exc.why)
             return None
         req.sent, req.answered = time.monotonic(), True  # alive: its timeout counts from now
         if whole is None:
@@ -427,9 +439,9 @@ class MqttFetcher:
         base = frame.base_id.hex() if frame.base_id else None
         return step, Encoded(frame.encoding, frame.element_width, whole), base
 
-    def _piece_check(self, req: _Request, frame: Frame, pid: str) -> str | None:
+    def _piece_check(self, asked: dict[str, PieceStep], frame: Frame) -> str | None:
         """Why a piece frame must not be buffered, or None: its sizes against the manifest's."""
-        step = req.pieces.get(pid)
+        step = asked.get(frame.piece_id.hex())
         if step is None:
             return "piece id: not one this request asked for"
         if frame.kind is not FrameKind.PIECE:
@@ -444,6 +456,10 @@ class MqttFetcher:
             if base != step.base_id and not (self.holds is not None and self.holds(base)):
                 return f"base_id: {base[:16]} is not a base this device offered"
         return None
+
+
+def _what(asked: dict[str, PieceStep] | None) -> str:
+    return "manifest" if asked is None else "piece"
 
 
 def _manifest_check(frame: Frame) -> str | None:
