@@ -201,6 +201,28 @@ def _transfer(
     }
 
 
+def _hub_records(ctx: Any, device_id: str) -> Any:
+    """``Wire(record=...)``: the desired release recorded in the hub's database before the wire
+    publishes it, as the hub does (its gateway serves a device only the releases targeted at it)."""
+
+    def record(manifest: Any, _rollout_id: int) -> None:
+        from cloud_hub.desired import publish_desired
+        from cloud_hub.models import Device
+        from edgectl.demo.procs import wait_for
+
+        def device() -> Any:
+            with ctx.db.session() as s:
+                d = s.get(Device, device_id)
+                return d is not None and d.profile is not None
+
+        wait_for(device, 60, f"{device_id} registered with the hub")
+        with ctx.db.session() as s:
+            d = s.get(Device, device_id)
+            publish_desired(s, d, manifest.model, manifest.version, None, None, fleet=ctx.fleet)
+
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.update", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
@@ -272,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             fleet_public = fleet_key.with_suffix(".pub")
             a = _Box(work / "box-a", "bench-a", broker.port, public, profile, v1, fleet_public)
             boxes.append(a)
-            wire_a = Wire(broker.port, "bench-a", fleet_key)
+            wire_a = Wire(broker.port, "bench-a", fleet_key, record=_hub_records(ctx, "bench-a"))
             a.proc.start()
             a.proc.wait_log(r"edge agent \S+ up", 600)
             # A sensor asks the golden question before each switch, so the serving engine's prefix
@@ -283,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             revert = _transfer(ctx, wire_a, a, v1, 2)
             b = _Box(work / "box-b", "bench-b", broker.port, public, profile, None, fleet_public)
             boxes.append(b)
-            wire_b = Wire(broker.port, "bench-b", fleet_key)
+            wire_b = Wire(broker.port, "bench-b", fleet_key, record=_hub_records(ctx, "bench-b"))
             b.proc.start()
             b.proc.wait_log(r"edge agent \S+ up", 120)
             full = _transfer(ctx, wire_b, b, v11, 3)

@@ -6,8 +6,11 @@
     acl               hub users: all of edgeglm/v1; devices (username = device id): their own topics
     credentials.json  0600: the generated password of every user, to provision the boxes
 
-A device may publish its status, heartbeats and reports and ask the hub for pieces; it may read
-only its own desired state and data. Another device's topics are denied by the broker itself.
+A device may publish its status, heartbeats and reports and ask the hub for manifests and pieces,
+all on its own topics (``edgeglm/v1/dev/%u/...``); it may read only its own desired state and
+data, and the root-of-trust chain (``edgeglm/v1/fleet/root``) every device reads. Another
+device's topics are denied by the broker itself, so the hub, which takes the asking
+device from the fetch topic, answers a fetch only to the device that sent it.
 Existing passwords in ``credentials.json`` are kept, so running it again adds new devices only.
 """
 
@@ -45,7 +48,9 @@ def acl_text(hub_users: Iterable[str]) -> str:
         f"pattern write {PREFIX}/dev/%u/report",
         f"pattern read {PREFIX}/dev/%u/desired",
         f"pattern read {PREFIX}/dev/%u/data",
-        f"pattern write {PREFIX}/hub/fetch",
+        f"pattern write {PREFIX}/dev/%u/fetch",
+        "# every device: the root-of-trust chain the hub publishes (edgeglm.trust_root)",
+        f"pattern read {PREFIX}/fleet/root",
         "",
     ]
     return "\n".join(lines)

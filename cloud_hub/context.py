@@ -11,6 +11,7 @@ from typing import Any
 
 from cloud_hub.db import Database
 from cloud_hub.desired import FleetKey
+from cloud_hub.fetch_limit import FetchLimits
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import Publish
 from edgeglm.piece_store import PieceStore
@@ -28,3 +29,4 @@ class HubContext:
     publish: Publish | None = None  # MQTT publish (topic, payload, qos, retain), when a broker is set
     gateway: Any = None  # the MQTT gateway (cloud_hub.gateway.Gateway), when a broker is set
     fleet: FleetKey | None = None  # signs desired states (cloud_hub.desired)
+    fetch_limits: FetchLimits | None = None  # each device's fetch rate at the gateway (defaults if None)

@@ -20,7 +20,7 @@ from cloud_hub.settings import HubSettings
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.piece_store import PieceStore
-from edgeglm.protocol import TopicKind, device_filter, fetch_topic, hub_subscriptions
+from edgeglm.protocol import TopicKind, device_filter, hub_subscriptions
 
 __all__ = ["build_context", "load_app", "mqtt_publisher", "start_controller", "start_ingest"]
 
@@ -39,6 +39,7 @@ def build_context(settings: HubSettings) -> HubContext:
         metrics=HubMetrics(),
         max_piece_bytes=settings.max_piece_bytes,
         fleet=FleetKey.load_or_create(settings.fleet_key_path),
+        fetch_limits=settings.fetch_limits,
     )
 
 
@@ -61,13 +62,13 @@ def start_ingest(
     def send(topic: str, payload: bytes, correlation: bytes) -> None:
         link.publish(topic, payload, qos=1, correlation=correlation)
 
-    ctx.gateway = Gateway(ctx.db, ctx.store, send, ctx.metrics)
+    ctx.gateway = Gateway(ctx.db, ctx.store, send, ctx.metrics, limits=ctx.fetch_limits)
     device_kinds = {device_filter(k) for k in (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)}
     for topic_filter, qos in hub_subscriptions(group):
         plain = topic_filter.split("/", 2)[2]
         if plain in device_kinds:
             link.subscribe(topic_filter, qos, ingest.on_message)
-        elif plain == fetch_topic():
+        elif plain == device_filter(TopicKind.FETCH):
             link.subscribe(topic_filter, qos, ctx.gateway.on_message)
     try:
         link.connect()

@@ -5,6 +5,10 @@ EDGEGLM_HUB_DATA        data directory (pieces)    ./hub-data
 EDGEGLM_HUB_TRUST       trusted publisher keys      (comma-separated .pub paths)
 EDGEGLM_HUB_LISTEN      HTTP host:port              127.0.0.1:8080
 EDGEGLM_HUB_FLEET_KEY   the fleet key (private)     <data>/fleet.key, created at first start
+EDGEGLM_HUB_FETCH_RATE  fetch requests/s per device 20 (cloud_hub.fetch_limit)
+EDGEGLM_HUB_FETCH_BURST fetch requests in a burst   200
+EDGEGLM_HUB_FETCH_PENDING  a device's queued fetches  64
+EDGEGLM_HUB_FETCH_BYTES_RATE  bytes/s sent per device 0 (no cap)
 """
 
 from __future__ import annotations
@@ -14,7 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_hub.fetch_limit import FetchLimits
+from edgeglm.errors import ConfigError
+
 __all__ = ["HubSettings"]
+
+
+_FETCH_ENV: tuple[tuple[str, str, type[float] | type[int]], ...] = (
+    ("EDGEGLM_HUB_FETCH_RATE", "fetch_rate", float),
+    ("EDGEGLM_HUB_FETCH_BURST", "fetch_burst", int),
+    ("EDGEGLM_HUB_FETCH_PENDING", "fetch_pending", int),
+    ("EDGEGLM_HUB_FETCH_BYTES_RATE", "fetch_bytes_rate", int),
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,19 @@ class HubSettings:
     port: int = 8080
     max_piece_bytes: int = 64 * 1024 * 1024
     fleet_key: Path | None = None  # signs desired states; every replica of a hub uses the same
+    fetch_rate: float = FetchLimits.requests_per_s  # per device (cloud_hub.fetch_limit)
+    fetch_burst: int = FetchLimits.burst
+    fetch_pending: int = FetchLimits.pending
+    fetch_bytes_rate: int = FetchLimits.bytes_per_s
+
+    @property
+    def fetch_limits(self) -> FetchLimits:
+        return FetchLimits(
+            requests_per_s=self.fetch_rate,
+            burst=self.fetch_burst,
+            pending=self.fetch_pending,
+            bytes_per_s=self.fetch_bytes_rate,
+        )
 
     @property
     def fleet_key_path(self) -> Path:
@@ -52,6 +80,12 @@ class HubSettings:
             values["trusted_keys"] = tuple(Path(p) for p in env["EDGEGLM_HUB_TRUST"].split(",") if p)
         if env.get("EDGEGLM_HUB_FLEET_KEY"):
             values["fleet_key"] = Path(env["EDGEGLM_HUB_FLEET_KEY"])
+        for name, field, kind in _FETCH_ENV:
+            if env.get(name):
+                try:
+                    values[field] = kind(env[name])
+                except ValueError as exc:
+                    raise ConfigError(name, f"{env[name]!r} is not a {kind.__name__}") from exc
         if env.get("EDGEGLM_HUB_LISTEN"):
             host, _, port = env["EDGEGLM_HUB_LISTEN"].rpartition(":")
             values["host"], values["port"] = host or "127.0.0.1", int(port)

@@ -137,6 +137,7 @@ class Agent:
             batch=u.batch,
             timeout_s=u.request_timeout_s,
             bandwidth_bytes_s=u.bandwidth_bytes_s,
+            holds=self.store.__contains__,  # a delta against any piece this box keeps is decodable
         )
         return UpdateWorker(
             self.state,

@@ -87,6 +87,32 @@ def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
 @click.option(
     "--tick", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Controller tick, s."
 )
+@click.option(
+    "--fetch-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Fetch requests per second each device may send the gateway [env EDGEGLM_HUB_FETCH_RATE; 20].",
+)
+@click.option(
+    "--fetch-burst",
+    type=click.IntRange(1),
+    default=None,
+    help="Fetch requests a device may send at once before the rate applies"
+    " [env EDGEGLM_HUB_FETCH_BURST; 200].",
+)
+@click.option(
+    "--fetch-pending",
+    type=click.IntRange(1),
+    default=None,
+    help="Fetch requests of one device queued at once [env EDGEGLM_HUB_FETCH_PENDING; 64].",
+)
+@click.option(
+    "--fetch-bytes-rate",
+    type=click.IntRange(0),
+    default=None,
+    help="Bytes per second the gateway sends each device, 0 for no cap"
+    " [env EDGEGLM_HUB_FETCH_BYTES_RATE; 0].",
+)
 def serve_cmd(
     db_url: str | None,
     data_dir: Path | None,
@@ -100,6 +126,10 @@ def serve_cmd(
     share_group: str,
     offline_after: float,
     tick: float,
+    fetch_rate: float | None,
+    fetch_burst: int | None,
+    fetch_pending: int | None,
+    fetch_bytes_rate: int | None,
 ) -> None:
     """Serve the HTTP API until SIGTERM; with --broker also device traffic and the rollout controller."""
     import os
@@ -122,6 +152,10 @@ def serve_cmd(
         fleet_key=fleet_key,
         host=host or None,
         port=port,
+        fetch_rate=fetch_rate,
+        fetch_burst=fetch_burst,
+        fetch_pending=fetch_pending,
+        fetch_bytes_rate=fetch_bytes_rate,
     )
     if migrate:
         admin.migrate(settings)

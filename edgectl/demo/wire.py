@@ -8,8 +8,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgectl.demo.fleet import Sensor
 from edgeglm.desired_signing import DESIRED_TTL_S, sign_desired
@@ -29,17 +30,27 @@ from edgeglm.protocol import (
     status_topic,
 )
 
+if TYPE_CHECKING:
+    from edgeglm.bundle import Manifest
+
 __all__ = ["Wire"]
+
+Record = Callable[["Manifest", int], None]  # a hub records a desired state: (manifest, rollout id)
 
 
 class Wire:
     """One device's wire, seen from the hub's seat (``reports``, ``status``, ``heartbeats`` as
     they arrive; ``desire()`` publishes a desired state; ``ask()`` a sensor's request)."""
 
-    def __init__(self, port: int, device_id: str, fleet_key: Path | None = None) -> None:
+    def __init__(
+        self, port: int, device_id: str, fleet_key: Path | None = None, *, record: Record | None = None
+    ) -> None:
         """``fleet_key``: the private key desired states are signed with (a hub's fleet key);
-        without one the wire makes its own, whose public half is ``fleet_public``."""
+        without one the wire makes its own, whose public half is ``fleet_public``. ``record``:
+        called by :meth:`desire` before it publishes, as a hub records a desired state in its
+        database first; the hub's gateway serves a device only the releases recorded for it."""
         self.device_id = device_id
+        self.record = record
         if fleet_key is None:
             self._keys = tempfile.TemporaryDirectory(prefix="wire-fleet-")
             fleet_key, _, _ = create_keypair(Path(self._keys.name), "fleet")
@@ -79,6 +90,8 @@ class Wire:
         from edgeglm.bundle import load_manifest, manifest_digest
 
         m, doc = load_manifest(folder, None)
+        if self.record is not None:
+            self.record(m, rollout_id)
         self.publish_desired(
             Desired(
                 model=m.model,

@@ -17,11 +17,15 @@ at most 7 slashes per topic, the limit of cloud IoT brokers):
     edgeglm/v1/dev/{id}/hb         agent -> hub     0   no     Heartbeat
     edgeglm/v1/dev/{id}/desired    hub -> agent     1   yes    Desired
     edgeglm/v1/dev/{id}/report     agent -> hub     1   no     Report
-    edgeglm/v1/hub/fetch           agent -> hub     1   no     FetchRequest (replicas: $share/hub/...)
+    edgeglm/v1/dev/{id}/fetch      agent -> hub     1   no     FetchRequest (replicas: $share/hub/...)
     edgeglm/v1/dev/{id}/data       hub -> agent     1   no     Frame (binary); correlation = request_id
     edgeglm/v1/dev/{id}/infer      sensor -> agent  1   no     InferRequest
     edgeglm/v1/site/{site}/infer   sensor -> agents 1   no     InferRequest (agents: $share/agents/...)
     edgeglm/v1/fleet/root          hub -> agents    1   yes    the root-of-trust chain (edgeglm.trust_root)
+
+The hub takes the asking device from the fetch topic (a body naming another device is dropped)
+and answers only releases it targeted at that device, for its profile (else ERROR ``forbidden``),
+within a per-device rate (else ERROR ``rate_limited``, once per burst, then silence).
 
 An InferReply goes to the request's MQTT 5 response topic with its correlation data (MQTT 3.1.1
 clients put ``reply_to`` and ``id`` in the request instead). ``TOPIC_SPECS`` holds QoS and retain.
@@ -74,6 +78,7 @@ from edgeglm.protocol.frames import (
     FrameKind,
     PieceEncoding,
     error_frame,
+    max_encoded_size,
     split_payload,
 )
 from edgeglm.protocol.inference import ChatMessage, InferReply, InferRequest, Timings, Usage
@@ -149,6 +154,7 @@ __all__ = [
     "heartbeat_topic",
     "hub_subscriptions",
     "infer_topic",
+    "max_encoded_size",
     "parse_device_topic",
     "report_topic",
     "root_topic",

@@ -14,7 +14,16 @@ __all__ = [
 ]
 
 ErrorCode = Literal[
-    "bad_request", "busy", "too_long", "unknown_model", "not_found", "unavailable", "internal", "timeout"
+    "bad_request",
+    "busy",
+    "too_long",
+    "unknown_model",
+    "not_found",
+    "unavailable",
+    "internal",
+    "timeout",
+    "forbidden",  # a fetch of a release (or profile) the hub has not targeted at the device
+    "rate_limited",  # a device over its fetch rate; the message says how long to wait
 ]
 
 

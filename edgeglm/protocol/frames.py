@@ -24,6 +24,7 @@ __all__ = [
     "FrameKind",
     "PieceEncoding",
     "error_frame",
+    "max_encoded_size",
     "split_payload",
 ]
 
@@ -48,7 +49,23 @@ class FrameKind(IntEnum):
 DELTA_ENCODINGS = frozenset({PieceEncoding.XOR_ZSTD, PieceEncoding.SUB_ZSTD, PieceEncoding.SUB4_ZSTD})
 _UNPLANED = frozenset({PieceEncoding.RAW, PieceEncoding.ZSTD})
 MAX_PIECE_SIZE = 64 * 1024 * 1024
-_MAX_ENCODED_SIZE = MAX_PIECE_SIZE + MAX_PIECE_SIZE // 64  # room for zstd's worst-case growth
+
+
+def max_encoded_size(encoding: PieceEncoding, piece_size: int) -> int:
+    """The most bytes ``encoding`` may need for a piece of ``piece_size`` bytes.
+
+    RAW is the piece itself. Every other encoding is one zstd frame of ``piece_size`` bytes
+    (byte planes and deltas keep the size), and zstd never needs more than its
+    ``ZSTD_COMPRESSBOUND(s) = s + s/256 + (128 KiB - s)/2048 (below 128 KiB)``, that is at most
+    ``s + s/256 + 64``; we allow ``s + s/64 + 128``, a margin over it for any conforming encoder.
+    A receiver refuses a frame that declares more, before buffering a byte of it.
+    """
+    if encoding is PieceEncoding.RAW:
+        return piece_size
+    return piece_size + piece_size // 64 + 128
+
+
+_MAX_ENCODED_SIZE = max_encoded_size(PieceEncoding.ZSTD, MAX_PIECE_SIZE)
 _MAX_PARTS = 65536
 _HEAD = struct.Struct("<3sBBBBBIIQQQI32s32s")  # the header up to the digest
 FRAME_HEADER_SIZE = _HEAD.size + 32

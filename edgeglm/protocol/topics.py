@@ -47,7 +47,7 @@ _NAME_RE = re.compile(_NAME)
 
 
 class TopicKind(StrEnum):
-    """The last level of a device topic (and ``fetch`` for the hub's own topic)."""
+    """The last level of a device topic: ``edgeglm/v1/dev/{id}/{kind}``."""
 
     STATUS = "status"
     HEARTBEAT = "hb"
@@ -78,7 +78,7 @@ TOPIC_SPECS: Mapping[TopicKind, TopicSpec] = MappingProxyType(
         TopicKind.FETCH: TopicSpec(qos=1, retain=False),
     }
 )
-_DEVICE_KINDS = frozenset(TopicKind) - {TopicKind.FETCH}
+_DEVICE_KINDS = frozenset(TopicKind)
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -156,8 +156,11 @@ def infer_topic(device_id: str) -> str:
     return _device_topic(device_id, TopicKind.INFER)
 
 
-def fetch_topic() -> str:
-    return f"{PREFIX}/hub/fetch"
+def fetch_topic(device_id: str) -> str:
+    """Where a device asks the hub for manifests and pieces: its own topic, so that the broker's
+    ACL (``%u``) and the hub (which takes the device from the topic, never from the body) agree
+    on who asks."""
+    return _device_topic(device_id, TopicKind.FETCH)
 
 
 def site_infer_topic(site: str) -> str:
@@ -193,9 +196,8 @@ def hub_subscriptions(group: str = "hub") -> tuple[tuple[str, int], ...]:
     Brokers send no retained messages to shared subscriptions: the hub learns state from the
     database, heartbeats and reports, never from a retained status alone.
     """
-    kinds = (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)
-    subs = [(shared(device_filter(k), group), TOPIC_SPECS[k].qos) for k in kinds]
-    return (*subs, (shared(fetch_topic(), group), TOPIC_SPECS[TopicKind.FETCH].qos))
+    kinds = (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT, TopicKind.FETCH)
+    return tuple((shared(device_filter(k), group), TOPIC_SPECS[k].qos) for k in kinds)
 
 
 def parse_device_topic(topic: object) -> tuple[str, TopicKind]:

@@ -25,6 +25,7 @@ from edgectl.demo.partition import TcpProxy
 from edgectl.demo.procs import ManagedBroker, tool, wait_for
 from edgectl.demo.wire import Wire
 from tests.agent_bundles import derive
+from tests.hub_desired import recorder
 from tests.integration.test_hub_rollouts import register
 
 pytestmark = pytest.mark.integration
@@ -94,7 +95,7 @@ def world(versions: Versions, tmp_path: Path) -> Iterator[World]:
     link, ingest = start_ingest(ctx, BrokerSettings(port=broker.port), f"hub-{uuid.uuid4().hex[:6]}")
     device = f"box-{uuid.uuid4().hex[:6]}"
     (tmp_path / "box").mkdir()
-    wire = Wire(broker.port, device)
+    wire = Wire(broker.port, device, record=recorder(ctx, device))  # desire() records it in the hub
     try:
         yield World(tmp_path, broker, ctx, wire, versions, device)
     finally:

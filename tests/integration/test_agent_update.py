@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.hub_desired import desire_in_hub
 from tests.integration.test_hub_gateway import _tensor_bundle
 from tests.integration.test_hub_rollouts import register
 
@@ -37,6 +38,7 @@ def test_update_over_mqtt_then_revert_without_download(
     register(ctx, old)
     register(ctx, new)
     link, ingest = start_ingest(ctx, BrokerSettings(port=private_broker), "hub-ota")
+    desire_in_hub(ctx, "box-ota", "glm-tiny", "1.1.0", profile="cpu-x86-int4")  # the hub targets it
 
     root = tmp_path / "agent"
     slots = Slots(root / "slots")

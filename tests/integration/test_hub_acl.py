@@ -73,19 +73,27 @@ def test_each_device_may_use_only_its_own_topics(tmp_path: Path) -> None:
         time.sleep(0.5)
         hub, seen = _client(port, "hub", creds["hub"])
         hub.subscribe("edgeglm/v1/dev/+/status", qos=1)
+        hub.subscribe("edgeglm/v1/dev/+/fetch", qos=1)
+        hub.subscribe("edgeglm/v1/hub/fetch", qos=1)
         box1, got1 = _client(port, "box-1", creds["box-1"])
         box1.subscribe("edgeglm/v1/dev/box-1/desired", qos=1)
         box1.subscribe("edgeglm/v1/dev/box-2/desired", qos=1)  # denied by the broker
         time.sleep(0.3)
         box1.publish("edgeglm/v1/dev/box-1/status", b"mine", qos=1)
         box1.publish("edgeglm/v1/dev/box-2/status", b"forged", qos=1)  # dropped by the broker
+        box1.publish("edgeglm/v1/dev/box-1/fetch", b"ask", qos=1)
+        box1.publish("edgeglm/v1/dev/box-2/fetch", b"ask as box-2", qos=1)  # dropped by the broker
+        box1.publish("edgeglm/v1/hub/fetch", b"the old shared topic", qos=1)  # dropped: gone
         hub.publish("edgeglm/v1/dev/box-1/desired", b"for-1", qos=1)
         hub.publish("edgeglm/v1/dev/box-2/desired", b"for-2", qos=1)
         deadline = time.monotonic() + 5
-        while (len(seen) < 1 or len(got1) < 1) and time.monotonic() < deadline:
+        while (len(seen) < 2 or len(got1) < 1) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
-        assert seen == [("edgeglm/v1/dev/box-1/status", b"mine")]
+        assert sorted(seen) == [
+            ("edgeglm/v1/dev/box-1/fetch", b"ask"),
+            ("edgeglm/v1/dev/box-1/status", b"mine"),
+        ]
         assert got1 == [("edgeglm/v1/dev/box-1/desired", b"for-1")]
         bad = paho.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=paho.MQTTv5)
         bad.username_pw_set("box-1", "wrong password")

@@ -26,6 +26,7 @@ from edgeglm.protocol import (
     encode,
     fetch_topic,
 )
+from tests.hub_desired import desire_in_hub
 from tests.integration.test_hub_rollouts import register
 from tests.tensor_bundles import tensor_bundle
 
@@ -62,12 +63,12 @@ class Device:
         req = FetchRequest(
             device_id=self.device_id, request_id=rid, model="glm-tiny", profile="cpu-x86-int4", **fields
         )
-        self.client.publish(fetch_topic(), encode(req), qos=1)
+        self.client.publish(fetch_topic(self.device_id), encode(req), qos=1)
         return rid.encode()
 
     def raw(self, payload: bytes) -> None:
         props = Properties(PacketTypes.PUBLISH)
-        self.client.publish(fetch_topic(), payload, qos=1, properties=props)
+        self.client.publish(fetch_topic(self.device_id), payload, qos=1, properties=props)
 
     def wait(self, rid: bytes, pieces: int, timeout: float = 20.0) -> dict[bytes, bytes | Frame]:
         """piece id -> the whole encoded payload, or its ERROR frame."""
@@ -110,6 +111,7 @@ def test_a_device_fetches_the_manifest_and_deltas_for_what_it_lacks(
     register(ctx, old)
     register(ctx, new)
     link, ingest = start_ingest(ctx, BrokerSettings(port=private_broker), "hub-gw")
+    desire_in_hub(ctx, "box-1", "glm-tiny", "1.1.0", profile="cpu-x86-int4")  # what the hub targets
     dev = Device(private_broker, "box-1")
     try:
         # the device holds 1.0.0 in its own store
@@ -151,12 +153,16 @@ def test_a_device_fetches_the_manifest_and_deltas_for_what_it_lacks(
         rid = dev.ask(kind="pieces", version="1.1.0", pieces=("ab" * 32,))
         (err,) = dev.wait(rid, 1).values()
         assert err.kind == FrameKind.ERROR and decode(ErrorBody, err.payload).code == "not_found"
-        rid = dev.ask(kind="manifest", version="9.9.9")
+        rid = dev.ask(kind="manifest", version="9.9.9")  # never targeted at the device
         (err,) = dev.wait(rid, 1).values()
-        assert decode(ErrorBody, err.payload).code == "not_found"
+        assert decode(ErrorBody, err.payload).code == "forbidden"
+        rid = dev.ask(kind="manifest", version="1.0.0")  # published, but not this device's target
+        (err,) = dev.wait(rid, 1).values()
+        assert decode(ErrorBody, err.payload).code == "forbidden"
+        assert ctx.metrics.value("edgeglm_hub_device_messages_dropped_total", reason="forbidden") >= 2
         for junk in (b"{", b'{"kind": "pieces"}', b"\xff" * 100):
             dev.raw(junk)
-        rid = dev.ask(kind="manifest", version="1.0.0")
+        rid = dev.ask(kind="manifest", version="1.1.0")
         assert len(dev.wait(rid, 1)) == 1
         assert ctx.metrics.value("edgeglm_hub_device_messages_dropped_total", reason="malformed") >= 3
     finally:

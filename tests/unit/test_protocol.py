@@ -54,6 +54,7 @@ from edgeglm.protocol import (
     heartbeat_topic,
     hub_subscriptions,
     infer_topic,
+    max_encoded_size,
     parse_device_topic,
     report_topic,
     shared,
@@ -219,9 +220,9 @@ def test_topic_builders() -> None:
     assert report_topic("d") == "edgeglm/v1/dev/d/report"
     assert data_topic("d") == "edgeglm/v1/dev/d/data"
     assert infer_topic("d") == "edgeglm/v1/dev/d/infer"
-    assert fetch_topic() == "edgeglm/v1/hub/fetch"
+    assert fetch_topic("d") == "edgeglm/v1/dev/d/fetch"
     assert site_infer_topic("plant-7") == "edgeglm/v1/site/plant-7/infer"
-    assert shared(fetch_topic()) == "$share/hub/edgeglm/v1/hub/fetch"
+    assert shared(device_filter(TopicKind.FETCH)) == "$share/hub/edgeglm/v1/dev/+/fetch"
     assert shared(site_infer_topic("plant-7"), "agents") == "$share/agents/edgeglm/v1/site/plant-7/infer"
     assert device_filter(TopicKind.STATUS) == "edgeglm/v1/dev/+/status"
     assert device_filter(TopicKind.HEARTBEAT) == "edgeglm/v1/dev/+/hb"
@@ -233,8 +234,9 @@ def test_hub_subscriptions_are_shared_with_the_table_qos() -> None:
         "$share/hub/edgeglm/v1/dev/+/status": 1,
         "$share/hub/edgeglm/v1/dev/+/hb": 0,
         "$share/hub/edgeglm/v1/dev/+/report": 1,
-        "$share/hub/edgeglm/v1/hub/fetch": 1,
+        "$share/hub/edgeglm/v1/dev/+/fetch": 1,
     }
+    assert not any("hub/fetch" in f for f in subs)  # the one shared fetch topic is gone
 
 
 def test_topic_table() -> None:
@@ -250,7 +252,7 @@ def test_topic_table() -> None:
     assert TOPIC_SPECS[TopicKind.DATA].content_type != TOPIC_SPECS[TopicKind.STATUS].content_type
 
 
-@pytest.mark.parametrize("kind", [k for k in TopicKind if k is not TopicKind.FETCH])
+@pytest.mark.parametrize("kind", list(TopicKind))
 def test_parse_device_topic_round_trips(kind: TopicKind) -> None:
     topic = f"edgeglm/v1/dev/dev-9/{kind}"
     assert parse_device_topic(topic) == ("dev-9", kind)
@@ -287,6 +289,8 @@ def test_bad_ids_are_rejected(bad: Any) -> None:
     with pytest.raises(ProtocolError):
         status_topic(bad)
     with pytest.raises(ProtocolError):
+        fetch_topic(bad)
+    with pytest.raises(ProtocolError):
         site_infer_topic(bad)
 
 
@@ -303,7 +307,7 @@ def test_good_ids() -> None:
         "edgeglm/v2/dev/d/status",
         "other/v1/dev/d/status",
         "edgeglm/v1/hub/fetch",
-        "edgeglm/v1/dev/d/fetch",
+        "edgeglm/v1/dev/d/fetch/x",
         "edgeglm/v1/dev/d/unknown",
         "edgeglm/v1/dev/+/status",
         "edgeglm/v1/dev/#",
@@ -346,12 +350,10 @@ def test_reply_topic_stays_out_of_our_namespace() -> None:
 def test_shared_and_filter_reject_bad_input() -> None:
     for group in ["", "a/b", "+", "#"]:
         with pytest.raises(ProtocolError):
-            shared("edgeglm/v1/hub/fetch", group)
+            shared("edgeglm/v1/dev/+/fetch", group)
     for bad in ["", "$share/x/y", None]:
         with pytest.raises(ProtocolError):
             shared(bad)  # type: ignore[arg-type]
-    with pytest.raises(ProtocolError):
-        device_filter(TopicKind.FETCH)
     with pytest.raises(ProtocolError):
         device_filter("nope")  # type: ignore[arg-type]
 
@@ -805,6 +807,31 @@ def test_frame_round_trip(frame: Frame) -> None:
 def test_error_frame_carries_an_error_body() -> None:
     frame = Frame.unpack(FRAMES[-1].pack())
     assert decode(ErrorBody, frame.payload) == ErrorBody(code="not_found", message="no piece")
+
+
+@pytest.mark.parametrize("code", ["forbidden", "rate_limited"])
+def test_fetch_refusals_are_error_codes(code: str) -> None:
+    frame = Frame.unpack(error_frame(ErrorBody(code=code, message="wait 2.0 s")).pack())  # type: ignore[arg-type]
+    assert decode(ErrorBody, frame.payload).code == code
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 128 << 10, 1 << 20, MAX_PIECE_SIZE])
+def test_max_encoded_size_covers_zstds_bound_and_raw_is_exact(size: int) -> None:
+    bound = size + (size >> 8) + (((128 << 10) - size) >> 11 if size < 128 << 10 else 0)
+    assert max_encoded_size(PieceEncoding.RAW, size) == size
+    for encoding in PieceEncoding:
+        if encoding is not PieceEncoding.RAW:
+            assert bound <= max_encoded_size(encoding, size) <= size + size // 64 + 128
+
+
+def test_incompressible_zstd_stays_within_max_encoded_size() -> None:
+    import os
+
+    import zstandard
+
+    for size in (1, 1000, 200_000):
+        payload = zstandard.ZstdCompressor(level=3).compress(os.urandom(size))
+        assert len(payload) <= max_encoded_size(PieceEncoding.ZSTD, size)
 
 
 @pytest.mark.parametrize("frame", FRAMES)
