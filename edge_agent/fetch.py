@@ -24,11 +24,13 @@ of it is queued or buffered::
 A frame failing a check is dropped with a warning naming the check and the download goes on (the
 hub's own frames still complete it); decoding and BLAKE3 verification happen downstream as before.
 
-The hub's refusals: ``forbidden`` (it has not targeted the release at this device yet: a desired
-state is published before the hub's transaction commits) is retried after 1, 2, 4 s within
-``retries``; ``rate_limited`` pauses new requests for the time the message names ("retry after
-N s") and asks again for the refused request's pieces (and those sent after it, which the hub
-dropped silently) without counting a try.
+The hub's refusals: ``forbidden`` on a manifest (it has not targeted the release at this device
+yet: a desired state is published before the hub's transaction commits) is retried after 1, 2,
+4 s within ``retries``; on pieces it means the target was revoked since, and the request is
+given up at once (the update machine then sees the newer desired state). ``rate_limited`` pauses
+new requests for the time its message names ("retry after N s") and asks again for the refused
+request's pieces (and those sent after it, which the hub dropped silently) without counting a try.
+Other refusals of a whole request are asked again after the same back-off, counting a try.
 
 An optional bandwidth cap (bytes per second) is a token bucket on what arrives: while capped, one
 request is in flight at a time, for about one second's worth of pieces, and the next goes out once
@@ -399,6 +401,10 @@ class MqttFetcher:
                 del open_[r.rid]
                 waiting.append((list(r.pieces.values()), r.tries))
             log.info("the hub rate limits this device: %d request(s) wait %.1f s", len(later), wait)
+            return
+        if body.code == "forbidden":  # the manifest came, so the hub has revoked this target since
+            log.warning("the hub refused request %s: %s; giving up its pieces", req.rid, body.message)
+            req.pieces.clear()
             return
         req.retry_at = now + _backoff(req.tries)
         log.warning(

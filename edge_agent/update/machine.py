@@ -255,6 +255,8 @@ class UpdateMachine:
                 if time.monotonic() - last_report >= self.progress_every_s:
                     last_report = time.monotonic()
                     self.report("downloading", True, None, self._progress(steps))
+            if self.superseded(run.rec):  # the hub changed its mind (it refuses the old target now)
+                raise UpdateError("download", "superseded by a newer desired state")
             idle_rounds = 0 if done > before else idle_rounds + 1
             log.info("download round %d: %d of %d bytes", attempt, done, total)
         missing = [s.piece_id for s in steps if not self.store.has(s.piece_id)]
