@@ -13,7 +13,7 @@ from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
 from edgeglm.hub_api import API_PREFIX, RootView
 from edgeglm.keys import create_keypair, key_id, load_private_key, load_public_key
-from edgeglm.trust_root import Root, parse_root, public_b64, sign_root
+from edgeglm.trust_root import Root, parse_root, root_body, sign_root
 
 
 def default_key_dir() -> Path:
@@ -127,16 +127,14 @@ def root_sign(
     roles = [load_public_key(p) for p in root_keys] or [p.public_key() for p in privates]
     releases = [load_public_key(p) for p in release]
     fleets = [load_public_key(p) for p in fleet]
-    keys = {key_id(k): public_b64(k) for k in (*roles, *releases, *fleets)}
-    body = {
-        "type": "edgeglm-root",
-        "version": version,
-        "expires_at": round(time.time() + expires_days * 86400.0, 3),
-        "keys": keys,
-        "root": {"keys": sorted({key_id(k) for k in roles}), "threshold": threshold},
-        "release": sorted({key_id(k) for k in releases}),
-        "fleet": sorted({key_id(k) for k in fleets}),
-    }
+    body = root_body(
+        version,
+        root=roles,
+        release=releases,
+        fleet=fleets,
+        expires_at=round(time.time() + expires_days * 86400.0, 3),
+        threshold=threshold,
+    )
     try:
         raw = sign_root(body, privates)
     except ValidationError as exc:  # a threshold above the number of root keys, ...

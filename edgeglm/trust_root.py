@@ -22,6 +22,7 @@ box that accepted that root refuses what the key signs from then on. An expired 
 checks the chain (a newer root may follow) but a box refuses to act on desired states under it:
 that is TUF's defence against a freeze, where an attacker withholds every newer root.
 
+    root_body(version, root=, ...)      an unsigned root naming public keys by role
     sign_root(body, privates)           the signed document (bytes)
     parse_root(raw)                     a Root, structure and self-signatures checked
     advance(current, chain, now)        the newest Root the chain reaches from ``current``
@@ -59,6 +60,7 @@ __all__ = [
     "parse_chain",
     "parse_root",
     "public_b64",
+    "root_body",
     "sign_root",
 ]
 
@@ -135,6 +137,27 @@ class Root:
 def public_b64(public: Ed25519PublicKey) -> str:
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
+
+
+def root_body(
+    version: int,
+    *,
+    root: Sequence[Ed25519PublicKey],
+    release: Sequence[Ed25519PublicKey],
+    fleet: Sequence[Ed25519PublicKey],
+    expires_at: float,
+    threshold: int = 1,
+) -> dict[str, Any]:
+    """An unsigned root naming these public keys by role (for :func:`sign_root`)."""
+    return {
+        "type": "edgeglm-root",
+        "version": version,
+        "expires_at": expires_at,
+        "keys": {key_id(k): public_b64(k) for k in (*root, *release, *fleet)},
+        "root": {"keys": sorted({key_id(k) for k in root}), "threshold": threshold},
+        "release": sorted({key_id(k) for k in release}),
+        "fleet": sorted({key_id(k) for k in fleet}),
+    }
 
 
 def sign_root(body: Mapping[str, Any], privates: Sequence[Ed25519PrivateKey]) -> bytes:

@@ -16,28 +16,25 @@ from cloud_hub.desired import FleetKey, refresh_desired
 from cloud_hub.models import AuditEntry, Device
 from edgeglm.bundle_files import seal_folder
 from edgeglm.desired_signing import check_desired
-from edgeglm.keys import key_id
 from edgeglm.protocol import desired_topic, root_topic
-from edgeglm.trust_root import parse_chain, public_b64, sign_root
+from edgeglm.trust_root import parse_chain, root_body, sign_root
 from tests.integration.test_hub_api import _publish
 
 pytestmark = pytest.mark.integration
 
 
 def _root(version: int, roots: list[Any], release: list[Any], fleet: list[Any], signers: list[Any]) -> bytes:
-    every = [*roots, *release, *fleet]
-    return sign_root(
-        {
-            "type": "edgeglm-root",
-            "version": version,
-            "expires_at": time.time() + 3600,
-            "keys": {key_id(k.public_key()): public_b64(k.public_key()) for k in every},
-            "root": {"keys": [key_id(k.public_key()) for k in roots], "threshold": 1},
-            "release": [key_id(k.public_key()) for k in release],
-            "fleet": [key_id(k.public_key()) for k in fleet],
-        },
-        signers,
+    def publics(keys: list[Any]) -> list[Any]:
+        return [k.public_key() for k in keys]
+
+    body = root_body(
+        version,
+        root=publics(roots),
+        release=publics(release),
+        fleet=publics(fleet),
+        expires_at=time.time() + 3600,
     )
+    return sign_root(body, signers)
 
 
 def _post(hub: Any, raw: bytes, role: str = "admin") -> Any:

@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud_hub import trust
 from cloud_hub.registry import Registry
 from edgectl.demo.procs import wait_for
-from edgeglm.keys import key_id
-from edgeglm.trust_root import public_b64, sign_root
+from edgeglm.trust_root import root_body, sign_root
 from tests.agent_bundles import derive
 from tests.integration.test_agent_daemon import World, versions, world  # noqa: F401 - fixtures
 
@@ -33,16 +32,13 @@ class Roots:
         self.world, self.key, self.version = world, key, 0
 
     def body(self, release: list[Any], fleet: list[Any], expires_in: float = 3600.0) -> dict[str, Any]:
-        every = [self.key, *release, *fleet]
-        return {
-            "type": "edgeglm-root",
-            "version": self.version + 1,
-            "expires_at": time.time() + expires_in,
-            "keys": {key_id(k.public_key()): public_b64(k.public_key()) for k in every},
-            "root": {"keys": [key_id(self.key.public_key())], "threshold": 1},
-            "release": sorted(key_id(k.public_key()) for k in release),
-            "fleet": sorted(key_id(k.public_key()) for k in fleet),
-        }
+        return root_body(
+            self.version + 1,
+            root=[self.key.public_key()],
+            release=[k.public_key() for k in release],
+            fleet=[k.public_key() for k in fleet],
+            expires_at=time.time() + expires_in,
+        )
 
     def next(self, release: list[Any], fleet: list[Any], *, expires_in: float = 3600.0) -> bytes:
         """Sign the next version, add it to the hub (which publishes the chain) and return it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -20,21 +21,20 @@ from edgeglm.trust_root import (
     parse_chain,
     parse_root,
     public_b64,
+    root_body,
     sign_root,
 )
 
 
-def _body(version: int, roots: list[Ed25519PrivateKey], release: list[Ed25519PrivateKey], fleet, threshold=1):
-    every = [*roots, *release, *fleet]
-    return {
-        "type": "edgeglm-root",
-        "version": version,
-        "expires_at": time.time() + 3600,
-        "keys": {key_id(k.public_key()): public_b64(k.public_key()) for k in every},
-        "root": {"keys": sorted(key_id(k.public_key()) for k in roots), "threshold": threshold},
-        "release": sorted(key_id(k.public_key()) for k in release),
-        "fleet": sorted(key_id(k.public_key()) for k in fleet),
-    }
+def _body(version: int, roots: list[Any], release: list[Any], fleet: list[Any], threshold: int = 1) -> dict:
+    return root_body(
+        version,
+        root=[k.public_key() for k in roots],
+        release=[k.public_key() for k in release],
+        fleet=[k.public_key() for k in fleet],
+        expires_at=time.time() + 3600,
+        threshold=threshold,
+    )
 
 
 def _kid(k: Ed25519PrivateKey) -> str:
