@@ -3,6 +3,11 @@
 Order, as in Hugging Face ``generate``: repetition penalty on the raw logits, then temperature,
 then top-k, then top-p (nucleus), then one draw from the renormalised distribution. Temperature 0
 is greedy and ignores the other knobs except the repetition penalty.
+
+The edges (``edgeglm.protocol.InferRequest``) keep the knobs in ranges that cannot overflow float64;
+the sampler still guards its scores: NaN is never picked, ``+inf`` tokens are the only candidates
+when there are any, and a row with no finite score at all fails its own request
+(:class:`RequestError` ``internal``), never the batch it ran in.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgeglm.errors import RequestError
 
 __all__ = ["Sampler", "SamplingParams"]
 
@@ -36,6 +43,10 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
 
     def pick(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is what _guarded handles
+            return self._pick(logits, history)
+
+    def _pick(self, logits: np.ndarray, history: Iterable[int]) -> int:
         p = self.params
         scores = logits.astype(np.float64, copy=True)
         if p.repetition_penalty != 1.0:
@@ -44,8 +55,8 @@ class Sampler:
                 vals = scores[seen]
                 scores[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
-            return int(scores.argmax())
-        scores /= p.temperature
+            return int(_guarded(scores).argmax())
+        scores = _guarded(scores / p.temperature)
         if 0 < p.top_k < scores.size:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores[scores < kth] = -np.inf
@@ -59,3 +70,16 @@ class Sampler:
             cut[order[:keep]] = probs[order[:keep]]
             probs = cut / cut.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def _guarded(scores: np.ndarray) -> np.ndarray:
+    """``scores`` with NaN ruled out and ``+inf`` made the only candidates; refused if none is left."""
+    if np.isfinite(scores).all():
+        return scores
+    top = np.isposinf(scores)
+    if top.any():  # the softmax limit: all the mass on the +inf tokens, shared equally
+        return np.where(top, 0.0, -np.inf)
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    if not np.isfinite(scores).any():
+        raise RequestError("internal", "the model gave no finite score for any token at this step")
+    return scores

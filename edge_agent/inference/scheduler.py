@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from edge_agent.inference.engine import Engine
@@ -140,7 +141,7 @@ class Scheduler:
                 self._turn(admitted)
             except Exception:  # a bug must not stop serving: fail the requests involved, carry on
                 log.exception("scheduler step failed")
-                for gen in [*admitted, *self._running]:
+                for gen in dict.fromkeys([*admitted, *self._running]):
                     self._fail(gen, "internal", "the engine failed on this request; see the agent log")
                 self._running = [g for g in self._running if not g.done]
         self._shutdown()
@@ -160,9 +161,8 @@ class Scheduler:
         for gen in admitted:
             gen.started = time.monotonic()
             gen.seq = graph.open()
-            gen.accept(graph.prefill(gen.seq, gen.prompt.ids, cache=gen.prompt.prefix_cache))
-            gen.prefilled = time.monotonic()
             self._running.append(gen)
+            self._alone(gen, lambda g=gen: self._prefill(g))
         now = time.monotonic()
         for gen in self._running:
             if not gen.done and (gen.cancelled or gen.expired(now)):
@@ -173,11 +173,28 @@ class Scheduler:
             self.steps += 1
             self.metrics.observe_batch(len(live))
             for gen, row in zip(live, logits, strict=True):
-                gen.accept(row)
+                self._alone(gen, lambda g=gen, r=row: g.accept(r))
         for gen in [g for g in self._running if g.done]:
             self._running.remove(gen)
             if gen.seq is not None:
                 graph.close(gen.seq)
+
+    def _prefill(self, gen: Generation) -> None:
+        seq = gen.seq
+        assert seq is not None
+        gen.accept(self.engine.graph.prefill(seq, gen.prompt.ids, cache=gen.prompt.prefix_cache))
+        gen.prefilled = time.monotonic()
+
+    def _alone(self, gen: Generation, step: Callable[[], None]) -> None:
+        """Run one request's own part of a step (its prefill, its sampling); a failure there ends
+        that request alone, never the others in its batch."""
+        try:
+            step()
+        except RequestError as exc:
+            gen.finish("error", exc.code, exc.why)
+        except Exception:  # a bug in one request's step: that request fails, serving goes on
+            log.exception("a request failed in its own step")
+            gen.finish("error", "internal", "the engine failed on this request; see the agent log")
 
     def _give_up(self, gen: Generation) -> None:
         if gen.cancelled:

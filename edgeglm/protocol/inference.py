@@ -25,6 +25,20 @@ __all__ = [
 
 _MAX_PROMPT_CHARS = 65536
 _TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+# Sampling knobs stay where float64 arithmetic cannot overflow (logits / temperature, logits /
+# penalty): temperature 0 (greedy) or MIN_TEMPERATURE..2 as OpenAI has it; the penalty 0.1..10.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
+MIN_PENALTY, MAX_PENALTY = 0.1, 10.0
+
+
+def _temperature(value: float) -> float:
+    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, not {value!r}")
+    return value
+
+
+_Temperature = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False), AfterValidator(_temperature)]
+_Penalty = Annotated[float, Strict(), Field(ge=MIN_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
 
 
 def _reply_topic_ok(topic: str) -> str:
@@ -56,10 +70,10 @@ class InferRequest(Message):
     messages: Annotated[tuple[ChatMessage, ...], Field(min_length=1, max_length=256)] | None = None
     model: Name | None = None
     max_tokens: Annotated[int, Strict(), Field(ge=1, le=8192)] = 128
-    temperature: _NonNeg = 0.0  # 0 = greedy
+    temperature: _Temperature = 0.0  # 0 = greedy
     top_k: Annotated[int, Strict(), Field(ge=0, le=1_000_000)] = 0  # 0 = off
     top_p: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
-    repetition_penalty: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1.0
+    repetition_penalty: _Penalty = 1.0
     stop: Annotated[
         tuple[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)], ...],
         Field(max_length=16),

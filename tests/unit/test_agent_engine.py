@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -282,3 +283,60 @@ def test_the_smoke_test_passes_by_its_logits_and_a_broken_copy_fails(engine, tmp
     broken = Engine.load(folder, profile=engine.profile)
     bad = smoke_test(broken)
     assert bad.agreement < 0.5 and bad.max_abs_logit_diff > 10 * smoke.logit_tolerance
+
+
+def test_the_sampler_guards_scores_that_are_not_finite():
+    row = np.array([1.0, np.nan, 3.0, -np.inf])
+    assert Sampler(SamplingParams()).pick(row) == 2  # greedy never picks NaN
+    drawn = {Sampler(SamplingParams(temperature=1.0, seed=s)).pick(row) for s in range(200)}
+    assert drawn == {0, 2}
+    # +inf scores hold all the mass, shared between them.
+    inf = np.array([0.0, np.inf, 5.0, np.inf])
+    assert {Sampler(SamplingParams(temperature=0.7, seed=s)).pick(inf) for s in range(200)} == {1, 3}
+    # Knobs past what the edges allow (the sampler is their last line): a token, not NaN.
+    tiny = SamplingParams(temperature=1e-320, repetition_penalty=1e-320, top_p=0.5, seed=1)
+    assert Sampler(tiny).pick(np.array([0.5, 2.0, -1.0]), history=[0]) in (0, 1, 2)
+    with pytest.raises(RequestError) as err:
+        Sampler(SamplingParams(temperature=1.0)).pick(np.array([np.nan, -np.inf]))
+    assert err.value.code == "internal"
+
+
+def _fails_at_step(n: int, fail):
+    steps = iter(range(1000))
+    return lambda logits: fail(logits) if next(steps) == n else None
+
+
+def test_a_request_that_fails_its_own_step_fails_alone(engine):
+    """One request whose own step raises (its sampler, its logits observer) ends with an error;
+    the requests batched with it finish exactly as they would alone."""
+    alone = [_direct(engine, p, max_tokens=16) for p in PROMPTS[:4]]
+
+    def broken(_logits: np.ndarray) -> None:
+        raise FloatingPointError("a request's own step failed")
+
+    results: dict[int, GenerationResult] = {}
+    done = threading.Event()
+
+    def finisher(i: int):
+        def on_done(result: GenerationResult) -> None:
+            results[i] = result
+            if len(results) == 6:
+                done.set()
+
+        return on_done
+
+    with Scheduler(engine, queue_size=64, batch_wait_ms=200) as scheduler:
+        for i, prompt in enumerate(PROMPTS[:4]):
+            scheduler.submit(engine.prepare(InferRequest(prompt=prompt, max_tokens=16)), on_done=finisher(i))
+            if i == 1:  # one fails at its prefill, one at its third decode step
+                bad = engine.prepare(InferRequest(prompt="The pump", max_tokens=16))
+                scheduler.submit(dataclasses.replace(bad, observe=broken), on_done=finisher(4))
+                later = dataclasses.replace(bad, observe=_fails_at_step(3, broken))
+                scheduler.submit(later, on_done=finisher(5))
+        assert done.wait(60)
+        assert scheduler.alive
+    for i, want in enumerate(alone):
+        assert results[i].finish_reason == want.finish_reason and results[i].tokens == want.tokens
+    for i in (4, 5):
+        assert results[i].finish_reason == "error" and results[i].error_code == "internal"
+    assert len(results[5].tokens) == 3

@@ -544,6 +544,12 @@ BAD_FIELDS: list[tuple[type[Message], int, str, Any, str]] = [
     (IQ, 0, "max_tokens", 8193, "max_tokens"),
     (IQ, 0, "max_tokens", "64", "max_tokens"),
     (IQ, 0, "temperature", -0.5, "temperature"),
+    (IQ, 0, "temperature", 1e-320, "temperature"),  # issue 22: overflowed the sampler into NaN
+    (IQ, 0, "temperature", 0.001, "0 (greedy) or between 0.01 and 2.0"),
+    (IQ, 0, "temperature", 2.5, "temperature"),
+    (IQ, 0, "repetition_penalty", 1e-320, "repetition_penalty"),
+    (IQ, 0, "repetition_penalty", 0.05, "repetition_penalty"),
+    (IQ, 0, "repetition_penalty", 1e300, "repetition_penalty"),
     (IQ, 0, "top_k", -1, "top_k"),
     (IQ, 0, "top_p", 0, "top_p"),
     (IQ, 0, "top_p", 1.5, "top_p"),
