@@ -5,6 +5,12 @@ over its *canonical form*: the JSON object without its ``signature`` key, keys s
 whitespace, UTF-8, no NaN. Verification works on the exact JSON received (never on a
 re-serialised model), so what is checked is what was signed.
 
+A received manifest is read as strict JSON (a key twice in one object, ``NaN``: refused), then its
+signature is checked on that raw document, before the model validates anything or expands a
+file's piece layout; the piece and tensor tables are capped (``MAX_PIECES_PER_FILE``,
+``MAX_TENSORS_PER_FILE``, ``MAX_FILES``) and every piece of a tensor file is at most
+``piece_bytes``, so no declared size makes validation cost more than the manifest's own length.
+
 Nothing from a manifest touches the file system unchecked: every file path must be relative,
 POSIX, free of ``..``, ``.``, empty parts, backslashes and control characters, and unique (also
 case-insensitively); on disk a listed file must be a regular file, not a symlink.
@@ -41,6 +47,7 @@ from edgeglm.keys import key_id
 from edgeglm.manifest_sections import QualitySection, RuntimeSection
 from edgeglm.pieces import Segment, TensorSpan, tensor_segments
 from edgeglm.profiles import DeviceProfile
+from edgeglm.strict_json import loads as strict_loads
 
 __all__ = [
     "MANIFEST_NAME",
@@ -62,6 +69,9 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 32 << 20
+MAX_FILES = 4096
+MAX_TENSORS_PER_FILE = 1 << 16
+MAX_PIECES_PER_FILE = 1 << 18  # 256 GiB of 1 MiB pieces
 
 _HEX64 = r"[0-9a-f]{64}"
 _BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
@@ -100,8 +110,8 @@ class FileEntry(_Strict):
     digest: Digest
     layout: Literal["tensors", "cdc"]
     piece_bytes: int = Field(gt=0, le=64 << 20)
-    tensors: tuple[TensorEntry, ...] = ()
-    pieces: tuple[tuple[str, int], ...]
+    tensors: tuple[TensorEntry, ...] = Field(default=(), max_length=MAX_TENSORS_PER_FILE)
+    pieces: tuple[tuple[str, int], ...] = Field(max_length=MAX_PIECES_PER_FILE)
 
     @field_validator("path")
     @classmethod
@@ -126,6 +136,10 @@ class FileEntry(_Strict):
         if self.layout == "cdc" and self.tensors:
             raise ValueError(f"{self.path}: a cdc file has no tensor table")
         if self.layout == "tensors":
+            # Each slice is at most piece_bytes: checked before the layout is expanded, so the
+            # expansion has at most as many segments as the table lists pieces (plus its tensors).
+            if any(size > self.piece_bytes for _, size in self.pieces):
+                raise ValueError(f"{self.path}: a piece is larger than piece_bytes {self.piece_bytes}")
             try:
                 segs = self.segments()
             except IntegrityError as exc:
@@ -224,7 +238,7 @@ class Manifest(_Strict):
     # one (older bundles lack it: the agent then reads the shipped profile of the same name)
     device_profile: DeviceProfile | None = None
     smoke_test: SmokeTest | None = None
-    files: tuple[FileEntry, ...]
+    files: tuple[FileEntry, ...] = Field(max_length=MAX_FILES)
     signature: Signature | None = None
 
     @field_validator("model", "profile")
@@ -327,36 +341,49 @@ def parse_manifest(
 ) -> tuple[Manifest, dict[str, Any]]:
     """Parse and validate a manifest; verify its signature against ``trusted`` keys by key id.
 
-    ``trusted=None`` skips the signature check (for inspection tools only — never before
-    activation). Returns the model and the exact JSON dict received.
+    The signature is checked on the raw document first: an unsigned or forged manifest costs no
+    more than its JSON parse. ``trusted=None`` skips the check (for inspection tools and for
+    manifests verified when they were received — never before activation). Returns the model and
+    the exact JSON dict received.
     """
     if len(raw) > MAX_MANIFEST_BYTES:
         raise IntegrityError("manifest", f"is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
     try:
-        doc = json.loads(raw)
+        doc = strict_loads(raw)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError("manifest", f"is not valid JSON: {str(exc)[:120]}") from exc
-    manifest = _validate(doc)
+    if not isinstance(doc, dict):
+        raise IntegrityError("manifest", "is not a JSON object")
     if trusted is not None:
-        verify_signature(doc, manifest, trusted)
-    return manifest, doc
+        verify_signature(doc, trusted)
+    return _validate(doc), doc
 
 
-def verify_signature(
-    doc: Mapping[str, Any], manifest: Manifest, trusted: Mapping[str, Ed25519PublicKey]
-) -> None:
-    sig = manifest.signature
-    if sig is None:
-        raise SignatureError(f"manifest {manifest.ref_name}", "is not signed")
+def verify_signature(doc: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> None:
+    """Check ``doc``'s signature over its canonical form, before anything else in it is trusted."""
+    ref = _ref(doc)
+    raw_sig = doc.get("signature")
+    if raw_sig is None:
+        raise SignatureError(f"manifest {ref}", "is not signed")
+    try:
+        sig = Signature.model_validate(raw_sig)
+    except ValidationError as exc:
+        raise SignatureError(f"manifest {ref}", "has a malformed signature") from exc
     public = trusted.get(sig.key_id)
     if public is None:
-        raise SignatureError(
-            f"manifest {manifest.ref_name}", f"signed by key {sig.key_id}, which is not trusted"
-        )
+        raise SignatureError(f"manifest {ref}", f"signed by key {sig.key_id}, which is not trusted")
     try:
         public.verify(base64.b64decode(sig.value, validate=True), canonical_bytes(doc))
     except (InvalidSignature, ValueError) as exc:
-        raise SignatureError(f"manifest {manifest.ref_name}", "signature does not match its content") from exc
+        raise SignatureError(f"manifest {ref}", "signature does not match its content") from exc
+
+
+def _ref(doc: Mapping[str, Any]) -> str:
+    """``model@version`` of a document not yet validated, for messages (clipped, printable)."""
+    model, version = doc.get("model"), doc.get("version")
+    if not (isinstance(model, str) and isinstance(version, str)):
+        return "(unnamed)"
+    return ascii(f"{model[:64]}@{version[:64]}")[1:-1]
 
 
 def write_manifest(folder: Path, doc: Mapping[str, Any]) -> Path:

@@ -188,3 +188,41 @@ def test_piece_table_must_match_tensor_table(sealed):
         data["tensors"][0]["offset"] += 64
     with pytest.raises(IntegrityError, match="pieces do not match"):
         parse_manifest(json.dumps(doc), None)
+
+
+def test_the_signature_is_checked_before_the_layout_is_expanded(sealed, keys):
+    """A manifest declaring 10**12 one-byte pieces costs nothing: unsigned it is refused as
+    unsigned, and even without a signature check the piece table's own caps refuse it."""
+    import tracemalloc
+
+    _, manifest, _ = sealed
+    doc = manifest.to_json_dict()
+    data = next(f for f in doc["files"] if f["layout"] == "tensors")
+    data.update(size=10**12, piece_bytes=1, pieces=[["1" * 64, 10**12]])
+    del doc["signature"]
+    tracemalloc.start()
+    try:
+        with pytest.raises(SignatureError, match="not signed"):
+            parse_manifest(json.dumps(doc), keys[1])
+        with pytest.raises(IntegrityError, match="larger than piece_bytes"):
+            parse_manifest(json.dumps(doc), None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    data.update(size=(1 << 18) + 1, pieces=[["1" * 64, 1]] * ((1 << 18) + 1))
+    with pytest.raises(IntegrityError, match="pieces"):
+        parse_manifest(json.dumps(doc), None)
+
+
+@pytest.mark.parametrize("key", ["version", "digest", "alg"])
+def test_a_key_twice_in_one_object_is_refused(sealed, keys, key):
+    _, _, doc = sealed
+    text = json.dumps(doc)
+    at = text.index(f'"{key}": ')
+    twice = text[:at] + f'"{key}": "x", ' + text[at:]
+    assert json.loads(twice) == doc  # what the standard library (and the signature) would see
+    with pytest.raises(IntegrityError, match="twice"):
+        parse_manifest(twice, keys[1])
+    with pytest.raises(IntegrityError, match="twice"):
+        parse_manifest(twice, None)
