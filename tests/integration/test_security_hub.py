@@ -390,3 +390,12 @@ def test_grant_role_is_refused_on_sqlite(tmp_path: Path) -> None:
 
 
 assert PG_ADMIN.startswith("postgresql+psycopg://postgres@")  # test_..._role swaps the user
+
+
+def test_the_documented_grants_are_what_grant_role_runs() -> None:
+    from cloud_hub.db import hub_role_grants
+
+    doc = (Path(__file__).parents[2] / "docs" / "hub-production.md").read_text()
+    block = doc.split("```sql", 1)[1].split("```", 1)[0]
+    documented = [line.split(";")[0] for line in block.strip().splitlines()]
+    assert documented == hub_role_grants("hub", "public")
