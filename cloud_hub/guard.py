@@ -154,7 +154,7 @@ class Guard:
 
         limit = rule.limit(self.ctx) if callable(rule.limit) else rule.limit
         declared = headers.get("content-length")
-        if declared is not None and not declared.isdigit():
+        if declared is not None and not (declared.isascii() and declared.isdigit()):
             return await refuse(UsageError("Content-Length", f"{declared[:40]!r} is not a byte count"), 400)
         if declared is not None and int(declared) > limit:
             return await refuse(_too_large(limit, f"is {declared} bytes"), 413)
