@@ -6,6 +6,7 @@ itself.
 
     HubSettings.from_env(**flags)            the settings: flags > environment > defaults
     migrate(settings)                        schema to this version's head -> (before, after)
+    grant_role(settings, role)               PostgreSQL: the role the hub serves as (not the owner)
     running(settings, broker=...)            the app (and with a broker, MQTT + the controller)
     create_token / list_tokens / revoke_token    audited as ``actor``, like the API's
     registered_devices(settings)             every device id in the inventory
@@ -37,6 +38,7 @@ __all__ = [
     "HubSettings",
     "RunningHub",
     "create_token",
+    "grant_role",
     "list_tokens",
     "migrate",
     "registered_devices",
@@ -49,6 +51,11 @@ __all__ = [
 def migrate(settings: HubSettings) -> tuple[str | None, str]:
     """The schema's revision before and after bringing it to this version's head."""
     return db.migrate(settings.database_url)
+
+
+def grant_role(settings: HubSettings, role: str) -> str:
+    """Let ``role`` serve the hub without owning its tables (run as the owner); answers the schema."""
+    return db.grant_hub_role(settings.database_url, role)
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,29 @@
 """The hub's HTTP API (FastAPI) under ``/api/v1``; bearer tokens with roles; OpenAPI at /openapi.json.
 
 ``create_app`` assembles the routers of :mod:`cloud_hub.routes` (its docstring has the route
-table) with the trace-id middleware and the error handlers. Each request runs in one database
-transaction; writes add their audit row to it, so a change and its audit row commit together.
-Domain code raises :mod:`edgeglm.errors`; ``_STATUS`` is the one table that maps them to HTTP
-statuses, and every error body is ``{"error": {"type", "what", "why", "hint", "trace_id"}}``
+table) behind :class:`cloud_hub.guard.Guard` (trace ids; token, role and body size checked before
+a body is read; control characters in parameters refused) with the error handlers. Each request
+runs in one database transaction; writes add their audit row to it, so a change and its audit
+row commit together. Domain code raises :mod:`edgeglm.errors`; ``_STATUS`` is the one table that
+maps them to HTTP statuses (the guard adds 411 and 413 for bodies), and every error body is
+``{"error": {"type", "what", "why", "hint", "trace_id"}}``
 (:class:`edgeglm.hub_api.ErrorView`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_hub import audit
 from cloud_hub.context import HubContext
+from cloud_hub.guard import Guard
 from cloud_hub.routes import ROUTERS
 from edgeglm.errors import (
     AccessError,
@@ -40,8 +42,6 @@ from edgeglm.hub_api import ErrorInfo, ErrorView
 __all__ = ["HubContext", "create_app", "status_for"]
 
 log = logging.getLogger(__name__)
-
-_TRACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # The one table from domain errors to HTTP statuses (most specific class first).
 _STATUS: tuple[tuple[type[EdgeError], int], ...] = (
@@ -62,7 +62,8 @@ def status_for(exc: EdgeError) -> int:
     return next(code for cls, code in _STATUS if isinstance(exc, cls))
 
 
-def _error(exc: EdgeError, status: int) -> JSONResponse:
+def _error(exc: EdgeError, status: int | None = None) -> JSONResponse:
+    status = status_for(exc) if status is None else status
     info = ErrorInfo(
         type=type(exc).__name__, what=exc.what, why=exc.why, hint=exc.hint, trace_id=audit.trace_id.get()
     )
@@ -71,7 +72,7 @@ def _error(exc: EdgeError, status: int) -> JSONResponse:
 
 def create_app(ctx: HubContext) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorView} for code in (400, 401, 403, 404, 409, 422, 503)
+        code: {"model": ErrorView} for code in (400, 401, 403, 404, 409, 411, 413, 422, 503)
     }
     # One schema per model, as it validates: what edgectl checks an answer against.
     app = FastAPI(
@@ -81,19 +82,8 @@ def create_app(ctx: HubContext) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
-    @app.middleware("http")
-    async def _trace(request: Request, call_next: Any) -> Response:
-        given = request.headers.get("x-trace-id", "")
-        trace = given if _TRACE.match(given) else audit.new_trace_id()
-        token = audit.trace_id.set(trace)
-        try:
-            response: Response = await call_next(request)
-        finally:
-            audit.trace_id.reset(token)
-        response.headers["X-Trace-Id"] = trace
-        ctx.metrics.observe_request(request.method, response.status_code)
-        return response
-
+    routes = [route for router in ROUTERS for route in router.routes]  # as included, no prefix added
+    app.add_middleware(Guard, ctx=ctx, routes=routes, render=_error)
     app.add_exception_handler(EdgeError, _edge_error)  # type: ignore[arg-type]  # starlette types it loosely
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(DbIntegrityError, _db_conflict)  # type: ignore[arg-type]

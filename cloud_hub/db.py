@@ -6,6 +6,11 @@
 ``migrate(url)`` runs the migrations under ``cloud_hub/migrations`` to head; ``open_db(url)``
 refuses a database that is not at head, so a hub never runs against a schema it does not know.
 Sessions come from :class:`Database` (``with db.session() as s:`` commits or rolls back).
+
+On PostgreSQL the role that runs the migrations owns the tables, and an owner can drop the audit
+log's triggers; ``grant_hub_role(url, role)`` (run as the owner) gives the role the hub serves as
+what it needs and no more: reads and writes, but only SELECT and INSERT on ``audit_log`` and
+SELECT on ``alembic_version`` (:func:`hub_role_grants` is the SQL, also in docs/hub-production.md).
 """
 
 from __future__ import annotations
@@ -21,9 +26,18 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgeglm.errors import ConfigError, UnavailableError
+from edgeglm.errors import ConfigError, UnavailableError, UsageError
 
-__all__ = ["Database", "current_revision", "head_revision", "migrate", "normalise_url", "open_db"]
+__all__ = [
+    "Database",
+    "current_revision",
+    "grant_hub_role",
+    "head_revision",
+    "hub_role_grants",
+    "migrate",
+    "normalise_url",
+    "open_db",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +120,60 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
         engine.dispose()
     log.info("database %s migrated %s -> %s", _safe(url), before, after)
     return before, after or ""
+
+
+def hub_role_grants(role: str, schema: str) -> list[str]:
+    """The SQL that lets ``role`` (quoted identifiers) serve the hub without owning anything."""
+    return [
+        f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}",
+        f"REVOKE ALL ON {schema}.audit_log FROM {role}",
+        f"GRANT SELECT, INSERT ON {schema}.audit_log TO {role}",
+        f"REVOKE ALL ON {schema}.alembic_version FROM {role}",
+        f"GRANT SELECT ON {schema}.alembic_version TO {role}",
+        # tables a later migration adds (made by the same owner) are the hub's to read and write
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {schema}"
+        f" GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {role}",
+    ]
+
+
+def grant_hub_role(url: str, role: str) -> str:
+    """Run :func:`hub_role_grants` for ``role`` on the schema of ``url`` (connect as the owner, after
+    ``migrate``); answers the schema's name. Only PostgreSQL has roles."""
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name != "postgresql":
+            raise UsageError("grant-role", "only PostgreSQL has roles; a SQLite hub is one file and one user")
+        with engine.begin() as conn:
+            schema, me = conn.execute(text("SELECT current_schema(), current_user")).one()
+            owner = conn.scalar(
+                text("SELECT tableowner FROM pg_tables WHERE schemaname = :s AND tablename = 'audit_log'"),
+                {"s": schema},
+            )
+            if owner is None:
+                raise ConfigError(
+                    f"schema {schema}", "has no audit_log", hint="Run 'edgectl hub migrate' first."
+                )
+            if role in (owner, me):
+                raise UsageError(
+                    "grant-role",
+                    f"{role!r} owns the tables (or is connecting): the hub must serve as another role",
+                )
+            if conn.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}) is None:
+                raise ConfigError(
+                    f"role {role}",
+                    "does not exist",
+                    hint=f"Create it first: CREATE ROLE {role} LOGIN PASSWORD '...'",
+                )
+            quote = engine.dialect.identifier_preparer.quote
+            for statement in hub_role_grants(quote(role), quote(schema)):
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+    log.info("role %s may serve the hub on %s (schema %s)", role, _safe(url), schema)
+    return str(schema)
 
 
 def _safe(url: str) -> str:

@@ -13,6 +13,10 @@ by SHA-256 of ``model@version/device`` and waves are cumulative (``5,25,100`` pe
 a count of devices), so a dry run shows exactly the waves the rollout will run. A device takes
 part in one active rollout at a time; the database enforces it with a partial unique index.
 Dry runs, rollouts and rollbacks are answered as the API's views (:mod:`edgeglm.hub_api`).
+
+A bundle that failed its quality gate (an admin published it with --force) is deployed only by an
+admin who says ``force`` again: an operator is refused (403), an admin without it too (409); the
+dry run names such bundles, and the rollout's audit row records ``forced``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cloud_hub import audit
+from cloud_hub.auth import Principal, Role
 from cloud_hub.desired import FleetKey
 from cloud_hub.gates import parse_gate
 from cloud_hub.inventory import devices_by_id, matches, parse_selector
@@ -36,7 +41,7 @@ from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, R
 from cloud_hub.registry import Registry
 from edgeglm.bundle import Manifest, parse_manifest
 from edgeglm.contracts import ROLLOUT_ID_MAX
-from edgeglm.errors import ConflictError, NotFoundError, UsageError
+from edgeglm.errors import ConflictError, NotFoundError, PermissionDenied, UsageError
 from edgeglm.hub_api import (
     DeploymentView,
     DryRunView,
@@ -185,6 +190,25 @@ def _plan(s: Session, spec: DeploySpec) -> RolloutPlan:
     )
 
 
+def _failed_quality(p: RolloutPlan) -> list[str]:
+    """The profiles whose bundle this rollout would send failed its quality gate."""
+    sent = {d.profile for d in p.devices}
+    return sorted(profile for profile, b in p.bundles.items() if profile in sent and not b.quality_passed)
+
+
+def _check_quality(spec: DeploySpec, failed: list[str], who: Principal, force: bool) -> None:
+    if not failed:
+        return
+    what = f"rollout of {spec.model}@{spec.version}"
+    why = f"its bundle for {', '.join(failed)} failed the quality gate (published with --force)"
+    if who.role < Role.admin:
+        raise PermissionDenied(
+            what, f"{why}: deploying it needs role admin; token {who.name!r} has {who.role.name}"
+        )
+    if not force:
+        raise ConflictError(what, why, hint="Deploy it anyway with --force (force: true), as an admin.")
+
+
 def _previous_release(s: Session, release: Release) -> Release | None:
     older = [
         r
@@ -241,10 +265,14 @@ def dry_run(s: Session, spec: DeploySpec) -> DryRunView:
         skipped={k: v for k, v in p.skipped.items() if v},
         conflicts=len(p.conflicts),
         bytes_estimated=True,  # raw sizes of the pieces a device lacks; tensor deltas only shrink it
+        quality_failed=_failed_quality(p),
     )
 
 
-def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
+def create(s: Session, spec: DeploySpec, who: Principal, *, force: bool = False) -> Rollout:
+    """A running rollout of ``spec``, started by ``who``; ``force``: an admin deploys a bundle
+    that failed its quality gate anyway (recorded in the audit row)."""
+    actor = who.name
     p = _plan(s, spec)
     if not p.devices:
         raise ConflictError(
@@ -260,6 +288,8 @@ def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
             f"{len(p.conflicts)} device(s) are in active rollout(s) {ids}",
             hint="Wait for them, or pause / abort them first (edgectl rollouts abort ID).",
         )
+    failed = _failed_quality(p)
+    _check_quality(spec, failed, who, force)
     rollout = Rollout(
         release_id=p.release.id,
         previous_release_id=p.previous.id if p.previous else None,
@@ -307,6 +337,8 @@ def create(s: Session, spec: DeploySpec, actor: str) -> Rollout:
             "waves": p.targets,
             "gates": list(spec.params.gates),
             "on_failure": spec.params.on_failure.value,
+            "forced": bool(failed),
+            **({"quality_failed": failed} if failed else {}),
         },
     )
     return rollout

@@ -56,6 +56,22 @@ def migrate_cmd(db_url: str | None, data_dir: Path | None, output: str) -> None:
     emit(data, output, lambda d: f"schema: {d['before'] or 'empty'} -> {d['after']}")
 
 
+@hub.command("grant-role")
+@click.argument("role")
+@_db_opt
+@_data_opt
+def grant_role_cmd(role: str, db_url: str | None, data_dir: Path | None) -> None:
+    """PostgreSQL: let ROLE serve the hub without owning its tables (run as the owner, after migrate).
+
+    ROLE may read and write the hub's tables, but only SELECT and INSERT on audit_log: it cannot
+    change, truncate or drop the audit log's triggers. Serve the hub as ROLE, migrate as the owner.
+    """
+    from cloud_hub import admin
+
+    schema = admin.grant_role(_settings(db_url=db_url, data_dir=data_dir), role)
+    click.echo(f"role {role!r} may serve the hub on schema {schema!r}; serve it with --db as {role}")
+
+
 @hub.command("serve")
 @_db_opt
 @_data_opt

@@ -90,6 +90,13 @@ def _dry_run_table(d: DryRunView) -> str:
         lines += [f"  {m.device:<24} from {m.from_}  {m.bytes} bytes ({m.mode})" for m in w.devices]
     for reason, ids in d.skipped.items():
         lines.append(f"skipped ({reason}): {', '.join(ids)}")
+    if d.quality_failed:
+        lines.append(
+            f"quality gate: FAILED for {', '.join(d.quality_failed)} (published with --force);"
+            " deploying it needs an admin token and --force"
+        )
+    else:
+        lines.append("quality gate: passed")
     return "\n".join(lines)
 
 
@@ -143,6 +150,11 @@ def _dry_run_table(d: DryRunView) -> str:
 @click.option(
     "--dry-run", is_flag=True, help="Print waves, devices and bytes each would download; change nothing."
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Deploy a release whose bundle failed its quality gate (admin token; audited).",
+)
 @hub_options
 @output_option
 def deploy(
@@ -157,6 +169,7 @@ def deploy(
     min_samples: int,
     on_failure: str,
     dry_run: bool,
+    force: bool,
     hub_url: str,
     token: str | None,
     output: str,
@@ -174,6 +187,7 @@ def deploy(
         "min_samples": min_samples,
         "on_failure": on_failure,
         "dry_run": dry_run,
+        "force": force,
     }
     client = client_from(hub_url, token)
     if dry_run:

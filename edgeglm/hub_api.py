@@ -141,10 +141,12 @@ class TokenBody(_Body):
 
 
 class DeployBody(RolloutParams):
-    """``POST /rollouts``: the release, the rollout's parameters, and ``dry_run``."""
+    """``POST /rollouts``: the release, the rollout's parameters, ``dry_run``, and ``force`` (an
+    admin deploys a bundle that failed its quality gate: without it the hub refuses)."""
 
     release: str
     dry_run: bool = False
+    force: bool = False
 
     @field_validator("release", mode="before")  # before any size check: the contract's own words
     @classmethod
@@ -373,6 +375,8 @@ class DryRunView(BaseModel):
     skipped: dict[str, list[str]]  # reason -> device ids
     conflicts: int
     bytes_estimated: bool  # raw sizes of the pieces a device lacks; tensor deltas only shrink it
+    # Profiles whose bundle (among those sent) failed its quality gate: deploying needs admin + force.
+    quality_failed: list[Name] = Field(default_factory=list)
 
 
 class RollbackView(BaseModel):

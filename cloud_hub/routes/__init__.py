@@ -22,7 +22,8 @@
     trust      GET    /api/v1/trust/root                         viewer    the newest root: key ids by role
                GET    /api/v1/trust/roots                        viewer    every root version, as signed
                POST   /api/v1/trust/roots                        admin     body: the next root, signed
-    rollouts   POST   /api/v1/rollouts                           operator  body: DeployBody (dry_run)
+    rollouts   POST   /api/v1/rollouts                           operator  body: DeployBody (dry_run;
+                                                                           force, admin: a failed gate)
                GET    /api/v1/rollouts?state=                    viewer
                GET    /api/v1/rollouts/{id}?devices=             viewer
                POST   /api/v1/rollouts/{id}/pause|resume|abort   operator
@@ -30,6 +31,9 @@
 
 Request bodies and answers are the models of :mod:`edgeglm.hub_api`, which ``edgectl`` decodes
 with too; ``deps`` holds what the routes take from a request (context, caller, bounded body).
+Every /api/v1 route needs a bearer token; :class:`cloud_hub.guard.Guard` checks it, the role in
+this table and the body's size (JSON bodies 64 KiB; a manifest 32 MiB, a piece the hub's piece
+cap, a root 64 KiB) before the body is read.
 """
 
 from __future__ import annotations

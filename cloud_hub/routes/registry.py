@@ -18,7 +18,7 @@ from cloud_hub.auth import Role, require
 from cloud_hub.context import HubContext
 from cloud_hub.models import Bundle, Release
 from cloud_hub.registry import Registry, UploadState
-from cloud_hub.routes.deps import Hub, NamePath, Operator, VersionPath, Viewer, read_body
+from cloud_hub.routes.deps import Hub, NamePath, Operator, VersionPath, Viewer, raw_body, read_body
 from edgeglm.bundle import Manifest
 from edgeglm.contracts import NAME_PATTERN, PIECE_ID_PATTERN
 from edgeglm.hub_api import (
@@ -85,11 +85,12 @@ def _release_view(r: Release) -> ReleaseView:
 
 
 @router.post("/uploads", status_code=201)
+@raw_body(_MANIFEST_LIMIT)
 async def begin_upload(request: Request, who: Operator, hub: Hub, force: bool = False) -> UploadView:
     """Body: the bundle's manifest.json exactly as signed. Answers the pieces the hub lacks."""
     if force:
         require(who, Role.admin, "publishing with --force")
-    raw = await read_body(request, _MANIFEST_LIMIT)
+    raw = await read_body(request)
 
     def run() -> UploadState:
         with hub.db.session() as s:
@@ -105,11 +106,12 @@ def upload_status(upload_id: UploadId, who: Operator, hub: Hub) -> UploadView:
 
 
 @router.put("/uploads/{upload_id}/pieces/{piece}")
+@raw_body(lambda hub: hub.max_piece_bytes)
 async def put_piece(
     upload_id: UploadId, piece: PieceId, request: Request, who: Operator, hub: Hub
 ) -> PieceView:
     """Body: the piece's raw bytes; they must hash (BLAKE3-256) to ``piece``."""
-    data = await read_body(request, hub.max_piece_bytes)
+    data = await read_body(request)
 
     def run() -> bool:
         with hub.db.session() as s:

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 
 from cloud_hub import rollouts
+from cloud_hub.auth import Role, require
 from cloud_hub.inventory import parse_selector
 from cloud_hub.rollouts import DeploySpec
 from cloud_hub.routes.deps import Hub, Operator, Viewer
@@ -37,14 +38,17 @@ _CONTROLS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollou
 
 @router.post("/rollouts", status_code=201)
 def deploy(body: DeployBody, who: Operator, hub: Hub) -> RolloutView | DryRunView:
-    """Start a staged rollout (the controller moves it along), or only show it (``dry_run``)."""
+    """Start a staged rollout (the controller moves it along), or only show it (``dry_run``).
+    ``force``: an admin deploys a release whose bundle failed its quality gate."""
+    if body.force:
+        require(who, Role.admin, "deploying with --force")
     model, _, version = body.release.partition("@")
-    params = RolloutParams.model_validate(body.model_dump(exclude={"release", "dry_run"}))
+    params = RolloutParams.model_validate(body.model_dump(exclude={"release", "dry_run", "force"}))
     spec = DeploySpec(model=model, version=version, params=params)
     with hub.db.session() as s:
         if body.dry_run:
             return rollouts.dry_run(s, spec)
-        return rollouts.rollout_view(s, rollouts.create(s, spec, who.name))
+        return rollouts.rollout_view(s, rollouts.create(s, spec, who, force=body.force))
 
 
 @router.get("/rollouts")

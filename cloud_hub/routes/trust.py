@@ -7,7 +7,7 @@ import json
 from fastapi import APIRouter, Request
 
 from cloud_hub import trust
-from cloud_hub.routes.deps import Admin, Hub, Viewer, read_body
+from cloud_hub.routes.deps import Admin, Hub, Viewer, raw_body, read_body
 from edgeglm.errors import NotFoundError
 from edgeglm.hub_api import API_PREFIX, RootChainView, RootView
 from edgeglm.trust_root import MAX_ROOT_BYTES
@@ -35,10 +35,11 @@ def roots(who: Viewer, hub: Hub) -> RootChainView:
 
 
 @router.post("/trust/roots", status_code=201)
+@raw_body(MAX_ROOT_BYTES)
 async def add(request: Request, who: Admin, hub: Hub) -> RootView:
     """Body: the next root version, signed offline (``edgectl keys root sign``). The hub then
     publishes the whole chain, retained, to every box."""
-    raw = await read_body(request, MAX_ROOT_BYTES)
+    raw = await read_body(request)
     fleet = hub.fleet.key_id if hub.fleet is not None else None
     with hub.db.session() as s:
         root = trust.add_root(s, raw, who.name, fleet_key_id=fleet)

@@ -212,7 +212,7 @@ def test_a_new_version_sends_only_the_pieces_the_hub_lacks(hub: Any, publisher: 
     [
         ("wrong bytes", 422, "hash to"),
         ("piece of another bundle", 404, "not part of upload"),
-        ("oversized body", 400, "limit"),
+        ("oversized body", 413, "limit"),
     ],
 )
 def test_bad_pieces_are_refused_and_lose_nothing(

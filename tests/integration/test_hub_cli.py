@@ -51,7 +51,7 @@ def test_publish_list_show_pin_and_audit_from_the_command_line(
 
     r = _cli("publish", str(bundle), "-o", "json", token=tok["viewer"], hub=url)
     assert r.exit_code == 1
-    assert r.output.splitlines()[0].startswith("Error: this call: needs role operator")
+    assert r.output.splitlines()[0].startswith("Error: POST /api/v1/uploads: needs role operator")
 
     r = _cli("publish", str(bundle), "-o", "json", token=tok["operator"], hub=url)
     assert r.exit_code == 0, r.output

@@ -82,3 +82,66 @@ def test_every_json_answer_is_a_named_model_with_properties(spec: dict[str, Any]
 def test_the_text_answers_are_the_documented_ones(spec: dict[str, Any]) -> None:
     text = {(m, p): media for m, p, _, media, _ in _answers(spec) if media != "application/json"}
     assert text == NOT_JSON
+
+
+# The guard checks each /api/v1 route's role and body limit before a body is read (cloud_hub.guard);
+# it reads them off the routes' own dependencies. This is the table as it must be: a new route, a
+# role changed by accident, or a raw-body route without its limit fails here.
+ROUTE_TABLE = {
+    ("GET", "/api/v1/whoami"): ("viewer", "none"),
+    ("GET", "/api/v1/tokens"): ("admin", "none"),
+    ("POST", "/api/v1/tokens"): ("admin", "json"),
+    ("DELETE", "/api/v1/tokens/{name}"): ("admin", "none"),
+    ("POST", "/api/v1/uploads"): ("operator", "raw"),
+    ("GET", "/api/v1/uploads/{upload_id}"): ("operator", "none"),
+    ("PUT", "/api/v1/uploads/{upload_id}/pieces/{piece}"): ("operator", "raw"),
+    ("POST", "/api/v1/uploads/{upload_id}/commit"): ("operator", "none"),
+    ("GET", "/api/v1/releases"): ("viewer", "none"),
+    ("GET", "/api/v1/releases/{model}/{version}"): ("viewer", "none"),
+    ("GET", "/api/v1/releases/{model}/{version}/bundles/{profile}/manifest"): ("viewer", "none"),
+    ("GET", "/api/v1/devices"): ("viewer", "none"),
+    ("GET", "/api/v1/devices/{device_id}"): ("viewer", "none"),
+    ("PUT", "/api/v1/devices/{device_id}/pin"): ("operator", "json"),
+    ("DELETE", "/api/v1/devices/{device_id}/pin"): ("operator", "none"),
+    ("PATCH", "/api/v1/devices/{device_id}/labels"): ("operator", "json"),
+    ("GET", "/api/v1/audit"): ("viewer", "none"),
+    ("GET", "/api/v1/trust/root"): ("viewer", "none"),
+    ("GET", "/api/v1/trust/roots"): ("viewer", "none"),
+    ("POST", "/api/v1/trust/roots"): ("admin", "raw"),
+    ("POST", "/api/v1/rollouts"): ("operator", "json"),
+    ("GET", "/api/v1/rollouts"): ("viewer", "none"),
+    ("GET", "/api/v1/rollouts/{rollout_id}"): ("viewer", "none"),
+    ("POST", "/api/v1/rollouts/{rollout_id}/{action}"): ("operator", "none"),
+    ("POST", "/api/v1/rollbacks"): ("operator", "json"),
+}
+
+
+def test_the_guard_knows_the_role_and_body_of_every_api_route(spec: dict[str, Any]) -> None:
+    from cloud_hub.guard import route_rules
+    from cloud_hub.routes import ROUTERS
+
+    rules = route_rules(route for router in ROUTERS for route in router.routes)
+    seen = {
+        key: (rule.role.name, "raw" if rule.raw else "json" if rule.json else "none")
+        for key, rule in rules.items()
+    }
+    assert seen == ROUTE_TABLE
+    served = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops if p.startswith("/api/v1/")}
+    assert served == set(ROUTE_TABLE), "the app serves exactly the routes the guard knows"
+
+
+def test_every_api_route_documents_the_bearer_token(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes == {
+        "HTTPBearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": schemes["HTTPBearer"]["description"],
+        }
+    }
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            documented = op.get("security") == [{"HTTPBearer": []}]
+            assert documented == path.startswith("/api/v1/"), f"{method.upper()} {path}"
+            if documented:
+                assert {"401", "403", "413"} <= set(op["responses"]), f"{method.upper()} {path}"
