@@ -10,7 +10,8 @@ Hub replicas subscribe through shared subscriptions, so each message reaches exa
 them; every write is an idempotent upsert keyed by device id, so the replicas never conflict.
 A batch keeps the newest status and heartbeat per device (by the device's own ``ts``) and adds
 up the heartbeat count, so 10,000 devices at one heartbeat per 5 s are a few small transactions
-per second. Nothing a device sends can stop the loop: bad payloads are counted by reason.
+per second. Nothing a device sends can stop the loop: bad payloads are counted by reason (a text
+field holding NUL is one: PostgreSQL cannot store it, and it would fail its whole batch at every try).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class _Pending:
     online: bool = True  # what the last message to arrive says (a last will arrives after the beats)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 class Ingest:
     def __init__(
         self,
@@ -90,6 +101,8 @@ class Ingest:
                 return
             if body.device_id != device_id:
                 raise ProtocolError(kind.value, f"body names device {body.device_id!r}, topic {device_id!r}")
+            if _holds_nul(body.model_dump()):  # PostgreSQL refuses it: the whole batch would fail, forever
+                raise ProtocolError(kind.value, "a text field holds a NUL character")
         except ProtocolError as exc:
             self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="malformed")
             log.warning("dropped a message on %.120s: %s", msg.topic, exc)

@@ -232,6 +232,15 @@ def _salvage(payload: bytes) -> tuple[str | None, str | None]:
         return None, None
     reply_to, rid = obj.get("reply_to"), obj.get("id")
     return (
-        reply_to if isinstance(reply_to, str) else None,
-        rid if isinstance(rid, str) and len(rid) <= 128 else None,
+        reply_to if isinstance(reply_to, str) else None,  # checked as any reply topic is
+        rid if isinstance(rid, str) and len(rid) <= 128 and _utf8(rid) else None,
     )
+
+
+def _utf8(text: str) -> bool:
+    """Whether a reply can carry ``text``: JSON's ``\\ud800`` escape gives a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
