@@ -1,10 +1,13 @@
 """JSON as the network may send it, read strictly: one meaning per document or it is refused.
 
 ``loads`` is :func:`json.loads` that also refuses what the standard library lets through and a
-signature would then cover ambiguously: a key twice in one object (``json.loads`` keeps the last,
-another parser the first), ``NaN`` and ``Infinity``, and numbers too large for a float. It raises
-``ValueError`` (or ``RecursionError`` for absurd nesting), as ``json.loads`` does; each caller turns
-that into its own error type.
+signature would then cover ambiguously, or a later encoder would choke on: bytes that are not
+UTF-8 (``json.loads(bytes)`` guesses UTF-16 and UTF-32 and skips a byte order mark), a key twice
+in one object (``json.loads`` keeps the last, another parser the first), ``NaN`` and
+``Infinity``, numbers too large for a float, and a lone surrogate escape (``"\\ud800"``: a str
+no signer wrote and no UTF-8 encoder takes). It raises ``ValueError`` (``UnicodeDecodeError`` is
+one) or ``RecursionError`` for absurd nesting, as ``json.loads`` does; each caller turns that into
+its own error type.
 """
 
 from __future__ import annotations
@@ -38,4 +41,11 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def loads(raw: str | bytes | bytearray) -> Any:
     """The JSON value of ``raw``; ``ValueError`` for anything ``json.loads`` refuses and more."""
-    return json.loads(raw, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique)
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+    value = json.loads(text, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique)
+    if isinstance(raw, str) or "\\u" in text:  # from bytes, only an escape can make one
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate escape, not valid Unicode") from None
+    return value

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgeglm import strict_json
 from edgeglm.bundle import canonical_bytes
 from edgeglm.contracts import Signature
 from edgeglm.errors import IntegrityError, SignatureError
@@ -175,16 +176,12 @@ def sign_root(body: Mapping[str, Any], privates: Sequence[Ed25519PrivateKey]) ->
 def _load(raw: bytes) -> tuple[RootDocument, dict[str, Any], dict[str, Ed25519PublicKey]]:
     if not isinstance(raw, bytes | bytearray) or len(raw) > MAX_ROOT_BYTES:
         raise IntegrityError("root", f"must be at most {MAX_ROOT_BYTES} bytes of JSON")
-    try:  # UTF-8 only: json.loads(bytes) would also take UTF-16, UTF-32 and a byte order mark
-        doc = json.loads(bytes(raw).decode("utf-8"))
+    try:  # UTF-8 only, one key once, no lone surrogates: see edgeglm.strict_json
+        doc = strict_json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise IntegrityError("root", f"is not valid UTF-8 JSON: {str(exc)[:120]}") from exc
     if not isinstance(doc, dict):
         raise IntegrityError("root", "is not a JSON object")
-    try:  # a lone surrogate escape ("\\ud800") reads as a str no signer wrote and no encoder takes
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError) as exc:
-        raise IntegrityError("root", "holds a string that is not valid Unicode") from exc
     try:
         model = RootDocument.model_validate(doc)
     except ValidationError as exc:

@@ -7,11 +7,11 @@ Unknown fields are ignored, every string and list is bounded and each class has 
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
 
+from edgeglm import strict_json
 from edgeglm.errors import ProtocolError
 from edgeglm.protocol.topics import _clip
 
@@ -46,24 +46,6 @@ class Message(_Body):
 M = TypeVar("M", bound=Message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key in object")
-    return obj
-
-
 def _as_bytes(name: str, payload: object, limit: int) -> bytes:
     if isinstance(payload, str):
         if len(payload) > limit:
@@ -96,9 +78,7 @@ def decode(model_cls: type[M], payload: bytes | bytearray | memoryview | str) ->
     except UnicodeDecodeError as exc:
         raise ProtocolError(name, f"not valid UTF-8 at byte {exc.start}") from exc
     try:
-        obj = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
-        )
+        obj = strict_json.loads(text)
     except RecursionError as exc:
         raise ProtocolError(name, "JSON nested too deeply") from exc
     except ValueError as exc:

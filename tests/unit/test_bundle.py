@@ -226,3 +226,12 @@ def test_a_key_twice_in_one_object_is_refused(sealed, keys, key):
         parse_manifest(twice, keys[1])
     with pytest.raises(IntegrityError, match="twice"):
         parse_manifest(twice, None)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_a_manifest_is_utf8_only(sealed, keys, encoding):
+    """``json.loads(bytes)`` would guess these; a signed manifest is read one way only."""
+    _, _, doc = sealed
+    parse_manifest(json.dumps(doc).encode(), keys[1])
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        parse_manifest(json.dumps(doc).encode(encoding), keys[1])
