@@ -216,6 +216,7 @@ def measure_agent(
     argv = [
         tool("edgectl"), "agent", "serve", str(bundle), "--device-id", "bench",
         "--broker", f"127.0.0.1:{port}", "--profile", str(profile), "--queue-size", "64",
+        "--trust", str(bundle.parent / "keys" / "bench.pub"),  # the key build_bundle sealed it with
     ]  # fmt: skip
     agent = Proc("edgectl agent serve", argv, bundle.parent / "agent.log").start()
     topic = "edgeglm/v1/dev/bench/infer"

@@ -19,7 +19,8 @@
     [local]                              # optional: the sensors' broker (default: the cloud one)
     url = "mqtt://127.0.0.1:1883"
 
-    [serving]   site, queue_size, threads
+    [serving]   site, queue_size, threads, http_listen, http_token_file, http_allow_remote,
+                http_max_concurrency (see "HTTP API" below)
     [telemetry] heartbeat_s, outbox_max_rows
     [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap), keep_previous_loaded
 
@@ -28,6 +29,12 @@ agent serves it with that one. ``profile`` is the box's profile name (the hub pi
 it may be left out when ``bootstrap_bundle`` or an installed slot says it. A *path* instead
 (``profile = "/etc/edge-agent/my-box.toml"``) is an explicit box-local override: every bundle,
 which must be for a profile of that name, is then served with this file's settings.
+
+HTTP API: ``http_listen = "127.0.0.1:8080"`` serves the OpenAI-compatible API and /metrics. An
+address beyond loopback needs ``http_allow_remote = true``; ``http_token_file`` names a file that
+holds a bearer token (at least 16 printable characters; the file, never the token itself, is
+configured, so it stays out of the environment and process lists) that every route but /healthz
+then requires; ``http_max_concurrency`` requests are served at once, more get 503 at once.
 
 An environment variable ``EDGE_AGENT_<KEY>`` sets a top-level key, ``EDGE_AGENT_<SECTION>_<KEY>``
 a key of a section (``EDGE_AGENT_CLOUD_PASSWORD``, ``EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S``); lists
@@ -38,6 +45,7 @@ does not restart a box into the same bad config). Secrets never appear in ``repr
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,7 +68,7 @@ from edgeglm.mqtt import BrokerSettings
 from edgeglm.profiles import DeviceProfile
 from edgeglm.protocol import check_device_id, check_site
 
-__all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config", "resolve_profile"]
+__all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config", "read_token", "resolve_profile"]
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
 _ENV = "EDGE_AGENT_"
@@ -138,6 +146,9 @@ class ServingConfig(_Section):
     threads: int | None = Field(default=None, ge=1, le=256)
     # OpenAI-compatible API and Prometheus /metrics: "127.0.0.1:8080" (loopback unless you mean it)
     http_listen: str | None = None
+    http_allow_remote: bool = False  # http_listen may be beyond loopback (0.0.0.0, a LAN address)
+    http_token_file: Path | None = None  # a file holding the bearer token the API then requires
+    http_max_concurrency: int = Field(default=64, ge=1, le=10_000)  # more in flight: 503 at once
 
     @field_validator("http_listen")
     @classmethod
@@ -155,10 +166,34 @@ class ServingConfig(_Section):
         host, _, port = self.http_listen.rpartition(":")
         return host.strip("[]"), int(port)
 
+    def http_token(self) -> str | None:
+        """The bearer token in ``http_token_file`` (read now), or None."""
+        if self.http_token_file is None:
+            return None
+        return read_token(self.http_token_file, "config serving.http_token_file")
+
     @field_validator("site")
     @classmethod
     def _site(cls, v: str | None) -> str | None:
         return None if v is None else _checked(check_site, v)
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]{16,4096}")  # printable ASCII, no spaces: a header-safe token
+
+
+def read_token(path: Path, setting: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); never put in an error."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting} {path}", f"cannot be read: {exc}") from None
+    if not _TOKEN.fullmatch(token):
+        raise ConfigError(
+            f"{setting} {path}",
+            "must hold one token of at least 16 printable characters, no spaces",
+            hint="Write one with: openssl rand -hex 32 > FILE",
+        )
+    return token
 
 
 class TelemetryConfig(_Section):
@@ -265,6 +300,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     for broker in (config.cloud, config.local):
         if broker is not None:
             broker.settings()  # TLS files, client certificate pair, password file: checked now
+    config.serving.http_token()  # the token file: checked now
     for field in ("trusted_keys", "fleet_keys"):
         for key in getattr(config, field):
             if not key.is_file():

@@ -40,7 +40,7 @@ from edge_agent.links import Links
 from edge_agent.metrics import Metrics
 from edge_agent.notify import Watchdog, notify
 from edge_agent.outbox import Outbox
-from edge_agent.serving_stack import ServingStack
+from edge_agent.serving_stack import HttpSettings, ServingStack
 from edge_agent.telemetry import Telemetry
 from edge_agent.trust import BoxTrust
 from edge_agent.update.slots import Slots
@@ -99,8 +99,7 @@ class Agent:
             device_id=self.device_id,
             site=c.serving.site,
             queue_size=c.serving.queue_size,
-            http=c.serving.http_address(),
-            http_setting="serving.http_listen",
+            http=_http_settings(c),
         )
         self.activator = Activator(
             self.trusted,
@@ -197,6 +196,22 @@ class Agent:
 
     def _slot(self) -> str | None:
         return self.slots.active_name() if self.slots.manifest(self.slots.active_name()) else None
+
+
+def _http_settings(config: AgentConfig) -> HttpSettings | None:
+    s = config.serving
+    address = s.http_address()
+    if address is None:
+        return None
+    return HttpSettings(
+        *address,
+        token=s.http_token(),
+        max_concurrency=s.http_max_concurrency,
+        allow_remote=s.http_allow_remote,
+        listen_setting="serving.http_listen",
+        remote_setting="serving.http_allow_remote",
+        token_setting="serving.http_token_file",
+    )
 
 
 def _fault_injection(step: str | None) -> Callable[[str], None] | None:

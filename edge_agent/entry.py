@@ -65,11 +65,30 @@ def serve_bundle(
     http: tuple[str, int] | None = None,
     profile: DeviceProfile | None = None,
     trusted: dict[str, Any] | None = None,
+    insecure_unsigned: bool = False,
     queue_size: int | None = None,
+    http_token_file: Path | None = None,
+    http_allow_remote: bool = False,
+    http_max_concurrency: int | None = None,
 ) -> None:
-    """Serve ``bundle`` on MQTT (``broker``; None: none) and HTTP (``http``) until interrupted."""
-    from edge_agent.server import Server, ServeSettings
+    """Serve ``bundle`` on MQTT (``broker``; None: none) and HTTP (``http``) until interrupted.
 
+    ``trusted`` (the release keys) verifies the bundle; without them the bundle is served
+    unverified only when ``insecure_unsigned`` says so, else :class:`UsageError`; with keys,
+    ``insecure_unsigned`` is ignored (the CLI refuses the two together).
+    """
+    from edge_agent.config import read_token
+    from edge_agent.http_api import DEFAULT_MAX_CONCURRENCY
+    from edge_agent.server import Server, ServeSettings
+    from edgeglm.errors import UsageError
+
+    if trusted is None and not insecure_unsigned:
+        raise UsageError(
+            "--trust",
+            "give the release key BUNDLE must be signed with; it is not verified without one",
+            hint="Add --trust KEY.pub, or --insecure-unsigned to serve an unverified bundle anyway.",
+        )
+    token = None if http_token_file is None else read_token(http_token_file, "--http-token-file")
     settings = ServeSettings(
         bundle=bundle,
         device_id=device_id,
@@ -80,6 +99,9 @@ def serve_bundle(
         profile=profile,
         trusted=trusted,
         queue_size=queue_size,
+        http_token=token,
+        http_allow_remote=http_allow_remote,
+        http_max_concurrency=http_max_concurrency or DEFAULT_MAX_CONCURRENCY,
     )
     Server(settings).run_forever()
 

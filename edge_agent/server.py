@@ -8,6 +8,10 @@ link of its own and never swaps its engine. An absent broker fails the start
 (:class:`UnavailableError`, exit 69); a taken ``--http`` port is a :class:`ConfigError` (exit 78).
 Tests and benchmarks start and stop one in-process. Model updates, slots and telemetry belong to
 the update daemon (``edge-agent run``).
+
+``trusted`` None loads the bundle unverified: ``edgectl agent serve`` allows that only with
+``--insecure-unsigned`` (:func:`edge_agent.entry.serve_bundle` refuses it otherwise), and this
+server logs a warning whenever it does.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.http_api import DEFAULT_MAX_CONCURRENCY
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
-from edge_agent.serving_stack import ServingStack
+from edge_agent.serving_stack import HttpSettings, ServingStack
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.profiles import DeviceProfile
 
@@ -39,6 +44,9 @@ class ServeSettings:
     site: str | None = None
     http_host: str | None = None  # None: no HTTP API
     http_port: int = 8080
+    http_token: str | None = field(default=None, repr=False)  # None: no Authorization needed
+    http_allow_remote: bool = False
+    http_max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     profile: DeviceProfile | None = None
     trusted: dict[str, Any] | None = None
     queue_size: int | None = None
@@ -71,10 +79,11 @@ class Server:
             device_id=s.device_id,
             site=s.site,
             queue_size=s.queue_size,
-            http=None if s.http_host is None else (s.http_host, s.http_port),
-            http_setting="--http",
+            http=None if s.http_host is None else self._http(),
             owns_link=True,
         )
+        if s.trusted is None:
+            log.warning("serving %s UNSIGNED: its signature and file digests are not checked", s.bundle)
         try:
             self.stack.serve(Engine.load(s.bundle, profile=s.profile, trusted=s.trusted, threads=s.threads))
             self.stack.start()
@@ -84,6 +93,20 @@ class Server:
             self.stop()
             raise
         return self
+
+    def _http(self) -> HttpSettings:
+        s = self.settings
+        assert s.http_host is not None
+        return HttpSettings(
+            s.http_host,
+            s.http_port,
+            token=s.http_token,
+            max_concurrency=s.http_max_concurrency,
+            allow_remote=s.http_allow_remote,
+            listen_setting="--http",
+            remote_setting="--http-allow-remote",
+            token_setting="--http-token-file",
+        )
 
     def stop(self) -> None:
         if self.stack is not None:

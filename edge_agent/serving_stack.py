@@ -12,26 +12,42 @@ finishes what it accepted (see :mod:`edge_agent.front`). Without a model every r
 ``unavailable`` (MQTT) or 503 (HTTP).
 
 The HTTP port is bound when the stack is built, before any model loads, so a taken port fails at
-once (:class:`ConfigError` naming the setting, exit 78). :meth:`start` subscribes to the infer
-topics and starts the HTTP API; :meth:`stop` stops the HTTP API, then the stack's own link, then
-the scheduler.
+once (:class:`ConfigError` naming the setting, exit 78). So does an address beyond loopback
+(127.0.0.0/8, ::1, localhost) unless :class:`HttpSettings` ``allow_remote`` says it is meant; then
+a warning is logged, a louder one without a token. :meth:`start` subscribes to the infer topics and
+starts the HTTP API; :meth:`stop` stops the HTTP API, then the stack's own link, then the scheduler.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from edge_agent.front import Front
-from edge_agent.http_api import HttpApi
+from edge_agent.http_api import DEFAULT_MAX_CONCURRENCY, HttpApi, is_loopback
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
 from edgeglm.errors import ConfigError
 from edgeglm.mqtt import MqttLink
 
-__all__ = ["ServingStack"]
+__all__ = ["HttpSettings", "ServingStack"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP API's settings, and the flags or config keys that set them (named in errors)."""
+
+    host: str
+    port: int
+    token: str | None = field(default=None, repr=False)  # None: no Authorization needed
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    allow_remote: bool = False  # may listen beyond loopback
+    listen_setting: str = "http"
+    remote_setting: str = "http_allow_remote"
+    token_setting: str = "http_token_file"
 
 
 class ServingStack:
@@ -45,13 +61,12 @@ class ServingStack:
         device_id: str,
         site: str | None = None,
         queue_size: int | None = None,
-        http: tuple[str, int] | None = None,  # (host, port) of the HTTP API; None: none
-        http_setting: str = "http",  # the flag or config key that set ``http`` (for errors)
+        http: HttpSettings | None = None,  # None: no HTTP API
         owns_link: bool = False,  # close ``link`` on stop (nobody else uses it)
     ) -> None:
         self.link, self.metrics, self.owns_link = link, metrics, owns_link
         self.front = Front(link, metrics, device_id=device_id, site=site, queue_size=queue_size)
-        self.http = None if http is None else _bind(http, metrics, self.front, http_setting)
+        self.http = None if http is None else _bind(http, metrics, self.front)
 
     def serve(self, engine: Engine) -> Engine | None:
         """Answer requests with ``engine`` from now on; returns the engine it replaced (retiring)."""
@@ -76,10 +91,33 @@ class ServingStack:
         self.front.stop()
 
 
-def _bind(address: tuple[str, int], metrics: Metrics, front: Front, setting: str) -> HttpApi:
-    host, port = address
+def _bind(http: HttpSettings, metrics: Metrics, front: Front) -> HttpApi:
+    host, port = http.host, http.port
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not is_loopback(host):
+        if not http.allow_remote:
+            raise ConfigError(
+                http.remote_setting,
+                f"{where} is reachable beyond this box; set {http.remote_setting} to mean it",
+                hint=f"Listen on 127.0.0.1 instead, or set {http.remote_setting} (and {http.token_setting}).",
+            )
+        log.warning("the HTTP API listens on %s: reachable beyond this box (%s)", where, http.remote_setting)
+        if http.token is None:
+            log.warning(
+                "THE HTTP API ON %s NEEDS NO TOKEN: anyone who reaches it can use the model; set %s",
+                where,
+                http.token_setting,
+            )
     try:
-        return HttpApi(None, None, metrics, host=host, port=port, current=front.current)
+        return HttpApi(
+            None,
+            None,
+            metrics,
+            host=host,
+            port=port,
+            current=front.current,
+            token=http.token,
+            max_concurrency=http.max_concurrency,
+        )
     except OSError as exc:  # the port is taken, or the address is not this box's
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise ConfigError(setting, f"cannot listen on {where}: {exc}") from exc
+        raise ConfigError(http.listen_setting, f"cannot listen on {where}: {exc}") from exc

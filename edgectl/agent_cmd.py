@@ -131,9 +131,29 @@ def infer(
 @click.option(
     "--http", "http", default=None, help="Serve the OpenAI-compatible API on HOST:PORT (e.g. 127.0.0.1:8080)."
 )
+@click.option(
+    "--http-token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A file holding a bearer token every HTTP route but /healthz then requires.",
+)
+@click.option(
+    "--http-allow-remote", is_flag=True, help="Let --http listen beyond loopback (0.0.0.0, a LAN address)."
+)
+@click.option(
+    "--http-max-concurrency",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="HTTP requests served at once; more get 503 at once [default: 64].",
+)
 @click.option("--queue-size", type=click.IntRange(0), default=None, help="Requests held before 'busy'.")
 @_profile_opt
 @_trust_opt
+@click.option(
+    "--insecure-unsigned",
+    is_flag=True,
+    help="Serve BUNDLE without verifying its signature and file digests (instead of --trust).",
+)
 def serve(
     bundle: Path,
     device_id: str,
@@ -142,11 +162,18 @@ def serve(
     ca_file: str | None,
     site: str | None,
     http: str | None,
+    http_token_file: Path | None,
+    http_allow_remote: bool,
+    http_max_concurrency: int | None,
     queue_size: int | None,
     profile: Any,
     trust: tuple[Path, ...],
+    insecure_unsigned: bool,
 ) -> None:
-    """Serve BUNDLE to MQTT sensors (and optionally HTTP) until interrupted."""
+    """Serve BUNDLE to MQTT sensors (and optionally HTTP) until interrupted.
+
+    BUNDLE is verified against the --trust keys; --insecure-unsigned serves it unverified.
+    """
     import os
 
     from edge_agent.entry import serve_bundle
@@ -154,6 +181,8 @@ def serve(
     from edgeglm.protocol import check_device_id
 
     check_device_id(device_id)
+    if trust and insecure_unsigned:
+        raise UsageError("--insecure-unsigned", "contradicts --trust: give one of them")
     broker_settings = None
     if broker != "none":
         host, port = _host_port(broker, "--broker")
@@ -162,6 +191,14 @@ def serve(
             host=host, port=port, username=username, password=password, ca_file=ca_file
         )
     http_address = _host_port(http, "--http") if http else None
+    if http_address is None:
+        for flag, given in (
+            ("--http-token-file", http_token_file is not None),
+            ("--http-allow-remote", http_allow_remote),
+            ("--http-max-concurrency", http_max_concurrency is not None),
+        ):
+            if given:
+                raise UsageError(flag, "needs --http HOST:PORT")
     click.echo(json.dumps({"serving": str(bundle), "device_id": device_id}), err=True)
     serve_bundle(
         bundle,
@@ -171,7 +208,11 @@ def serve(
         http=http_address,
         profile=profile,
         trusted=_trusted(trust),
+        insecure_unsigned=insecure_unsigned,
         queue_size=queue_size,
+        http_token_file=http_token_file,
+        http_allow_remote=http_allow_remote,
+        http_max_concurrency=http_max_concurrency,
     )
 
 

@@ -3,9 +3,10 @@
 Both entry points run as real processes on the same signed tiny bundle (``agent serve`` given it
 directly, the daemon as its ``bootstrap_bundle``) against a private mosquitto. One helper asks
 each the same things: an MQTT inference request, and every route of the OpenAI-compatible HTTP
-API, good and bad. The answers, less what varies by nature (ids, timestamps, timings), must be
-equal; both logs show ``edge_agent.serving_stack`` subscribing to the infer topic; both stop
-cleanly (exit 0) on SIGTERM.
+API, good and bad, with the bearer token both are configured with (``--http-token-file``,
+``serving.http_token_file``) and once without it. The answers, less what varies by nature (ids,
+timestamps, timings), must be equal; both logs show ``edge_agent.serving_stack`` subscribing to
+the infer topic; both stop cleanly (exit 0) on SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 EDGECTL = tool("edgectl")
 PROMPT = "The sensor reads"
+TOKEN = "serving-stack-token-0123456789"
 
 
 @dataclass
@@ -40,12 +42,19 @@ class Served:
     log: Callable[[], str]
 
 
+def _token_file(root: Path) -> Path:
+    path = root / "http.token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
 @contextlib.contextmanager
 def agent_serve(bundle: Path, public: Path, broker: int, root: Path) -> Iterator[Served]:
     """``edgectl -v agent serve BUNDLE`` with MQTT and HTTP; stopped with SIGTERM."""
     device, port, log_path = f"serve-{uuid.uuid4().hex[:6]}", free_port(), root / "serve.log"
     cmd = [EDGECTL, "-v", "agent", "serve", str(bundle), "--device-id", device, "--trust", str(public)]
     cmd += ["--broker", f"127.0.0.1:{broker}", "--http", f"127.0.0.1:{port}", "--queue-size", "8"]
+    cmd += ["--http-token-file", str(_token_file(root))]
     proc = Proc("edgectl agent serve", cmd, log_path).start()
     try:
         yield Served(device, port, proc.log)
@@ -58,7 +67,7 @@ def edge_agent_run(bundle: Path, public: Path, broker: int, root: Path) -> Itera
     """``edge-agent run`` with ``bootstrap_bundle`` and ``serving.http_listen``; stopped with SIGTERM."""
     device, port = f"run-{uuid.uuid4().hex[:6]}", free_port()
     (root / "box").mkdir()
-    serving = {"http_listen": f"127.0.0.1:{port}", "queue_size": 8}
+    serving = {"http_listen": f"127.0.0.1:{port}", "queue_size": 8, "http_token_file": str(_token_file(root))}
     agent = AgentBox(root / "box", device, broker, public, bootstrap_bundle=str(bundle), serving=serving)
     agent.start()
     try:
@@ -68,10 +77,13 @@ def edge_agent_run(bundle: Path, public: Path, broker: int, root: Path) -> Itera
         assert agent.stop() == 0
 
 
-def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, bytes]:
+def call(
+    port: int, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN
+) -> tuple[int, Any, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    auth = {} if token is None else {"Authorization": f"Bearer {token}"}
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **auth})
         resp = conn.getresponse()
         return resp.status, resp.headers, resp.read()
     finally:
@@ -126,6 +138,8 @@ def observe(served: Served, broker: int) -> dict[str, Any]:
         status, headers, body = call(port, method, path, raw)
         error = json.loads(body)["error"]
         seen[name] = (status, headers.get("Allow"), error["type"], error["code"])
+    status, headers, body = call(port, "GET", "/v1/models", token=None)
+    seen["no_token"] = (status, headers["WWW-Authenticate"], json.loads(body)["error"]["code"])
     status, headers, body = call(port, "GET", "/metrics")
     text = body.decode()
     assert re.search(r'^edgeglm_agent_requests_total\{outcome="length"\} [1-9]', text, re.M)
@@ -163,4 +177,5 @@ def test_agent_serve_and_edge_agent_run_serve_through_the_one_stack(
     assert serve["no_route"] == (404, None, "invalid_request_error", "not_found")
     assert serve["wrong_method"] == (405, "POST", "invalid_request_error", "method_not_allowed")
     assert serve["bad_body"][0] == 400 and serve["wrong_model"][0] == 404
+    assert serve["no_token"] == (401, "Bearer", "invalid_api_key")
     assert "edgeglm_agent_requests_total" in serve["metrics"][2]

@@ -142,3 +142,25 @@ def test_trust_root_replaces_fixed_keys_and_must_exist(tmp_path: Path, key: Path
     )
     with pytest.raises(ConfigError, match="leave trusted_keys and fleet_keys out"):
         load_config(both, {})
+
+
+def test_http_settings_token_file_is_read_checked_and_never_shown(tmp_path: Path, key: Path) -> None:
+    token = tmp_path / "http.token"
+    token.write_text("0123456789abcdef0123\n")
+    head = f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrusted_keys = ["{key}"]\n'
+    path = _write(tmp_path, head + f'[serving]\nhttp_listen = "0.0.0.0:8080"\nhttp_token_file = "{token}"\n')
+    c = load_config(path, {"EDGE_AGENT_SERVING_HTTP_ALLOW_REMOTE": "true"})
+    assert (c.serving.http_allow_remote, c.serving.http_max_concurrency) == (True, 64)
+    assert c.serving.http_token() == "0123456789abcdef0123"
+    assert "0123456789abcdef0123" not in repr(c)
+    for text in ("short-token", "has a space in it 0123456789", "\n"):
+        token.write_text(text)
+        with pytest.raises(ConfigError, match=r"serving\.http_token_file") as err:
+            load_config(path, {})
+        assert text.strip() not in str(err.value) or not text.strip()
+    token.unlink()
+    with pytest.raises(ConfigError, match=r"serving\.http_token_file"):
+        load_config(path, {})
+    bad = _write(tmp_path, head + "[serving]\nhttp_max_concurrency = 0\n")
+    with pytest.raises(ConfigError, match=r"serving\.http_max_concurrency"):
+        load_config(bad, {})

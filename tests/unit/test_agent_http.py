@@ -1,9 +1,11 @@
-"""The agent's OpenAI-compatible HTTP endpoint, served from a real tiny bundle over loopback."""
+"""The agent's OpenAI-compatible HTTP front (uvicorn + starlette), served from a real tiny bundle
+over loopback: the routes, their errors, and the front's guards (token, concurrency, idle sockets)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -199,6 +201,16 @@ def test_models_lists_the_served_model(api, engine):
     }
 
 
+def test_models_retrieve_names_the_served_model_and_no_other(api, engine):
+    """``GET /v1/models/{id}``: the OpenAI SDK's ``models.retrieve``."""
+    reply = call(api, "GET", f"/v1/models/{engine.model}")
+    assert reply.status == 200
+    assert reply.json() == {"id": engine.model, "object": "model", "created": 0, "owned_by": "edgeglm"}
+    other = call(api, "GET", "/v1/models/gpt-4o")
+    assert other.status == 404
+    assert other.json()["error"]["code"] == "model_not_found"
+
+
 def test_healthz_reports_model_and_health(api, engine):
     reply = call(api, "GET", "/healthz?verbose=1")
     assert reply.status == 200
@@ -373,5 +385,62 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_generation(engine):
         conn.close()
         resp.close()
         assert fake.cancelled.wait(10)
+    finally:
+        api.stop()
+
+
+# ---------------------------------------------------------------------------- the front's guards
+TOKEN = "edge-test-token-0123456789abcdef"
+
+
+def test_a_token_guards_every_route_but_healthz(engine, scheduler, metrics):
+    api = HttpApi(engine, scheduler, metrics, token=TOKEN).start()
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        for path in ("/v1/models", "/metrics"):
+            for headers in ({}, {"Authorization": f"Bearer {TOKEN[:-1]}X"}, {"Authorization": TOKEN}):
+                reply = call(api, "GET", path, headers=headers)
+                assert reply.status == 401, (path, headers)
+                assert reply.headers["WWW-Authenticate"] == "Bearer"
+                assert reply.json()["error"]["code"] == "invalid_api_key"
+                assert TOKEN not in reply.body.decode()
+            assert call(api, "GET", path, headers=good).status == 200
+        # the token is checked before the body is read: a bad body without it is 401, not 400
+        assert call(api, "POST", "/v1/completions", raw=b"{", headers={}).status == 401
+        reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}, headers=good)
+        assert reply.status == 200, reply.body
+        assert call(api, "GET", "/healthz").status == 200  # liveness probes need no token
+    finally:
+        api.stop()
+
+
+def test_requests_past_the_concurrency_limit_get_503_at_once(engine):
+    fake = DrippingScheduler(engine)
+    api = HttpApi(engine, fake, Metrics(), max_concurrency=1).start()  # type: ignore[arg-type]
+    try:
+        url = urlsplit(api.url)
+        held = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        body = json.dumps({"prompt": PROMPT, "stream": True}).encode()
+        held.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = held.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        reply = call(api, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+        assert reply.json()["error"]["code"] == "overloaded"
+        assert call(api, "GET", "/healthz").status == 200  # not counted against the limit
+        held.close()
+        resp.close()
+        assert fake.cancelled.wait(10)
+        assert call(api, "GET", "/v1/models").status == 200  # the slot is free again
+    finally:
+        api.stop()
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time(engine, scheduler, metrics):
+    api = HttpApi(engine, scheduler, metrics, keep_alive_s=1).start()
+    try:
+        url = urlsplit(api.url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as idle:
+            assert idle.recv(1) == b""  # the server closed it; a timeout here raises instead
     finally:
         api.stop()

@@ -1,0 +1,394 @@
+"""The OpenAI-compatible API as Starlette routes: bodies onto wire requests, scheduler events onto replies.
+
+    method path                  answer
+    POST   /v1/chat/completions  chat.completion, or chat.completion.chunk events when ``stream``
+    POST   /v1/completions       text_completion (``prompt``), streamed the same way
+    GET    /v1/models            the one model this agent serves
+    GET    /v1/models/{id}       that model (the OpenAI SDK's ``models.retrieve``); another id: 404
+    GET    /metrics              Prometheus text (``Metrics.render``)
+    GET    /healthz              status, model, version and the heartbeat health summary
+
+Bodies are mapped onto :class:`~edgeglm.protocol.InferRequest` and validated exactly as an MQTT
+request is; ``temperature`` defaults to 0 (greedy), not OpenAI's 1; ``top_k`` and
+``repetition_penalty`` are extensions. A body needs a ``Content-Length`` (else 411) of at most
+``MAX_BODY_BYTES`` (else 413, answered from the header before the body is read, so an
+``Expect: 100-continue`` client never sends it). Parsing, mapping and tokenizing run on a worker
+thread; the event loop only moves bytes. Generations run on the scheduler MQTT serving uses; its
+callbacks (on the scheduler's thread) hand events to the event loop with ``call_soon_threadsafe``
+into an ``asyncio.Queue``. Streams are server-sent events (``data: {json}``, last ``data: [DONE]``;
+``stream_options.include_usage`` adds a usage chunk before it); a client that hangs up mid-stream
+cancels its generation. Every error is an OpenAI-shaped ``{"error": {...}}`` body with the status
+of ``STATUS``; a bug in a handler is a 500 ``internal`` (logged with its traceback) and the server
+carries on. The transport in front of these routes (socket, limits, token) is
+:mod:`edge_agent.http_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edge_agent.inference.engine import Engine
+from edge_agent.inference.generation import Generation, GenerationResult, Prompt
+from edge_agent.inference.scheduler import Scheduler
+from edge_agent.metrics import Metrics
+from edgeglm.errors import ProtocolError, RequestError
+from edgeglm.protocol import InferRequest, decode
+
+__all__ = ["MAX_BODY_BYTES", "STATUS", "OpenAIRoutes", "Refused", "error_response"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+_GRACE_S = 5.0  # the scheduler gives a request up at its deadline; wait this much longer for that
+_KNOBS = ("top_p", "top_k", "repetition_penalty", "seed", "stream")
+_SSE = "text/event-stream; charset=utf-8"
+
+# error code -> (HTTP status, OpenAI error type): the one table from domain errors to HTTP
+STATUS: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "invalid_request_error"),
+    "too_long": (400, "invalid_request_error"),
+    "invalid_api_key": (401, "invalid_request_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "not_found": (404, "invalid_request_error"),
+    "method_not_allowed": (405, "invalid_request_error"),
+    "length_required": (411, "invalid_request_error"),
+    "too_large": (413, "invalid_request_error"),
+    "busy": (429, "rate_limit_error"),
+    "internal": (500, "server_error"),
+    "unavailable": (503, "server_error"),
+    "overloaded": (503, "server_error"),
+    "timeout": (504, "server_error"),
+}
+
+
+class Refused(Exception):
+    """A request answered with an error: ``code`` (a key of :data:`STATUS`), a message, headers."""
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = "model_not_found" if code == "unknown_model" else code
+        self.message, self.headers = message, headers or {}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    kind = STATUS.get(code, STATUS["internal"])[1]
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI-shaped error; the connection closes after it (its body may be left unread)."""
+    status = STATUS.get(code, STATUS["internal"])[0]
+    return JSONResponse(_error(code, message), status, {**(headers or {}), "Connection": "close"})
+
+
+_Prepared = tuple[dict[str, Any], InferRequest, Engine, Scheduler, Prompt]
+
+
+class OpenAIRoutes:
+    """The routes over what serves *now*: ``current()`` gives the engine and scheduler, or None.
+
+    While ``current()`` is None (no model installed yet) requests get 503 ``unavailable``; an
+    engine swap takes effect at the next request, and a request keeps the pair it started with.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        current: Callable[[], tuple[Engine, Scheduler] | None],
+        *,
+        default_timeout_s: float = 300.0,
+    ) -> None:
+        self.metrics, self.current = metrics, current
+        self.default_timeout_s = default_timeout_s
+
+    def live(self) -> tuple[Engine, Scheduler]:
+        """The engine and scheduler serving now, or :class:`Refused` ``unavailable``."""
+        now = self.current()
+        if now is None:
+            raise Refused("unavailable", "no model is installed on this box yet")
+        return now
+
+    def app(self, middleware: Sequence[Middleware] = ()) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._text, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self._model, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/healthz", self._health, methods=["GET"]),
+        ]
+        handlers: dict[Any, Callable[..., Any]] = {
+            Refused: _refused,
+            HTTPException: _http_error,
+            Exception: _bug,
+        }
+        return Starlette(routes=routes, middleware=list(middleware), exception_handlers=handlers)
+
+    # ---------------------------------------------------------------------- the mapping
+    def request(self, body: dict[str, Any], engine: Engine, *, chat: bool) -> InferRequest:
+        """The wire request for an OpenAI body, or :class:`Refused`."""
+        model = body.get("model")
+        if model is not None and model != engine.model:
+            raise Refused("model_not_found", f"this agent serves {engine.model!r}, not {model!r}")
+        if body.get("n") not in (None, 1):
+            raise Refused("bad_request", "field 'n': only 1 choice is supported")
+        data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
+        data["temperature"] = 0.0 if body.get("temperature") is None else body["temperature"]
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None:
+            data["max_tokens"] = limit
+        if (stop := body.get("stop")) is not None:
+            data["stop"] = [stop] if isinstance(stop, str) else stop
+        if chat:
+            messages = body.get("messages")
+            data["messages"] = [_message(m) for m in messages] if isinstance(messages, list) else messages
+        else:
+            data["prompt"] = body.get("prompt")
+        try:
+            return decode(InferRequest, json.dumps(data, ensure_ascii=False))
+        except ProtocolError as exc:
+            raise Refused("bad_request", exc.why) from exc
+
+    def _prepared(self, raw: bytes, *, chat: bool) -> _Prepared:
+        """Body bytes to a tokenized prompt on the engine serving now (on a worker thread)."""
+        body = _parse(raw)
+        engine, scheduler = self.live()  # one pair for the whole request, even across a swap
+        request = self.request(body, engine, chat=chat)
+        try:
+            prompt = engine.prepare(request, deadline=time.monotonic() + self.default_timeout_s)
+        except RequestError as exc:
+            self.metrics.rejected(exc.code)
+            raise Refused(exc.code, exc.why) from exc
+        return body, request, engine, scheduler, prompt
+
+    def submit(
+        self, scheduler: Scheduler, prompt: Prompt, put: Callable[[tuple[str, Any]], None]
+    ) -> Generation:
+        """Queue ``prompt``; its text (``("text", str)``) and result (``("done", result)``) go to ``put``."""
+        arrived = time.monotonic()
+
+        def done(result: GenerationResult) -> None:
+            self.metrics.request_finished(
+                outcome=result.error_code or result.finish_reason,
+                latency_s=time.monotonic() - arrived,
+                ttft_s=None if result.ttft_ms is None else result.ttft_ms / 1000,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                queue_s=result.queue_ms / 1000,
+                cached_tokens=result.cached_tokens,
+            )
+            put(("done", result))
+
+        self.metrics.request_started()
+        try:
+            return scheduler.submit(prompt, lambda text, _ids: put(("text", text)), done)
+        except RequestError as exc:  # balances request_started, as MQTT serving does
+            self.metrics.request_finished(
+                outcome=exc.code, latency_s=0.0, ttft_s=None, prompt_tokens=0, completion_tokens=0
+            )
+            raise Refused(exc.code, exc.why, {"Retry-After": "1"} if exc.code == "busy" else None) from exc
+
+    # --------------------------------------------------------------------------- routes
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(self.live()[0])]})
+
+    async def _model(self, request: Request) -> Response:
+        engine, wanted = self.live()[0], request.path_params["model"]
+        if wanted != engine.model:
+            raise Refused("model_not_found", f"this agent serves {engine.model!r}, not {wanted!r}")
+        return JSONResponse(_model_card(engine))
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _health(self, request: Request) -> Response:
+        health = self.metrics.health().model_dump()
+        now = self.current()
+        if now is None:
+            return JSONResponse({"status": "no_model", "health": health}, 503)
+        engine = now[0]
+        ok = {"status": "ok", "model": engine.model, "version": engine.version}
+        return JSONResponse({**ok, "health": health})
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def _text(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, *, chat: bool) -> Response:
+        body, wire, engine, scheduler, prompt = await run_in_threadpool(
+            self._prepared, await _read_body(request), chat=chat
+        )
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple[str, Any]]()
+
+        def put(event: tuple[str, Any]) -> None:  # on the scheduler's thread: never blocks it
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: the server stopped and nobody waits
+                log.debug("an event arrived after the HTTP server stopped")
+
+        gen = self.submit(scheduler, prompt, put)
+        give_up = time.monotonic() + self.default_timeout_s + _GRACE_S
+
+        async def wait() -> tuple[str, Any]:
+            try:
+                async with asyncio.timeout(max(0.0, give_up - time.monotonic())):
+                    return await events.get()
+            except TimeoutError:
+                raise Refused("timeout", "the request's deadline passed before it finished") from None
+
+        handed_over = False
+        try:
+            event, value = await wait()
+            if event == "done" and value.error_code is not None:  # failed before any text: a status
+                raise Refused(value.error_code, value.error_message or value.error_code)
+            kind = "chat.completion" if chat else "text_completion"
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+            head: dict[str, Any] = dict(id=rid, object=kind, created=int(time.time()), model=engine.model)
+            if not wire.stream:
+                while event == "text":  # a non-streaming request gets no text events; be safe
+                    event, value = await wait()
+                text = value.text
+                answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choice = {"index": 0, **answer, "finish_reason": value.finish_reason}
+                return JSONResponse({**head, "choices": [choice], "usage": _usage(value)})
+            head["object"] = f"{kind}.chunk" if chat else kind
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            stream = _events(gen, head, (event, value), wait, chat=chat, usage=usage)
+            handed_over = True
+            return StreamingResponse(stream, media_type=_SSE, headers={"Cache-Control": "no-cache"})
+        finally:
+            if not handed_over and not gen.done:  # refused, timed out, or the server stopping
+                gen.cancel()
+
+
+async def _events(
+    gen: Generation,
+    head: dict[str, Any],
+    first: tuple[str, Any],
+    wait: Callable[[], Any],
+    *,
+    chat: bool,
+    usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``."""
+
+    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta = {"role": "assistant"} if role else {} if piece is None else {"content": piece}
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {**head, "choices": [{"index": 0, "text": piece or "", "finish_reason": finish}]}
+
+    def sse(obj: dict[str, Any] | str) -> str:
+        return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    finished = False
+    try:
+        if chat:
+            yield sse(chunk(None, role=True))
+        event, value = first
+        while event == "text":
+            if value:
+                yield sse(chunk(value))
+            try:
+                event, value = await wait()
+            except Refused as exc:  # the deadline passed mid-stream: an error event, no [DONE]
+                yield sse(_error(exc.code, exc.message))
+                return
+        finished = True
+        result: GenerationResult = value
+        if result.error_code is not None:
+            yield sse(_error(Refused(result.error_code, "").code, result.error_message))
+            return
+        yield sse(chunk(None, result.finish_reason))
+        if usage:
+            yield sse({**head, "choices": [], "usage": _usage(result)})
+        yield sse("[DONE]")
+    finally:
+        if not finished:
+            gen.cancel()
+            log.info("a client left mid-stream (or its deadline passed); cancelled its generation")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused from its headers alone when it has no length or is too large."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        raise Refused("length_required", "send the body with a Content-Length header")
+    if int(length) > MAX_BODY_BYTES:
+        raise Refused("too_large", f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    return await request.body()
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Refused("bad_request", f"the body is not UTF-8 JSON: {exc}"[:300]) from exc
+    if not isinstance(body, dict):
+        raise Refused("bad_request", "the body must be a JSON object")
+    return body
+
+
+def _model_card(engine: Engine) -> dict[str, Any]:
+    return {"id": engine.model, "object": "model", "created": 0, "owned_by": "edgeglm"}
+
+
+def _message(message: Any) -> Any:
+    """An OpenAI chat message as the wire has it: text parts joined, ``developer`` as ``system``."""
+    if not isinstance(message, dict):
+        return message
+    content, role = message.get("content"), message.get("role")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _usage(result: GenerationResult) -> dict[str, Any]:
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},  # as OpenAI reports it
+    }
+
+
+# ------------------------------------------------------------------------ error handlers
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    return error_response(exc.code, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """What the router refuses itself: no such route (404), a method the route does not take (405)."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 405:
+        methods = (exc.headers or {}).get("Allow", "").split(", ")
+        allowed = ", ".join(sorted(m for m in methods if m != "HEAD"))
+        return error_response("method_not_allowed", f"{path} takes {allowed}", {"Allow": allowed})
+    if exc.status_code == 404:
+        return error_response("not_found", f"no route {path!r}")
+    return error_response("bad_request", str(exc.detail))
+
+
+async def _bug(request: Request, exc: Exception) -> Response:
+    """A bug in a handler: 500 ``internal``; uvicorn logs the traceback and the server carries on."""
+    return error_response("internal", "the agent failed on this request; see its log")
