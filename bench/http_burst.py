@@ -136,7 +136,7 @@ def failures(summary: dict[str, Any]) -> list[str]:
 
 def serve_front(work: Path) -> tuple[Any, int]:
     """A tiny bundle served by ``edgectl agent serve --http``; the process and its port."""
-    from edgectl.demo.procs import Proc, free_port, tool, wait_for
+    from edgectl.demo.procs import Proc, free_port, healthy, tool, wait_for
     from export.tiny_glm import CHAT_TEMPLATE
 
     t = time.perf_counter()
@@ -152,23 +152,10 @@ def serve_front(work: Path) -> tuple[Any, int]:
         "--trust", str(work / "keys" / "bench.pub"),
     ]  # fmt: skip
     proc = Proc("edgectl agent serve", argv, work / "agent.log").start()
-    wait_for(lambda: _healthy(port) or not proc.alive(), 300, "the agent's HTTP front")
+    wait_for(lambda: healthy(port) or not proc.alive(), 300, "the agent's HTTP front")
     if not proc.alive():
         raise SystemExit(f"the agent did not start:\n{proc.log()[-2000:]}")
     return proc, port
-
-
-def _healthy(port: int) -> bool:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             results = asyncio.run(burst(port, clients))
             wall = time.perf_counter() - t
-            healthy_after = _healthy(port)
+            from edgectl.demo.procs import healthy
+
+            healthy_after = healthy(port)
         finally:
             code = proc.stop()
     result = summarize(results, wall) | {

@@ -56,6 +56,15 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def healthy(port: int, host: str = "127.0.0.1", path: str = "/healthz") -> bool:
+    """``GET path`` on ``host:port`` answers 200 (an agent's HTTP front, a hub)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
+            return bool(resp.status == 200)
+    except OSError:  # refused, reset, timed out, or an HTTP error status (HTTPError is one)
+        return False
+
+
 def tool(name: str) -> str:
     """A console script of this installation (beside the running interpreter), else from PATH."""
     beside = Path(sys.executable).with_name(name)

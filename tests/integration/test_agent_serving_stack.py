@@ -25,7 +25,7 @@ import pytest
 
 from edgectl.demo.agent_box import AgentBox
 from edgectl.demo.fleet import Sensor
-from edgectl.demo.procs import Proc, free_port, tool, wait_for
+from edgectl.demo.procs import Proc, free_port, healthy, tool, wait_for
 from edgeglm.protocol import infer_topic
 
 pytestmark = pytest.mark.integration
@@ -90,13 +90,6 @@ def call(
         conn.close()
 
 
-def _answers_http(port: int) -> bool:
-    try:
-        return call(port, "GET", "/healthz")[0] == 200
-    except OSError:
-        return False
-
-
 def _completion(status: int, body: bytes) -> dict[str, Any]:
     """A completion's answer less its id and timestamp; ``usage`` less the prefix cache's share."""
     doc = json.loads(body)
@@ -156,7 +149,7 @@ def test_agent_serve_and_edge_agent_run_serve_through_the_one_stack(
         root = tmp_path / name.replace(" ", "-")
         root.mkdir()
         with start(folder, public, private_broker, root) as served:
-            wait_for(lambda s=served: _answers_http(s.http_port), 120, f"{name}: its HTTP API")
+            wait_for(lambda s=served: healthy(s.http_port), 120, f"{name}: its HTTP API")
             seen[name] = observe(served, private_broker)
             topic = infer_topic(served.device_id)
             assert re.search(

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from edgectl.demo.agent_box import AgentBox
-from edgectl.demo.procs import Proc, free_port, tool
+from edgectl.demo.procs import Proc, free_port, healthy, tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -38,24 +38,13 @@ def _serve_argv(bundle: Path, *extra: str) -> list[str]:
     return [EDGECTL, "-v", "agent", "serve", str(bundle), "--device-id", device, "--broker", "none", *extra]
 
 
-def _healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @contextlib.contextmanager
 def serving(bundle: Path, root: Path, *extra: str) -> Iterator[tuple[Proc, int]]:
     """``edgectl agent serve BUNDLE --http 127.0.0.1:PORT`` (no MQTT) until its /healthz answers."""
     port = free_port()
     argv = _serve_argv(bundle, "--http", f"127.0.0.1:{port}", *extra)
     proc = Proc("edgectl agent serve", argv, root / f"serve-{port}.log")
-    proc.start_until(lambda: _healthy(port), 120, "the agent's HTTP front")
+    proc.start_until(lambda: healthy(port), 120, "the agent's HTTP front")
     try:
         yield proc, port
     finally:
@@ -99,7 +88,7 @@ def test_a_burst_of_300_clients_is_answered_without_resets_or_hangs(tiny_bundle:
     folder, _profile, public = tiny_bundle("fused-int8")
     with serving(folder, tmp_path, "--trust", str(public)) as (_proc, port):
         outcomes = asyncio.run(_burst(port, 300))
-        assert _healthy(port)  # and it carries on
+        assert healthy(port)  # and it carries on
     counts = {o: outcomes.count(o) for o in set(outcomes)}
     assert set(counts) <= {"200", "429", "503"}, counts
     assert counts.get("200", 0) >= 1 and counts.get("503", 0) >= 1, counts  # served some, shed the rest
@@ -133,7 +122,7 @@ def test_a_configured_token_is_required_by_every_route_but_healthz(tiny_bundle: 
         conn.request("GET", "/metrics")
         assert conn.getresponse().status == 401
         conn.close()
-        assert _healthy(port)  # liveness needs no token
+        assert healthy(port)  # liveness needs no token
     assert TOKEN not in proc.log()
 
 
@@ -164,7 +153,7 @@ def test_a_non_loopback_address_is_refused_without_the_explicit_setting(
     port = free_port()
     argv = _serve_argv(folder, "--trust", str(public), "--http", f"0.0.0.0:{port}", "--http-allow-remote")
     proc = Proc("edgectl agent serve", argv, tmp_path / "remote.log")
-    proc.start_until(lambda: _healthy(port), 120, "the agent's HTTP front on 0.0.0.0")
+    proc.start_until(lambda: healthy(port), 120, "the agent's HTTP front on 0.0.0.0")
     assert proc.stop(grace=30) == 0
     assert "reachable beyond this box" in proc.log()
     assert "NEEDS NO TOKEN" in proc.log()
@@ -180,7 +169,7 @@ def test_agent_serve_refuses_an_unsigned_bundle_without_the_explicit_flag(
     )
     assert done.returncode == 2, done.stderr
     assert "Error: --trust: give the release key BUNDLE must be signed with" in done.stderr
-    assert not _healthy(port)
+    assert not healthy(port)
     with serving(folder, tmp_path, "--insecure-unsigned") as (proc, port):
-        assert _healthy(port)
+        assert healthy(port)
     assert "UNSIGNED: its signature and file digests are not checked" in proc.log()
