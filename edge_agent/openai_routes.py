@@ -55,6 +55,30 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 _GRACE_S = 5.0  # the scheduler gives a request up at its deadline; wait this much longer for that
 _KNOBS = ("top_p", "top_k", "repetition_penalty", "seed", "stream")
+# Every body field this front reads; "user" and "stream_options" change no tokens.
+_FIELDS = frozenset(
+    {*_KNOBS, "model", "n", "temperature", "max_tokens", "max_completion_tokens", "stop", "user"}
+    | {"stream_options"}
+)
+_CHAT_FIELDS, _TEXT_FIELDS = _FIELDS | {"messages"}, _FIELDS | {"prompt"}
+# OpenAI fields this front does not implement, taken at the value that means "not used" (clients
+# and SDK wrappers send these defaults); any other value is refused by name, never ignored.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "parallel_tool_calls": (False, True),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "metadata": ({},),
+}
 _SSE = "text/event-stream; charset=utf-8"
 
 # error code -> (HTTP status, OpenAI error type): the one table from domain errors to HTTP
@@ -146,6 +170,10 @@ class OpenAIRoutes:
             raise Refused("model_not_found", f"this agent serves {engine.model!r}, not {model!r}")
         if body.get("n") not in (None, 1):
             raise Refused("bad_request", "field 'n': only 1 choice is supported")
+        known = _CHAT_FIELDS if chat else _TEXT_FIELDS
+        for name, value in body.items():
+            if name not in known and not (name in _NEUTRAL and value in (None, *_NEUTRAL[name])):
+                raise Refused("bad_request", f"field {name[:60]!r}: not supported by this agent")
         data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
         data["temperature"] = 0.0 if body.get("temperature") is None else body["temperature"]
         limit = body.get("max_completion_tokens", body.get("max_tokens"))

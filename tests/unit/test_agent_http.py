@@ -19,6 +19,7 @@ from edge_agent.inference.engine import Engine
 from edge_agent.inference.generation import Generation, GenerationResult
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
+from edge_agent.openai_routes import STATUS
 from edgeglm.protocol import InferRequest
 
 CHAT = [{"role": "user", "content": "The pressure sensor on line three reported"}]
@@ -126,9 +127,11 @@ def test_chat_completion_is_the_engines_greedy_answer(api, engine, direct):
 
 
 def test_openai_spellings_map_onto_the_wire_request(api, direct):
-    """Text parts, ``max_completion_tokens``, explicit nulls and ``n: 1`` as OpenAI clients send them."""
+    """Text parts, ``max_completion_tokens``, explicit nulls and ``n: 1`` as OpenAI clients send them,
+    with the "not used" values of fields this agent does not implement (what SDK wrappers send)."""
     parts = [{"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]
     body = {"messages": parts, "max_completion_tokens": N, "temperature": None, "stop": None, "n": 1}
+    body |= {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "user": "u-1", "tools": None}
     reply = call(api, "POST", "/v1/chat/completions", body)
     assert reply.status == 200, reply.body
     assert reply.json()["choices"][0]["message"]["content"] == direct["chat"].text
@@ -246,6 +249,17 @@ ERRORS = [
         "bad_request",
     ),
     ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "bad_request"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "frequency_penalty": 1.5}', 400, "frequency_penalty"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 3}', 400, "logprobs"),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "mirostat": 2}', 400, "mirostat"),
+    ("POST", "/v1/chat/completions", b'{"messages": [], "tools": [{"type": "function"}]}', 400, "tools"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [], "response_format": {"type": "json_object"}}',
+        400,
+        "response_format",
+    ),
     ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "bad_request"),
     ("POST", "/v1/completions", b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "bad_request"),
     ("GET", "/v1/nothing", None, 404, "not_found"),
@@ -259,6 +273,9 @@ def test_bad_requests_get_openai_shaped_errors(api, method, path, raw, status, c
     reply = call(api, method, path, raw=raw)
     assert reply.status == status, reply.body
     error = reply.json()["error"]
+    if code not in STATUS:  # a field refused by name
+        code, named = "bad_request", code
+        assert repr(named) in error["message"], error
     assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
     assert call(api, "GET", "/healthz").status == 200  # and the server carries on
 
