@@ -13,7 +13,8 @@ The socket is bound when the object is built, so a taken port fails before any m
 :meth:`HttpApi.start` serves it on a thread with its own event loop and returns once uvicorn
 listens, :meth:`HttpApi.stop` ends it (requests still running get ``_SHUTDOWN_S`` to finish).
 Connections idle for ``keep_alive_s`` are closed, a fresh one included (no request within that
-time). The token is compared with :func:`hmac.compare_digest` and never logged. Binding beyond
+time), and so is one whose request has not arrived whole ``request_read_s`` after its first
+byte. The token is compared with :func:`hmac.compare_digest` and never logged. Binding beyond
 loopback is the serving stack's decision (:func:`is_loopback`); this module binds what it is given.
 """
 
@@ -28,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import h11
 import uvicorn
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -48,6 +50,7 @@ DEFAULT_MAX_CONCURRENCY = 64
 _OPEN = frozenset({"/healthz"})  # answered without the token: liveness probes
 _UNGATED = frozenset({"/healthz", "/metrics"})  # cheap, bodiless: not counted against the limit
 _SHUTDOWN_S = 5.0
+REQUEST_READ_S = 15.0  # a request's head and body arrive within this of its first byte
 
 
 def is_loopback(host: str) -> bool:
@@ -104,14 +107,45 @@ class _Guard:
 
 
 class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with the keep-alive timer armed from the connection's start too:
-    a client that connects and sends nothing is closed after ``timeout_keep_alive`` seconds."""
+    """uvicorn's h11 protocol with two deadlines it lacks: the keep-alive timer is armed from the
+    connection's start too (a client that connects and sends nothing is closed after
+    ``timeout_keep_alive`` seconds), and a request must arrive whole (head and body) within
+    ``read_s`` of its first byte, else the connection is closed: a client trickling its headers
+    or its body a byte at a time holds a connection (and a request slot) that long, no longer."""
+
+    read_s: float = REQUEST_READ_S
+    _read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_s, self._read_expired)
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._stop_read_timer()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_expired(self) -> None:
+        self._read_timer = None
+        head_pending = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        if head_pending or self.conn.their_state is h11.SEND_BODY:
+            log.info("closed a connection whose request did not arrive within %.0f s", self.read_s)
+            self.transport.close()
 
 
 class HttpApi:
@@ -137,6 +171,7 @@ class HttpApi:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_connections: int | None = None,
         keep_alive_s: int = 5,
+        request_read_s: float = REQUEST_READ_S,
     ) -> None:
         fixed = (engine, scheduler) if engine is not None and scheduler is not None else None
         self.metrics = metrics
@@ -146,7 +181,7 @@ class HttpApi:
         self._sock = _listen(host, port)
         config = uvicorn.Config(
             self.routes.app([guard]),
-            http=_Protocol,
+            http=type("_Protocol", (_Protocol,), {"read_s": request_read_s}),
             loop="asyncio",
             ws="none",
             lifespan="off",

@@ -461,3 +461,40 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time(eng
             assert idle.recv(1) == b""  # the server closed it; a timeout here raises instead
     finally:
         api.stop()
+
+
+@pytest.mark.parametrize("stalls", ["head", "body"])
+def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_read_deadline(engine, scheduler, metrics, stalls):
+    """A slow sender (slowloris) holds its connection ``request_read_s``, not as long as it likes;
+    the keep-alive timer alone never fires while bytes keep coming."""
+    api = HttpApi(engine, scheduler, metrics, keep_alive_s=1, request_read_s=2).start()
+    try:
+        url = urlsplit(api.url)
+        body = json.dumps({"messages": CHAT, "max_tokens": 2}).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        trickle = head if stalls == "head" else body
+        with socket.create_connection((url.hostname, url.port), timeout=30) as slow:
+            if stalls == "body":
+                slow.sendall(head)
+            started = time.monotonic()
+            closed = False
+            for byte in trickle[:-1]:
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                slow.settimeout(0.3)
+                try:
+                    if slow.recv(1024) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+                if time.monotonic() - started > 20:
+                    break
+            assert closed, "the server kept reading a trickled request"
+        assert call(api, "GET", "/v1/models").status == 200  # and serves on
+    finally:
+        api.stop()
