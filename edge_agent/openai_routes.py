@@ -272,6 +272,9 @@ class OpenAIRoutes:
 
         gen = self.submit(scheduler, prompt, put)
         give_up = time.monotonic() + self.default_timeout_s + _GRACE_S
+        # A stream notices a hang-up when it writes; a whole answer is written only at its end,
+        # so a client that leaves before then cancels its generation through this watcher.
+        watcher = None if wire.stream else asyncio.ensure_future(_cancel_on_disconnect(request, gen))
 
         async def wait() -> tuple[str, Any]:
             try:
@@ -302,8 +305,19 @@ class OpenAIRoutes:
             handed_over = True
             return StreamingResponse(stream, media_type=_SSE, headers={"Cache-Control": "no-cache"})
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not handed_over and not gen.done:  # refused, timed out, or the server stopping
                 gen.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
+    """Cancel ``gen`` when the client hangs up (its body read whole, ``receive`` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    if not gen.done:
+        gen.cancel()
+        log.info("a client left before its answer; cancelled its generation")
 
 
 async def _events(

@@ -406,6 +406,21 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_generation(engine):
         api.stop()
 
 
+def test_a_client_that_hangs_up_before_a_whole_answer_cancels_its_generation(engine):
+    fake = DrippingScheduler(engine)
+    api = HttpApi(engine, fake, Metrics()).start()  # type: ignore[arg-type]
+    try:
+        url = urlsplit(api.url)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 4000}).encode()
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((url.hostname, url.port), timeout=30) as client:
+            client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(0.3)  # the generation runs
+        assert fake.cancelled.wait(10)
+    finally:
+        api.stop()
+
+
 # ---------------------------------------------------------------------------- the front's guards
 TOKEN = "edge-test-token-0123456789abcdef"
 
