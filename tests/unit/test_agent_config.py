@@ -199,3 +199,21 @@ def test_environment_beats_the_file_and_says_so(
     with caplog.at_level(logging.WARNING, logger="edge_agent.config"):
         same = load_config(path, {"EDGE_AGENT_DATA_DIR": str(tmp_path / "from-file")})
     assert same.data_dir == tmp_path / "from-file" and not caplog.records
+
+
+def test_status_of_an_empty_box_names_no_slot_and_creates_nothing(tmp_path: Path, key: Path) -> None:
+    from edge_agent.entry import box_status
+    from edge_agent.update.slots import Slots
+
+    data = tmp_path / "data"
+    path = _write(
+        tmp_path,
+        f'device_id = "b"\nprofile = "cpu-x86-int8"\ntrusted_keys = ["{key}"]\ndata_dir = "{data}"\n',
+    )
+    config = load_config(path, {})
+    empty = {"device_id": "b", "active_slot": None, "slot_a": None, "slot_b": None, "last_update": None}
+    assert box_status(config) == empty
+    assert not data.exists()  # status is read-only: a box never set up stays so
+    Slots(data)  # what the daemon's first start lays out: current -> slots/a, both slots empty
+    assert (data / "current").is_symlink()
+    assert box_status(config) == empty  # an active slot that holds no model serves nothing
