@@ -38,12 +38,15 @@ then requires; ``http_max_concurrency`` requests are served at once, more get 50
 
 An environment variable ``EDGE_AGENT_<KEY>`` sets a top-level key, ``EDGE_AGENT_<SECTION>_<KEY>``
 a key of a section (``EDGE_AGENT_CLOUD_PASSWORD``, ``EDGE_AGENT_UPDATE_BANDWIDTH_BYTES_S``); lists
-are comma-separated. Anything wrong is a :class:`ConfigError` naming the key (exit 78, so systemd
-does not restart a box into the same bad config). Secrets never appear in ``repr``.
+are comma-separated. The environment wins over the file; a variable that replaces a value the file
+sets differently is logged as a warning (the shipped unit sets none). Anything wrong is a
+:class:`ConfigError` naming the key (exit 78, so systemd does not restart a box into the same bad
+config). Secrets never appear in ``repr``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -72,6 +75,7 @@ __all__ = ["DEFAULT_PATH", "AgentConfig", "BrokerConfig", "load_config", "read_t
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
 _ENV = "EDGE_AGENT_"
+log = logging.getLogger(__name__)
 
 
 def _checked(check: Any, value: str) -> str:
@@ -261,9 +265,24 @@ class AgentConfig(_Section):
 _SECTIONS = {"cloud", "local", "serving", "telemetry", "update"}
 
 
-def _env_overrides(doc: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+def _as_env(value: Any) -> str:
+    """A TOML value as its ``EDGE_AGENT_*`` spelling (true, comma-separated lists), to compare."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(_as_env(v) for v in value)
+    return str(value)
+
+
+def _env_overrides(doc: dict[str, Any], env: Mapping[str, str], source: str) -> dict[str, Any]:
+    """``doc`` with the ``EDGE_AGENT_*`` variables applied: the environment wins over the file.
+
+    A variable that replaces a value the file sets differently is logged (a warning naming the
+    variable, the key and both values), so that an operator who edits the file and sees no change
+    is told why; ``data_dir`` is where this bit (a unit's ``Environment=`` line) before.
+    """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    for name, value in env.items():
+    for name, value in sorted(env.items()):
         if not name.startswith(_ENV) or name == "EDGE_AGENT_CONFIG":
             continue
         key = name[len(_ENV) :].lower()
@@ -272,9 +291,14 @@ def _env_overrides(doc: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any
             out.setdefault(section, {})
             if not isinstance(out[section], dict):
                 raise ConfigError(name, f"[{section}] in the config file is not a table")
-            out[section][rest] = value
+            table, field, dotted = out[section], rest, f"{section}.{rest}"
         else:
-            out[key] = value
+            table, field, dotted = out, key, key
+        if field in table and _as_env(table[field]) != value:
+            secret = "password" in field or "token" in field
+            was, now = ("(hidden)", "(hidden)") if secret else (repr(table[field]), repr(value))
+            log.warning("config %s: %s=%s overrides %s from %s", dotted, name, now, was, source)
+        table[field] = value
     return out
 
 
@@ -290,7 +314,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path}", f"is not valid TOML: {exc}") from exc
     try:
-        config = AgentConfig.model_validate(_env_overrides(doc, env))
+        config = AgentConfig.model_validate(_env_overrides(doc, env, str(path or "the defaults")))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"

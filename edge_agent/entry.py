@@ -136,15 +136,24 @@ def active_manifest(data_dir: Path) -> Manifest | None:
 
 
 def box_status(config: AgentConfig) -> dict[str, Any]:
-    """What the box holds: device id, active slot, each slot's model@version, the last update."""
+    """What the box holds: device id, active slot, each slot's model@version, the last update.
+
+    ``active_slot`` is None while the box serves nothing: no slot is active yet (an empty box,
+    whose data folder this leaves untouched) or the active one holds no model.
+    """
     from edge_agent.update.slots import Slots
 
     data = Path(config.data_dir)
-    slots = Slots(data)
-    rows: dict[str, Any] = {"device_id": config.device_id, "active_slot": slots.active_name()}
-    for name in ("a", "b"):
-        m = slots.manifest(name)
-        rows[f"slot_{name}"] = f"{m.model}@{m.version}" if m is not None else None
+    rows: dict[str, Any] = {"device_id": config.device_id, "active_slot": None}
+    if not (data / "current").is_symlink():  # no agent has set this box up: read only, create nothing
+        rows.update(slot_a=None, slot_b=None)
+    else:
+        slots = Slots(data)
+        for name in ("a", "b"):
+            m = slots.manifest(name)
+            rows[f"slot_{name}"] = f"{m.model}@{m.version}" if m is not None else None
+        active = slots.active_name()
+        rows["active_slot"] = active if rows[f"slot_{active}"] is not None else None
     last = last_update(data)
     rows["last_update"] = (
         None

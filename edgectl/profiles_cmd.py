@@ -23,7 +23,7 @@ def profiles() -> None:
 @profiles.command("list")
 @output_option
 def list_profiles(output: str) -> None:
-    """List the shipped profiles (from EDGEGLM_PROFILES_DIR or device_profiles/)."""
+    """List the shipped profiles (from EDGEGLM_PROFILES_DIR or edgeglm/device_profiles/)."""
     found = [load_profile(name).to_dict() for name in shipped_profiles()]
     emit(found, output, _summary_table)
 

@@ -1,9 +1,10 @@
 """Device profiles: what a bundle is built for and how the agent runs it (PRODUCT.md section 3).
 
 A profile is a TOML file with ``schema_version = 1``; every table rejects unknown keys. Shipped
-profiles are ``device_profiles/<name>.toml`` at the repository root; ``EDGEGLM_PROFILES_DIR``
-points elsewhere. :func:`load_profile` takes a shipped name or a path (anything with a ``/`` or
-ending in ``.toml``).
+profiles are package data, ``edgeglm/device_profiles/<name>.toml``, read through
+:mod:`importlib.resources` (so a wheel install has them too); ``EDGEGLM_PROFILES_DIR`` points
+elsewhere. :func:`load_profile` takes a shipped name or a path (anything with a ``/`` or ending in
+``.toml``).
 
 Errors: a file that cannot be read, is not TOML or is not a valid profile raises
 :class:`ConfigError` whose message names the file, the dotted key and the problem, e.g.
@@ -19,6 +20,8 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -41,6 +44,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 PROFILES_DIR_ENV = "EDGEGLM_PROFILES_DIR"
+PROFILES_PACKAGE_DIR = "device_profiles"  # inside the edgeglm package (package data)
 
 Runtime = Literal["onnxruntime", "tensorrt"]
 ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -229,23 +233,33 @@ class DeviceProfile(_Table):
         return self
 
 
-def profiles_dir() -> Path:
-    """Folder of the shipped profiles: ``$EDGEGLM_PROFILES_DIR`` or ``device_profiles/``."""
+def profiles_dir() -> Traversable:
+    """Folder of the shipped profiles: ``$EDGEGLM_PROFILES_DIR``, else the package data folder.
+
+    A :class:`~importlib.resources.abc.Traversable` (a :class:`~pathlib.Path` when the package is
+    installed as files, as wheels and editable installs are): join and read it, do not glob it.
+    """
     override = os.environ.get(PROFILES_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "device_profiles"
+    return files("edgeglm").joinpath(PROFILES_PACKAGE_DIR)
 
 
 def shipped_profiles() -> list[str]:
     """Sorted names of the shipped profiles (empty if the folder is missing)."""
     folder = profiles_dir()
-    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry.name.removesuffix(".toml")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".toml") and entry.is_file()
+    )
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """Load a shipped profile by name, or a profile file by path."""
-    path = _locate(name_or_path)
+    path, shipped_name = _locate(name_or_path)
     source = f"device profile {path}"
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -258,8 +272,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, f"invalid TOML: {exc}", path=path) from exc
     profile = DeviceProfile.from_dict(data, source=source)
-    if path.resolve().parent == profiles_dir().resolve() and profile.name != path.stem:
-        raise ConfigError(source, f"name: must match the file name {path.stem!r} (got {profile.name!r})")
+    if shipped_name is not None and profile.name != shipped_name:
+        raise ConfigError(source, f"name: must match the file name {shipped_name!r} (got {profile.name!r})")
     return profile
 
 
@@ -273,9 +287,14 @@ def is_profile_path(name_or_path: str | Path) -> bool:
     )
 
 
-def _locate(name_or_path: str | Path) -> Path:
+def _locate(name_or_path: str | Path) -> tuple[Traversable, str | None]:
+    """The file to read, and the profile name it must hold when it is a shipped one (else None)."""
     if is_profile_path(name_or_path):
-        return Path(name_or_path).expanduser()
+        path = Path(name_or_path).expanduser()
+        folder = profiles_dir()
+        # A shipped file named by its path is still a shipped profile: its name must match too.
+        in_folder = isinstance(folder, Path) and path.resolve().parent == folder.resolve()
+        return path, path.stem if in_folder else None
     value = str(name_or_path)
     if value not in shipped_profiles():
         shipped = ", ".join(shipped_profiles()) or "none"
@@ -285,7 +304,7 @@ def _locate(name_or_path: str | Path) -> Path:
             hint=f"Shipped profiles: {shipped}. Or give the path to a .toml file.",
             name=value,
         )
-    return profiles_dir() / f"{value}.toml"
+    return profiles_dir().joinpath(f"{value}.toml"), value
 
 
 _TYPES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,55 @@ def test_http_settings_token_file_is_read_checked_and_never_shown(tmp_path: Path
     bad = _write(tmp_path, head + "[serving]\nhttp_max_concurrency = 0\n")
     with pytest.raises(ConfigError, match=r"serving\.http_max_concurrency"):
         load_config(bad, {})
+
+
+def test_environment_beats_the_file_and_says_so(
+    tmp_path: Path, key: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data_dir from an EDGE_AGENT_* variable wins over agent.toml, and a warning names both values."""
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n")
+    path = _write(
+        tmp_path,
+        f'device_id = "b"\nprofile = "cpu-x86-int4"\ntrusted_keys = ["{key}"]\n'
+        f'data_dir = "{tmp_path / "from-file"}"\n[cloud]\nusername = "b"\npassword = "file-secret"\n',
+    )
+    env = {
+        "EDGE_AGENT_DATA_DIR": str(tmp_path / "from-env"),
+        "EDGE_AGENT_CLOUD_PASSWORD": "env-secret",
+        "EDGE_AGENT_TRUSTED_KEYS": str(key),  # the same value as the file's list: no warning
+    }
+    with caplog.at_level(logging.WARNING, logger="edge_agent.config"):
+        c = load_config(path, env)
+    assert c.data_dir == tmp_path / "from-env"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    data_line = next(w for w in warnings if w.startswith("config data_dir:"))
+    assert data_line == (
+        f"config data_dir: EDGE_AGENT_DATA_DIR={str(tmp_path / 'from-env')!r} overrides "
+        f"{str(tmp_path / 'from-file')!r} from {path}"
+    )
+    pw_line = next(w for w in warnings if w.startswith("config cloud.password:"))
+    assert "(hidden)" in pw_line and "secret" not in pw_line.replace("EDGE_AGENT_CLOUD_PASSWORD", "")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edge_agent.config"):
+        same = load_config(path, {"EDGE_AGENT_DATA_DIR": str(tmp_path / "from-file")})
+    assert same.data_dir == tmp_path / "from-file" and not caplog.records
+
+
+def test_status_of_an_empty_box_names_no_slot_and_creates_nothing(tmp_path: Path, key: Path) -> None:
+    from edge_agent.entry import box_status
+    from edge_agent.update.slots import Slots
+
+    data = tmp_path / "data"
+    path = _write(
+        tmp_path,
+        f'device_id = "b"\nprofile = "cpu-x86-int8"\ntrusted_keys = ["{key}"]\ndata_dir = "{data}"\n',
+    )
+    config = load_config(path, {})
+    empty = {"device_id": "b", "active_slot": None, "slot_a": None, "slot_b": None, "last_update": None}
+    assert box_status(config) == empty
+    assert not data.exists()  # status is read-only: a box never set up stays so
+    Slots(data)  # what the daemon's first start lays out: current -> slots/a, both slots empty
+    assert (data / "current").is_symlink()
+    assert box_status(config) == empty  # an active slot that holds no model serves nothing

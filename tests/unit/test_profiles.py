@@ -131,12 +131,36 @@ def _write(tmp_path: Path, data: dict[str, Any] | str, name: str = "bad.toml") -
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_profile_loads_and_matches_its_file(name: str) -> None:
     profile = load_profile(name)
-    assert profile.name == name == (profiles_dir() / f"{name}.toml").stem
+    assert profile.name == name and profiles_dir().joinpath(f"{name}.toml").is_file()
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
 
 
 def test_shipped_profiles_lists_the_six() -> None:
     assert shipped_profiles() == SHIPPED
+
+
+def test_shipped_profiles_are_package_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """They are read through importlib.resources from inside the package, not from a checkout's
+    root (tests/integration/test_wheel_install.py checks an installed wheel)."""
+    from importlib.resources import files
+
+    monkeypatch.delenv("EDGEGLM_PROFILES_DIR", raising=False)
+    assert profiles_dir() == files("edgeglm").joinpath("device_profiles")
+    assert not (Path(__file__).resolve().parents[2] / "device_profiles").exists()
+    monkeypatch.chdir(tmp_path)  # nothing depends on the working directory
+    assert shipped_profiles() == SHIPPED and load_profile("cpu-x86-int8").name == "cpu-x86-int8"
+
+
+def test_a_shipped_file_named_by_its_path_must_match_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEGLM_PROFILES_DIR", str(tmp_path))
+    path = _write(tmp_path, CPU, "other.toml")
+    with pytest.raises(ConfigError, match=r"other\.toml: name: must match the file name 'other'"):
+        load_profile(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert load_profile(_write(elsewhere, CPU, "other.toml")).name == "test-cpu"  # not shipped: any name
 
 
 def test_shipped_tensorrt_profiles_use_standard_graph() -> None:

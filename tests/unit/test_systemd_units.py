@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.config import AgentConfig
+
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 HARDENING = [
     "NoNewPrivileges=yes",
@@ -77,13 +79,16 @@ def test_agent_unit_notifies_restarts_and_keeps_its_state() -> None:
         "RestartPreventExitStatus": "78",  # EX_CONFIG: a bad config must not restart in a loop
         "ReadWritePaths": "/var/lib/edge-agent",
         "StateDirectory": "edge-agent",
-        "Environment": "EDGE_AGENT_DATA_DIR=/var/lib/edge-agent",
         "EnvironmentFile": "-/etc/edge-agent/agent.env",
         "User": "edge-agent",
         "ExecStart": "/opt/edgeglm/bin/edge-agent run --config /etc/edge-agent/agent.toml",
     }
     for key, value in expected.items():
         assert svc.get(key) == [value], f"{key}={svc.get(key)}"
+    # data_dir comes from agent.toml alone: no EDGE_AGENT_* setting in the unit overrides it (the
+    # environment wins over the file), and the config's default is the unit's writable state dir
+    assert not any(v.startswith("EDGE_AGENT_") for v in svc.get("Environment", [])), svc["Environment"]
+    assert AgentConfig.model_fields["data_dir"].default == Path("/var/lib/edge-agent")
     # the watchdog is on, and the start timeout leaves room to load a model
     (watchdog,) = svc["WatchdogSec"]
     assert int(watchdog.removesuffix("s")) > 0
