@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -528,9 +529,13 @@ def test_an_idle_wave_waits_for_traffic_and_never_passes_or_pauses(fleet_factory
     assert _paused_count(fleet, rid) == 0
 
 
-def test_resuming_a_pause_for_a_missing_baseline_does_not_pause_again(fleet_factory: Any) -> None:
+def test_resuming_a_pause_for_a_missing_baseline_does_not_pause_again(
+    fleet_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """The boxes left on 1.0.0 serve nothing, so p95_ratio has no baseline: the wave pauses once;
-    the operator's resume waives the ratio (the other gates still judge) and it completes."""
+    the operator's resume waives the ratio (the other gates still judge) and it completes. Each
+    state change is one INFO line of the hub's."""
+    caplog.set_level(logging.INFO, logger="cloud_hub")
     idle_old = {f"box-{i:02d}": {"1.0.0": Behaviour(idle=True)} for i in range(3)}
     fleet = fleet_factory(idle_old, n=3)
     rid = fleet.deploy(
@@ -545,3 +550,13 @@ def test_resuming_a_pause_for_a_missing_baseline_does_not_pause_again(fleet_fact
     assert done["state"] == "completed", done
     assert _paused_count(fleet, rid) == 1 and "waived" in done["baseline"]
     assert "rollout.gate.waive" in _audit_actions(fleet, rid)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    for expected in (
+        f"rollout {rid} created by ops: glm-tiny@1.1.0 to 3 device(s)",
+        f"rollout {rid} paused: wave 0 inconclusive: no baseline latency",
+        f"rollout {rid} paused -> running: resumed by ops",
+        f"rollout {rid}: p95_ratio waived by ops",
+        f"rollout {rid} advanced to wave 1 of 2",
+        f"rollout {rid} completed: every wave passed",
+    ):
+        assert sum(line.startswith(expected) for line in lines) == 1, (expected, lines)
