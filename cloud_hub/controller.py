@@ -11,9 +11,11 @@ step returns a :class:`~edgeglm.lifecycle.WaveEvent` or nothing, and the wave mo
                succeeds); failures over ``max_failure_ratio``, or successes under
                ``success_threshold`` once all are settled -> failure; else soak
     soaking    health gates on the updated devices' heartbeats since their update, against the
-               baseline (captured now if no old-version device had reported at the start):
+               baseline (captured now if no old-version device had served at the start):
                a breach -> failure at once; at soak end pass -> next wave (or completed);
-               inconclusive -> wait one more soak, then pause (never pass)
+               idle (fewer than ``min_requests`` served) -> wait for traffic, saying so in
+               the rollout's reason, never pause; inconclusive -> wait one more soak, then
+               pause (never pass); a resume waives a missing baseline from then on
     failure    on_failure=revert: desired state back to the previous version for exactly the
                devices this rollout moved (rollout ``reverted``); pause: rollout ``paused``
 
@@ -29,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -71,6 +73,19 @@ class _Move:
 
     event: WaveEvent
     why: str = ""
+
+
+def _waiting_prefix(wave: RolloutWave) -> str:
+    return f"wave {wave.index} waiting"
+
+
+def _baseline(r: Rollout, wave: RolloutWave) -> dict[str, Any]:
+    """The old version's latency for ``wave``: its own, else the latest taken; {} if none."""
+    for key in (str(wave.index), "latest"):
+        base = r.baseline.get(key) or {}
+        if base.get("p95_ms"):
+            return dict(base)
+    return {}
 
 
 # a wave state's step (see Controller._STEPS): controller, session, rollout, its current wave, the
@@ -210,8 +225,11 @@ class Controller:
                 self._finish(s, r, RolloutEvent.HOLD, move.why)
         elif move.event is WaveEvent.PASS:
             wave.finished_at = now
+            if r.reason.startswith(_waiting_prefix(wave)):
+                r.reason = ""  # the wave got its traffic
             if wave.index + 1 < len(r.wave_rows):
                 r.current_wave, r.updated_at = wave.index + 1, now
+                log.info("rollout %s advanced to wave %s of %s", r.id, r.current_wave, len(r.wave_rows))
             else:
                 self._finish(s, r, RolloutEvent.COMPLETE, "every wave passed")
 
@@ -312,11 +330,13 @@ class Controller:
             if matches(d, r.selector)
             and d.id not in moving
             and d.health
-            and not (d.current_model == model and d.current_version == version)
+            and d.current_model == model
+            and d.current_version != version
         ]
         base = baseline_of(old)
         if base:
             r.baseline = {**r.baseline, str(wave.index): base, "latest": base}
+            log.info("rollout %s wave %s baseline: %s", r.id, wave.index, base)
 
     def _verdict(self, s: Session, r: Rollout, wave: RolloutWave, now: datetime) -> Verdict:
         """The gates on the health updated devices reported from the new version since their update."""
@@ -339,14 +359,20 @@ class Controller:
             health = device.health if device is not None else None
             if health and health.get("version") == dep.to_version and float(health.get("ts", 0)) >= since:
                 updated.append(dict(health))
-        if not r.baseline:
-            # No old-version device had reported health when the first wave started (a rollout
-            # started right after the fleet came up): the ones still on it have reported by now.
+        if any(g.metric == "p95_ratio" for g in gates) and not _baseline(r, wave):
+            # No old-version device had served when the wave started (a rollout started right
+            # after the fleet came up, or an idle one): the ones still on it may have by now.
             release = s.get(Release, r.release_id)
             assert release is not None
             self._capture_baseline(s, r, wave, release.model.name, release.version)
-        baseline = r.baseline.get(str(wave.index)) or r.baseline.get("latest") or {}
-        return evaluate(gates, updated, baseline, max(1, min(r.min_samples, len(succeeded))))
+        return evaluate(
+            gates,
+            updated,
+            _baseline(r, wave),
+            max(1, min(r.min_samples, len(succeeded))),
+            r.min_requests,
+            waived=str(r.baseline.get("waived", "")),
+        )
 
     def _soak(
         self,
@@ -368,9 +394,24 @@ class Controller:
         if verdict.state == "pass":
             self._event(s, r, "wave.pass", f"wave {wave.index}: {verdict.detail}")
             return _Move(WaveEvent.PASS)
+        if verdict.state == "idle":  # no traffic yet: wait for it as long as it takes, never pause
+            self._waiting(s, r, wave, verdict.detail)
+            return None
         if now >= wave.soak_until + timedelta(seconds=r.soak_s):  # waited one more soak
+            if verdict.lacks == "baseline":  # a resume waives it (rollouts.resume)
+                r.baseline = {**r.baseline, "missing": f"wave {wave.index}: {verdict.detail}"}
             self._finish(s, r, RolloutEvent.HOLD, f"wave {wave.index} inconclusive: {verdict.detail}")
         return None
+
+    def _waiting(self, s: Session, r: Rollout, wave: RolloutWave, detail: str) -> None:
+        """Say in the rollout's reason why the wave waits; audit and log when the wait begins."""
+        text = f"{_waiting_prefix(wave)} {detail.removeprefix('waiting ')}"
+        if r.reason == text:
+            return
+        begins = not r.reason.startswith(_waiting_prefix(wave))
+        r.reason = text
+        if begins:
+            self._event(s, r, "wave.wait", text)
 
     _STEPS: ClassVar[Mapping[WaveState, Step]] = {
         WaveState.PENDING: _start_wave,

@@ -3,11 +3,13 @@
 Devices appear by their retained ``status`` message (registration); heartbeats update health and
 ``last_seen`` in batches (see ``cloud_hub.ingest``); a device is offline by its last will or when
 no heartbeat came within the timeout. Operators label devices (the fleet selector of a rollout
-matches labels) and pin them to a version (rollouts skip pinned devices).
+matches labels) and pin them to a version (rollouts skip pinned devices): a version the registry
+holds for the model the device runs (or is told to run; for a box that runs none, of any model).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -15,12 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub import audit
-from cloud_hub.models import Device
+from cloud_hub.models import Device, Model, Release
 from edgeglm.contracts import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 from edgeglm.errors import NotFoundError, UsageError
 from edgeglm.hub_api import DeviceView
 
 __all__ = ["Inventory", "device_view", "devices_by_id", "parse_selector"]
+
+log = logging.getLogger(__name__)
 
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
@@ -103,16 +107,37 @@ class Inventory:
 
         semver_key(version)
         d = self.get(device_id)
+        self._check_published(d, version)
         before = d.pinned_version
         d.pinned_version = version
         audit.record(self.s, actor, "device.pin", f"device/{d.id}", {"pinned": before}, {"pinned": version})
+        log.info("device %s pinned to %s by %s (was %s)", d.id, version, actor, before)
         return d
+
+    def _check_published(self, d: Device, version: str) -> None:
+        """NotFoundError unless the registry holds ``version`` of the device's model."""
+        from cloud_hub.registry import semver_key
+
+        model = d.current_model or d.desired_model
+        q = select(Model.name, Release.version).join(Release.model)
+        rows = list(self.s.execute(q.where(Model.name == model) if model else q))
+        if any(v == version for _, v in rows):
+            return
+        what = f"release {model}@{version}" if model else f"version {version}"
+        known = sorted({v for _, v in rows}, key=semver_key)
+        where = f"of {model}" if model else "(device " + d.id + " runs no model yet)"
+        raise NotFoundError(
+            what,
+            "is not in the registry" + ("" if model else " for any model"),
+            hint=f"Published versions {where}: {', '.join(known)}." if known else "Nothing is published yet.",
+        )
 
     def unpin(self, device_id: str, actor: str) -> Device:
         d = self.get(device_id)
         before = d.pinned_version
         d.pinned_version = None
         audit.record(self.s, actor, "device.unpin", f"device/{d.id}", {"pinned": before}, {"pinned": None})
+        log.info("device %s unpinned by %s (was %s)", d.id, actor, before)
         return d
 
     def label(self, device_id: str, set_: Mapping[str, str], remove: Iterable[str], actor: str) -> Device:

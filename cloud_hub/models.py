@@ -214,6 +214,7 @@ class Rollout(Base):
     on_failure: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), index=True)  # edgeglm.lifecycle.RolloutState
     min_samples: Mapped[int] = mapped_column(Integer)
+    min_requests: Mapped[int] = mapped_column(Integer, default=1)  # served before a gate is judged
     baseline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # health of the old version, per wave
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")

@@ -14,6 +14,10 @@ a count of devices), so a dry run shows exactly the waves the rollout will run. 
 part in one active rollout at a time; the database enforces it with a partial unique index.
 Dry runs, rollouts and rollbacks are answered as the API's views (:mod:`edgeglm.hub_api`).
 
+A ``p95_ratio`` gate needs a baseline: devices the selector matches that run the model on another
+version and are not in the first wave. Where there is none (a first deploy, a one-box fleet) the
+gate could never be judged, so the dry run and the deploy refuse it and name ``p95_ms`` instead.
+
 A bundle that failed its quality gate (an admin published it with --force) is deployed only by an
 admin who says ``force`` again: an operator is refused (403), an admin without it too (409); the
 dry run names such bundles, and the rollout's audit row records ``forced``.
@@ -22,6 +26,7 @@ dry run names such bundles, and the rollout's audit row records ``forced``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,12 +42,23 @@ from cloud_hub.auth import Principal, Role
 from cloud_hub.desired import FleetKey
 from cloud_hub.gates import parse_gate
 from cloud_hub.inventory import devices_by_id, matches, parse_selector
-from cloud_hub.models import Bundle, Device, DeviceDeployment, Model, Release, Rollout, RolloutWave, utcnow
+from cloud_hub.models import (
+    AuditEntry,
+    Bundle,
+    Device,
+    DeviceDeployment,
+    Model,
+    Release,
+    Rollout,
+    RolloutWave,
+    utcnow,
+)
 from cloud_hub.registry import Registry
 from edgeglm.bundle import Manifest, parse_manifest
 from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError, PermissionDenied, UsageError
 from edgeglm.hub_api import (
+    AuditView,
     DeploymentView,
     DryRunView,
     PlannedDevice,
@@ -83,6 +99,8 @@ __all__ = [
     "rollout_detail",
     "rollout_view",
 ]
+
+log = logging.getLogger(__name__)
 
 _NOT_MOVED = frozenset({DeploymentState.WAITING, DeploymentState.SKIPPED, DeploymentState.REVERTED})
 _WAVE = re.compile(r"^(\d+(?:\.\d+)?)(%?|n)$")
@@ -152,6 +170,7 @@ class RolloutPlan:
     skipped: dict[str, list[str]]  # reason -> device ids
     bundles: dict[str, Bundle]  # profile -> bundle of the release
     conflicts: dict[str, int]  # device id -> other active rollout id
+    on_other_version: list[str]  # matching devices running the model on another version
 
 
 def _order_key(release: Release, device_id: str) -> str:
@@ -164,9 +183,12 @@ def _plan(s: Session, spec: DeploySpec) -> RolloutPlan:
     bundles = {b.profile: b for b in release.bundles}
     skipped: dict[str, list[str]] = {"pinned": [], "no bundle for profile": [], "already on target": []}
     chosen: list[Device] = []
+    other: list[str] = []
     for d in s.scalars(select(Device).order_by(Device.id)):
         if not matches(d, spec.selector):
             continue
+        if d.current_model == spec.model and d.current_version != spec.version:
+            other.append(d.id)
         if d.pinned_version:
             skipped["pinned"].append(d.id)
         elif d.profile not in bundles:
@@ -185,9 +207,36 @@ def _plan(s: Session, spec: DeploySpec) -> RolloutPlan:
         )
     }
     previous = _previous_release(s, release)
-    return RolloutPlan(
-        release, previous, chosen, wave_targets(spec.waves, len(chosen)), skipped, bundles, conflicts
+    plan = RolloutPlan(
+        release, previous, chosen, wave_targets(spec.waves, len(chosen)), skipped, bundles, conflicts, other
     )
+    _check_ratio_gates(spec, plan)
+    return plan
+
+
+def _check_ratio_gates(spec: DeploySpec, p: RolloutPlan) -> None:
+    """Refuse a ``p95_ratio`` gate that could never be judged: no device outside the first wave
+    runs the model on another version, so no wave would ever have a baseline to compare with."""
+    ratio = [g for g in spec.params.gates if parse_gate(g).metric == "p95_ratio"]
+    if not ratio or not p.devices:
+        return
+    first = {d.id for d in p.devices[: p.targets[0]]}
+    if any(d not in first for d in p.on_other_version):
+        return
+    why = (
+        f"no device outside the first wave runs {spec.model} on another version to give it a"
+        " baseline ("
+        + (
+            "a first deploy: none runs it yet"
+            if not p.on_other_version
+            else f"all {len(p.on_other_version)} that do are in the first wave"
+        )
+        + "), so it could never pass"
+    )
+    hint = "Gate on absolute latency instead, e.g. --gate 'p95_ms<=250' (see --gate-min-requests)"
+    if len(p.on_other_version) > 1:
+        hint += ", or start with a smaller first wave (--waves 1n,100)"
+    raise ConflictError(f"gate {ratio[0]}", why, hint=hint + ".")
 
 
 def _failed_quality(p: RolloutPlan) -> list[str]:
@@ -336,10 +385,22 @@ def create(s: Session, spec: DeploySpec, who: Principal, *, force: bool = False)
             "devices": len(p.devices),
             "waves": p.targets,
             "gates": list(spec.params.gates),
+            "min_requests": spec.params.min_requests,
             "on_failure": spec.params.on_failure.value,
             "forced": bool(failed),
             **({"quality_failed": failed} if failed else {}),
         },
+    )
+    log.info(
+        "rollout %s created by %s: %s@%s to %d device(s) in waves %s, gates %s, on failure %s",
+        rollout.id,
+        actor,
+        spec.model,
+        spec.version,
+        len(p.devices),
+        p.targets,
+        list(spec.params.gates) or "none",
+        spec.params.on_failure.value,
     )
     return rollout
 
@@ -379,6 +440,7 @@ def _transition(s: Session, rollout_id: int, event: RolloutEvent, actor: str, wh
     audit.record(
         s, actor, f"rollout.{to}", f"rollout/{r.id}", {"state": before}, {"state": to, "reason": why}
     )
+    log.info("rollout %s %s -> %s: %s", r.id, before, to, why)
     return r
 
 
@@ -387,10 +449,23 @@ def pause(s: Session, rollout_id: int, actor: str) -> Rollout:
 
 
 def resume(s: Session, rollout_id: int, actor: str) -> Rollout:
+    """Running again; the current wave soaks again. A rollout the controller paused for want of a
+    baseline goes on without its ``p95_ratio`` while there is none (waived by ``actor``; the other
+    gates still judge every wave), so it does not pause again for the same missing baseline."""
     r = _transition(s, rollout_id, RolloutEvent.RESUME, actor, f"resumed by {actor}")
     wave = next((w for w in r.wave_rows if w.index == r.current_wave), None)
     if wave is not None and wave.state == WaveState.SOAKING:
         wave.soak_until = None  # soak again from now: the pause may have hidden a breach
+    if "missing" in r.baseline:
+        baseline = dict(r.baseline)
+        missing = baseline.pop("missing")
+        waived = f"waived by {actor} at {r.updated_at.isoformat(timespec='seconds')}"
+        r.baseline = {**baseline, "waived": waived}
+        r.reason = f"resumed by {actor}: p95_ratio is left out while no baseline exists ({missing})"
+        audit.record(
+            s, actor, "rollout.gate.waive", f"rollout/{r.id}", after={"gate": "p95_ratio", "why": missing}
+        )
+        log.info("rollout %s: p95_ratio waived by %s: %s", r.id, actor, missing)
     return r
 
 
@@ -435,6 +510,8 @@ def revert_devices(
         publish_desired(s, device, model, dep.from_version, None, publish, digests, fleet=fleet)
         dep.state, dep.active, dep.updated_at = DeploymentState.REVERTED, False, utcnow()
         reverted.append(dep.device_id)
+        back = f"{model}@{dep.from_version}" if dep.from_version else "no model"
+        log.info("rollout %s: device %s sent back to %s", rollout.id, dep.device_id, back)
     release_devices(s, rollout)
     return reverted
 
@@ -447,7 +524,13 @@ def rollback(
     publish: Publish | None,
     fleet: FleetKey | None,
 ) -> RollbackView:
-    """The latest rollout of ``model``: its moved devices (matching ``selector``) go back."""
+    """The latest rollout of ``model``: its moved devices (matching ``selector``) go back.
+
+    Nothing left to send back (the hub reverted it already, or it moved no device and has ended):
+    the answer says so and why, the rollout keeps its state and reason, and the audit log gets the
+    attempt. Moved devices of which none matches ``selector``: a ConflictError. Otherwise the
+    rollout is ``rolled_back`` and its reason says so after the one it had.
+    """
     r = s.scalar(
         select(Rollout)
         .join(Release, Rollout.release_id == Release.id)
@@ -457,21 +540,43 @@ def rollback(
     )
     if r is None:
         raise NotFoundError(f"model {model}", "has no rollout to roll back")
+    target = f"rollout/{r.id}"
+    moved = [
+        dep.device_id
+        for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id))
+        if dep.state not in _NOT_MOVED
+    ]
+    if not moved and r.state not in ACTIVE_ROLLOUT:
+        at = r.updated_at.isoformat(timespec="seconds")
+        nothing = f"it was already {r.state} at {at}"
+        nothing += f" because {r.reason}" if r.reason else ""
+        audit.record(
+            s, actor, "rollout.rollback", target, {"state": r.state}, {"state": r.state, "nothing": nothing}
+        )
+        log.info("rollback of %s by %s: nothing to send back: %s", model, actor, nothing)
+        return RollbackView(rollout=r.id, reverted=[], state=RolloutState(r.state), nothing=nothing)
     devices = [d.id for d in s.scalars(select(Device)) if matches(d, selector)]
-    before = r.state
+    if moved and not set(moved) & set(devices):
+        raise ConflictError(
+            f"rollback of rollout {r.id}",
+            f"none of the {len(moved)} device(s) it moved matches the selector {dict(selector)}",
+            hint="Leave out --fleet to send them all back, or check it with edgectl devices list --fleet.",
+        )
+    before, reason = r.state, r.reason
     reverted = revert_devices(s, r, publish, fleet=fleet, only=devices)
-    if reverted or r.state in ACTIVE_ROLLOUT:
-        r.state = next_rollout_state(r.state, RolloutEvent.ROLLBACK)
-    r.reason, r.updated_at = f"rolled back by {actor}", utcnow()
+    r.state = next_rollout_state(r.state, RolloutEvent.ROLLBACK)
+    r.reason = f"{reason}; then rolled back by {actor}" if reason else f"rolled back by {actor}"
+    r.updated_at = utcnow()
     audit.record(
         s,
         actor,
         "rollout.rollback",
-        f"rollout/{r.id}",
-        {"state": before},
+        target,
+        {"state": before, "reason": reason},
         {"state": r.state, "devices": reverted, "selector": dict(selector)},
     )
-    return RollbackView(rollout=r.id, reverted=reverted)
+    log.info("rollout %s %s -> %s: %d device(s) sent back by %s", r.id, before, r.state, len(reverted), actor)
+    return RollbackView(rollout=r.id, reverted=reverted, state=RolloutState(r.state))
 
 
 def rollout_view(s: Session, r: Rollout) -> RolloutView:
@@ -498,6 +603,7 @@ def rollout_view(s: Session, r: Rollout) -> RolloutView:
         devices=counts,
         selector=r.selector,
         gates=r.gates,
+        min_requests=r.min_requests,
         on_failure=OnFailure(r.on_failure),
         created_by=r.created_by,
         created_at=r.created_at,
@@ -525,4 +631,10 @@ def rollout_detail(s: Session, r: Rollout) -> RolloutDetail:
         )
         for d in rows
     ]
-    return RolloutDetail(**dict(rollout_view(s, r)), deployments=deployments)
+    history = [
+        AuditView.model_validate(e, from_attributes=True)
+        for e in s.scalars(
+            select(AuditEntry).where(AuditEntry.target == f"rollout/{r.id}").order_by(AuditEntry.id)
+        )
+    ]
+    return RolloutDetail(**dict(rollout_view(s, r)), deployments=deployments, history=history)

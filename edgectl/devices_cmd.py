@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
+from edgeglm.contracts import version_problem
 from edgeglm.hub_api import API_PREFIX, AuditView, DeviceView
+
+
+class Version(click.ParamType):
+    """A semantic version, e.g. ``1.1.0``."""
+
+    name = "version"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        if (problem := version_problem(str(value))) is not None:
+            self.fail(problem, param, ctx)
+        return str(value)
 
 
 def _labels(d: DeviceView) -> str:
@@ -68,11 +82,12 @@ def devices_show(device_id: str, hub_url: str, token: str | None, output: str) -
 
 @devices.command("pin")
 @click.argument("device_id")
-@click.argument("version")
+@click.argument("version", type=Version())
 @hub_options
 @output_option
 def devices_pin(device_id: str, version: str, hub_url: str, token: str | None, output: str) -> None:
-    """Keep DEVICE_ID on VERSION: rollouts skip it until it is unpinned."""
+    """Keep DEVICE_ID on VERSION: rollouts skip it until it is unpinned. VERSION must be published
+    for the model the device runs (the hub lists those that are when it is not)."""
     d = client_from(hub_url, token).call(
         "PUT", f"{API_PREFIX}/devices/{device_id}/pin", DeviceView, json_body={"version": version}
     )

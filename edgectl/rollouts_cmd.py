@@ -1,4 +1,10 @@
-"""``edgectl deploy``, ``edgectl rollouts ...`` and ``edgectl rollback``, through the hub's API."""
+"""``edgectl deploy``, ``edgectl rollouts ...`` and ``edgectl rollback``, through the hub's API.
+
+``rollouts status N --watch`` ends as ``kubectl rollout status`` does: exit 0 once the rollout
+completed, exit 1 (the state and reason on stderr) once it reverted, aborted, failed or was rolled
+back; a paused rollout is waited on (``-o json`` stops there, exit 1). ``rollback`` when there is
+nothing left to send back (the hub reverted it already) says so, with when and why, and exits 0.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ import click
 
 from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
-from edgeglm.contracts import ROLLOUT_ID_MAX
-from edgeglm.errors import UsageError
+from edgeglm.contracts import ROLLOUT_ID_MAX, name_problem, version_problem
+from edgeglm.errors import EdgeError, UsageError
 from edgeglm.hub_api import API_PREFIX, DryRunView, RollbackView, RolloutDetail, RolloutView
 from edgeglm.lifecycle import FINAL_ROLLOUT, RolloutState
 from edgeglm.rollout_params import DEFAULTS, OnFailure
@@ -60,6 +66,20 @@ class Ratio(click.ParamType):
         return v
 
 
+class ReleaseRef(click.ParamType):
+    """``MODEL@VERSION``, e.g. ``glm-tiny@1.1.0``."""
+
+    name = "release"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        text = str(value)
+        model, at, version = text.rpartition("@")
+        problem = "no @VERSION" if not at else name_problem(model) or version_problem(version)
+        if problem:
+            self.fail(f"{text[:80]!r}: write MODEL@VERSION, e.g. glm-tiny@1.1.0 ({problem})", param, ctx)
+        return text
+
+
 def _selector(fleet: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for pair in fleet:
@@ -78,8 +98,17 @@ def _rollout_table(r: RolloutView) -> str:
         f"waves    {waves}",
         f"devices  {devices}",
     ]
+    if r.gates:
+        lines.append(f"gates    {', '.join(r.gates)} (after {r.min_requests} request(s) per wave)")
     if r.reason:
         lines.append(f"reason   {r.reason}")
+    if isinstance(r, RolloutDetail) and r.history:
+        lines.append("history")
+        for e in r.history:
+            after = e.after or {}
+            note = after.get("reason") or after.get("detail") or after.get("nothing") or ""
+            at = e.at.isoformat(timespec="seconds")
+            lines.append(f"  {at}  {e.actor:<12} {e.action:<20} {note}".rstrip())
     return "\n".join(lines)
 
 
@@ -101,7 +130,7 @@ def _dry_run_table(d: DryRunView) -> str:
 
 
 @click.command("deploy")
-@click.argument("release", metavar="MODEL@VERSION")
+@click.argument("release", metavar="MODEL@VERSION", type=ReleaseRef())
 @click.option(
     "--fleet", multiple=True, metavar="KEY=VALUE", help="Label selector (repeatable; all must match)."
 )
@@ -129,7 +158,19 @@ def _dry_run_table(d: DryRunView) -> str:
     "--success-threshold", type=Ratio(), default=f"{DEFAULTS.success_threshold * 100:g}%", show_default=True
 )
 @click.option(
-    "--gate", "gates", multiple=True, help="p95_ratio<=1.2, error_rate<=0.02, smoke_agreement>=0.9."
+    "--gate",
+    "gates",
+    multiple=True,
+    help="p95_ms<=250, error_rate<=0.02, smoke_agreement>=0.9, or p95_ratio<=1.2 against devices"
+    " still on the old version (refused where there are none, e.g. a first deploy).",
+)
+@click.option(
+    "--gate-min-requests",
+    "min_requests",
+    type=click.IntRange(1),
+    default=DEFAULTS.min_requests,
+    show_default=True,
+    help="Requests a wave's updated devices must serve before a gate is judged (an idle wave waits).",
 )
 @click.option(
     "--device-timeout", type=Duration(), default=_duration_text(DEFAULTS.device_timeout_s), show_default=True
@@ -165,6 +206,7 @@ def deploy(
     max_failure: float,
     success_threshold: float,
     gates: tuple[str, ...],
+    min_requests: int,
     device_timeout: float,
     min_samples: int,
     on_failure: str,
@@ -183,6 +225,7 @@ def deploy(
         "max_failure_ratio": max_failure,
         "success_threshold": success_threshold,
         "gates": list(gates),
+        "min_requests": min_requests,
         "device_timeout_s": device_timeout,
         "min_samples": min_samples,
         "on_failure": on_failure,
@@ -230,7 +273,12 @@ def rollouts_list(state: str | None, hub_url: str, token: str | None, output: st
 
 @rollouts.command("status")
 @click.argument("rollout_id", type=_ROLLOUT_ID)
-@click.option("--watch", is_flag=True, help="Redraw every second until the rollout ends (Ctrl-C leaves).")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Redraw every second until the rollout ends: exit 0 if it completed, 1 if it reverted,"
+    " aborted, failed or was rolled back (Ctrl-C leaves).",
+)
 @click.option("--interval", type=Duration(), default="1s", show_default=True)
 @hub_options
 @output_option
@@ -238,19 +286,23 @@ def rollouts_status(
     rollout_id: int, watch: bool, interval: float, hub_url: str, token: str | None, output: str
 ) -> None:
     client = client_from(hub_url, token)
-    detail = output == "json" and not watch  # the per-device list, only where it is printed
+    detail = not watch  # the per-device list and the history, once; a watch redraws the summary
     shape: type[RolloutView] = RolloutDetail if detail else RolloutView
     while True:
         data = client.get(f"{ROLLOUTS}/{rollout_id}", shape, devices=detail)
         if watch and output == "table":
             click.clear()
         emit(data, output, _rollout_table)
-        if (
-            not watch
-            or data.state in FINAL_ROLLOUT
-            or (data.state is RolloutState.PAUSED and output == "json")
-        ):
+        if not watch:
             return
+        if data.state is RolloutState.COMPLETED:
+            return
+        if data.state in FINAL_ROLLOUT or (data.state is RolloutState.PAUSED and output == "json"):
+            raise EdgeError(
+                f"rollout {data.id}",
+                f"{data.state}" + (f": {data.reason}" if data.reason else ""),
+                hint=f"edgectl rollouts status {data.id} shows each device and the rollout's history.",
+            )
         time.sleep(interval)
 
 
@@ -276,11 +328,23 @@ for _action in ("pause", "resume", "abort"):
 @hub_options
 @output_option
 def rollback(model: str, fleet: tuple[str, ...], hub_url: str, token: str | None, output: str) -> None:
-    """Send the devices MODEL's latest rollout moved back to the version they ran before."""
+    """Send the devices MODEL's latest rollout moved back to the version they ran before.
+
+    Exits 0 when there is nothing left to send back (the hub reverted the rollout already),
+    saying when and why; 1 when none of the moved devices matches --fleet."""
     data = client_from(hub_url, token).call(
         "POST",
         f"{API_PREFIX}/rollbacks",
         RollbackView,
         json_body={"model": model, "selector": _selector(fleet)},
     )
-    emit(data, output, lambda d: f"rollout {d.rollout}: {len(d.reverted)} device(s) sent back")
+    emit(data, output, _rollback_text)
+
+
+def _rollback_text(d: RollbackView) -> str:
+    if d.nothing:
+        return f"rollout {d.rollout}: nothing to roll back: {d.nothing}"
+    return (
+        f"rollout {d.rollout}: {len(d.reverted)} device(s) sent back to the version each ran before;"
+        f" the rollout is {d.state}"
+    )

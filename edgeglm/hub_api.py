@@ -119,9 +119,16 @@ class _Body(BaseModel):
 
 
 class PinBody(_Body):
-    """``PUT /devices/{id}/pin``."""
+    """``PUT /devices/{id}/pin``: a version the registry holds for the device's model."""
 
     version: SemVer
+
+    @field_validator("version", mode="before")  # the contract's words, not its pattern
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if isinstance(v, str) and (problem := version_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
 
 
 class LabelsBody(_Body):
@@ -153,7 +160,9 @@ class DeployBody(RolloutParams):
     def _release(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v  # the str check says it
-        model, _, version = v.rpartition("@")
+        model, at, version = v.rpartition("@")
+        if not at:
+            raise ValueError(f"{v[:80]!r} has no @VERSION: write it as MODEL@VERSION, e.g. glm-tiny@1.1.0")
         if (problem := name_problem(model) or version_problem(version)) is not None:
             raise ValueError(f"write it as MODEL@VERSION: {problem}")
         return v
@@ -323,11 +332,14 @@ class RolloutView(BaseModel):
     devices: dict[DeploymentState, int]  # how many of its devices are in each state
     selector: dict[str, str]
     gates: list[str]
+    min_requests: int  # requests the wave's updated devices serve before a gate is judged
     on_failure: OnFailure
     created_by: str
     created_at: _Time
     updated_at: _Time
-    baseline: dict[str, Any]  # per wave: the old version's health when the wave started
+    # per wave (and "latest"): the old version's latency when the wave started, from devices that
+    # served requests; "missing": why it paused without one; "waived": who resumed it regardless
+    baseline: dict[str, Any]
 
 
 class DeploymentView(BaseModel):
@@ -344,6 +356,7 @@ class DeploymentView(BaseModel):
 
 class RolloutDetail(RolloutView):
     deployments: list[DeploymentView]
+    history: list[AuditView] = Field(default_factory=list)  # its audit rows, oldest first
 
 
 class PlannedDevice(BaseModel):
@@ -382,3 +395,5 @@ class DryRunView(BaseModel):
 class RollbackView(BaseModel):
     rollout: _RolloutNo
     reverted: list[Name]  # the devices sent back
+    state: RolloutState  # the rollout's state after it
+    nothing: str = ""  # why nothing was sent back (e.g. the hub had reverted it already)

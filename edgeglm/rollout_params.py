@@ -3,7 +3,8 @@
 ``edgectl deploy`` takes its flag defaults from :data:`DEFAULTS`, the hub's API body is these
 fields plus ``release`` and ``dry_run``, and the hub stores them as they are here. Waves are
 cumulative: ``"25"`` or ``"25%"`` is a share of the selected devices, ``"3n"`` a count of them;
-a gate is ``metric<=bound`` or ``metric>=bound`` (``cloud_hub/gates.py`` reads it).
+a gate is ``metric<=bound`` or ``metric>=bound`` (``cloud_hub/gates.py`` reads it), judged only once
+the wave's updated devices served ``min_requests`` requests.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class RolloutParams(BaseModel):
     device_timeout_s: float = Field(default=900.0, gt=0, le=MAX_DURATION_S)
     on_failure: OnFailure = OnFailure.REVERT
     min_samples: int = Field(default=3, ge=1, le=10_000)
+    # requests the wave's updated devices served (last heartbeat windows) before a gate is judged
+    min_requests: int = Field(default=20, ge=1, le=10_000_000)
 
 
 DEFAULTS = RolloutParams()

@@ -32,14 +32,15 @@ class Behaviour:
     p95_ms: float = 100.0
     error_rate: float = 0.0
     silent: bool = False  # after updating, send no heartbeats (health gates stay inconclusive)
+    idle: bool = False  # serve no request: heartbeats say 0 requests and 0 ms, as an idle agent's do
 
 
 @dataclass
 class SimDevice:
     port: int
     device_id: str
-    version: str
-    model: str = "glm-tiny"
+    version: str | None  # None: a box that runs no model yet (a first deploy)
+    model: str | None = "glm-tiny"
     profile: str = "cpu-x86-int4"
     labels_site: str = "plant-7"
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
@@ -48,6 +49,8 @@ class SimDevice:
     desired_seen: list[str] = field(default_factory=list)
 
     def start(self) -> SimDevice:
+        if self.version is None:
+            self.model = None
         self._stop = threading.Event()
         self._seq = 0
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=paho.MQTTv5)
@@ -83,7 +86,7 @@ class SimDevice:
         client.publish(status_topic(self.device_id), self._status("online"), qos=1, retain=True)
 
     def _behaviour(self) -> Behaviour:
-        return self.behaviours.get(self.version, Behaviour())
+        return self.behaviours.get(self.version or "", Behaviour())
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.beat_s):
@@ -91,15 +94,16 @@ class SimDevice:
             if b.silent or self.muted:
                 continue
             self._seq += 1
+            p95, requests = (0.0, 0) if b.idle else (b.p95_ms, 100)
             health = Health(
-                latency_p50_ms=b.p95_ms / 2,
-                latency_p95_ms=b.p95_ms,
-                tokens_per_s=20,
-                error_rate=b.error_rate,
+                latency_p50_ms=p95 / 2,
+                latency_p95_ms=p95,
+                tokens_per_s=0 if b.idle else 20,
+                error_rate=0.0 if b.idle else b.error_rate,
                 queue_depth=0,
                 rss_mb=900,
-                requests=100,
-                errors=round(100 * b.error_rate),
+                requests=requests,
+                errors=round(requests * b.error_rate),
             )
             hb = Heartbeat(
                 device_id=self.device_id,
@@ -136,7 +140,7 @@ class SimDevice:
             )
             self.client.publish(report_topic(self.device_id), encode(rep), qos=1)
             return
-        self.version = want.version
+        self.version, self.model = want.version, want.model
         rep = Report(
             device_id=self.device_id,
             rollout_id=want.rollout_id,

@@ -346,8 +346,13 @@ def test_tokens_are_stored_hashed_and_revocation_is_immediate(hub: Any) -> None:
 
 
 def test_pin_unpin_and_labels_are_audited_with_before_and_after(hub: Any) -> None:
+    from cloud_hub.models import Model, Release
+
     with hub.ctx.db.session() as s:
         s.add_all([Device(id="box-1", profile="cpu-x86-int4"), Device(id="box-2", profile="cpu-x86-int4")])
+        s.add(model := Model(name="glm-tiny"))
+        s.flush()  # a pin names a published version: 1.2.3 is one (rows only: no audit entry)
+        s.add(Release(model_id=model.id, version="1.2.3", major=1, minor=2, patch=3, created_by="test"))
     op = hub.as_("operator")
     assert (
         hub.client.put("/api/v1/devices/box-1/pin", json={"version": "1.2.3"}, headers=op).json()[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,7 +57,10 @@ class Fleet:
         return self.client.get(f"/api/v1/rollouts/{rid}", headers=self.op).json()
 
     def wait_state(self, rid: int, *states: str, timeout: float = 40.0) -> dict[str, Any]:
-        _until(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} in {states}")
+        try:
+            _until(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} in {states}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.rollout(rid)}") from None
         return self.rollout(rid)
 
     def db_devices(self) -> dict[str, Device]:
@@ -82,7 +86,13 @@ def fleet_factory(
     started: list[Any] = []
     sims: list[SimDevice] = []
 
-    def make(behaviours: dict[str, dict[str, Behaviour]] | None = None) -> Fleet:
+    def make(
+        behaviours: dict[str, dict[str, Behaviour]] | None = None,
+        *,
+        version: str | None = "1.0.0",
+        n: int = N,
+    ) -> Fleet:
+        """``n`` devices on ``version`` (None: no model yet), labelled site=plant-7."""
         settings = HubSettings(
             data_dir=tmp_path / "hub", db_url=hub_db_url, trusted_keys=(publisher.public_path,)
         )
@@ -98,18 +108,18 @@ def fleet_factory(
         client = TestClient(load_app(ctx))
         started.extend([controller, (link, ingest), ctx])
         devices = {}
-        for i in range(N):
+        for i in range(n):
             name = f"box-{i:02d}"
             devices[name] = SimDevice(
-                private_broker, name, "1.0.0", behaviours=(behaviours or {}).get(name, {})
+                private_broker, name, version, behaviours=(behaviours or {}).get(name, {})
             )
             devices[name].start()
             sims.append(devices[name])
         fleet = Fleet(client, ctx, devices, {"Authorization": f"Bearer {op}"})
         fleet.viewer = {"Authorization": f"Bearer {viewer}"}  # type: ignore[attr-defined]
         _until(
-            lambda: len(fleet.db_devices()) == N and all(d.online for d in fleet.db_devices().values()),
-            what="20 devices registered",
+            lambda: len(fleet.db_devices()) == n and all(d.online for d in fleet.db_devices().values()),
+            what=f"{n} devices registered",
         )
         for name in devices:
             r = client.patch(
@@ -461,3 +471,92 @@ def test_names_versions_and_rollout_ids_are_carried_end_to_end_or_refused_at_ent
         what="the report dropped as malformed",
     )
     assert fleet.rollout(rid)["state"] == "completed"
+
+
+def _paused_count(fleet: Fleet, rid: int) -> int:
+    return _audit_actions(fleet, rid).count("rollout.paused")
+
+
+def test_a_first_deploy_refuses_a_ratio_gate_and_passes_on_absolute_latency(fleet_factory: Any) -> None:
+    """Boxes that run no model yet: no device can give p95_ratio a baseline, so the dry run and the
+    deploy refuse it by name and point at p95_ms; p95_ms passes once the wave served requests."""
+    fleet = fleet_factory(version=None, n=4)
+    for body in ({"dry_run": True}, {}):
+        r = fleet.deploy(gates=["p95_ratio<=1.2"], **body)
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["what"] == "gate p95_ratio<=1.2" and "a first deploy" in err["why"]
+        assert "p95_ms<=" in err["hint"]
+    assert all(d.desired_version is None for d in fleet.db_devices().values())  # nothing was started
+
+    gates = ["p95_ms<=250", "error_rate<=0.05"]
+    # 2 + 2 boxes serving 100 requests a heartbeat each: one box alone is not enough for a wave
+    rid = fleet.deploy(gates=gates, waves=["50", "100"], min_requests=150, min_samples=1).json()["id"]
+    done = fleet.wait_state(rid, "completed", "reverted", "paused")
+    assert done["state"] == "completed", done
+    assert done["min_requests"] == 150
+    passes = [
+        e["after"]["detail"] for e in fleet.rollout(rid)["history"] if e["action"] == "rollout.wave.pass"
+    ]
+    assert len(passes) == len(done["waves"]) and all("p95_ms<=250 (100)" in p for p in passes), passes
+
+
+def test_a_ratio_gate_on_a_one_box_fleet_is_refused(fleet_factory: Any) -> None:
+    fleet = fleet_factory(n=2)
+    r = fleet.deploy(gates=["p95_ratio<=1.2"], selector={"id": "box-00"}, dry_run=True)
+    assert r.status_code == 409 and "all 1 that do are in the first wave" in r.json()["error"]["why"]
+    r = fleet.deploy(gates=["p95_ratio<=1.2"], waves=["100"])  # both boxes in one wave
+    assert r.status_code == 409 and "--waves 1n,100" in r.json()["error"]["hint"], r.text
+    assert fleet.deploy(gates=["p95_ratio<=1.2"], waves=["1n", "100"], dry_run=True).status_code == 201
+
+
+def test_an_idle_wave_waits_for_traffic_and_never_passes_or_pauses(fleet_factory: Any) -> None:
+    """Updated boxes that serve nothing report 0 requests and 0 ms: no gate passes on that; the
+    wave waits, saying why, for as long as it takes (no pause), and passes once traffic comes."""
+    idle = {f"box-{i:02d}": {"1.1.0": Behaviour(idle=True)} for i in range(3)}
+    fleet = fleet_factory(idle, version=None, n=3)
+    rid = fleet.deploy(gates=["p95_ms<=250"], waves=["100"], soak_s=0.3, min_samples=1).json()["id"]
+    _until(lambda: "waiting for traffic" in fleet.rollout(rid)["reason"], what="the wave waiting")
+    time.sleep(2.0)  # several soaks: an inconclusive wave would have paused by now
+    view = fleet.rollout(rid)
+    assert view["state"] == "running" and view["waves"][0]["state"] == "soaking", view
+    assert view["reason"].startswith("wave 0 waiting for traffic: the updated devices served 0 of the 20")
+    assert _audit_actions(fleet, rid).count("rollout.wave.wait") == 1
+    for dev in fleet.devices.values():
+        dev.behaviours["1.1.0"] = Behaviour(p95_ms=80)  # requests arrive
+    done = fleet.wait_state(rid, "completed", "reverted", "paused")
+    assert done["state"] == "completed" and done["reason"] == "every wave passed", done
+    assert _paused_count(fleet, rid) == 0
+
+
+def test_resuming_a_pause_for_a_missing_baseline_does_not_pause_again(
+    fleet_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The boxes left on 1.0.0 serve nothing, so p95_ratio has no baseline: the wave pauses once;
+    the operator's resume waives the ratio (the other gates still judge) and it completes. Each
+    state change is one INFO line of the hub's."""
+    caplog.set_level(logging.INFO, logger="cloud_hub")
+    idle_old = {f"box-{i:02d}": {"1.0.0": Behaviour(idle=True)} for i in range(3)}
+    fleet = fleet_factory(idle_old, n=3)
+    rid = fleet.deploy(
+        gates=["p95_ratio<=1.2", "p95_ms<=250"], waves=["1n", "100"], soak_s=0.3, min_samples=1
+    ).json()["id"]
+    paused = fleet.wait_state(rid, "paused", "completed", "reverted")
+    assert paused["state"] == "paused" and "no baseline latency" in paused["reason"], paused
+    assert "missing" in paused["baseline"]
+    r = fleet.client.post(f"/api/v1/rollouts/{rid}/resume", headers=fleet.op)
+    assert r.status_code == 200 and "p95_ratio is left out" in r.json()["reason"], r.text
+    done = fleet.wait_state(rid, "completed", "reverted", "paused", timeout=20)
+    assert done["state"] == "completed", done
+    assert _paused_count(fleet, rid) == 1 and "waived" in done["baseline"]
+    assert "rollout.gate.waive" in _audit_actions(fleet, rid)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    for expected in (
+        f"rollout {rid} created by ops: glm-tiny@1.1.0 to 3 device(s)",
+        f"rollout {rid} paused: wave 0 inconclusive: no baseline latency",
+        f"rollout {rid} paused -> running: resumed by ops",
+        f"rollout {rid}: p95_ratio waived by ops",
+        f"rollout {rid} advanced to wave 1 of 2",
+        f"rollout {rid} completed: every wave passed",
+    ):
+        assert sum(line.startswith(expected) for line in lines) == 1, (expected, lines)
