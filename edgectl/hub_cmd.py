@@ -158,7 +158,7 @@ def serve_cmd(
     host = port = None
     if listen:
         host, _, port_text = listen.rpartition(":")
-        if not port_text.isdigit():
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise UsageError("--listen", f"{listen!r}: write host:port")
         port = int(port_text)
     settings = _settings(
@@ -173,6 +173,7 @@ def serve_cmd(
         fetch_pending=fetch_pending,
         fetch_bytes_rate=fetch_bytes_rate,
     )
+    sock = admin.listen(settings)  # before anything starts: a taken port is exit 78, not a URL
     if migrate:
         admin.migrate(settings)
     mqtt = None
@@ -187,11 +188,15 @@ def serve_cmd(
             password=os.environ.get("EDGEGLM_MQTT_PASSWORD"),
             ca_file=mqtt_ca,
         )
-    with admin.running(
-        settings, broker=mqtt, share_group=share_group, offline_after_s=offline_after, tick_s=tick
-    ) as served:
+    with (
+        sock,
+        admin.running(
+            settings, broker=mqtt, share_group=share_group, offline_after_s=offline_after, tick_s=tick
+        ) as served,
+    ):
         click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({served.dialect})", err=True)
-        uvicorn.run(served.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(served.app, log_level="warning", access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @hub.group("token")
