@@ -185,6 +185,7 @@ def test_without_owner_the_broker_cannot_read_its_files(etc: Path) -> None:
 def test_the_documented_broker_setup_serves_a_sensor_and_keeps_devices_apart(
     etc: Path, tiny_bundle: Any
 ) -> None:
+    bundle, _profile, release_pub = tiny_bundle("fused-int8")  # built once per session
     site, me, other, sensor = _doc_devices()
     db_url = f"sqlite:///{etc / 'hub.db'}"
     _register(db_url, me, other)  # "every registered device"
@@ -231,7 +232,6 @@ def test_the_documented_broker_setup_serves_a_sensor_and_keeps_devices_apart(
         ]
         assert got == []
 
-        bundle, _profile, release_pub = tiny_bundle("fused-int8")
         agent = Proc(
             "edge-agent",
             [
