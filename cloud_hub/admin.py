@@ -7,10 +7,11 @@ itself.
     HubSettings.from_env(**flags)            the settings: flags > environment > defaults
     migrate(settings)                        schema to this version's head -> (before, after)
     grant_role(settings, role)               PostgreSQL: the role the hub serves as (not the owner)
+    listen(settings)                         the HTTP API's socket (ConfigError if it is taken)
     running(settings, broker=...)            the app (and with a broker, MQTT + the controller)
     create_token / list_tokens / revoke_token    audited as ``actor``, like the API's
     registered_devices(settings)             every device id in the inventory
-    write_acl(out, devices, hub_users)       mosquitto password file and ACL
+    write_acl(out, devices, hub_users, ...)  mosquitto password file and ACL (owner: the broker)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from cloud_hub import db, tokens
 from cloud_hub.broker_acl import write_acl
 from cloud_hub.models import Device
-from cloud_hub.server import build_context, load_app, start_controller, start_ingest
+from cloud_hub.server import build_context, listen, load_app, start_controller, start_ingest
 from cloud_hub.settings import HubSettings
 from edgeglm.hub_api import NewTokenView, TokenRole, TokenView
 from edgeglm.mqtt import BrokerSettings
@@ -40,6 +41,7 @@ __all__ = [
     "create_token",
     "grant_role",
     "list_tokens",
+    "listen",
     "migrate",
     "registered_devices",
     "revoke_token",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 from fastapi import FastAPI
 
@@ -17,12 +18,20 @@ from cloud_hub.ingest import Ingest
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import Publish
 from cloud_hub.settings import HubSettings
+from edgeglm.errors import ConfigError
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import BrokerSettings, MqttLink
 from edgeglm.piece_store import PieceStore
 from edgeglm.protocol import TopicKind, device_filter, hub_subscriptions
 
-__all__ = ["build_context", "load_app", "mqtt_publisher", "start_controller", "start_ingest"]
+__all__ = [
+    "build_context",
+    "listen",
+    "load_app",
+    "mqtt_publisher",
+    "start_controller",
+    "start_ingest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,31 @@ def build_context(settings: HubSettings) -> HubContext:
         fleet=FleetKey.load_or_create(settings.fleet_key_path),
         fetch_limits=settings.fetch_limits,
     )
+
+
+def listen(settings: HubSettings) -> socket.socket:
+    """The HTTP API's listening socket, bound before anything else starts: a taken port or an
+    address that is not this host's is a :class:`ConfigError` naming ``--listen``."""
+    host, port = settings.host.strip("[]"), settings.port
+    where = f"{settings.host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError("--listen", f"cannot listen on {where}: {exc}", hint=_LISTEN_HINT) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never a live port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("--listen", f"cannot listen on {where}: {exc.strerror}", hint=_LISTEN_HINT) from exc
+    return sock
+
+
+_LISTEN_HINT = "Stop what holds the port, or give another host:port with --listen (or EDGEGLM_HUB_LISTEN)."
 
 
 def load_app(ctx: HubContext) -> FastAPI:

@@ -158,7 +158,7 @@ def serve_cmd(
     host = port = None
     if listen:
         host, _, port_text = listen.rpartition(":")
-        if not port_text.isdigit():
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise UsageError("--listen", f"{listen!r}: write host:port")
         port = int(port_text)
     settings = _settings(
@@ -173,6 +173,7 @@ def serve_cmd(
         fetch_pending=fetch_pending,
         fetch_bytes_rate=fetch_bytes_rate,
     )
+    sock = admin.listen(settings)  # before anything starts: a taken port is exit 78, not a URL
     if migrate:
         admin.migrate(settings)
     mqtt = None
@@ -187,11 +188,15 @@ def serve_cmd(
             password=os.environ.get("EDGEGLM_MQTT_PASSWORD"),
             ca_file=mqtt_ca,
         )
-    with admin.running(
-        settings, broker=mqtt, share_group=share_group, offline_after_s=offline_after, tick_s=tick
-    ) as served:
+    with (
+        sock,
+        admin.running(
+            settings, broker=mqtt, share_group=share_group, offline_after_s=offline_after, tick_s=tick
+        ) as served,
+    ):
         click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({served.dialect})", err=True)
-        uvicorn.run(served.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(served.app, log_level="warning", access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @hub.group("token")
@@ -254,12 +259,77 @@ def _local_actor() -> str:
     return f"local:{getpass.getuser()}"
 
 
+class _Owner(click.ParamType):
+    """``USER[:GROUP]`` or ``:GROUP`` -> (uid, gid), -1 for the one left as it is; GROUP defaults to
+    USER's own group. Both must exist on this machine."""
+
+    name = "USER[:GROUP]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import grp
+        import pwd
+
+        if isinstance(value, tuple):
+            return value
+        user, _, group = str(value).partition(":")
+        if not user and not group:
+            self.fail(f"{value!r}: write USER, USER:GROUP or :GROUP", param, ctx)
+        uid = gid = -1
+        if user:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                self.fail(f"no user {user!r} on this machine (mosquitto runs as 'mosquitto')", param, ctx)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                self.fail(f"no group {group!r} on this machine", param, ctx)
+        return uid, gid
+
+
+class _SiteMembers(click.ParamType):
+    """``SITE=ID[,ID...]`` -> (site, (id, ...))."""
+
+    name = "SITE=ID[,ID...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        site, sep, ids = str(value).partition("=")
+        members = tuple(i for i in ids.split(",") if i)
+        if not sep or not site or not members:
+            self.fail(f"{value!r}: write SITE=DEVICE[,DEVICE...]", param, ctx)
+        return site, members
+
+
 @hub.command("acl")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory.")
 @click.option(
     "--device", "device_ids", multiple=True, help="A device id (repeatable) besides the registered."
 )
 @click.option("--hub-user", "hub_users", multiple=True, default=("hub",), show_default=True)
+@click.option(
+    "--sensor",
+    "sensors",
+    multiple=True,
+    help="A sensor's user name (repeatable): may ask any device or site, reads only sensors/NAME/#.",
+)
+@click.option(
+    "--site",
+    "sites",
+    multiple=True,
+    type=_SiteMembers(),
+    help="Devices that serve a site's shared infer topic, as in their [serving] site (repeatable).",
+)
+@click.option(
+    "--owner",
+    type=_Owner(),
+    default=None,
+    help="Hand passwd and acl (0640) to the broker's user and group, e.g. mosquitto; :GROUP keeps"
+    " the owner [default: the caller's, which a broker that drops privileges cannot read].",
+)
 @click.option("--registered/--no-registered", default=True, help="Include every device in the database.")
 @_db_opt
 @_data_opt
@@ -268,6 +338,9 @@ def acl_cmd(
     out: Path,
     device_ids: tuple[str, ...],
     hub_users: tuple[str, ...],
+    sensors: tuple[str, ...],
+    sites: tuple[tuple[str, tuple[str, ...]], ...],
+    owner: tuple[int, int] | None,
     registered: bool,
     db_url: str | None,
     data_dir: Path | None,
@@ -276,18 +349,23 @@ def acl_cmd(
     """Write a mosquitto password file and ACL: each device may use only its own topics.
 
     Point mosquitto at them (password_file OUT/passwd, acl_file OUT/acl); OUT/credentials.json
-    (0600) holds the generated passwords to provision the boxes with.
+    (0600) holds the generated passwords to provision the boxes and sensors with. mosquitto reads
+    the files as its own user: give --owner mosquitto (docs/hub-production.md).
     """
     from cloud_hub import admin
 
     devices = list(device_ids)
     if registered:
         devices += admin.registered_devices(_settings(db_url=db_url, data_dir=data_dir))
-    counts = admin.write_acl(out, devices, hub_users)
+    site_map: dict[str, list[str]] = {}
+    for site, members in sites:
+        site_map.setdefault(site, []).extend(members)
+    counts = admin.write_acl(out, devices, hub_users, sensors=sensors, sites=site_map, owner=owner)
     emit(
         {**counts, "out": str(out)},
         output,
         lambda d: (
-            f"{d['devices']} device(s), {d['hub_users']} hub user(s), {d['new_users']} new -> {d['out']}"
+            f"{d['devices']} device(s), {d['sensors']} sensor(s), {d['hub_users']} hub user(s),"
+            f" {d['new_users']} new -> {d['out']}"
         ),
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,3 +105,47 @@ def test_an_unreachable_hub_exits_69_with_a_hint(tmp_path: Path) -> None:
 def test_serving_an_unmigrated_database_exits_78(tmp_path: Path) -> None:
     r = _cli("hub", "token", "create", "x", "--role", "admin", "--db", f"sqlite:///{tmp_path / 'new.db'}")
     assert r.exit_code == 78 and "edgectl hub migrate" in r.output
+
+
+# ------------------------------------------------------------------------------ a port already taken
+
+
+def _run_on_taken_port(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``edgectl ARGV`` (``{port}`` is a loopback port this test holds) as a real process."""
+    edgectl = Path(sys.executable).with_name("edgectl")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = [a.format(port=port) for a in argv]
+        return subprocess.run([str(edgectl), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_hub_serve_on_a_taken_port_exits_78_before_it_says_where_it_serves(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'hub.db'}"
+    assert _cli("hub", "migrate", "--db", db).exit_code == 0  # else it would exit 78 for the schema
+    r = _run_on_taken_port(
+        ["hub", "serve", "--db", db, "--data", str(tmp_path), "--listen", "127.0.0.1:{port}"]
+    )
+    assert r.returncode == 78, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("Error: --listen: cannot listen on 127.0.0.1:") and "in use" in first, r.stderr
+    assert "hint: Stop what holds the port" in r.stderr
+    assert "cloud hub on" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hub_serve_refuses_a_port_out_of_range_by_its_flag() -> None:
+    r = _cli("hub", "serve", "--listen", "127.0.0.1:70000")
+    assert r.exit_code == 2 and "--listen" in r.output
+
+
+def test_agent_serve_http_on_a_taken_port_exits_78_without_a_traceback(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"  # the port is bound before the bundle is read
+    bundle.mkdir()
+    argv = ["agent", "serve", str(bundle), "--device-id", "box-1", "--broker", "none", "--insecure-unsigned"]
+    r = _run_on_taken_port([*argv, "--http", "127.0.0.1:{port}"])
+    assert r.returncode == 78, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert errors and errors[0].startswith("Error: --http: cannot listen on 127.0.0.1:"), r.stderr
+    assert "in use" in errors[0]
