@@ -155,6 +155,9 @@ def serve_cmd(
     from cloud_hub import admin
     from edgeglm.mqtt import BrokerSettings
 
+    for name in ("cloud_hub", "edgeglm"):  # a daemon says what it does: publishes, rollouts, reverts
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
     host = port = None
     if listen:
         host, _, port_text = listen.rpartition(":")
