@@ -11,6 +11,7 @@ maps them to HTTP statuses (the guard adds 411 and 413 for bodies), and every er
 validate (422), a path no route serves (404), a method the route does not take (405, with its
 ``Allow`` header), the guard's refusals and an unexpected failure (500, logged with its trace id).
 A usage error that carries the command line's default hint (``--help``) gets one for HTTP callers.
+:class:`cloud_hub.metrics.RequestTimer`, outside everything else, times each request by route.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Route
 
 from cloud_hub import audit
 from cloud_hub.context import HubContext
 from cloud_hub.guard import Guard
+from cloud_hub.metrics import RequestTimer
 from cloud_hub.routes import ROUTERS
 from edgeglm.bundle import Manifest
 from edgeglm.errors import (
@@ -109,6 +112,9 @@ def create_app(ctx: HubContext) -> FastAPI:
 
     routes = [route for router in ROUTERS for route in router.routes]  # as included, no prefix added
     app.add_middleware(Guard, ctx=ctx, routes=routes, render=_error)
+    # outermost: times everything, labelled with the template of the route it matches
+    own = [route for route in app.router.routes if isinstance(route, Route)]  # /openapi.json, /docs
+    app.add_middleware(RequestTimer, metrics=ctx.metrics, routes=[*own, *routes])
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(EdgeError, _edge_error)  # type: ignore[arg-type]  # starlette types it loosely
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
