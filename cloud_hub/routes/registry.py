@@ -38,6 +38,22 @@ router = APIRouter(prefix=API_PREFIX, tags=["registry"])
 UploadId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
 PieceId = Annotated[str, PathParam(pattern=f"^{PIECE_ID_PATTERN}$")]
 _MANIFEST_LIMIT = 32 << 20
+# The raw bodies, documented for /openapi.json only: FastAPI never parses them (the route reads
+# the bytes, whose digest and signature matter, after the guard checked their size).
+_MANIFEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The bundle's manifest.json, its bytes exactly as signed by its export.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Manifest"}}},
+    }
+}
+_PIECE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The piece's bytes; their BLAKE3-256 digest is the piece id in the path.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 def _registry(hub: HubContext, s: Session) -> Registry:
@@ -84,7 +100,7 @@ def _release_view(r: Release) -> ReleaseView:
     )
 
 
-@router.post("/uploads", status_code=201)
+@router.post("/uploads", status_code=201, openapi_extra=_MANIFEST_BODY)
 @raw_body(_MANIFEST_LIMIT)
 async def begin_upload(request: Request, who: Operator, hub: Hub, force: bool = False) -> UploadView:
     """Body: the bundle's manifest.json exactly as signed. Answers the pieces the hub lacks."""
@@ -105,7 +121,7 @@ def upload_status(upload_id: UploadId, who: Operator, hub: Hub) -> UploadView:
         return _upload_view(_registry(hub, s).status(upload_id))
 
 
-@router.put("/uploads/{upload_id}/pieces/{piece}")
+@router.put("/uploads/{upload_id}/pieces/{piece}", openapi_extra=_PIECE_BODY)
 @raw_body(lambda hub: hub.max_piece_bytes)
 async def put_piece(
     upload_id: UploadId, piece: PieceId, request: Request, who: Operator, hub: Hub

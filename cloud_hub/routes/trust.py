@@ -15,6 +15,14 @@ from edgeglm.trust_root import MAX_ROOT_BYTES
 __all__ = ["router"]
 
 router = APIRouter(prefix=API_PREFIX, tags=["trust"])
+# Documented for /openapi.json only: the route reads the bytes (their signatures cover them).
+_ROOT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The next root version, signed offline (edgectl keys root sign), as its bytes.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RootDocument"}}},
+    }
+}
 
 
 @router.get("/trust/root")
@@ -34,7 +42,7 @@ def roots(who: Viewer, hub: Hub) -> RootChainView:
         return RootChainView(roots=[json.loads(raw) for raw in trust.chain(s)])
 
 
-@router.post("/trust/roots", status_code=201)
+@router.post("/trust/roots", status_code=201, openapi_extra=_ROOT_BODY)
 @raw_body(MAX_ROOT_BYTES)
 async def add(request: Request, who: Admin, hub: Hub) -> RootView:
     """Body: the next root version, signed offline (``edgectl keys root sign``). The hub then

@@ -397,3 +397,62 @@ def test_pin_unpin_and_labels_are_audited_with_before_and_after(hub: Any) -> Non
     assert len(listed) == 2 and all(e["actor"] == "operator-token" for e in listed)
     with hub.ctx.db.session() as s:  # refused writes left no audit row behind
         assert s.scalar(select(func.count()).select_from(AuditEntry)) == 4
+
+
+def _error_view(r: Any, status: int, kind: str) -> dict[str, Any]:
+    """The answer is the documented ErrorView, with ``status`` and error ``kind``, traced."""
+    from edgeglm.hub_api import ErrorView
+
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = ErrorView.model_validate(r.json()).error
+    assert set(r.json()) == {"error"}
+    assert error.type == kind and error.what and error.why and error.hint
+    assert error.trace_id == r.headers["X-Trace-Id"]
+    assert "--help" not in error.hint, "the command line's hint means nothing to an HTTP caller"
+    return r.json()["error"]
+
+
+def test_every_error_path_answers_the_one_error_shape(hub: Any) -> None:
+    """Unknown paths, wrong methods, bodies that do not parse or validate, parameters the domain
+    refuses, the guard's refusals and a bug: one shape (no FastAPI ``{"detail": ...}``)."""
+    from cloud_hub.api import HTTP_HINT
+
+    admin = hub.as_("admin")
+    missing = _error_view(hub.client.get("/no/such/path"), 404, "NotFoundError")
+    assert missing["what"] == "GET /no/such/path"
+    assert "/openapi.json" in missing["hint"]
+    _error_view(hub.client.get("/api/v1/no-such-route"), 401, "AccessError")  # the token comes first
+    _error_view(hub.client.get("/api/v1/no-such-route", headers=admin), 404, "NotFoundError")
+
+    wrong = hub.client.post("/healthz")
+    assert _error_view(wrong, 405, "UsageError")["why"] == "this route takes GET"
+    assert wrong.headers["Allow"] == "GET"
+    wrong = hub.client.delete("/api/v1/devices", headers=admin)
+    _error_view(wrong, 405, "UsageError")
+    assert wrong.headers["Allow"] == "GET"
+
+    json = {**admin, "Content-Type": "application/json"}
+    broken = hub.client.post("/api/v1/rollouts", content=b'{"release": ', headers=json)
+    error = _error_view(broken, 422, "UsageError")
+    assert (error["what"], error["hint"]) == ("request body", HTTP_HINT)
+    assert error["why"].startswith("is not valid JSON")
+    invalid = hub.client.put("/api/v1/devices/box-1/pin", json={"version": 5}, headers=admin)
+    assert _error_view(invalid, 422, "UsageError")["what"] == "body.version"
+    selector = hub.client.get("/api/v1/devices", params={"selector": "no-equals"}, headers=admin)
+    assert _error_view(selector, 400, "UsageError")["hint"] == HTTP_HINT  # the domain's UsageError
+    too_big = hub.client.post("/api/v1/rollouts", content=b"x" * (65 * 1024), headers=json)
+    _error_view(too_big, 413, "UsageError")  # the guard's refusal
+
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    from fastapi.testclient import TestClient
+
+    hub.client.app.add_api_route("/boom", boom)
+    answer = TestClient(hub.client.app, raise_server_exceptions=False).get(
+        "/boom", headers={"X-Trace-Id": "trace-me-1"}
+    )
+    bug = _error_view(answer, 500, "EdgeError")
+    assert bug["trace_id"] == "trace-me-1" and "trace-me-1" in bug["hint"]
+    assert "a bug" not in answer.text  # the log has it, not the caller
