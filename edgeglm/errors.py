@@ -87,14 +87,15 @@ class ConfigError(EdgeError):
 
 class UnavailableError(EdgeError):
     exit_code = EXIT_UNAVAILABLE
+    default_hint = "Check that the service named above runs and is reachable, then retry."
 
 
 class NotFoundError(EdgeError):
-    pass
+    default_hint = "Check the name; the matching list command shows what exists."
 
 
 class ConflictError(EdgeError):
-    pass
+    default_hint = "See the current state (the matching show or status command); retry if it still applies."
 
 
 class AccessError(EdgeError):
@@ -130,11 +131,11 @@ class RequestError(EdgeError):
 
 
 class UpdateError(EdgeError):
-    pass
+    default_hint = "The box keeps serving its active slot; the agent's log names the step that failed."
 
 
 class ExportError(EdgeError):
-    pass
+    default_hint = "Run it again with -v to see the export's log."
 
 
 class UnsupportedModel(ExportError):
