@@ -79,7 +79,7 @@ class _Guard:
             return
         path = scope["path"]
         if self.token is not None and path not in _OPEN and not self._authorized(scope):
-            self.metrics.rejected("invalid_api_key")
+            self.metrics.rejected("invalid_api_key", health=False)
             why = "a valid 'Authorization: Bearer <token>' header is required"
             await error_response("invalid_api_key", why, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
@@ -87,7 +87,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            self.metrics.rejected("overloaded")
+            self.metrics.rejected("overloaded", health=False)
             why = f"{self.limit} requests are in flight already; retry later"
             await error_response("overloaded", why, {"Retry-After": "1"})(scope, receive, send)
             return
@@ -110,11 +110,14 @@ class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with two deadlines it lacks: the keep-alive timer is armed from the
     connection's start too (a client that connects and sends nothing is closed after
     ``timeout_keep_alive`` seconds), and a request must arrive whole (head and body) within
-    ``read_s`` of its first byte, else the connection is closed: a client trickling its headers
-    or its body a byte at a time holds a connection (and a request slot) that long, no longer."""
+    ``read_s`` of its first byte (a pipelined one included), else the connection is closed: a
+    client trickling its headers or its body a byte at a time holds a connection (and a request
+    slot) that long, no longer; and a client that stops reading a stream gets ``read_s`` to drain
+    the send buffer before its connection is closed (and its generation cancelled)."""
 
     read_s: float = REQUEST_READ_S
     _read_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -129,10 +132,32 @@ class _Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self._stop_read_timer()
-        super().on_response_complete()
+        super().on_response_complete()  # may start a pipelined request already buffered
+        if self._read_pending() and self._read_timer is None and not self.transport.is_closing():
+            self._read_timer = self.loop.call_later(self.read_s, self._read_expired)
+
+    def pause_writing(self) -> None:
+        """The client stopped reading (the send buffer is full): it gets ``read_s`` to drain it."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.read_s, self._write_expired)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_expired(self) -> None:
+        self._write_timer = None
+        log.info("dropped a connection whose client read nothing for %.0f s", self.read_s)
+        self.transport.abort()  # close() would wait to flush what the client does not read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_read_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
 
     def _stop_read_timer(self) -> None:
@@ -140,10 +165,14 @@ class _Protocol(H11Protocol):
             self._read_timer.cancel()
             self._read_timer = None
 
+    def _read_pending(self) -> bool:
+        """Part of a request has arrived and the rest has not: a head, or a body, unfinished."""
+        head_pending = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        return head_pending or self.conn.their_state is h11.SEND_BODY
+
     def _read_expired(self) -> None:
         self._read_timer = None
-        head_pending = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
-        if head_pending or self.conn.their_state is h11.SEND_BODY:
+        if self._read_pending():
             log.info("closed a connection whose request did not arrive within %.0f s", self.read_s)
             self.transport.close()
 

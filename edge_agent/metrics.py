@@ -183,12 +183,18 @@ class Metrics:
             self._queue_wait.observe(queue_s)
             self._record(_Sample(self._clock(), latency_s, completion_tokens, error))
 
-    def rejected(self, code: str) -> None:
-        """A request refused before it was queued: an error outcome with no latency sample."""
+    def rejected(self, code: str, *, health: bool = True) -> None:
+        """A request refused before it was queued: an error outcome with no latency sample.
+
+        ``health=False``: refused by the front itself (no token, too many in flight), whatever the
+        model: counted for Prometheus but kept out of the heartbeat's window, so strangers or a
+        flood cannot push an updated box's error rate past a rollout gate.
+        """
         with self._lock:
             self._requests[code] += 1
             self._errors[code] += 1
-            self._record(_Sample(self._clock(), None, 0, True))
+            if health:
+                self._record(_Sample(self._clock(), None, 0, True))
 
     def observe_batch(self, size: int) -> None:
         """One decode step ran with ``size`` sequences."""

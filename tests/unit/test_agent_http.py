@@ -513,3 +513,64 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_read_deadline(engine,
         assert call(api, "GET", "/v1/models").status == 200  # and serves on
     finally:
         api.stop()
+
+
+def test_a_pipelined_request_gets_the_read_deadline_too(engine, scheduler, metrics):
+    """A whole request followed, in the same packet, by the head of one whose body never comes."""
+    api = HttpApi(engine, scheduler, metrics, keep_alive_s=1, request_read_s=2).start()
+    try:
+        url = urlsplit(api.url)
+        first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        stuck = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stuck += b"Content-Length: 1000\r\n\r\n{"
+        with socket.create_connection((url.hostname, url.port), timeout=15) as client:
+            client.sendall(first + stuck)
+            started, got = time.monotonic(), b""
+            while chunk := client.recv(65536):  # a timeout here (15 s) fails the test
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got[:200]
+            assert time.monotonic() - started < 10
+        assert call(api, "GET", "/v1/models").status == 200
+    finally:
+        api.stop()
+
+
+class FloodingScheduler(DrippingScheduler):
+    """Streams 16 KiB pieces as fast as it can until the generation is cancelled (30 s at most)."""
+
+    def submit(self, prompt, on_text=None, on_done=None) -> Generation:
+        gen = self.engine.start(prompt, on_text, on_done)
+
+        def flood() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if gen.cancelled:
+                    self.cancelled.set()
+                    gen.finish("cancelled")
+                    return
+                on_text("x" * 16384, [1])
+                time.sleep(0.001)
+            gen.finish("length")
+
+        threading.Thread(target=flood, name="test-flood", daemon=True).start()
+        return gen
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_off_and_cancelled(engine):
+    fake = FloodingScheduler(engine)
+    api = HttpApi(engine, fake, Metrics(), request_read_s=2).start()  # type: ignore[arg-type]
+    try:
+        url = urlsplit(api.url)
+        body = json.dumps({"prompt": PROMPT, "stream": True}).encode()
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((url.hostname, url.port))
+        try:
+            client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            # never read: the server's buffers fill, then it gives the client 2 s to drain them
+            assert fake.cancelled.wait(25), "the stream kept its slot while its client read nothing"
+        finally:
+            client.close()
+    finally:
+        api.stop()

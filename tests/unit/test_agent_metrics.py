@@ -291,3 +291,18 @@ def test_current_rss_mb_reads_statm_and_falls_back(monkeypatch: pytest.MonkeyPat
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="window_s"):
         Metrics(window_s=0)
+
+
+def test_refusals_by_the_front_itself_stay_out_of_the_heartbeat():
+    """No token, too many in flight: counted for Prometheus, never in the health a rollout gate
+    reads, so strangers cannot push an updated box's error rate over a gate."""
+    m = Metrics()
+    finish(m, "stop", prompt_tokens=3, completion_tokens=7)
+    for _ in range(20):
+        m.rejected("invalid_api_key", health=False)
+        m.rejected("overloaded", health=False)
+    health = m.health(rss_mb=1.0)
+    assert (health.requests, health.errors, health.error_rate) == (1, 0, 0.0)
+    assert value(m.render(), "errors_total", code="invalid_api_key") == 20
+    m.rejected("bad_request")  # a refusal of the request itself still counts
+    assert m.health(rss_mb=1.0).errors == 1
