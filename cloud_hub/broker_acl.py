@@ -147,7 +147,7 @@ def write_acl(
         for tmp, _ in staged:
             tmp.unlink()
         raise
-    fd = os.open(creds_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = _create(creds_path.with_suffix(".tmp"), 0o600, None)
     with os.fdopen(fd, "w") as fh:
         json.dump(creds, fh, indent=1, sort_keys=True)
     creds_path.with_suffix(".tmp").replace(creds_path)
@@ -159,21 +159,39 @@ def write_acl(
 def _stage(path: Path, text: str, owner: tuple[int, int] | None) -> tuple[Path, Path]:
     """``path``'s new content in a temporary file beside it (0640, handed to ``owner``)."""
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        fd = _create(tmp, 0o640, owner)
+    except EdgeError:
+        tmp.unlink()
+        raise
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    if owner is not None:
-        try:
-            _chown(tmp, *owner)
-        except EdgeError:
-            tmp.unlink()
-            raise
     return tmp, path
 
 
-def _chown(path: Path, uid: int, gid: int) -> None:
+def _create(tmp: Path, mode: int, owner: tuple[int, int] | None) -> int:
+    """A new file at ``tmp`` (a stale one removed first, never followed if it is a symlink: the
+    folder may be writable by someone else), with exactly ``mode`` whatever the umask, handed to
+    ``owner`` through its descriptor; returns the descriptor, open for writing."""
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.chown(path, uid, gid)
+        os.fchmod(fd, mode)
+        if owner is not None:
+            _chown(tmp, *owner, fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _chown(path: Path, uid: int, gid: int, *, fd: int | None = None) -> None:
+    try:
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(path, uid, gid, follow_symlinks=False)
     except PermissionError as exc:
         raise EdgeError(
             "--owner",

@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -151,6 +152,29 @@ def test_owner_hands_passwd_and_acl_to_the_brokers_user_and_group(open_dir: Path
     st = (open_dir / "a" / "passwd").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, mosquitto.pw_gid, 0o640)  # the caller's
     assert sorted(p.name for p in (open_dir / "a").iterdir()) == ["acl", "credentials.json", "passwd"]
+
+
+def test_modes_hold_under_a_strict_umask_and_planted_temp_links_are_not_followed(open_dir: Path) -> None:
+    """A umask of 077 must not make passwd and acl 0600 (the broker's group could not read them),
+    and a symlink someone planted at a temporary name must not be written through or chowned."""
+    out = open_dir / "a"
+    out.mkdir()
+    victim = open_dir / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    for name in ("credentials.tmp", "passwd.tmp", "acl.tmp"):
+        (out / name).symlink_to(victim)
+    old = os.umask(0o077)
+    try:
+        r = _acl("--out", str(out), "--device", "box-1")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o644
+    for name, mode in (("passwd", 0o640), ("acl", 0o640), ("credentials.json", 0o600)):
+        st = (out / name).lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == mode, name
+    assert sorted(p.name for p in out.iterdir()) == ["acl", "credentials.json", "passwd"]
 
 
 @pytest.mark.parametrize(
