@@ -167,9 +167,21 @@ def grant_hub_role(url: str, role: str) -> str:
                     "does not exist",
                     hint=f"Create it first: CREATE ROLE {role} LOGIN PASSWORD '...'",
                 )
+            # A superuser, or a member of the owner's role, could still drop the audit triggers.
+            too_strong = conn.execute(
+                text("SELECT rolsuper, pg_has_role(:r, :o, 'MEMBER') FROM pg_roles WHERE rolname = :r"),
+                {"r": role, "o": owner},
+            ).one()
+            if any(too_strong):
+                raise UsageError(
+                    "grant-role",
+                    f"{role!r} is a superuser or a member of the owner role {owner!r}: it could still"
+                    " drop the audit log's triggers",
+                    hint="Serve the hub as a plain LOGIN role that owns nothing and inherits no owner.",
+                )
             quote = engine.dialect.identifier_preparer.quote
             for statement in hub_role_grants(quote(role), quote(schema)):
-                conn.execute(text(statement))
+                conn.exec_driver_sql(statement)  # identifiers quoted above; ':' is not a bind here
     finally:
         engine.dispose()
     log.info("role %s may serve the hub on %s (schema %s)", role, _safe(url), schema)

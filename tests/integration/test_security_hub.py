@@ -371,6 +371,13 @@ def test_the_hub_serves_as_a_role_that_cannot_alter_the_audit_log(
             assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (2,)
         refused = CliRunner().invoke(root, ["hub", "grant-role", "postgres", "--db", hub_db_url])
         assert refused.exit_code == 2 and "owns the tables" in refused.output, refused.output
+        for strong, how in ((f"{role}_su", "SUPERUSER"), (f"{role}_in", "IN ROLE postgres")):
+            admin.execute(f'CREATE ROLE "{strong}" LOGIN {how}')
+            try:
+                refused = CliRunner().invoke(root, ["hub", "grant-role", strong, "--db", hub_db_url])
+            finally:
+                admin.execute(f'DROP ROLE "{strong}"')
+            assert refused.exit_code == 2 and "could still drop" in refused.output, refused.output
     finally:
         if hub is not None:
             hub.proc.terminate()
