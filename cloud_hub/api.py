@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -120,6 +121,7 @@ def create_app(ctx: HubContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(DbIntegrityError, _db_conflict)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, _db_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
     return app
 
@@ -178,6 +180,12 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 _ROUTES_HINT = "See /openapi.json (or /docs) for the routes and the methods each takes."
+
+
+async def _gone(_request: Request, _exc: ClientDisconnect) -> Response:
+    """The client left while its body was being read: nobody to answer, no failure to log."""
+    log.debug("a client left before its request body arrived")
+    return Response(status_code=400)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

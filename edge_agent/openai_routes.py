@@ -37,7 +37,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -158,6 +158,7 @@ class OpenAIRoutes:
         handlers: dict[Any, Callable[..., Any]] = {
             Refused: _refused,
             HTTPException: _http_error,
+            ClientDisconnect: _gone,
             Exception: _bug,
         }
         return Starlette(routes=routes, middleware=list(middleware), exception_handlers=handlers)
@@ -176,7 +177,8 @@ class OpenAIRoutes:
                 raise Refused("bad_request", f"field {name[:60]!r}: not supported by this agent")
         data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
         data["temperature"] = 0.0 if body.get("temperature") is None else body["temperature"]
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        limit = body.get("max_completion_tokens")
+        limit = body.get("max_tokens") if limit is None else limit
         if limit is not None:
             data["max_tokens"] = limit
         if (stop := body.get("stop")) is not None:
@@ -429,6 +431,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response("not_found", f"no route {path!r}")
     return error_response("bad_request", str(exc.detail))
+
+
+async def _gone(request: Request, exc: Exception) -> Response:
+    """The client left while its body was being read (or a read deadline dropped it): nobody to
+    answer, nothing to log as a failure."""
+    log.debug("a client left before its request body arrived")
+    return Response(status_code=400)
 
 
 async def _bug(request: Request, exc: Exception) -> Response:

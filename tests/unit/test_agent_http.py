@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -132,6 +133,7 @@ def test_openai_spellings_map_onto_the_wire_request(api, direct):
     parts = [{"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]
     body = {"messages": parts, "max_completion_tokens": N, "temperature": None, "stop": None, "n": 1}
     body |= {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "user": "u-1", "tools": None}
+    body |= {"max_tokens": 99}  # max_completion_tokens wins when both are set
     reply = call(api, "POST", "/v1/chat/completions", body)
     assert reply.status == 200, reply.body
     assert reply.json()["choices"][0]["message"]["content"] == direct["chat"].text
@@ -479,7 +481,9 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time(eng
 
 
 @pytest.mark.parametrize("stalls", ["head", "body"])
-def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_read_deadline(engine, scheduler, metrics, stalls):
+def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_read_deadline(
+    engine, scheduler, metrics, stalls, caplog
+):
     """A slow sender (slowloris) holds its connection ``request_read_s``, not as long as it likes;
     the keep-alive timer alone never fires while bytes keep coming."""
     api = HttpApi(engine, scheduler, metrics, keep_alive_s=1, request_read_s=2).start()
@@ -511,6 +515,8 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_read_deadline(engine,
                     break
             assert closed, "the server kept reading a trickled request"
         assert call(api, "GET", "/v1/models").status == 200  # and serves on
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], "a client that left is not an application error"
     finally:
         api.stop()
 
@@ -574,3 +580,10 @@ def test_a_stream_whose_client_stops_reading_is_cut_off_and_cancelled(engine):
             client.close()
     finally:
         api.stop()
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_charge(api):
+    body = {"messages": CHAT, "max_completion_tokens": None, "max_tokens": 2}
+    reply = call(api, "POST", "/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["usage"]["completion_tokens"] <= 2
