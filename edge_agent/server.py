@@ -114,9 +114,10 @@ class Server:
         self._stopped.set()
 
     def run_forever(self) -> None:
-        """Start, serve until SIGINT or SIGTERM, stop."""
-        self.start()
+        """Start, serve until SIGINT or SIGTERM, stop. The handlers come first: a signal that
+        arrives while the model loads (or just after the HTTP front answers) still stops cleanly."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stopped.set())
+        self.start()
         self._stopped.wait()
         self.stop()
