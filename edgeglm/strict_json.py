@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 __all__ = ["loads"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _constant(name: str) -> Any:
@@ -42,8 +45,10 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads(raw: str | bytes | bytearray) -> Any:
     """The JSON value of ``raw``; ``ValueError`` for anything ``json.loads`` refuses and more."""
     text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+    if isinstance(raw, str) and _SURROGATE.search(text):  # bytes that decoded hold none
+        raise ValueError("the text holds a lone surrogate, not valid Unicode")
     value = json.loads(text, parse_constant=_constant, parse_float=_finite, object_pairs_hook=_unique)
-    if isinstance(raw, str) or "\\u" in text:  # from bytes, only an escape can make one
+    if "\\u" in text:  # only an escape can make one now: re-encode what was read to find it
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
