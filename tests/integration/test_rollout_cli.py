@@ -4,8 +4,7 @@ process, real mosquitto and simulated devices speaking the wire protocol: exit c
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,11 @@ from sqlalchemy import update
 from edgectl import root
 from tests.integration.fleet_sim import Behaviour, SimDevice
 from tests.integration.hub_process import start_hub
+from tests.integration.test_hub_rollouts import _until
 
 pytestmark = pytest.mark.integration
 
 N = 3
-
-
-def _until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
-        time.sleep(0.1)
 
 
 @dataclass
