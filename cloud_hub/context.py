@@ -11,6 +11,7 @@ from typing import Any
 
 from cloud_hub.db import Database
 from cloud_hub.desired import FleetKey
+from cloud_hub.encoder import PieceEncoder
 from cloud_hub.fetch_limit import FetchLimits
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import Publish
@@ -30,3 +31,9 @@ class HubContext:
     gateway: Any = None  # the MQTT gateway (cloud_hub.gateway.Gateway), when a broker is set
     fleet: FleetKey | None = None  # signs desired states (cloud_hub.desired)
     fetch_limits: FetchLimits | None = None  # each device's fetch rate at the gateway (defaults if None)
+    encoder: PieceEncoder | None = None  # plans and encodes pieces for devices (made on first use)
+
+    def piece_encoder(self) -> PieceEncoder:
+        if self.encoder is None:
+            self.encoder = PieceEncoder(self.db, self.store, self.metrics)
+        return self.encoder

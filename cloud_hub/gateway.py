@@ -13,8 +13,9 @@
                           that is smaller, else the piece raw (zstd / byte planes)
     replies: edgeglm/v1/dev/{id}/data, QoS 1, MQTT 5 correlation data = the request id
 
-Each (piece, base) is encoded once and kept in a bounded cache, so a wave of devices moving
-between the same two versions costs one encoding per piece. The hub trusts nothing in a request:
+Plans and encodings come from the hub's :class:`cloud_hub.encoder.PieceEncoder` (shared with the
+HTTP piece routes), so a wave of devices moving between the same two versions costs one encoding
+per piece. The hub trusts nothing in a request:
 the device is the one the broker let publish on that topic, the recipe may name only pieces of the
 requested bundle, ``have`` only versions it knows for that model and profile; anything else is
 dropped or answered with an ERROR frame (counted in ``edgeglm_hub_device_messages_dropped_total``
@@ -25,23 +26,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import select
-
 from cloud_hub.db import Database
+from cloud_hub.encoder import PieceEncoder
 from cloud_hub.fetch_limit import FetchLimiter, FetchLimits, Refusal
 from cloud_hub.fetch_scope import FetchScope
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.models import Bundle, Model, Release
-from edgeglm.bundle import Manifest, parse_manifest
 from edgeglm.errors import EdgeError, IntegrityError, NotFoundError, PermissionDenied, ProtocolError
 from edgeglm.mqtt import Incoming
-from edgeglm.piece_store import PieceStore
 from edgeglm.pieces import piece_id
-from edgeglm.planner import PieceStep, plan, step_frames
+from edgeglm.planner import PieceStep, step_frames
 from edgeglm.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorBody,
@@ -57,7 +53,6 @@ from edgeglm.protocol import (
     parse_device_topic,
     split_payload,
 )
-from edgeglm.tensor_delta import Encoded, encode_delta, encode_raw
 
 __all__ = ["Gateway"]
 
@@ -71,26 +66,21 @@ class Gateway:
     def __init__(
         self,
         db: Database,
-        store: PieceStore,
+        encoder: PieceEncoder,
         send: Send,
         metrics: HubMetrics,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        cache_bytes: int = 256 << 20,
         workers: int = 2,
         max_pending: int = 1000,
         limits: FetchLimits | None = None,
         scope: FetchScope | None = None,
     ) -> None:
         self.db = db
-        self.store = store
+        self.encoder = encoder
         self.send = send
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
-        self.cache_bytes = cache_bytes
-        self._encoded: OrderedDict[tuple[str, str | None], Encoded] = OrderedDict()
-        self._cached = 0
-        self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
         self._lock = threading.Lock()
         self._pending = 0
         self.max_pending = max_pending
@@ -178,7 +168,7 @@ class Gateway:
         topic = data_topic(device_id)
         try:
             self.scope.check(device_id, req.model, req.version, req.profile)
-            bundle_json, manifest = self._bundle(req.model, req.version, req.profile)
+            bundle_json, manifest = self.encoder.bundle(req.model, req.version, req.profile)
             if req.kind == "manifest":
                 frames = split_payload(
                     FrameKind.MANIFEST,
@@ -189,7 +179,7 @@ class Gateway:
                     max_message_bytes=self.max_message_bytes,
                 )
                 return self._send(topic, frames, correlation)
-            steps = self._steps(manifest, req)
+            steps = self.encoder.steps(manifest, req.have)
             sent = 0
             for pid in req.pieces:
                 step = steps.get(pid)
@@ -217,65 +207,8 @@ class Gateway:
             )
 
     # ---------------------------------------------------------------------- helpers
-    def _bundle(self, model: str, version: str, profile: str) -> tuple[bytes, Manifest]:
-        with self.db.session() as s:
-            b = s.scalar(
-                select(Bundle)
-                .join(Release)
-                .join(Model)
-                .where(Model.name == model, Release.version == version, Bundle.profile == profile)
-            )
-            if b is None:
-                raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {profile!r}")
-            raw = b.manifest_json.encode()
-        return raw, parse_manifest(raw, None)[0]
-
-    def _steps(self, target: Manifest, req: FetchRequest) -> dict[str, PieceStep]:
-        have = tuple(sorted(v for v in set(req.have) if v != req.version))
-        key = (f"{target.model}@{target.version}+{target.profile}", have)
-        with self._lock:
-            if key in self._plans:
-                self._plans.move_to_end(key)
-                return self._plans[key]
-        held = []
-        for version in have:
-            try:
-                held.append(self._bundle(req.model, version, req.profile)[1])
-            except NotFoundError:
-                continue  # a version the hub does not know gives no delta base
-        # have=(): a device holds pieces it says nothing about; we plan as if it held none of them
-        steps = {s.piece_id: s for f in plan(target, held, have=()).files for s in f.steps}
-        with self._lock:
-            self._plans[key] = steps
-            while len(self._plans) > 64:
-                self._plans.popitem(last=False)
-        return steps
-
-    def _encoded_for(self, step: PieceStep) -> Encoded:
-        key = (step.piece_id, step.base_id if step.action == "delta" else None)
-        with self._lock:
-            hit = self._encoded.get(key)
-            if hit is not None:
-                self._encoded.move_to_end(key)
-                self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
-                return hit
-        data = self.store.get(step.piece_id)
-        encoded = encode_raw(data, dtype=step.dtype)
-        if step.action == "delta" and step.base_id is not None and self.store.has(step.base_id):
-            delta = encode_delta(data, self.store.get(step.base_id), dtype=step.dtype)
-            if len(delta.payload) < len(encoded.payload):
-                encoded = delta
-        self.metrics.inc("edgeglm_hub_encode_cache_total", result="miss")
-        with self._lock:
-            self._encoded[key] = encoded
-            self._cached += len(encoded.payload)
-            while self._cached > self.cache_bytes and len(self._encoded) > 1:
-                _, old = self._encoded.popitem(last=False)
-                self._cached -= len(old.payload)
-        return encoded
-
     def _frames(self, step: PieceStep) -> list[Frame]:
-        return step_frames(step, self._encoded_for(step), self.max_message_bytes)
+        return step_frames(step, self.encoder.encoded(step), self.max_message_bytes)
 
     def _error(self, code: ErrorCode, message: str, pid: str | None = None) -> Frame:
         body = ErrorBody(code=code, message=message[:500])

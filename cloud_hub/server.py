@@ -96,7 +96,7 @@ def start_ingest(
     def send(topic: str, payload: bytes, correlation: bytes) -> None:
         link.publish(topic, payload, qos=1, correlation=correlation)
 
-    ctx.gateway = Gateway(ctx.db, ctx.store, send, ctx.metrics, limits=ctx.fetch_limits)
+    ctx.gateway = Gateway(ctx.db, ctx.piece_encoder(), send, ctx.metrics, limits=ctx.fetch_limits)
     device_kinds = {device_filter(k) for k in (TopicKind.STATUS, TopicKind.HEARTBEAT, TopicKind.REPORT)}
     for topic_filter, qos in hub_subscriptions(group):
         plain = topic_filter.split("/", 2)[2]

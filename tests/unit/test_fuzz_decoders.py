@@ -66,6 +66,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud_hub.db import Database, make_engine, migrate
+from cloud_hub.encoder import PieceEncoder
 from cloud_hub.fetch_limit import Refusal
 from cloud_hub.gateway import Gateway
 from cloud_hub.ingest import Ingest
@@ -1161,9 +1162,9 @@ def test_fuzz_hub_fetch_request(hub_db: Database, tmp_path: Path) -> None:
     database; also the answer to a rate-limited request, which decodes it for its id."""
     name = "hub.fetch_request"
     sent: list[tuple[str, bytes, bytes]] = []
-    gateway = Gateway(
-        hub_db, PieceStore(tmp_path / "pieces"), lambda *a: sent.append(a), HubMetrics(), workers=1
-    )
+    metrics = HubMetrics()
+    encoder = PieceEncoder(hub_db, PieceStore(tmp_path / "pieces"), metrics)
+    gateway = Gateway(hub_db, encoder, lambda *a: sent.append(a), metrics, workers=1)
     net = BugNet()
     logging.getLogger("cloud_hub.gateway").addHandler(net)
 

@@ -1,0 +1,103 @@
+"""What a device is sent for each piece it asks for: the plan against the versions it holds, and
+each (piece, base) encoded once.
+
+The MQTT gateway (:mod:`cloud_hub.gateway`) and the HTTP piece routes ask the same encoder, so a
+wave of devices moving between the same two versions costs one encoding per piece whichever way
+its bytes travel. Plans are cached per (target, versions held), encodings per (piece, base) in a
+bounded in-memory cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from sqlalchemy import select
+
+from cloud_hub.db import Database
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.models import Bundle, Model, Release
+from edgeglm.bundle import Manifest, parse_manifest
+from edgeglm.errors import NotFoundError
+from edgeglm.piece_store import PieceStore
+from edgeglm.planner import PieceStep, plan
+from edgeglm.tensor_delta import Encoded, encode_delta, encode_raw
+
+__all__ = ["PieceEncoder"]
+
+
+class PieceEncoder:
+    def __init__(
+        self, db: Database, store: PieceStore, metrics: HubMetrics, *, cache_bytes: int = 256 << 20
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.metrics = metrics
+        self.cache_bytes = cache_bytes
+        self._encoded: OrderedDict[tuple[str, str | None], Encoded] = OrderedDict()
+        self._cached = 0
+        self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def bundle(self, model: str, version: str, profile: str) -> tuple[bytes, Manifest]:
+        """The bundle's manifest exactly as signed, and parsed; NotFoundError if there is none."""
+        with self.db.session() as s:
+            b = s.scalar(
+                select(Bundle)
+                .join(Release)
+                .join(Model)
+                .where(Model.name == model, Release.version == version, Bundle.profile == profile)
+            )
+            if b is None:
+                raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {profile!r}")
+            raw = b.manifest_json.encode()
+        return raw, parse_manifest(raw, None)[0]
+
+    def steps(self, target: Manifest, have: Iterable[str]) -> dict[str, PieceStep]:
+        """Each piece of ``target`` by id: raw, or a delta against the same tensor slice in one of
+        the versions ``have`` (versions of the same model and profile; unknown ones are ignored)."""
+        held_versions = tuple(sorted(v for v in set(have) if v != target.version))
+        key = (f"{target.model}@{target.version}+{target.profile}", held_versions)
+        with self._lock:
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
+        held = []
+        for version in held_versions:
+            try:
+                held.append(self.bundle(target.model, version, target.profile)[1])
+            except NotFoundError:
+                continue  # a version the hub does not know gives no delta base
+        # have=(): a device holds pieces it says nothing about; we plan as if it held none of them
+        steps = {s.piece_id: s for f in plan(target, held, have=()).files for s in f.steps}
+        with self._lock:
+            self._plans[key] = steps
+            while len(self._plans) > 64:
+                self._plans.popitem(last=False)
+        return steps
+
+    def encoded(self, step: PieceStep) -> Encoded:
+        """The piece of ``step`` as sent: its delta against the step's base when that is smaller,
+        else raw (zstd / byte planes). Reads verify the stored bytes (IntegrityError if rotten)."""
+        key = (step.piece_id, step.base_id if step.action == "delta" else None)
+        with self._lock:
+            hit = self._encoded.get(key)
+            if hit is not None:
+                self._encoded.move_to_end(key)
+                self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
+                return hit
+        data = self.store.get(step.piece_id)
+        encoded = encode_raw(data, dtype=step.dtype)
+        if step.action == "delta" and step.base_id is not None and self.store.has(step.base_id):
+            delta = encode_delta(data, self.store.get(step.base_id), dtype=step.dtype)
+            if len(delta.payload) < len(encoded.payload):
+                encoded = delta
+        self.metrics.inc("edgeglm_hub_encode_cache_total", result="miss")
+        with self._lock:
+            self._encoded[key] = encoded
+            self._cached += len(encoded.payload)
+            while self._cached > self.cache_bytes and len(self._encoded) > 1:
+                _, old = self._encoded.popitem(last=False)
+                self._cached -= len(old.payload)
+        return encoded
