@@ -178,9 +178,13 @@ class Ingest:
         return len(taken)
 
     def _write(self, pending: dict[str, _Pending], reports: list[Report]) -> None:
-        """One upsert per device; every row carries the same columns (executemany needs that)."""
+        """One upsert per device; every row carries the same columns (executemany needs that).
+
+        Rows are locked in one order by every writer, so two transactions never wait for each
+        other in a circle (PostgreSQL would abort one as a deadlock): devices before deployments,
+        devices in id order (the rollout controller takes its sequence numbers the same way), and
+        deployments in id order (the ORM's flush order)."""
         with self.db.session() as s:
-            self._apply_reports(s, reports)
             known = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(list(pending))))}
             new_rows: list[dict[str, Any]] = []
             changes: list[dict[str, Any]] = []
@@ -212,14 +216,16 @@ class Ingest:
                     new_rows.append({**row, "labels": {}, "registered_at": now})
                 else:
                     changes.append(row)
-            s.flush()  # the report updates above
             s.expunge_all()  # the bulk statements below are the only device writes
             if new_rows:
+                new_rows.sort(key=lambda r: str(r["id"]))
                 s.execute(insert(Device), new_rows)
                 for r in new_rows:
                     log.info("device %s registered (profile %s)", r["id"], r["profile"])
             if changes:
+                changes.sort(key=lambda r: str(r["id"]))
                 s.execute(update(Device), changes)
+            self._apply_reports(s, reports)  # after the devices: written at the commit
 
     def _apply_reports(self, s: Any, reports: list[Report]) -> None:
         """Update events settle a device's deployment; a repeated report changes nothing."""

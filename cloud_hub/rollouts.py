@@ -29,11 +29,12 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -87,6 +88,7 @@ __all__ = [
     "RolloutPlan",
     "abort",
     "create",
+    "deployments_in",
     "dry_run",
     "find",
     "listing",
@@ -103,6 +105,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NOT_MOVED = frozenset({DeploymentState.WAITING, DeploymentState.SKIPPED, DeploymentState.REVERTED})
+_MOVED = frozenset(DeploymentState) - _NOT_MOVED
 _WAVE = re.compile(r"^(\d+(?:\.\d+)?)(%?|n)$")
 
 Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
@@ -476,11 +479,53 @@ def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
 
 
 def release_devices(s: Session, rollout: Rollout) -> None:
-    """The rollout's devices may join another one; those whose wave never started are skipped."""
-    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
-        dep.active = False
-        if dep.state == DeploymentState.WAITING:
-            dep.state = DeploymentState.SKIPPED
+    """The rollout's devices may join another one; those whose wave never started are skipped.
+
+    One UPDATE for the whole rollout (a wave of 10,000 devices is not 10,000 row updates). It
+    bumps each row's version as an ORM update does, so a device report that read a row before
+    it fails its version check and retries; the deployments this session holds are expired."""
+    s.flush()
+    state = DeviceDeployment.state
+    touched = (
+        DeviceDeployment.rollout_id == rollout.id,
+        or_(DeviceDeployment.active.is_(True), state == DeploymentState.WAITING),
+    )
+    # locked in id order first, as the ORM's flushes lock deployments (no deadlock with ingest)
+    s.execute(select(DeviceDeployment.id).where(*touched).order_by(DeviceDeployment.id).with_for_update())
+    s.execute(
+        update(DeviceDeployment)
+        .where(*touched)
+        .values(
+            active=False,
+            state=case((state == DeploymentState.WAITING, DeploymentState.SKIPPED), else_=state),
+            row_version=DeviceDeployment.row_version + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    for obj in list(s.identity_map.values()):
+        if isinstance(obj, DeviceDeployment):
+            s.expire(obj)
+
+
+def deployments_in(
+    s: Session, rollout_id: int, states: Collection[DeploymentState]
+) -> list[DeviceDeployment]:
+    """The rollout's deployments in ``states`` as this session sees them, its changes not yet
+    flushed included, without flushing them (a wave's hundreds of versioned row updates wait
+    for the commit, after the desired states went out)."""
+    with s.no_autoflush:
+        found = {
+            d.id: d
+            for d in s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == rollout_id, DeviceDeployment.state.in_(list(states))
+                )
+            )
+        }
+        for obj in s.dirty:  # changed here, into (or out of) ``states``
+            if isinstance(obj, DeviceDeployment) and obj.rollout_id == rollout_id:
+                found[obj.id] = obj
+    return [d for d in found.values() if d.state in states]
 
 
 def revert_devices(
@@ -492,22 +537,30 @@ def revert_devices(
     only: Sequence[str] | None = None,
 ) -> list[str]:
     """Desired state back to what each moved device ran before, for exactly those devices."""
-    from cloud_hub.desired import publish_desired
+    from cloud_hub.desired import next_sequences, publish_desired
 
-    moved = [
-        dep
-        for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id))
-        if dep.state not in _NOT_MOVED and (only is None or dep.device_id in only)
-    ]
+    moved = [dep for dep in deployments_in(s, rollout.id, _MOVED) if only is None or dep.device_id in only]
     model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
     reverted = []
-    devices = devices_by_id(s, [dep.device_id for dep in moved])
+    with s.no_autoflush:  # the settled deployments are written after the desired states went out
+        devices = devices_by_id(s, [dep.device_id for dep in moved])
+    sequences = next_sequences(s, list(devices), now=time.time())
     digests: dict[str, str] = {}
     for dep in moved:
         device = devices.get(dep.device_id)
         if device is None:
             continue
-        publish_desired(s, device, model, dep.from_version, None, publish, digests, fleet=fleet)
+        publish_desired(
+            s,
+            device,
+            model,
+            dep.from_version,
+            None,
+            publish,
+            digests,
+            fleet=fleet,
+            sequence=sequences[device.id],
+        )
         dep.state, dep.active, dep.updated_at = DeploymentState.REVERTED, False, utcnow()
         reverted.append(dep.device_id)
         back = f"{model}@{dep.from_version}" if dep.from_version else "no model"
