@@ -394,6 +394,11 @@ class Hubs:
         for p in reversed(self.procs):
             p.proc.stop(grace=30)
 
+    def keep_logs(self, to: Path) -> None:
+        to.mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(self.procs):
+            shutil.copy2(p.proc.log_path, to / f"hub-{i}.log")
+
 
 def _wait_rollout(hubs: Hubs, fleet: Fleet, rid: int, states: set[str], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
@@ -417,7 +422,14 @@ def _load() -> list[float]:
 
 
 def run_once(
-    n: int, heartbeat_s: float, window_s: float, *, db: str, replicas: int, pg_admin: str
+    n: int,
+    heartbeat_s: float,
+    window_s: float,
+    *,
+    db: str,
+    replicas: int,
+    pg_admin: str,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     """One installation with ``replicas`` hubs, measured as the module docstring says."""
     load_before = _load()
@@ -439,6 +451,8 @@ def run_once(
                     if fleet is not None:
                         fleet.close()
                     hubs.stop()
+                    if logs is not None:
+                        hubs.keep_logs(logs / f"replicas-{replicas}")
         finally:
             broker.stop()
     return {"replicas": replicas, "db": db, "load_before": load_before, "tick_s": TICK_S, **result}
@@ -535,7 +549,14 @@ def parse_replicas(text: str) -> list[int]:
 
 
 def run(
-    n: int, heartbeat_s: float, window_s: float, *, db: str, replicas: list[int], pg_admin: str
+    n: int,
+    heartbeat_s: float,
+    window_s: float,
+    *,
+    db: str,
+    replicas: list[int],
+    pg_admin: str,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     if db == "sqlite" and any(r > 1 for r in replicas):
         raise UsageError(
@@ -546,7 +567,7 @@ def run(
         raise RuntimeError(f"the fd limit is {fd_limit}; {n} devices need more")
     runs = []
     for count in replicas:
-        runs.append(run_once(n, heartbeat_s, window_s, db=db, replicas=count, pg_admin=pg_admin))
+        runs.append(run_once(n, heartbeat_s, window_s, db=db, replicas=count, pg_admin=pg_admin, logs=logs))
     return {"devices": n, "db": db, "runs": runs}
 
 
@@ -563,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pg", default=PG_ADMIN, help="a PostgreSQL server URL the bench may create databases on"
     )
+    ap.add_argument("--logs", type=Path, help="keep each hub's log here (replicas-N/hub-I.log)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if shutil.which("mosquitto") is None:
@@ -571,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         replicas = parse_replicas(args.replicas)
         n, window = (500, 10.0) if args.quick else (args.devices, args.window_s)
-        result = run(n, args.heartbeat_s, window, db=args.db, replicas=replicas, pg_admin=args.pg)
+        result = run(
+            n, args.heartbeat_s, window, db=args.db, replicas=replicas, pg_admin=args.pg, logs=args.logs
+        )
     except UsageError as exc:
         print(f"bench.fleet: {exc}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ from cloud_hub.desired import FleetKey, next_sequences, publish_desired, refresh
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
-from cloud_hub.rollouts import Publish, deployments_in, release_devices, revert_devices
+from cloud_hub.rollouts import Publish, deployments_in, release_devices, revert_devices, start_deployments
 from edgeglm.lifecycle import (
     FAILED_DEPLOYMENT,
     DeploymentState,
@@ -248,6 +248,7 @@ class Controller:
         devices = devices_by_id(s, [d.device_id for d in waiting])
         sequences = next_sequences(s, list(devices), now=time.time())
         digests: dict[str, str] = {}
+        told: list[DeviceDeployment] = []
         for dep in waiting:
             device = devices.get(dep.device_id)
             if device is None:
@@ -264,7 +265,8 @@ class Controller:
                 fleet=self.fleet,
                 sequence=sequences[device.id],
             )
-            dep.state, dep.started_at, dep.updated_at = DeploymentState.PENDING, now, now
+            told.append(dep)
+        start_deployments(s, told, now)
         wave.started_at = now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
         return _Move(WaveEvent.START)

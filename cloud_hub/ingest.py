@@ -22,9 +22,9 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 
 from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
@@ -55,6 +55,30 @@ class _Pending:
     beats: int = 0
     seen: float = 0.0
     online: bool = True  # what the last message to arrive says (a last will arrives after the beats)
+
+
+_DEVICES = cast(Table, Device.__table__)
+# A known device's row: what the batch says, and its heartbeat count added to in SQL (a replica
+# that read the count before another replica's batch committed would otherwise lose that batch's).
+_UPSERT_KNOWN = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("b_id"))
+    .values(
+        heartbeats=_DEVICES.c.heartbeats + bindparam("b_heartbeats"),
+        **{
+            name: bindparam(f"b_{name}")
+            for name in (
+                "online",
+                "last_seen",
+                "profile",
+                "agent_version",
+                "current_model",
+                "current_version",
+                "health",
+            )
+        },
+    )
+)
 
 
 def _holds_nul(value: Any) -> bool:
@@ -195,7 +219,7 @@ class Ingest:
                     "id": device_id,
                     "online": p.online,
                     "last_seen": datetime.fromtimestamp(p.seen, UTC),
-                    "heartbeats": (old.heartbeats if old else 0) + p.beats,
+                    "heartbeats": p.beats,  # a new row's count; a known one is counted up in SQL
                     "profile": old.profile if old else None,
                     "agent_version": old.agent_version if old else None,
                     "current_model": old.current_model if old else None,
@@ -224,7 +248,7 @@ class Ingest:
                     log.info("device %s registered (profile %s)", r["id"], r["profile"])
             if changes:
                 changes.sort(key=lambda r: str(r["id"]))
-                s.execute(update(Device), changes)
+                s.execute(_UPSERT_KNOWN, [{f"b_{k}": v for k, v in row.items()} for row in changes])
             self._apply_reports(s, reports)  # after the devices: written at the commit
 
     def _apply_reports(self, s: Any, reports: list[Report]) -> None:

@@ -32,11 +32,13 @@ import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
 from cloud_hub.auth import Principal, Role
@@ -100,6 +102,7 @@ __all__ = [
     "rollback",
     "rollout_detail",
     "rollout_view",
+    "start_deployments",
 ]
 
 log = logging.getLogger(__name__)
@@ -476,6 +479,36 @@ def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
     r = _transition(s, rollout_id, RolloutEvent.ABORT, actor, f"aborted by {actor}")
     release_devices(s, r)
     return r
+
+
+def start_deployments(s: Session, deps: Sequence[DeviceDeployment], now: datetime) -> None:
+    """``deps`` (waiting; their devices were just told) are pending from ``now``: one UPDATE per
+    up to 5,000 of them, versioned as an ORM update is (a row that changed since this session read
+    it is a StaleDataError: the tick is tried again); their objects are expired."""
+    ids = sorted(d.id for d in deps)
+    for i in range(0, len(ids), 5000):
+        chunk = ids[i : i + 5000]
+        where = (DeviceDeployment.id.in_(chunk), DeviceDeployment.state == DeploymentState.WAITING)
+        with s.no_autoflush:
+            s.execute(
+                select(DeviceDeployment.id).where(*where).order_by(DeviceDeployment.id).with_for_update()
+            )
+            done = s.execute(
+                update(DeviceDeployment)
+                .where(*where)
+                .values(
+                    state=DeploymentState.PENDING,
+                    started_at=now,
+                    updated_at=now,
+                    row_version=DeviceDeployment.row_version + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        changed = int(done.rowcount)  # type: ignore[attr-defined]
+        if changed != len(chunk):
+            raise StaleDataError(f"{len(chunk) - changed} deployment(s) stopped waiting meanwhile")
+    for dep in deps:
+        s.expire(dep)
 
 
 def release_devices(s: Session, rollout: Rollout) -> None:
