@@ -510,8 +510,14 @@ def _measure(hubs: Hubs, fleet: Fleet, n: int, heartbeat_s: float, window_s: flo
     breach = sorted(fleet.bad_beats)[2] if len(fleet.bad_beats) >= 3 else float("nan")
     reverts = [_told_back(d) for d in moved]
     if not moved or any(np.isnan(reverts)):
-        missed = sum(np.isnan(reverts))
-        raise RuntimeError(f"{missed} of {len(moved)} moved device(s) were never told to go back")
+        missed = [d for d, t in zip(moved, reverts, strict=True) if np.isnan(t)]
+        for d in missed[:5]:
+            seen = [(v, round(t - breach, 3)) for v, t in d.desired]
+            print(
+                f"{d.name}: connected {d.client.is_connected()}, runs {d.version}, told {seen}",
+                file=sys.stderr,
+            )
+        raise RuntimeError(f"{len(missed)} of {len(moved)} moved device(s) were never told to go back")
     breach_to_revert = max(reverts) - breach
     print(
         f"{tag} breach -> revert of {len(moved)} devices: {breach_to_revert:.2f}s ({reverted['state']})",

@@ -45,7 +45,14 @@ from cloud_hub.desired import FleetKey, next_sequences, publish_desired, refresh
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
-from cloud_hub.rollouts import Publish, deployments_in, release_devices, revert_devices, start_deployments
+from cloud_hub.rollouts import (
+    Publish,
+    deployments_in,
+    release_devices,
+    revert_devices,
+    settle_deployments,
+    start_deployments,
+)
 from edgeglm.lifecycle import (
     FAILED_DEPLOYMENT,
     DeploymentState,
@@ -283,6 +290,7 @@ class Controller:
     ) -> _Move | None:
         devices = devices_by_id(s, [d.device_id for d in deps if d.state == DeploymentState.PENDING])
         lost: list[Device] = []  # told, but their desired row says otherwise: tell them again
+        settled: list[tuple[DeviceDeployment, DeploymentState, str]] = []
         for dep in deps:
             if dep.state != DeploymentState.PENDING:
                 continue
@@ -296,14 +304,14 @@ class Controller:
                 and device.last_seen is not None
                 and device.last_seen >= started
             ):
-                dep.state, dep.resolved_at = DeploymentState.SUCCEEDED, now
-                dep.detail = "seen running the target"
+                settled.append((dep, DeploymentState.SUCCEEDED, "seen running the target"))
             elif (now - started).total_seconds() > r.device_timeout_s:
                 offline = device is None or not device.online
-                dep.state, dep.resolved_at = DeploymentState.TIMED_OUT, now
-                dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
+                why = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
+                settled.append((dep, DeploymentState.TIMED_OUT, why))
             elif device is not None and device.desired_version != version:
                 lost.append(device)  # a lost publish
+        settle_deployments(s, settled, now)  # a report that settled one meanwhile stands
         if lost:
             sequences = next_sequences(s, [d.id for d in lost], now=time.time())
             digests: dict[str, str] = {}

@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
@@ -102,6 +103,7 @@ __all__ = [
     "rollback",
     "rollout_detail",
     "rollout_view",
+    "settle_deployments",
     "start_deployments",
 ]
 
@@ -483,8 +485,10 @@ def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
 
 def start_deployments(s: Session, deps: Sequence[DeviceDeployment], now: datetime) -> None:
     """``deps`` (waiting; their devices were just told) are pending from ``now``: one UPDATE per
-    up to 5,000 of them, versioned as an ORM update is (a row that changed since this session read
-    it is a StaleDataError: the tick is tried again); their objects are expired."""
+    up to 5,000 of them (rows locked in id order), each row's version bumped as an ORM update
+    does. A row no longer waiting (an abort came first) is a StaleDataError: the tick is tried
+    again. A device report that only noted its step on a waiting row (the device answered before
+    this commit) does not stop it, as it would stop an ORM update. The objects are expired."""
     ids = sorted(d.id for d in deps)
     for i in range(0, len(ids), 5000):
         chunk = ids[i : i + 5000]
@@ -509,6 +513,65 @@ def start_deployments(s: Session, deps: Sequence[DeviceDeployment], now: datetim
             raise StaleDataError(f"{len(chunk) - changed} deployment(s) stopped waiting meanwhile")
     for dep in deps:
         s.expire(dep)
+
+
+def settle_deployments(
+    s: Session, outcomes: Sequence[tuple[DeviceDeployment, DeploymentState, str]], now: datetime
+) -> None:
+    """Settle pending deployments as the controller judged them (state, detail), without the
+    optimistic lock failing its whole tick when a device report settled one first: one UPDATE
+    per outcome for the rows still pending (locked in id order), versioned as an ORM update is.
+    A row settled meanwhile keeps the report's outcome; every object takes what its row holds
+    now, and none is left for the ORM to flush."""
+    groups: dict[tuple[DeploymentState, str], dict[int, DeviceDeployment]] = {}
+    for dep, state, detail in outcomes:
+        groups.setdefault((state, detail), {})[dep.id] = dep
+    stale: list[int] = []
+    for (state, detail), deps in groups.items():
+        ids = sorted(deps)
+        for i in range(0, len(ids), 5000):
+            where = (
+                DeviceDeployment.id.in_(ids[i : i + 5000]),
+                DeviceDeployment.state == DeploymentState.PENDING,
+            )
+            with s.no_autoflush:
+                s.execute(
+                    select(DeviceDeployment.id).where(*where).order_by(DeviceDeployment.id).with_for_update()
+                )
+                rows = s.execute(
+                    update(DeviceDeployment)
+                    .where(*where)
+                    .values(
+                        state=state,
+                        detail=detail,
+                        resolved_at=now,
+                        updated_at=now,
+                        row_version=DeviceDeployment.row_version + 1,
+                    )
+                    .returning(DeviceDeployment.id, DeviceDeployment.row_version)
+                    .execution_options(synchronize_session=False)
+                ).all()
+            done = {dep_id: version for dep_id, version in rows}
+            for dep_id in ids[i : i + 5000]:
+                if dep_id not in done:
+                    stale.append(dep_id)
+                    continue
+                dep = deps[dep_id]
+                for key, value in (
+                    ("state", state),
+                    ("detail", detail),
+                    ("resolved_at", now),
+                    ("updated_at", now),
+                    ("row_version", done[dep_id]),
+                ):
+                    set_committed_value(dep, key, value)
+    for i in range(0, len(stale), 5000):  # settled by a report first: read what it says
+        with s.no_autoflush:
+            s.scalars(
+                select(DeviceDeployment)
+                .where(DeviceDeployment.id.in_(stale[i : i + 5000]))
+                .execution_options(populate_existing=True)
+            ).all()
 
 
 def release_devices(s: Session, rollout: Rollout) -> None:

@@ -1,0 +1,123 @@
+"""The rollout controller's batch writes, on SQLite and PostgreSQL, against a second writer.
+
+A wave's sequence numbers are taken in one statement, its deployments start and settle in one
+statement each. Another transaction (a device report through another replica's ingest, an
+operator's abort) may change the same rows in between; each case below is what it must do then.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.integration.test_hub_rollouts import register
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def wave(hub: Any, publisher: Any) -> tuple[Any, int, list[str]]:
+    """Four registered devices on 1.0.0 and a rollout of 1.1.0 to them (one wave, not started)."""
+    from cloud_hub import rollouts
+    from cloud_hub.auth import Principal, Role
+    from cloud_hub.models import Device, utcnow
+    from edgeglm.rollout_params import RolloutParams
+
+    ctx = hub.ctx
+    register(ctx, publisher.bundle("1.0.0", seed=1))
+    register(ctx, publisher.bundle("1.1.0", seed=2))
+    ids = [f"wave-box-{i}" for i in range(4)]
+    with ctx.db.session() as s:
+        for i in ids:
+            s.add(
+                Device(
+                    id=i,
+                    profile="cpu-x86-int4",
+                    online=True,
+                    current_model="glm-tiny",
+                    current_version="1.0.0",
+                    last_seen=utcnow(),
+                )
+            )
+    with ctx.db.session() as s:
+        spec = rollouts.DeploySpec("glm-tiny", "1.1.0", RolloutParams(waves=("100",)))
+        rid = rollouts.create(s, spec, Principal("ops", Role.operator)).id
+    return ctx, rid, ids
+
+
+def _deps(ctx: Any, rid: int) -> dict[str, Any]:
+    from cloud_hub.models import DeviceDeployment
+
+    with ctx.db.session() as s:
+        rows = s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid))
+        return {d.device_id: (d.state, d.detail) for d in rows}
+
+
+def test_sequences_of_a_wave_rise_and_are_never_below_the_clock(wave: tuple[Any, int, list[str]]) -> None:
+    from cloud_hub.desired import next_sequences
+
+    ctx, _rid, ids = wave
+    with ctx.db.session() as s:
+        first = next_sequences(s, [*ids, "not-registered"], now=time.time())
+    with ctx.db.session() as s:
+        again = next_sequences(s, ids, now=time.time() - 3600)  # a clock gone back: still above
+    assert set(first) == set(ids) and all(first[i] >= int(time.time() * 1000) - 60_000 for i in ids)
+    assert all(again[i] == first[i] + 1 for i in ids)
+
+
+def test_a_report_that_settled_a_deployment_first_stands(wave: tuple[Any, int, list[str]]) -> None:
+    """The controller judged a deployment from the inventory while a report settled it in another
+    transaction: the controller's tick goes on (no optimistic-lock failure) and the report wins."""
+    from cloud_hub.models import DeviceDeployment, utcnow
+    from cloud_hub.rollouts import settle_deployments, start_deployments
+    from edgeglm.lifecycle import DeploymentState
+
+    ctx, rid, ids = wave
+    now = utcnow()
+    with ctx.db.session() as s:
+        deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid)))
+        start_deployments(s, deps, now)
+    with ctx.db.session() as s:  # the controller's tick reads the pending deployments ...
+        deps = {
+            d.device_id: d
+            for d in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid))
+        }
+        with ctx.db.session() as other:  # ... a failed report lands through an ingest meanwhile
+            reported = other.scalar(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == rid, DeviceDeployment.device_id == ids[0]
+                )
+            )
+            assert reported is not None
+            reported.state, reported.detail = DeploymentState.FAILED, "download: no space"
+        later = now + timedelta(seconds=1)
+        settle_deployments(
+            s, [(d, DeploymentState.SUCCEEDED, "seen running the target") for d in deps.values()], later
+        )
+        assert deps[ids[0]].state == DeploymentState.FAILED  # what its row holds now
+        assert all(deps[i].state == DeploymentState.SUCCEEDED for i in ids[1:])
+        assert not s.dirty
+    assert _deps(ctx, rid) == {
+        ids[0]: (DeploymentState.FAILED, "download: no space"),
+        **{i: (DeploymentState.SUCCEEDED, "seen running the target") for i in ids[1:]},
+    }
+
+
+def test_a_wave_aborted_while_it_starts_is_not_started(wave: tuple[Any, int, list[str]]) -> None:
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from cloud_hub import rollouts
+    from cloud_hub.models import DeviceDeployment, utcnow
+    from edgeglm.lifecycle import DeploymentState
+
+    ctx, rid, _ids = wave
+    with pytest.raises(StaleDataError), ctx.db.session() as s:  # the tick fails, to be tried again
+        deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid)))
+        with ctx.db.session() as other:
+            rollouts.abort(other, rid, "ops")  # the wave's devices are skipped
+        rollouts.start_deployments(s, deps, utcnow())
+    assert {state for state, _ in _deps(ctx, rid).values()} == {DeploymentState.SKIPPED}
