@@ -467,7 +467,9 @@ def _measure(hubs: Hubs, fleet: Fleet, n: int, heartbeat_s: float, window_s: flo
         fleet.pump(0.5)
         if time.monotonic() > deadline:
             raise RuntimeError("the hubs did not register every device")
-    fleet.pump(2.0)  # let the connect-time heartbeats land before the window starts
+    deadline = time.monotonic() + 60  # each device sent one heartbeat as it connected
+    while hubs.heartbeats_stored() < n and time.monotonic() < deadline:
+        fleet.pump(0.5)
     before = hubs.heartbeats_stored()
     t = time.monotonic()
     sent = fleet.heartbeat_window(window_s, heartbeat_s)
@@ -475,6 +477,7 @@ def _measure(hubs: Hubs, fleet: Fleet, n: int, heartbeat_s: float, window_s: flo
     deadline = time.monotonic() + 30
     while hubs.heartbeats_stored() - before < sent and time.monotonic() < deadline:
         fleet.pump(0.5)
+    fleet.pump(1.0)  # nothing more may come: a count above what was sent would show here
     stored = hubs.heartbeats_stored() - before
     print(f"{tag} heartbeats: sent {sent}, stored {stored} in {elapsed:.1f}s", file=sys.stderr)
 

@@ -1,8 +1,9 @@
-"""The rollout controller's batch writes, on SQLite and PostgreSQL, against a second writer.
+"""Writes to the same rows from two places at once (replicas, the controller), SQLite and PostgreSQL.
 
-A wave's sequence numbers are taken in one statement, its deployments start and settle in one
-statement each. Another transaction (a device report through another replica's ingest, an
-operator's abort) may change the same rows in between; each case below is what it must do then.
+The controller takes a wave's sequence numbers in one statement, and starts and settles its
+deployments in one statement each; another transaction (a device report through another
+replica's ingest, an operator's abort) may change the same rows in between. Two replicas' ingest
+batches for one device may commit out of order. Each case below is what must happen then.
 """
 
 from __future__ import annotations
@@ -121,3 +122,93 @@ def test_a_wave_aborted_while_it_starts_is_not_started(wave: tuple[Any, int, lis
             rollouts.abort(other, rid, "ops")  # the wave's devices are skipped
         rollouts.start_deployments(s, deps, utcnow())
     assert {state for state, _ in _deps(ctx, rid).values()} == {DeploymentState.SKIPPED}
+
+
+def _ingest(ctx: Any) -> Any:
+    from cloud_hub.ingest import Ingest
+    from cloud_hub.metrics import HubMetrics
+
+    return Ingest(ctx.db, HubMetrics())  # not started: the test queues and flushes by hand
+
+
+def _status(device: str, version: str, ts: float) -> Any:
+    from edgeglm.protocol import Status
+
+    return Status(
+        device_id=device,
+        state="online",
+        profile="cpu-x86-int4",
+        model="glm-tiny",
+        version=version,
+        agent_version="0.1.0",
+        ts=ts,
+    )
+
+
+def _beat(device: str, version: str, ts: float) -> Any:
+    from edgeglm.protocol import Health, Heartbeat
+
+    health = Health(
+        latency_p50_ms=40,
+        latency_p95_ms=80,
+        tokens_per_s=20,
+        error_rate=0.0,
+        queue_depth=0,
+        rss_mb=100,
+        requests=5,
+        errors=0,
+    )
+    return Heartbeat(device_id=device, ts=ts, model="glm-tiny", version=version, health=health, seq=1)
+
+
+def test_a_late_batch_of_older_messages_from_another_replica_changes_only_the_count(hub: Any) -> None:
+    """Replica B took an old heartbeat (1.0.0) before replica A took the box's newer status
+    (1.1.0), but A's batch committed first: the row keeps 1.1.0, and counts both heartbeats."""
+    from cloud_hub.models import Device
+    from edgeglm.protocol import TopicKind
+
+    a, b = _ingest(hub.ctx), _ingest(hub.ctx)
+    t = time.time()
+    a._queue.put((TopicKind.STATUS, _status("late-box", "1.0.0", t - 60), t - 60))  # registered
+    a._queue.put((TopicKind.HEARTBEAT, _beat("late-box", "1.0.0", t - 59), t - 59))
+    a.flush()
+    b._queue.put((TopicKind.HEARTBEAT, _beat("late-box", "1.0.0", t - 10), t - 10))  # B is slow
+    a._queue.put((TopicKind.STATUS, _status("late-box", "1.1.0", t - 5), t - 5))
+    a._queue.put((TopicKind.HEARTBEAT, _beat("late-box", "1.1.0", t - 4), t - 4))
+    a.flush()
+    b.flush()
+    with hub.ctx.db.session() as s:
+        row = s.get(Device, "late-box")
+        assert row is not None
+        assert (row.current_version, row.health["version"], row.heartbeats) == ("1.1.0", "1.1.0", 3)
+
+
+@pytest.mark.parametrize("hub_db_url", ["postgresql"], indirect=True)  # SQLite has no row locks
+def test_a_report_on_a_deployment_the_controller_holds_waits_for_the_next_turn(
+    wave: tuple[Any, int, list[str]],
+) -> None:
+    """The controller's tick holds a deployment row: an ingest batch does not wait for it (a lock
+    wait there could close a circle with the controller's device rows); the report is applied
+    on a later turn, once the row is free."""
+    from cloud_hub.models import DeviceDeployment, utcnow
+    from cloud_hub.rollouts import start_deployments
+    from edgeglm.lifecycle import DeploymentState
+    from edgeglm.protocol import Report, TopicKind
+
+    ctx, rid, ids = wave
+    with ctx.db.session() as s:
+        start_deployments(s, list(s.scalars(select(DeviceDeployment))), utcnow())
+    ingest = _ingest(ctx)
+    done = Report(
+        device_id=ids[0], rollout_id=rid, step="committed", seq=1, ok=True, version="1.1.0", ts=time.time()
+    )
+    with ctx.db.session() as tick:
+        tick.execute(
+            select(DeviceDeployment.id).where(DeviceDeployment.device_id == ids[0]).with_for_update()
+        )
+        ingest._queue.put((TopicKind.REPORT, done, time.time()))
+        assert ingest.flush() == 1  # returned at once: the row is held
+        assert ingest._queue.qsize() == 1  # the report waits for the next turn
+    assert _deps(ctx, rid)[ids[0]][0] == DeploymentState.PENDING
+    ingest.flush()
+    assert _deps(ctx, rid)[ids[0]] == (DeploymentState.SUCCEEDED, "reported committed")
