@@ -89,9 +89,10 @@ class DatabaseStorage:
             self._insert(_PIECES)
             .values(piece_id=pid, size=len(data), data=bytes(data), created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["piece_id"])
+            .returning(_PIECES.c.piece_id)  # a row back only when this call inserted it
         )
         with self.db.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+            return conn.scalar(stmt) is not None
 
     def get(self, pid: str) -> bytes:
         with self.db.engine.connect() as conn:
@@ -153,9 +154,10 @@ class DatabaseStorage:
                 created_at=utcnow(),
             )
             .on_conflict_do_nothing(index_elements=["piece_id", "base_id"])
+            .returning(_ENCODINGS.c.piece_id)
         )
         with self.db.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+            return conn.scalar(stmt) is not None
 
     def encoding_keys(self) -> Iterator[EncodingKey]:
         with self.db.engine.connect() as conn:

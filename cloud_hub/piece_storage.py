@@ -58,7 +58,7 @@ class StoreKind(StrEnum):
     DATABASE = "database"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class EncodingKey:
     """An encoding's name: the piece, and the piece it is a delta against (None: raw)."""
 
