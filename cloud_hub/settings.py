@@ -94,7 +94,9 @@ class HubSettings:
             except ValueError as exc:
                 choices = ", ".join(k.value for k in StoreKind)
                 raise ConfigError(
-                    "EDGEGLM_HUB_STORE", f"{env['EDGEGLM_HUB_STORE']!r} is not one of {choices}"
+                    "EDGEGLM_HUB_STORE",
+                    f"{env['EDGEGLM_HUB_STORE']!r} is not one of {choices}",
+                    hint="Set it to auto, folder or database, or unset it (auto).",
                 ) from exc
         if env.get("EDGEGLM_HUB_FLEET_KEY"):
             values["fleet_key"] = Path(env["EDGEGLM_HUB_FLEET_KEY"])

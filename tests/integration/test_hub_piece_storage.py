@@ -367,3 +367,32 @@ def test_gc_and_store_import_from_the_command_line(tmp_path: Path, publisher: An
 
     r = CliRunner().invoke(root, ["hub", "gc", "--db", url, "--store", "s3"])
     assert r.exit_code == 2 and "'s3' is not one of" in r.output
+
+
+# ------------------------------------------------------------------------------ choosing one
+
+
+def test_auto_is_the_database_on_postgresql_the_folder_on_sqlite_and_a_left_folder_is_named(
+    hub_db_url: str, db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from cloud_hub.piece_storage import StoreKind
+    from cloud_hub.server import open_store
+    from cloud_hub.settings import HubSettings
+    from edgeglm.errors import ConfigError
+
+    settings = HubSettings(data_dir=tmp_path / "hub", db_url=hub_db_url)
+    PieceStore(settings.pieces_dir).put(*_piece(10))  # a folder store from before
+    with caplog.at_level(logging.INFO, logger="cloud_hub.server"):
+        store = open_store(settings, db)
+    expected = DatabaseStorage if db.dialect == "postgresql" else FolderStorage
+    assert isinstance(store, expected)
+    assert f"piece store: {store.description} (--store auto)" in caplog.text
+    assert ("edgectl hub store import" in caplog.text) == (db.dialect == "postgresql")
+    assert isinstance(
+        open_store(HubSettings.from_env({"EDGEGLM_HUB_STORE": "database"}), db), DatabaseStorage
+    )
+    assert HubSettings.from_env({"EDGEGLM_HUB_STORE": "folder"}).store_kind("postgresql") is StoreKind.FOLDER
+    with pytest.raises(ConfigError, match="EDGEGLM_HUB_STORE: 's3' is not one of auto, folder, database"):
+        HubSettings.from_env({"EDGEGLM_HUB_STORE": "s3"})
