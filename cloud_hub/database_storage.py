@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Column, ColumnElement, Connection, Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -48,6 +48,26 @@ log = logging.getLogger(__name__)
 _PIECES: Table = PieceBytes.__table__  # type: ignore[assignment]
 _ENCODINGS: Table = PieceEncodingRow.__table__  # type: ignore[assignment]
 _BATCH = 500  # ids per IN (...) list
+# Bytes read per query: the driver holds a result twice over (PostgreSQL's text protocol sends
+# bytea as hex), so a 64 MiB piece is read in segments, not in one 128 MiB hex string.
+_SEGMENT = 4 << 20
+
+
+def _read(conn: Connection, table: Table, column: Column[bytes], where: ColumnElement[bool]) -> bytes | None:
+    """The bytes of ``column`` in the row ``where`` picks, ``_SEGMENT`` bytes per query (one query
+    for the pieces of at most that size, which are nearly all); None if there is no such row."""
+    length = func.length(column)
+    first = conn.execute(select(length, func.substr(column, 1, _SEGMENT)).where(where)).one_or_none()
+    if first is None:
+        return None
+    size, head = first
+    parts = [bytes(head)]
+    for start in range(_SEGMENT, size, _SEGMENT):
+        part = conn.scalar(select(func.substr(column, start + 1, _SEGMENT)).where(where))
+        if part is None:
+            return None  # deleted meanwhile
+        parts.append(bytes(part))
+    return b"".join(parts)
 
 
 def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:
@@ -96,10 +116,9 @@ class DatabaseStorage:
 
     def get(self, pid: str) -> bytes:
         with self.db.engine.connect() as conn:
-            data = conn.scalar(select(_PIECES.c.data).where(_PIECES.c.piece_id == pid))
+            data = _read(conn, _PIECES, _PIECES.c.data, _PIECES.c.piece_id == pid)
         if data is None:
             raise NotFoundError(f"piece {pid[:16]}", "not in the store")
-        data = bytes(data)
         if piece_id(data) != pid:
             self.remove([pid])
             log.error("piece %s in the database store was corrupt: removed", pid)
@@ -125,15 +144,14 @@ class DatabaseStorage:
 
     # -- encodings ---------------------------------------------------------------------------
     def encoding(self, key: EncodingKey) -> Encoded | None:
+        where = (_ENCODINGS.c.piece_id == key.piece_id) & (_ENCODINGS.c.base_id == (key.base_id or ""))
         with self.db.engine.connect() as conn:
             row = conn.execute(
-                select(_ENCODINGS.c.encoding, _ENCODINGS.c.width, _ENCODINGS.c.digest, _ENCODINGS.c.payload)
-                .where(_ENCODINGS.c.piece_id == key.piece_id)
-                .where(_ENCODINGS.c.base_id == (key.base_id or ""))
+                select(_ENCODINGS.c.encoding, _ENCODINGS.c.width, _ENCODINGS.c.digest).where(where)
             ).one_or_none()
-        if row is None:
+            payload = None if row is None else _read(conn, _ENCODINGS, _ENCODINGS.c.payload, where)
+        if row is None or payload is None:
             return None
-        payload = bytes(row.payload)
         if piece_id(payload) != row.digest:
             self.remove_encodings([key])
             log.error("encoding %s in the database store was corrupt: removed, made again", key.name)

@@ -79,7 +79,10 @@ def _piece(n: int, size: int = 4096) -> tuple[str, bytes]:
 
 
 @BACKENDS
-def test_pieces_are_written_once_and_read_verified(store: PieceStorage) -> None:
+def test_pieces_are_written_once_and_read_verified(
+    store: PieceStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cloud_hub.database_storage._SEGMENT", 1000)  # a piece is read in 5 segments
     (a, da), (b, db_), (c, _) = _piece(1), _piece(2), _piece(3)
     assert store.put(a, da) is True and store.put(a, da) is False
     assert store.put(b, db_) is True
@@ -107,7 +110,10 @@ def test_a_rotten_piece_is_removed_and_reported_then_stored_again(store: PieceSt
 
 
 @BACKENDS
-def test_encodings_round_trip_exactly_and_a_rotten_one_reads_as_absent(store: PieceStorage) -> None:
+def test_encodings_round_trip_exactly_and_a_rotten_one_reads_as_absent(
+    store: PieceStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cloud_hub.database_storage._SEGMENT", 1000)
     from edgeglm.tensor_delta import encode_delta, encode_raw
 
     base = np.random.default_rng(5).standard_normal(2048).astype(np.float32)
