@@ -3,8 +3,17 @@ each (piece, base) encoded once.
 
 The MQTT gateway (:mod:`cloud_hub.gateway`) and the HTTP piece routes ask the same encoder, so a
 wave of devices moving between the same two versions costs one encoding per piece whichever way
-its bytes travel. Plans are cached per (target, versions held), encodings per (piece, base) in a
-bounded in-memory cache.
+its bytes travel. Plans are cached per (target, versions held). An encoding is looked up in three
+places, cheapest first::
+
+    bounded in-memory LRU   this process                    edgeglm_hub_encode_cache_total{result=hit}
+    the piece store         every replica on the same store                             {result=store}
+    encoded here            then written to the store for the others                    {result=miss}
+
+so with the database store one replica's encoding work serves all (two replicas asked at the same
+moment may both encode; the store keeps the first and both send the same bytes). An encoding is
+stored under the (piece, base) it really is: a delta whose base the store lacks is made and stored
+raw.
 """
 
 from __future__ import annotations
@@ -18,9 +27,9 @@ from sqlalchemy import select
 from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.models import Bundle, Model, Release
+from cloud_hub.piece_storage import EncodingKey, PieceStorage
 from edgeglm.bundle import Manifest, parse_manifest
 from edgeglm.errors import NotFoundError
-from edgeglm.piece_store import PieceStore
 from edgeglm.planner import PieceStep, plan
 from edgeglm.tensor_delta import Encoded, encode_delta, encode_raw
 
@@ -29,13 +38,13 @@ __all__ = ["PieceEncoder"]
 
 class PieceEncoder:
     def __init__(
-        self, db: Database, store: PieceStore, metrics: HubMetrics, *, cache_bytes: int = 256 << 20
+        self, db: Database, store: PieceStorage, metrics: HubMetrics, *, cache_bytes: int = 256 << 20
     ) -> None:
         self.db = db
         self.store = store
         self.metrics = metrics
         self.cache_bytes = cache_bytes
-        self._encoded: OrderedDict[tuple[str, str | None], Encoded] = OrderedDict()
+        self._encoded: OrderedDict[EncodingKey, Encoded] = OrderedDict()
         self._cached = 0
         self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
         self._lock = threading.Lock()
@@ -80,23 +89,34 @@ class PieceEncoder:
     def encoded(self, step: PieceStep) -> Encoded:
         """The piece of ``step`` as sent: its delta against the step's base when that is smaller,
         else raw (zstd / byte planes). Reads verify the stored bytes (IntegrityError if rotten)."""
-        key = (step.piece_id, step.base_id if step.action == "delta" else None)
+        key = EncodingKey(step.piece_id, step.base_id if step.action == "delta" else None)
         with self._lock:
             hit = self._encoded.get(key)
             if hit is not None:
                 self._encoded.move_to_end(key)
                 self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
                 return hit
+        stored = self.store.encoding(key)
+        if stored is not None:
+            self.metrics.inc("edgeglm_hub_encode_cache_total", result="store")
+            return self._remember(key, stored)
         data = self.store.get(step.piece_id)
         encoded = encode_raw(data, dtype=step.dtype)
-        if step.action == "delta" and step.base_id is not None and self.store.has(step.base_id):
-            delta = encode_delta(data, self.store.get(step.base_id), dtype=step.dtype)
+        made_as = EncodingKey(step.piece_id)
+        if key.base_id is not None and self.store.has(key.base_id):
+            made_as = key
+            delta = encode_delta(data, self.store.get(key.base_id), dtype=step.dtype)
             if len(delta.payload) < len(encoded.payload):
                 encoded = delta
         self.metrics.inc("edgeglm_hub_encode_cache_total", result="miss")
+        self.store.put_encoding(made_as, encoded)
+        return self._remember(key, encoded)
+
+    def _remember(self, key: EncodingKey, encoded: Encoded) -> Encoded:
         with self._lock:
-            self._encoded[key] = encoded
-            self._cached += len(encoded.payload)
+            if key not in self._encoded:
+                self._encoded[key] = encoded
+                self._cached += len(encoded.payload)
             while self._cached > self.cache_bytes and len(self._encoded) > 1:
                 _, old = self._encoded.popitem(last=False)
                 self._cached -= len(old.payload)

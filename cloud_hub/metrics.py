@@ -67,9 +67,10 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]] =
         tuple((r,) for r in _DROP_REASONS),
     ),
     "edgeglm_hub_encode_cache_total": (
-        "Piece encodings (raw or delta) looked up in the gateway's cache, by hit or miss.",
+        "Piece encodings (raw or delta) asked for: hit in this process's cache, read from the piece"
+        " store (another replica made it), or miss (encoded here).",
         ("result",),
-        (("hit",), ("miss",)),
+        (("hit",), ("store",), ("miss",)),
     ),
     "edgeglm_hub_heartbeats_total": ("Device heartbeats written to the inventory.", (), ((),)),
     "edgeglm_hub_status_total": (
