@@ -118,6 +118,7 @@ def publish_desired(
         .returning(Device.desired_seq)
         .execution_options(synchronize_session=False)
     ).scalar_one()
+    url, token = device_credentials.offer(fleet.credentials, fleet.pieces_url, device, now + fleet.ttl_s)
     msg = Desired(
         model=model,
         version=version,
@@ -128,7 +129,8 @@ def publish_desired(
         device_id=device.id,
         sequence=sequence,
         expires_at=now + fleet.ttl_s,
-        **device_credentials.offer(fleet.credentials, fleet.pieces_url, device, now + fleet.ttl_s),
+        pieces_url=url,
+        pieces_token=token,
     )
     device.desired_model, device.desired_version = model, version
     device.desired_rollout_id, device.desired_signed_at, device.desired_key_id = rollout_id, now, fleet.key_id

@@ -123,12 +123,12 @@ def authenticate_device(s: Session, key: CredentialKey, token: str, *, now: floa
 
 def offer(
     key: CredentialKey | None, pieces_url: str | None, device: Device, expires_at: float
-) -> dict[str, str]:
-    """The desired state's ``pieces_url`` and ``pieces_token`` for ``device``, or nothing (no URL
-    is set, or its HTTP access is revoked)."""
+) -> tuple[str | None, str | None]:
+    """The desired state's ``pieces_url`` and ``pieces_token`` for ``device``, or (None, None): no
+    URL is set, or its HTTP access is revoked."""
     if key is None or pieces_url is None or device.http_revoked:
-        return {}
-    return {"pieces_url": pieces_url, "pieces_token": key.issue(device.id, device.http_epoch, expires_at)}
+        return None, None
+    return pieces_url, key.issue(device.id, device.http_epoch, expires_at)
 
 
 def _device(s: Session, device_id: str) -> Device:

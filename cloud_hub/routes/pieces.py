@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
@@ -203,7 +203,7 @@ def _answer(request: Request, step: PieceStep, encoded: Encoded, base: str | Non
     if_range = request.headers.get("if-range")
     if wanted is not None and (if_range is None or if_range.strip() == etag):
         span = _span(wanted, len(body))
-        if span == "unsatisfiable":
+        if isinstance(span, str):  # unsatisfiable
             headers["Content-Range"] = f"bytes */{len(body)}"
             return Response(status_code=416, headers=headers)
         if span is not None:
@@ -222,7 +222,7 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _span(header: str, size: int) -> tuple[int, int] | str | None:
+def _span(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """(first, last) byte of one range, "unsatisfiable", or None: send the whole body (several
     ranges, or a header that does not parse, which RFC 9110 lets a server ignore)."""
     found = _RANGE.match(header.strip())

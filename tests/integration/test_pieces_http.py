@@ -379,28 +379,30 @@ def test_revoking_http_access_refuses_the_credential_at_once_and_allowing_it_sta
     path = f"/api/v1/pieces/{load_piece(world)}?{QUERY}"
     assert world.request(path, token)[0] == 200
 
-    def access(allowed: bool) -> dict[str, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", world.port, timeout=10)
-        body = json.dumps({"allowed": allowed})
-        headers = {"Authorization": f"Bearer {world.operator}", "Content-Type": "application/json"}
-        conn.request("PUT", "/api/v1/devices/box-revoke/http-access", body, headers)
-        resp = conn.getresponse()
-        answer: dict[str, Any] = json.loads(resp.read())
-        assert resp.status == 200, answer
+    def access(flag: str) -> dict[str, Any]:  # as an operator would, with edgectl
+        from click.testing import CliRunner
+
+        from edgectl import root
+
+        env = {"EDGEGLM_TOKEN": world.operator, "EDGEGLM_HUB_URL": f"http://127.0.0.1:{world.port}"}
+        args = ["devices", "http-access", "box-revoke", flag, "-o", "json"]
+        result = CliRunner().invoke(root, args, env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        answer: dict[str, Any] = json.loads(result.output)
         return answer
 
-    assert access(False) == {"device_id": "box-revoke", "allowed": False, "epoch": 0}
+    assert access("--revoke") == {"device_id": "box-revoke", "allowed": False, "epoch": 0}
     status, _, body = world.request(path, token)
     assert status == 403 and b"revoked" in body
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
-        assert offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60) == {}
-    assert access(True) == {"device_id": "box-revoke", "allowed": True, "epoch": 1}
+        assert offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60) == (None, None)
+    assert access("--allow") == {"device_id": "box-revoke", "allowed": True, "epoch": 1}
     status, _, body = world.request(path, token)
     assert status == 401 and b"superseded" in body  # the token that leaked before stays dead
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
-        fresh = offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60)["pieces_token"]
+        fresh = offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60)[1]
         actions = [
             (e.before, e.after)
             for e in s.query(AuditEntry)

@@ -59,13 +59,13 @@ def test_an_expired_token_is_refused(key: CredentialKey) -> None:
 
 def test_a_desired_state_offers_a_token_only_with_a_url_and_to_an_allowed_device(key: CredentialKey) -> None:
     device = Device(id="box-1", profile="p", http_epoch=2, http_revoked=False)
-    assert offer(key, None, device, NOW) == {}
-    assert offer(None, "http://hub", device, NOW) == {}
-    given = offer(key, "http://hub:8080", device, NOW + 60)
-    assert given["pieces_url"] == "http://hub:8080"
-    assert key.check(given["pieces_token"], now=NOW) == ("box-1", 2)
+    assert offer(key, None, device, NOW) == (None, None)
+    assert offer(None, "http://hub", device, NOW) == (None, None)
+    url, token = offer(key, "http://hub:8080", device, NOW + 60)
+    assert url == "http://hub:8080" and token is not None
+    assert key.check(token, now=NOW) == ("box-1", 2)
     device.http_revoked = True
-    assert offer(key, "http://hub:8080", device, NOW + 60) == {}
+    assert offer(key, "http://hub:8080", device, NOW + 60) == (None, None)
 
 
 def test_the_offer_travels_whole_in_the_desired_state(key: CredentialKey) -> None:
