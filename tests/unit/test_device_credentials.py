@@ -98,3 +98,14 @@ def test_the_offer_travels_whole_in_the_desired_state(key: CredentialKey) -> Non
 )
 def test_a_range_header_is_one_span_or_unsatisfiable_or_ignored(header: str, size: int, span: object) -> None:
     assert _span(header, size) == span
+
+
+def test_the_hub_refuses_a_pieces_url_it_could_not_put_in_a_desired_state() -> None:
+    from cloud_hub.settings import HubSettings
+    from edgeglm.errors import ConfigError
+
+    assert HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": "https://cdn.example.com/e"}).pieces_url
+    assert HubSettings.from_env({}).pieces_url is None
+    for bad in ("ftp://cdn", "https://cdn/x?y=1", "cdn.example.com"):
+        with pytest.raises(ConfigError, match="--pieces-url"):
+            HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": bad})
