@@ -66,6 +66,16 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]] =
         ("reason",),
         tuple((r,) for r in _DROP_REASONS),
     ),
+    "edgeglm_hub_pieces_served_total": (
+        "Pieces sent to devices, by transport: mqtt (all frames of a piece), http (a 200 or 206 answer).",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
+    "edgeglm_hub_piece_bytes_served_total": (
+        "Bytes of encoded pieces sent to devices (frame payloads, HTTP bodies), by transport.",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
     "edgeglm_hub_encode_cache_total": (
         "Piece encodings (raw or delta) asked for: hit in this process's cache, read from the piece"
         " store (another replica made it), or miss (encoded here).",

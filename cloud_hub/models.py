@@ -187,6 +187,10 @@ class Device(Base):
     desired_rollout_id: Mapped[int | None] = mapped_column(Integer)
     desired_signed_at: Mapped[float | None] = mapped_column(Float)
     desired_key_id: Mapped[str | None] = mapped_column(String(16))
+    # HTTP access to piece bytes (cloud_hub.device_credentials): a token names the epoch it was
+    # issued under; allowing a revoked device again bumps it, so older tokens stay refused
+    http_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    http_revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column()

@@ -50,7 +50,7 @@ def build_context(settings: HubSettings) -> HubContext:
         trusted=trusted,
         metrics=HubMetrics(),
         max_piece_bytes=settings.max_piece_bytes,
-        fleet=FleetKey.load_or_create(settings.fleet_key_path),
+        fleet=FleetKey.load_or_create(settings.fleet_key_path, pieces_url=settings.pieces_url),
         fetch_limits=settings.fetch_limits,
     )
 

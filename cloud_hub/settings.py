@@ -10,17 +10,21 @@ EDGEGLM_HUB_FETCH_RATE  fetch requests/s per device 20 (cloud_hub.fetch_limit)
 EDGEGLM_HUB_FETCH_BURST fetch requests in a burst   200
 EDGEGLM_HUB_FETCH_PENDING  a device's queued fetches  64
 EDGEGLM_HUB_FETCH_BYTES_RATE  bytes/s sent per device 0 (no cap)
+EDGEGLM_HUB_PIECES_URL  base URL devices fetch piece bytes from over HTTP (the hub as devices reach
+                        it, or a proxy / CDN in front of it)      none: bytes over MQTT only
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_hub.fetch_limit import FetchLimits
 from cloud_hub.piece_storage import StoreKind
+from edgeglm.contracts import PIECES_URL_MAX, PIECES_URL_PATTERN
 from edgeglm.errors import ConfigError
 
 __all__ = ["HubSettings"]
@@ -48,6 +52,16 @@ class HubSettings:
     fetch_burst: int = FetchLimits.burst
     fetch_pending: int = FetchLimits.pending
     fetch_bytes_rate: int = FetchLimits.bytes_per_s
+    pieces_url: str | None = None  # desired states offer bytes over HTTP there (cloud_hub.routes.pieces)
+
+    def __post_init__(self) -> None:
+        url = self.pieces_url
+        if url is not None and (len(url) > PIECES_URL_MAX or not re.fullmatch(PIECES_URL_PATTERN, url)):
+            raise ConfigError(
+                "--pieces-url",
+                f"{url[:80]!r} is not http(s)://HOST[:PORT][/PATH] of at most {PIECES_URL_MAX} characters",
+                hint="Give the address devices reach the hub (or its proxy / CDN) at, without query or user.",
+            )
 
     @property
     def fetch_limits(self) -> FetchLimits:
@@ -98,6 +112,8 @@ class HubSettings:
                     f"{env['EDGEGLM_HUB_STORE']!r} is not one of {choices}",
                     hint="Set it to auto, folder or database, or unset it (auto).",
                 ) from exc
+        if env.get("EDGEGLM_HUB_PIECES_URL"):
+            values["pieces_url"] = env["EDGEGLM_HUB_PIECES_URL"]
         if env.get("EDGEGLM_HUB_FLEET_KEY"):
             values["fleet_key"] = Path(env["EDGEGLM_HUB_FLEET_KEY"])
         for name, field, kind in _FETCH_ENV:

@@ -140,6 +140,14 @@ def grant_role_cmd(role: str, db_url: str | None, data_dir: Path | None) -> None
     help="Bytes per second the gateway sends each device, 0 for no cap"
     " [env EDGEGLM_HUB_FETCH_BYTES_RATE; 0].",
 )
+@click.option(
+    "--pieces-url",
+    default=None,
+    metavar="URL",
+    help="Base URL devices fetch piece bytes from over HTTP: this hub as devices reach it, or a proxy"
+    " or CDN in front of it; desired states then carry it and a device token [env"
+    " EDGEGLM_HUB_PIECES_URL; none: MQTT only].",
+)
 def serve_cmd(
     db_url: str | None,
     data_dir: Path | None,
@@ -158,6 +166,7 @@ def serve_cmd(
     fetch_burst: int | None,
     fetch_pending: int | None,
     fetch_bytes_rate: int | None,
+    pieces_url: str | None,
 ) -> None:
     """Serve the HTTP API until SIGTERM; with --broker also device traffic and the rollout controller."""
     import os
@@ -188,6 +197,7 @@ def serve_cmd(
         fetch_burst=fetch_burst,
         fetch_pending=fetch_pending,
         fetch_bytes_rate=fetch_bytes_rate,
+        pieces_url=pieces_url,
     )
     sock = admin.listen(settings)  # before anything starts: a taken port is exit 78, not a URL
     if migrate:
