@@ -111,8 +111,11 @@ class World:
         conn.close()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
-    def desire(self, device_id: str, *, publish: bool = True, fleet: Any = None) -> str | None:
-        """Register ``device_id`` and make NEW its desired release; the desired state's token."""
+    def desire(
+        self, device_id: str, *, publish: bool = True, fleet: Any = None, reported: str | None = OLD
+    ) -> str | None:
+        """Register ``device_id`` as running ``reported`` (as its heartbeat says) and make NEW its
+        desired release; the desired state's token."""
         from cloud_hub.desired import publish_desired
         from cloud_hub.models import Device
 
@@ -125,6 +128,8 @@ class World:
 
         with self.ctx.db.session() as s:
             device = s.get(Device, device_id) or Device(id=device_id, profile=PROFILE)
+            if reported is not None:
+                device.current_model, device.current_version = MODEL, reported
             s.add(device)
             s.flush()
             publish_desired(s, device, MODEL, NEW, None, capture, fleet=fleet or self.ctx.fleet)
@@ -353,7 +358,11 @@ def test_the_piece_routes_answer_immutably_with_ranges_and_refuse_out_of_scope(w
     assert len(delta) < len(body)
 
     other = old.files[0].pieces[-1][0] if old.files[0].pieces[-1][0] != base else old.files[0].pieces[0][0]
+    # a box that never held OLD must not name it: the delta and the raw piece would give the base
+    curious = world.desire("box-curious", publish=False, reported=None)
+    dropped = world.ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="http")
     refusals = [
+        (delta_path, curious, 404),
         (f"/api/v1/pieces/{changed}/delta/{other}?{QUERY}&have={OLD}", token, 404),  # not its base
         (f"/api/v1/pieces/{'0' * 64}?{QUERY}", token, 404),  # not in the bundle
         (
@@ -367,6 +376,7 @@ def test_the_piece_routes_answer_immutably_with_ranges_and_refuse_out_of_scope(w
     ]
     for path, given, expected in refusals:
         assert world.request(path, given)[0] == expected, path
+    assert world.ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="http") == dropped + 1
 
 
 def test_revoking_http_access_refuses_the_credential_at_once_and_allowing_it_starts_a_new_epoch(
