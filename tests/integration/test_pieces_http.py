@@ -464,3 +464,118 @@ def test_a_piece_corrupted_on_the_http_path_is_rejected_and_taken_over_mqtt(worl
     assert counted['http_fallbacks_total{reason="corrupt"}'] == 1
     assert counted['bytes_total{transport="http"}'] > 0 and counted['bytes_total{transport="mqtt"}'] > 0
     assert len(fetched) == len(set(fetched)), "a verified piece was fetched twice"
+
+
+# ---------------------------------------------------------------- the agent's HTTP path, alone
+# Each test below serves one connection from a raw socket scripted to misbehave; no hub needed.
+
+STEP_SIZE = 1000
+_HEADERS = (
+    "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nX-Edgeglm-Encoding: {enc}\r\n"
+    "X-Edgeglm-Element-Width: 0\r\nX-Edgeglm-Piece-Size: {n}\r\n\r\n"
+)
+
+
+class Scripted:
+    """A loopback server answering each request with ``script(connection, n)`` (n counts requests)."""
+
+    def __init__(self, script: Any) -> None:
+        import socket
+
+        self.script = script
+        self.requests = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, name="scripted-http", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        with conn:
+            try:
+                while conn.recv(65536):
+                    self.requests += 1
+                    self.script(conn, self.requests)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _agent_step() -> tuple[Any, Any]:
+    from edgeglm.planner import PieceStep
+
+    return Target(), PieceStep("ab" * 32, STEP_SIZE, "raw", STEP_SIZE, None, "F16", STEP_SIZE)
+
+
+@dataclass
+class Target:
+    model: str = MODEL
+    version: str = NEW
+    profile: str = PROFILE
+
+
+def test_a_piece_dripped_byte_by_byte_fails_at_its_deadline() -> None:
+    """timeout_s bounds each read; a server sending a byte every 0.1 s must not hold the piece."""
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    def drip(conn: Any, _n: int) -> None:
+        conn.sendall(_HEADERS.format(n=STEP_SIZE, enc="RAW").encode())
+        for _ in range(15):  # 1.5 s, then the server gives up (a test without the deadline ends)
+            conn.sendall(b"x")
+            time.sleep(0.1)
+        conn.close()
+
+    server = Scripted(drip)
+    http = HttpPieces(timeout_s=0.3)
+    target, step = _agent_step()
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(HttpOffer(server.url, "tok"), target, step, [])
+    finally:
+        http.close()
+        server.close()
+    assert failed.value.kind == "timeout", failed.value.reason
+    assert failed.value.link  # counts toward "HTTP is down for the round"
+
+
+def test_a_superseded_update_stops_waiting_on_http_at_once_without_mqtt() -> None:
+    """The fetcher's wait loop polls ``cancelled``: a revert does not wait for a silent server."""
+    from edge_agent.fetch import _Bucket
+    from edge_agent.fetch_http import HttpFirstFetcher, HttpOffer, HttpPieces
+
+    silent_until = threading.Event()
+    server = Scripted(lambda _conn, _n: silent_until.wait(5))  # answers nothing (5 s at most)
+
+    class NoMqtt:
+        bucket = _Bucket(0)
+        asked: list[Any] = []  # noqa: RUF012
+
+        def pieces(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            self.asked.append(args)
+            return iter(())
+
+    http = HttpPieces(timeout_s=30)
+    fetcher = HttpFirstFetcher(NoMqtt(), http)  # type: ignore[arg-type]
+    fetcher._offer = HttpOffer(server.url, "tok")
+    target, step = _agent_step()
+    polls: list[int] = []
+
+    def cancelled() -> bool:  # superseded once the request is in flight
+        polls.append(1)
+        return server.requests > 0 and len(polls) > 2
+
+    try:
+        got = list(fetcher.pieces(target, [step], [OLD], cancelled=cancelled))
+    finally:
+        silent_until.set()
+        server.close()
+    assert got == [] and NoMqtt.asked == []
+    assert server.requests == 1
