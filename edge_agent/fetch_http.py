@@ -137,10 +137,14 @@ class HttpPieces:
                 headers={"Authorization": f"Bearer {offer.token}", "Accept-Encoding": "identity"},
             )
             resp = conn.getresponse()
+            taken = False
             try:
-                return self._take(resp, step, conn, deadline)
+                answer = self._take(resp, step, conn, deadline)
+                taken = True
+                return answer
             finally:
-                if resp.status != 200 or resp.will_close:
+                # a body not read to its end (refused headers, an error) would be the next answer
+                if not taken or resp.will_close:
                     self._drop()
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
@@ -172,7 +176,6 @@ class HttpPieces:
         while len(body) < size:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._drop()  # the rest of the body is still on its way
                 raise _Failed(
                     "timeout", f"{len(body)} of {size} bytes after {self.deadline_s(step.size):.0f} s"
                 )

@@ -579,3 +579,26 @@ def test_a_superseded_update_stops_waiting_on_http_at_once_without_mqtt() -> Non
         server.close()
     assert got == [] and NoMqtt.asked == []
     assert server.requests == 1
+
+
+def test_a_connection_whose_answer_was_refused_unread_is_not_used_again() -> None:
+    """An answer refused on its headers leaves its body unread: the next request opens anew."""
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    def answer(conn: Any, n: int) -> None:  # the first answer names an encoding the agent lacks
+        head = _HEADERS.format(n=STEP_SIZE, enc="FUTURE_ZSTD" if n == 1 else "RAW").encode()
+        conn.sendall(head + b"x" * STEP_SIZE)
+
+    server = Scripted(answer)
+    http = HttpPieces(timeout_s=5)
+    target, step = _agent_step()
+    offer = HttpOffer(server.url, "tok")
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(offer, target, step, [])
+        assert failed.value.kind == "check"
+        encoded, _ = http.get(offer, target, step, [])  # not ResponseNotReady on the old one
+        assert encoded.payload == b"x" * STEP_SIZE
+    finally:
+        http.close()
+        server.close()
