@@ -119,7 +119,20 @@ class HttpPieces:
     def get(
         self, offer: HttpOffer, target: Manifest, step: PieceStep, have: Sequence[str]
     ) -> tuple[Encoded, str | None]:
-        """The step's piece as encoded by the hub, and the base of a delta; else :class:`_Failed`."""
+        """The step's piece as encoded by the hub, and the base of a delta; else :class:`_Failed`
+        (also for an error nothing here expects: a bug on the HTTP path must leave MQTT to finish
+        the update, not stop it)."""
+        try:
+            return self._get(offer, target, step, have)
+        except _Failed:
+            raise
+        except Exception as exc:
+            log.warning("HTTP piece fetch failed unexpectedly", exc_info=True)
+            raise _Failed("connection", f"unexpected: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+    def _get(
+        self, offer: HttpOffer, target: Manifest, step: PieceStep, have: Sequence[str]
+    ) -> tuple[Encoded, str | None]:
         parts = urlsplit(offer.url)
         query = {"model": target.model, "version": target.version, "profile": target.profile}
         path = f"{parts.path.rstrip('/')}/api/v1/pieces/{step.piece_id}"

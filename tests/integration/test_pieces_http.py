@@ -602,3 +602,25 @@ def test_a_connection_whose_answer_was_refused_unread_is_not_used_again() -> Non
     finally:
         http.close()
         server.close()
+
+
+def test_an_unexpected_error_on_the_http_path_falls_back_to_mqtt() -> None:
+    """An offer the agent cannot use (a port past 65535 that an older hub signed) is a connection
+    failure: the piece goes to MQTT instead of stopping the update."""
+    from edge_agent.fetch import _Bucket
+    from edge_agent.fetch_http import HttpFirstFetcher, HttpOffer, HttpPieces
+
+    class Mqtt:
+        bucket = _Bucket(0)
+        asked: list[Any] = []  # noqa: RUF012
+
+        def pieces(self, _target: Any, steps: Any, _have: Any, **_kw: Any) -> Iterator[Any]:
+            self.asked.extend(steps)
+            return iter(())
+
+    fallbacks: list[str] = []
+    fetcher = HttpFirstFetcher(Mqtt(), HttpPieces(timeout_s=1), on_fallback=fallbacks.append)  # type: ignore[arg-type]
+    fetcher._offer = HttpOffer("https://hub.example:99999", "tok")
+    target, step = _agent_step()
+    assert list(fetcher.pieces(target, [step], [])) == []
+    assert Mqtt.asked == [step] and fallbacks == ["connection"]

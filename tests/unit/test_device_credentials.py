@@ -106,6 +106,7 @@ def test_the_hub_refuses_a_pieces_url_it_could_not_put_in_a_desired_state() -> N
 
     assert HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": "https://cdn.example.com/e"}).pieces_url
     assert HubSettings.from_env({}).pieces_url is None
-    for bad in ("ftp://cdn", "https://cdn/x?y=1", "cdn.example.com"):
+    assert HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": "https://cdn:65535"}).pieces_url
+    for bad in ("ftp://cdn", "https://cdn/x?y=1", "cdn.example.com", "https://hub:99999", "http://hub:0"):
         with pytest.raises(ConfigError, match="--pieces-url"):
             HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": bad})
