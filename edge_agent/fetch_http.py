@@ -23,9 +23,10 @@ the update machine's ``cancelled``: once the update is superseded (a revert) it 
 connection and returns at once, without falling back to MQTT.
 
 A piece HTTP fails to deliver goes to MQTT: a connection error, a timeout or a piece past its
-deadline, 401 / 403 (the credential is refused: no more HTTP until a new desired state offers
-another), 404, 5xx, an answer failing a check, and a piece delivered over HTTP that the machine
-asks for again (it failed verification: a corrupted byte on the way). A 429 waits as
+deadline, 401 or a 403 with ``X-Edgeglm-Credential: refused`` (revoked: no more HTTP until a new
+desired state offers another credential), any other 403 (a release out of scope), 404, 5xx, an
+answer failing a check, an error nothing here expects, and a piece delivered over HTTP that the
+machine asks for again (it failed verification: a corrupted byte on the way). A 429 waits as
 ``Retry-After`` says and asks again. Three connection failures (or timeouts) in a row stop HTTP
 for the round. Nothing verified is asked again (the machine asks only for what its store lacks),
 and the bandwidth cap is the MQTT fetcher's bucket, shared: while capped, one request at a time.
@@ -180,8 +181,10 @@ class HttpPieces:
             if resp.status == 429:
                 wait_s = _seconds(resp.getheader("Retry-After"))
                 raise _Failed("rate_limited", "rate limited (429)", wait_s=wait_s)
-            kind = "refused" if resp.status in (401, 403) else "status"
-            raise _Failed(kind, f"answered {resp.status}")
+            refused = resp.getheader("X-Edgeglm-Credential") == "refused"
+            if resp.status == 401 or (resp.status == 403 and refused):
+                raise _Failed("refused", f"answered {resp.status}: the credential is refused")
+            raise _Failed("forbidden" if resp.status == 403 else "status", f"answered {resp.status}")
         why, encoding, width, size = _check(resp, step, self.holds)
         if why is not None:
             raise _Failed("check", f"answer refused: {why}")

@@ -375,7 +375,10 @@ def test_the_piece_routes_answer_immutably_with_ranges_and_refuse_out_of_scope(w
         (raw_path, token[:-3] + "AAA", 401),  # forged
     ]
     for path, given, expected in refusals:
-        assert world.request(path, given)[0] == expected, path
+        status, headers, _ = world.request(path, given)
+        assert status == expected, path
+        # only a refused credential stops a box's HTTP; an out-of-scope 403 refuses one piece
+        assert ("x-edgeglm-credential" in headers) == (expected == 401), path
     assert world.ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="http") == dropped + 1
 
 
@@ -402,14 +405,15 @@ def test_revoking_http_access_refuses_the_credential_at_once_and_allowing_it_sta
         return answer
 
     assert access("--revoke") == {"device_id": "box-revoke", "allowed": False, "epoch": 0}
-    status, _, body = world.request(path, token)
-    assert status == 403 and b"revoked" in body
+    status, headers, body = world.request(path, token)
+    assert status == 403 and b"revoked" in body and headers["x-edgeglm-credential"] == "refused"
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
         assert offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60) == (None, None)
     assert access("--allow") == {"device_id": "box-revoke", "allowed": True, "epoch": 1}
-    status, _, body = world.request(path, token)
+    status, headers, body = world.request(path, token)
     assert status == 401 and b"superseded" in body  # the token that leaked before stays dead
+    assert headers["x-edgeglm-credential"] == "refused"
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
         fresh = offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60)[1]
@@ -624,3 +628,24 @@ def test_an_unexpected_error_on_the_http_path_falls_back_to_mqtt() -> None:
     target, step = _agent_step()
     assert list(fetcher.pieces(target, [step], [])) == []
     assert Mqtt.asked == [step] and fallbacks == ["connection"]
+
+
+@pytest.mark.parametrize(("credential", "kind"), [("refused", "refused"), (None, "forbidden")])
+def test_only_a_refused_credential_stops_http(credential: str | None, kind: str) -> None:
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    marked = f"X-Edgeglm-Credential: {credential}\r\n" if credential else ""
+
+    def answer(conn: Any, _n: int) -> None:
+        conn.sendall(f"HTTP/1.1 403 Forbidden\r\n{marked}Content-Length: 2\r\n\r\n{{}}".encode())
+
+    server = Scripted(answer)
+    http = HttpPieces(timeout_s=5)
+    target, step = _agent_step()
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(HttpOffer(server.url, "tok"), target, step, [])
+    finally:
+        http.close()
+        server.close()
+    assert (failed.value.kind, failed.value.auth) == (kind, credential is not None)
