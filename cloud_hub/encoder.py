@@ -78,8 +78,12 @@ class PieceEncoder:
                 held.append(self.bundle(target.model, version, target.profile)[1])
             except NotFoundError:
                 continue  # a version the hub does not know gives no delta base
-        # have=(): a device holds pieces it says nothing about; we plan as if it held none of them
-        steps = {s.piece_id: s for f in plan(target, held, have=()).files for s in f.steps}
+        # have=(): a device holds pieces it says nothing about; we plan as if it held none of them.
+        # A piece that appears twice travels at its first place; the later ones are "have" steps.
+        steps: dict[str, PieceStep] = {}
+        for f in plan(target, held, have=()).files:
+            for s in f.steps:
+                steps.setdefault(s.piece_id, s)
         with self._lock:
             self._plans[key] = steps
             while len(self._plans) > 64:

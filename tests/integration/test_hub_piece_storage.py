@@ -402,3 +402,21 @@ def test_auto_is_the_database_on_postgresql_the_folder_on_sqlite_and_a_left_fold
     assert HubSettings.from_env({"EDGEGLM_HUB_STORE": "folder"}).store_kind("postgresql") is StoreKind.FOLDER
     with pytest.raises(ConfigError, match="EDGEGLM_HUB_STORE: 's3' is not one of auto, folder, database"):
         HubSettings.from_env({"EDGEGLM_HUB_STORE": "s3"})
+
+
+def test_a_piece_twice_in_a_bundle_is_planned_by_its_first_travelling_step(tmp_path: Path) -> None:
+    """Two equal tensors give one piece id twice: the step kept is the one that fetches it (the
+    second place is a "have" step, which the delta route would answer 404)."""
+    from edgeglm.bundle import Manifest
+    from edgeglm.bundle_files import describe_file
+    from edgeglm.pieces import TensorSpan
+
+    same = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
+    (tmp_path / "model.onnx.data").write_bytes(same.tobytes() * 2)
+    spans = [TensorSpan("a", "float32", 0, same.nbytes), TensorSpan("b", "float32", same.nbytes, same.nbytes)]
+    files = (describe_file(tmp_path / "model.onnx.data", "model.onnx.data", spans),)
+    target = Manifest(model="m", version="1.0.0", profile="p", files=files, quality={"passed": True})
+    (first, _), (second, _) = files[0].pieces
+    assert first == second
+    step = PieceEncoder(None, FolderStorage(tmp_path / "store"), HubMetrics()).steps(target, ())[first]  # type: ignore[arg-type]
+    assert step.action == "raw"
