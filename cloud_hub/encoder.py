@@ -14,6 +14,12 @@ so with the database store one replica's encoding work serves all (two replicas 
 moment may both encode; the store keeps the first and both send the same bytes). An encoding is
 stored under the (piece, base) it really is: a delta whose base the store lacks is made and stored
 raw.
+
+Manifests are read and parsed once per (model, version, profile) and kept (the last ``bundles``,
+least recently used out first): a published bundle never changes (a repair publishes the same
+manifest again), and a piece request over HTTP would otherwise read and parse the whole manifest
+(35 ms for 8,193 pieces) to find one step. The raw bytes stay with the parsed manifest: the gateway
+answers a manifest request with them, exactly as signed.
 """
 
 from __future__ import annotations
@@ -38,7 +44,13 @@ __all__ = ["PieceEncoder"]
 
 class PieceEncoder:
     def __init__(
-        self, db: Database, store: PieceStorage, metrics: HubMetrics, *, cache_bytes: int = 256 << 20
+        self,
+        db: Database,
+        store: PieceStorage,
+        metrics: HubMetrics,
+        *,
+        cache_bytes: int = 256 << 20,
+        bundles: int = 16,
     ) -> None:
         self.db = db
         self.store = store
@@ -48,9 +60,17 @@ class PieceEncoder:
         self._cached = 0
         self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
         self._lock = threading.Lock()
+        self.bundles = bundles
+        self._bundles: OrderedDict[tuple[str, str, str], tuple[bytes, Manifest]] = OrderedDict()
 
     def bundle(self, model: str, version: str, profile: str) -> tuple[bytes, Manifest]:
         """The bundle's manifest exactly as signed, and parsed; NotFoundError if there is none."""
+        key = (model, version, profile)
+        with self._lock:
+            hit = self._bundles.get(key)
+            if hit is not None:
+                self._bundles.move_to_end(key)
+                return hit
         with self.db.session() as s:
             b = s.scalar(
                 select(Bundle)
@@ -61,7 +81,12 @@ class PieceEncoder:
             if b is None:
                 raise NotFoundError(f"bundle {model}@{version}", f"has no build for profile {profile!r}")
             raw = b.manifest_json.encode()
-        return raw, parse_manifest(raw, None)[0]
+        found = (raw, parse_manifest(raw, None)[0])
+        with self._lock:
+            self._bundles[key] = found
+            while len(self._bundles) > self.bundles:
+                self._bundles.popitem(last=False)
+        return found
 
     def steps(self, target: Manifest, have: Iterable[str]) -> dict[str, PieceStep]:
         """Each piece of ``target`` by id: raw, or a delta against the same tensor slice in one of

@@ -420,3 +420,24 @@ def test_a_piece_twice_in_a_bundle_is_planned_by_its_first_travelling_step(tmp_p
     assert first == second
     step = PieceEncoder(None, FolderStorage(tmp_path / "store"), HubMetrics()).steps(target, ())[first]  # type: ignore[arg-type]
     assert step.action == "raw"
+
+
+@pytest.mark.parametrize(("kind", "hub_db_url"), [("folder", "sqlite")], indirect=["hub_db_url"])
+def test_a_bundle_is_read_and_parsed_once_and_the_cache_is_bounded(
+    store: PieceStorage, db: Database, publisher: Any
+) -> None:
+    """Every HTTP piece request asks for its bundle's plan: the manifest is parsed once, not per piece."""
+    trusted = dict(load_public_keys([publisher.public_path]))
+    folders = {v: publisher.bundle(v, size=4096) for v in ("1.0.0", "1.1.0")}
+    for folder in folders.values():
+        _publish(db, store, folder, trusted)
+    model, profile = (
+        load_manifest(folders["1.0.0"], None)[0].model,
+        load_manifest(folders["1.0.0"], None)[0].profile,
+    )
+    encoder = PieceEncoder(db, store, HubMetrics(), bundles=1)
+    raw, first = encoder.bundle(model, "1.0.0", profile)
+    assert raw == (folders["1.0.0"] / MANIFEST_NAME).read_bytes()  # exactly as signed
+    assert encoder.bundle(model, "1.0.0", profile)[1] is first  # not read nor parsed again
+    encoder.bundle(model, "1.1.0", profile)
+    assert encoder.bundle(model, "1.0.0", profile)[1] is not first  # one kept at most
