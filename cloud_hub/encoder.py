@@ -10,7 +10,9 @@ places, cheapest first::
     the piece store         every replica on the same store                             {result=store}
     encoded here            then written to the store for the others                    {result=miss}
 
-so with the database store one replica's encoding work serves all (two replicas asked at the same
+Requests for one (piece, base) that arrive while it is being made wait for that one read and
+encode (single flight: a wave asking for an uncached piece at once encodes it once, counted as
+hits), so with the database store one replica's encoding work serves all (two replicas asked at the same
 moment may both encode; the store keeps the first and both send the same bytes). An encoding is
 stored under the (piece, base) it really is: a delta whose base the store lacks is made and stored
 raw.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future
 
 from sqlalchemy import select
 
@@ -60,6 +63,7 @@ class PieceEncoder:
         self._cached = 0
         self._plans: OrderedDict[tuple[str, tuple[str, ...]], dict[str, PieceStep]] = OrderedDict()
         self._lock = threading.Lock()
+        self._making: dict[EncodingKey, Future[Encoded]] = {}  # in the making: others wait on it
         self.bundles = bundles
         self._bundles: OrderedDict[tuple[str, str, str], tuple[bytes, Manifest]] = OrderedDict()
 
@@ -119,12 +123,32 @@ class PieceEncoder:
         """The piece of ``step`` as sent: its delta against the step's base when that is smaller,
         else raw (zstd / byte planes). Reads verify the stored bytes (IntegrityError if rotten)."""
         key = EncodingKey(step.piece_id, step.base_id if step.action == "delta" else None)
+        mine: Future[Encoded] = Future()
         with self._lock:
             hit = self._encoded.get(key)
             if hit is not None:
                 self._encoded.move_to_end(key)
-                self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
-                return hit
+            else:
+                making = self._making.setdefault(key, mine)
+        if hit is not None:
+            self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
+            return hit
+        if making is not mine:  # another request is making it: share its one read and encode
+            self.metrics.inc("edgeglm_hub_encode_cache_total", result="hit")
+            return making.result()
+        try:
+            encoded = self._make(key, step)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._making[key]
+        mine.set_result(encoded)
+        return encoded
+
+    def _make(self, key: EncodingKey, step: PieceStep) -> Encoded:
+        """Read ``step``'s encoding from the store, or encode it and store it (one caller per key)."""
         stored = self.store.encoding(key)
         if stored is not None:
             self.metrics.inc("edgeglm_hub_encode_cache_total", result="store")

@@ -3,7 +3,8 @@
     desired state (signed) ── pieces_url, pieces_token ──> HttpFirstFetcher.offer()
     UpdateMachine ── pieces(target, steps, have) ──> HttpFirstFetcher
         │ offered: each step as GET {pieces_url}/api/v1/pieces/{piece}[/delta/{base}]?model=..
-        │          (``window`` at a time, Authorization: Bearer <pieces_token>)
+        │          (``window`` at a time, at most PIECES_IN_FLIGHT = 4: the hub's per-device
+        │          limit; Authorization: Bearer <pieces_token>)
         └─ whatever HTTP did not deliver ──> MqttFetcher.pieces (the same round)
     manifests always over MQTT (MqttFetcher.manifest)
 
@@ -51,6 +52,7 @@ from urllib.parse import urlencode, urlsplit
 
 from edge_agent.fetch import MqttFetcher
 from edgeglm.bundle import Manifest
+from edgeglm.hub_api import PIECES_IN_FLIGHT
 from edgeglm.planner import PieceStep
 from edgeglm.protocol import DELTA_ENCODINGS, Desired, PieceEncoding, max_encoded_size
 from edgeglm.tensor_delta import Encoded
@@ -305,7 +307,7 @@ class HttpFirstFetcher:
     ) -> None:
         self.mqtt = mqtt
         self.http = http
-        self.window = window
+        self.window = min(window, PIECES_IN_FLIGHT)  # the hub answers 429 past it
         self.on_bytes = on_bytes or (lambda _t, _n: None)
         self.on_fallback = on_fallback or (lambda _r: None)
         self._offer: HttpOffer | None = None

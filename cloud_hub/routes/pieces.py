@@ -10,7 +10,9 @@ versions it holds (``have``, as a FetchRequest does); in this order, before any 
 
     credential   cloud_hub.guard: the device's HTTP credential (401 / 403), no body read
     rate         the device's bucket (cloud_hub.fetch_limit); one piece costs 1/32 of an MQTT
-                 request, which carries up to 32: over it, 429 with ``Retry-After``
+                 request, which carries up to 32, and a device has at most PIECES_IN_FLIGHT (4)
+                 requests in flight (the agent's HTTP window is capped to it): over either, 429
+                 with ``Retry-After``
     scope        the release and profile are targeted at the device (cloud_hub.fetch_scope): 403;
                  ``have`` keeps only versions the device was given or reported (at most 8; a
                  delta is invertible, so a version it never held must not be a base): the others
@@ -51,7 +53,7 @@ from cloud_hub.fetch_scope import MAX_HAVE, FetchScope
 from cloud_hub.routes.deps import DeviceAuth, Hub
 from edgeglm.contracts import NAME_PATTERN, PIECE_ID_PATTERN, SEMVER_PATTERN, version_problem
 from edgeglm.errors import IntegrityError, NotFoundError, UsageError
-from edgeglm.hub_api import API_PREFIX, ErrorInfo, ErrorView
+from edgeglm.hub_api import API_PREFIX, PIECES_IN_FLIGHT, ErrorInfo, ErrorView
 from edgeglm.planner import PieceStep
 from edgeglm.tensor_delta import Encoded
 
@@ -81,7 +83,7 @@ class PieceDesk:
             FetchLimits(
                 requests_per_s=lim.requests_per_s * PIECES_PER_REQUEST,
                 burst=lim.burst * PIECES_PER_REQUEST,
-                pending=lim.pending,
+                pending=min(lim.pending, PIECES_IN_FLIGHT),
                 bytes_per_s=lim.bytes_per_s,
                 max_devices=lim.max_devices,
             )

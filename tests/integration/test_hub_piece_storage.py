@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -441,3 +442,40 @@ def test_a_bundle_is_read_and_parsed_once_and_the_cache_is_bounded(
     assert encoder.bundle(model, "1.0.0", profile)[1] is first  # not read nor parsed again
     encoder.bundle(model, "1.1.0", profile)
     assert encoder.bundle(model, "1.0.0", profile)[1] is not first  # one kept at most
+
+
+@pytest.mark.parametrize(("kind", "hub_db_url"), [("folder", "sqlite")], indirect=["hub_db_url"])
+def test_requests_for_one_uncached_piece_at_once_read_and_encode_it_once(store: PieceStorage) -> None:
+    """A wave asks for the same piece at the same moment: one read and encode, shared."""
+    data = np.random.default_rng(9).standard_normal(1 << 16).astype(np.float32).tobytes()
+    pid = piece_id(data)
+    store.put(pid, data)
+
+    class Slow:  # the store, read slowly enough that every request arrives while one is reading
+        reads = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def get(self, p: str) -> bytes:
+            Slow.reads += 1
+            time.sleep(0.05)
+            return store.get(p)
+
+    metrics = HubMetrics()
+    encoder = PieceEncoder(None, Slow(), metrics)  # type: ignore[arg-type]
+    step = PieceStep(pid, len(data), "raw", len(data), dtype="float32")
+    start = threading.Barrier(20)
+    got: list[Any] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(encoder.encoded(step))
+
+    threads = [threading.Thread(target=ask) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.reads == 1 and len(got) == 20 and all(g == got[0] for g in got)
+    assert metrics.value("edgeglm_hub_encode_cache_total", result="miss") == 1
