@@ -203,6 +203,7 @@ class HttpPieces:
             if not chunk:
                 raise _Failed("connection", f"truncated: {len(body)} of {size} bytes")
             body += chunk
+        resp.read()  # b"": marks the answer complete (read1 does not), so the connection is reusable
         base = resp.getheader("X-Edgeglm-Base") if encoding in DELTA_ENCODINGS else None
         return Encoded(encoding, width, bytes(body)), base
 

@@ -603,6 +603,7 @@ def test_a_connection_whose_answer_was_refused_unread_is_not_used_again() -> Non
         assert failed.value.kind == "check"
         encoded, _ = http.get(offer, target, step, [])  # not ResponseNotReady on the old one
         assert encoded.payload == b"x" * STEP_SIZE
+        assert http.get(offer, target, step, [])[0] == encoded  # a read answer leaves it reusable
     finally:
         http.close()
         server.close()
