@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 
 from cloud_hub.db import Database
 from cloud_hub.models import PieceBytes, PieceEncodingRow, utcnow
-from cloud_hub.piece_storage import EncodingKey, check_piece
+from cloud_hub.piece_storage import EncodingKey, check_piece, encoding_digest
 from edgeglm.errors import IntegrityError, NotFoundError
 from edgeglm.pieces import piece_id
 from edgeglm.protocol import PieceEncoding
@@ -152,11 +152,18 @@ class DatabaseStorage:
             payload = None if row is None else _read(conn, _ENCODINGS, _ENCODINGS.c.payload, where)
         if row is None or payload is None:
             return None
-        if piece_id(payload) != row.digest:
+        try:
+            found = Encoded(PieceEncoding(row.encoding), row.width, payload)
+        except ValueError:
+            found = None
+        if found is None or encoding_digest(found) != row.digest:
             self.remove_encodings([key])
-            log.error("encoding %s in the database store was corrupt: removed, made again", key.name)
+            if piece_id(payload) == row.digest:  # its digest covers the payload only: made before
+                log.info("encoding %s predates header digests: removed, made again", key.name)
+            else:
+                log.error("encoding %s in the database store was corrupt: removed, made again", key.name)
             return None
-        return Encoded(PieceEncoding(row.encoding), row.width, payload)
+        return found
 
     def put_encoding(self, key: EncodingKey, encoded: Encoded) -> bool:
         stmt = (
@@ -166,7 +173,7 @@ class DatabaseStorage:
                 base_id=key.base_id or "",
                 encoding=int(encoded.encoding),
                 width=encoded.width,
-                digest=piece_id(encoded.payload),
+                digest=encoding_digest(encoded),
                 size=len(encoded.payload),
                 payload=encoded.payload,
                 created_at=utcnow(),

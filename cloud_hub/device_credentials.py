@@ -56,7 +56,8 @@ __all__ = [
 
 _VERSION = "egd1"
 _INFO = b"edgeglm device http credential v1"
-_TOKEN = re.compile(rf"^{_VERSION}:({NAME_PATTERN}):([0-9]{{1,10}}):([0-9]{{1,12}}):([A-Za-z0-9_-]{{43}})$")
+_NUMBER = r"(0|[1-9][0-9]{0,11})"  # canonical: the MAC covers the number, so one spelling only
+_TOKEN = re.compile(rf"^{_VERSION}:({NAME_PATTERN}):{_NUMBER}:{_NUMBER}:([A-Za-z0-9_-]{{43}})$")
 CREDENTIAL_HINT = "Use the pieces_token of the box's newest desired state; without one, fetch over MQTT."
 _REVOKED_HINT = (
     "The box fetches over MQTT meanwhile; an operator allows HTTP again with"

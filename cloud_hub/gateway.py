@@ -17,7 +17,9 @@ Plans and encodings come from the hub's :class:`cloud_hub.encoder.PieceEncoder` 
 HTTP piece routes), so a wave of devices moving between the same two versions costs one encoding
 per piece. The hub trusts nothing in a request:
 the device is the one the broker let publish on that topic, the recipe may name only pieces of the
-requested bundle, ``have`` only versions it knows for that model and profile; anything else is
+requested bundle, ``have`` only versions the device was given or reported (FetchScope.held: a
+delta is invertible, so any other version would be readable as a base; the others are dropped and
+counted in ``edgeglm_hub_have_dropped_total``) and that the hub knows; anything else is
 dropped or answered with an ERROR frame (counted in ``edgeglm_hub_device_messages_dropped_total``
 by reason, and logged) and the gateway goes on. Each piece sent counts in
 ``edgeglm_hub_pieces_served_total{transport="mqtt"}`` and its encoded bytes in
@@ -181,7 +183,11 @@ class Gateway:
                     max_message_bytes=self.max_message_bytes,
                 )
                 return self._send(topic, frames, correlation)
-            steps = self.encoder.steps(manifest, req.have)
+            have, dropped = self.scope.held(device_id, req.model, req.have)
+            if dropped:
+                self.metrics.inc("edgeglm_hub_have_dropped_total", float(dropped), transport="mqtt")
+                log.warning("%s named %d version(s) it was never given in have: dropped", device_id, dropped)
+            steps = self.encoder.steps(manifest, have)
             sent = 0
             for pid in req.pieces:
                 step = steps.get(pid)

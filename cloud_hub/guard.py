@@ -9,8 +9,10 @@
     role         below the route's role (its Viewer / Operator / Admin dependency): 403
       or, on a device route (its DeviceAuth dependency: the piece routes), instead of both:
     credential   a device's HTTP credential (cloud_hub.device_credentials): forged, expired or
-                 superseded 401, revoked 403 (the device's row is read on each request); no API
-                 token opens a device route, no device credential any other
+                 superseded 401, revoked 403 (the device's row is read on each request), each
+                 with ``X-Edgeglm-Credential: refused`` (the box stops HTTP until a new token; a
+                 403 without it, out of scope, refuses one piece only); no API token opens a
+                 device route, no device credential any other
     size         a Content-Length over the route's limit: 413; a raw-body route sent without one
                  (chunked): 411; a chunked body that streams past the limit: 413, reading stops
 
@@ -48,7 +50,10 @@ from cloud_hub.routes.deps import DEVICE_DEPENDENCIES, JSON_LIMIT, ROLE_DEPENDEN
 from edgeglm.errors import AccessError, EdgeError, UnavailableError, UsageError
 from edgeglm.hub_api import API_PREFIX
 
-__all__ = ["Guard", "RouteRule", "route_rules"]
+__all__ = ["CREDENTIAL_REFUSED", "Guard", "RouteRule", "route_rules"]
+
+# on a refused device credential: the agent (edge_agent.fetch_http) stops HTTP until a new token
+CREDENTIAL_REFUSED = ("X-Edgeglm-Credential", "refused")
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +176,10 @@ class Guard:
         headers = Headers(scope=scope)
         try:
             if rule.device:
-                device = await run_in_threadpool(self._authenticate_device, headers.get("authorization"))
+                try:
+                    device = await run_in_threadpool(self._authenticate_device, headers.get("authorization"))
+                except AccessError as exc:  # this credential will never open a piece: say so
+                    return await refuse(exc, headers={CREDENTIAL_REFUSED[0]: CREDENTIAL_REFUSED[1]})
                 scope.setdefault("state", {})["device"] = device
             else:
                 who = await run_in_threadpool(self._authenticate, headers.get("authorization"))
@@ -247,9 +255,12 @@ class _Refuse:
     def __init__(self, render: Render, scope: Scope, receive: Receive, send: Send) -> None:
         self.render, self.scope, self.receive, self.send = render, scope, receive, send
 
-    def __call__(self, exc: EdgeError, status: int | None = None) -> Awaitable[None]:
+    def __call__(
+        self, exc: EdgeError, status: int | None = None, *, headers: dict[str, str] | None = None
+    ) -> Awaitable[None]:
         response = self.render(exc, status)
         response.headers["Connection"] = "close"  # the body, if any, is left unread
+        response.headers.update(headers or {})
         return response(self.scope, self.receive, self.send)
 
 

@@ -76,6 +76,12 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]] =
         ("transport",),
         (("http",), ("mqtt",)),
     ),
+    "edgeglm_hub_have_dropped_total": (
+        "Versions a device named as held (have) that it was never given nor reported, or past the"
+        " first 8: dropped before planning (no delta base), by transport.",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
     "edgeglm_hub_encode_cache_total": (
         "Piece encodings (raw or delta) asked for: hit in this process's cache, read from the piece"
         " store (another replica made it), or miss (encoded here).",

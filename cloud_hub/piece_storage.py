@@ -15,8 +15,10 @@ Both hold two kinds of content:
                 (its ``begin`` lists the piece as missing) repairs it
     encodings   by (piece, base): a piece as a device is sent it (:class:`Encoded`), raw when the
                 base is None; made once by whichever replica is asked first, read by all. Each
-                carries the BLAKE3 of its payload; a rotten one is deleted and read as absent
-                (the encoder makes it again)
+                carries a digest (:func:`encoding_digest`) over its encoding, element width and
+                payload; a rotten one (a flipped header field too) is deleted and read as absent
+                (the encoder makes it again). Encodings stored before the digest covered the
+                header read as rotten once, and are made again
 
 Everything is one piece at a time (a piece is at most ``max_piece_bytes``), never a whole
 bundle. What a backend needs is get / put-if-absent / list / delete by key plus a little
@@ -45,7 +47,7 @@ from edgeglm.pieces import piece_id
 from edgeglm.protocol import PieceEncoding
 from edgeglm.tensor_delta import Encoded
 
-__all__ = ["EncodingKey", "FolderStorage", "PieceStorage", "StoreKind", "check_piece"]
+__all__ = ["EncodingKey", "FolderStorage", "PieceStorage", "StoreKind", "check_piece", "encoding_digest"]
 
 _ID = re.compile(f"^{PIECE_ID_PATTERN}$")
 
@@ -115,9 +117,18 @@ class PieceStorage(Protocol):
         ...
 
 
-# An encoding file: magic, encoding, element width, BLAKE3-256 of the payload, then the payload.
+# An encoding file: magic, encoding, element width, its encoding_digest, then the payload.
 _HEADER = struct.Struct(">4sBB32s")
 _MAGIC = b"EGE1"
+_FIELDS = struct.Struct(">BB")
+
+
+def encoding_digest(encoded: Encoded) -> str:
+    """BLAKE3-256 (hex) over an encoding's kind, element width and payload, as both backends store
+    it: BLAKE3(kind, width, BLAKE3(payload)), so the payload is hashed in place, never copied."""
+    return piece_id(
+        _FIELDS.pack(int(encoded.encoding), encoded.width) + bytes.fromhex(piece_id(encoded.payload))
+    )
 
 
 class FolderStorage:
@@ -171,10 +182,10 @@ class FolderStorage:
             return None
         try:
             magic, encoding, width, digest = _HEADER.unpack_from(blob)
-            payload = blob[_HEADER.size :]
-            if magic != _MAGIC or piece_id(payload) != digest.hex():
+            found = Encoded(PieceEncoding(encoding), width, blob[_HEADER.size :])
+            if magic != _MAGIC or encoding_digest(found) != digest.hex():
                 raise ValueError("digest")
-            return Encoded(PieceEncoding(encoding), width, payload)
+            return found
         except (struct.error, ValueError):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -185,7 +196,7 @@ class FolderStorage:
         if path.is_file():
             return False
         header = _HEADER.pack(
-            _MAGIC, int(encoded.encoding), encoded.width, bytes.fromhex(piece_id(encoded.payload))
+            _MAGIC, int(encoded.encoding), encoded.width, bytes.fromhex(encoding_digest(encoded))
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         # an encoding can be made again: no fsync; a torn file fails its digest and is made anew

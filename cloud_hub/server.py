@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -44,6 +46,12 @@ def build_context(settings: HubSettings) -> HubContext:
     trusted = dict(load_public_keys(list(settings.trusted_keys))) if settings.trusted_keys else {}
     if not trusted:
         log.warning("no trusted publisher keys: every publish will be refused (pass --trust KEY.pub)")
+    if settings.pieces_url is not None and _in_clear(settings.pieces_url):
+        log.warning(
+            "--pieces-url %s is plain http to a host that is not this one: every box's bearer token"
+            " travels in clear (use https, or a proxy on the boxes' own network)",
+            settings.pieces_url,
+        )
     return HubContext(
         db=db,
         store=open_store(settings, db),
@@ -53,6 +61,20 @@ def build_context(settings: HubSettings) -> HubContext:
         fleet=FleetKey.load_or_create(settings.fleet_key_path, pieces_url=settings.pieces_url),
         fetch_limits=settings.fetch_limits,
     )
+
+
+def _in_clear(pieces_url: str) -> bool:
+    """Whether devices would send their HTTP credential unencrypted off this host."""
+    parts = urlsplit(pieces_url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def open_store(settings: HubSettings, db: Database) -> PieceStorage:

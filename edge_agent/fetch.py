@@ -300,13 +300,20 @@ class MqttFetcher:
             time.sleep(left)
 
     def pieces(
-        self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
+        self,
+        target: Manifest,
+        steps: Sequence[PieceStep],
+        have: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
         todo = list(steps)
         open_: dict[str, _Request] = {}
         waiting: list[tuple[list[PieceStep], int]] = []  # refused for the rate: (pieces, tries)
         try:
             while todo or open_ or waiting:
+                if cancelled is not None and cancelled():  # superseded: the machine stops the update
+                    return
                 if not self.link.connected:
                     # what was in flight is lost with the link: ask again, without counting a try
                     self._wait_online()

@@ -3,7 +3,8 @@
     desired state (signed) ── pieces_url, pieces_token ──> HttpFirstFetcher.offer()
     UpdateMachine ── pieces(target, steps, have) ──> HttpFirstFetcher
         │ offered: each step as GET {pieces_url}/api/v1/pieces/{piece}[/delta/{base}]?model=..
-        │          (``window`` at a time, Authorization: Bearer <pieces_token>)
+        │          (``window`` at a time, at most PIECES_IN_FLIGHT = 4: the hub's per-device
+        │          limit; Authorization: Bearer <pieces_token>)
         └─ whatever HTTP did not deliver ──> MqttFetcher.pieces (the same round)
     manifests always over MQTT (MqttFetcher.manifest)
 
@@ -15,20 +16,31 @@ answers; the headers are the hub's word and nothing more::
     X-Edgeglm-Base (a delta only) the base asked for or a piece this box holds
 
 then the body is read to its length; the update machine decodes it and checks its BLAKE3 as for
-MQTT. A piece HTTP fails to deliver goes to MQTT: a connection error, a timeout, 401 / 403 (the
-credential is refused: no more HTTP until a new desired state offers another), 404, 5xx, an answer
-failing a check, and a piece delivered over HTTP that the machine asks for again (it failed
-verification: a corrupted byte on the way). A 429 waits as ``Retry-After`` says and asks again.
-Three connection failures in a row stop HTTP for the round. Nothing verified is asked again (the
-machine asks only for what its store lacks), and the bandwidth cap is the MQTT fetcher's bucket,
-shared: while capped, one request at a time. Bytes received count per transport (``on_bytes``).
+MQTT. ``timeout_s`` bounds each socket operation, and each piece as a whole must arrive within
+``timeout_s + size / MIN_BYTES_PER_S`` (64 KiB/s: a 1 MiB piece gets 16 s more than the timeout)
+from its request: a server that drips bytes cannot hold a piece forever. The fetcher's wait loop
+watches those deadlines (a connection past its piece's deadline is shut, which ends the read) and
+the update machine's ``cancelled``: once the update is superseded (a revert) it shuts every
+connection and returns at once, without falling back to MQTT.
+
+A piece HTTP fails to deliver goes to MQTT: a connection error, a timeout or a piece past its
+deadline, 401 or a 403 with ``X-Edgeglm-Credential: refused`` (revoked: no more HTTP until a new
+desired state offers another credential), any other 403 (a release out of scope), 404, 5xx, an
+answer failing a check, an error nothing here expects, and a piece delivered over HTTP that the
+machine asks for again (it failed verification: a corrupted byte on the way). A 429 waits as
+``Retry-After`` says and asks again. Three connection failures (or timeouts) in a row stop HTTP
+for the round. Nothing verified is asked again (the machine asks only for what its store lacks),
+and the bandwidth cap is the MQTT fetcher's bucket, shared: while capped, one request at a time.
+Bytes received count per transport (``on_bytes``).
 Tokens are secrets: never logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -40,6 +52,7 @@ from urllib.parse import urlencode, urlsplit
 
 from edge_agent.fetch import MqttFetcher
 from edgeglm.bundle import Manifest
+from edgeglm.hub_api import PIECES_IN_FLIGHT
 from edgeglm.planner import PieceStep
 from edgeglm.protocol import DELTA_ENCODINGS, Desired, PieceEncoding, max_encoded_size
 from edgeglm.tensor_delta import Encoded
@@ -54,6 +67,7 @@ _UNPLANED = frozenset({PieceEncoding.RAW, PieceEncoding.ZSTD})
 _BROKEN_AFTER = 3  # connection failures in a row: HTTP is down for the round
 _MAX_WAITS = 5  # 429s for one piece before it goes to MQTT
 _CHUNK = 64 * 1024
+MIN_BYTES_PER_S = 64 * 1024  # the slowest rate a piece may arrive at, past timeout_s
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,7 @@ class _Failed(Exception):
 
     @property
     def link(self) -> bool:
-        return self.kind == "connection"
+        return self.kind in ("connection", "timeout")
 
 
 class HttpPieces:
@@ -99,11 +113,29 @@ class HttpPieces:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[http.client.HTTPConnection] = []
+        self._due: dict[http.client.HTTPConnection, float] = {}  # in flight: its piece's deadline
+
+    def deadline_s(self, size: int) -> float:
+        """How long one piece of ``size`` bytes may take from its request to its last byte."""
+        return self.timeout_s + size / MIN_BYTES_PER_S
 
     def get(
         self, offer: HttpOffer, target: Manifest, step: PieceStep, have: Sequence[str]
     ) -> tuple[Encoded, str | None]:
-        """The step's piece as encoded by the hub, and the base of a delta; else :class:`_Failed`."""
+        """The step's piece as encoded by the hub, and the base of a delta; else :class:`_Failed`
+        (also for an error nothing here expects: a bug on the HTTP path must leave MQTT to finish
+        the update, not stop it)."""
+        try:
+            return self._get(offer, target, step, have)
+        except _Failed:
+            raise
+        except Exception as exc:
+            log.warning("HTTP piece fetch failed unexpectedly", exc_info=True)
+            raise _Failed("connection", f"unexpected: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+    def _get(
+        self, offer: HttpOffer, target: Manifest, step: PieceStep, have: Sequence[str]
+    ) -> tuple[Encoded, str | None]:
         parts = urlsplit(offer.url)
         query = {"model": target.model, "version": target.version, "profile": target.profile}
         path = f"{parts.path.rstrip('/')}/api/v1/pieces/{step.piece_id}"
@@ -111,6 +143,9 @@ class HttpPieces:
             path += f"/delta/{step.base_id}"
             query["have"] = ",".join(sorted(set(have)))
         conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
+        deadline = time.monotonic() + self.deadline_s(step.size)
+        with self._lock:
+            self._due[conn] = deadline
         try:
             conn.request(
                 "GET",
@@ -118,32 +153,57 @@ class HttpPieces:
                 headers={"Authorization": f"Bearer {offer.token}", "Accept-Encoding": "identity"},
             )
             resp = conn.getresponse()
+            taken = False
             try:
-                return self._take(resp, step)
+                answer = self._take(resp, step, conn, deadline)
+                taken = True
+                return answer
             finally:
-                if resp.status != 200 or resp.will_close:
+                # a body not read to its end (refused headers, an error) would be the next answer
+                if not taken or resp.will_close:
                     self._drop()
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
+            if time.monotonic() >= deadline:
+                raise _Failed("timeout", f"the piece took over {self.deadline_s(step.size):.0f} s") from exc
             raise _Failed("connection", f"connection: {type(exc).__name__}: {str(exc)[:120]}") from exc
+        finally:
+            with self._lock:
+                self._due.pop(conn, None)
 
-    def _take(self, resp: http.client.HTTPResponse, step: PieceStep) -> tuple[Encoded, str | None]:
+    def _take(
+        self,
+        resp: http.client.HTTPResponse,
+        step: PieceStep,
+        conn: http.client.HTTPConnection,
+        deadline: float,
+    ) -> tuple[Encoded, str | None]:
         if resp.status != 200:
             resp.read(4096)
             if resp.status == 429:
                 wait_s = _seconds(resp.getheader("Retry-After"))
                 raise _Failed("rate_limited", "rate limited (429)", wait_s=wait_s)
-            kind = "refused" if resp.status in (401, 403) else "status"
-            raise _Failed(kind, f"answered {resp.status}")
+            refused = resp.getheader("X-Edgeglm-Credential") == "refused"
+            if resp.status == 401 or (resp.status == 403 and refused):
+                raise _Failed("refused", f"answered {resp.status}: the credential is refused")
+            raise _Failed("forbidden" if resp.status == 403 else "status", f"answered {resp.status}")
         why, encoding, width, size = _check(resp, step, self.holds)
         if why is not None:
             raise _Failed("check", f"answer refused: {why}")
         body = bytearray()
         while len(body) < size:
-            chunk = resp.read(min(_CHUNK, size - len(body)))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Failed(
+                    "timeout", f"{len(body)} of {size} bytes after {self.deadline_s(step.size):.0f} s"
+                )
+            if conn.sock is not None:  # one read never waits past the piece's deadline
+                conn.sock.settimeout(min(self.timeout_s, left))
+            chunk = resp.read1(min(_CHUNK, size - len(body)))  # what arrived: read() waits for all
             if not chunk:
                 raise _Failed("connection", f"truncated: {len(body)} of {size} bytes")
             body += chunk
+        resp.read()  # b"": marks the answer complete (read1 does not), so the connection is reusable
         base = resp.getheader("X-Edgeglm-Base") if encoding in DELTA_ENCODINGS else None
         return Encoded(encoding, width, bytes(body)), base
 
@@ -168,11 +228,33 @@ class HttpPieces:
             conn.close()
             self._local.conn = None
 
+    def reap(self, now: float) -> None:
+        """Shut the connections whose piece is past its deadline (their reads end at once)."""
+        with self._lock:
+            late = [conn for conn, due in self._due.items() if now >= due]
+        for conn in late:
+            _shut(conn)
+
+    def abort(self) -> None:
+        """Shut every connection in flight (the update was superseded)."""
+        with self._lock:
+            conns = list(self._due)
+        for conn in conns:
+            _shut(conn)
+
     def close(self) -> None:
         with self._lock:
             conns, self._open = self._open, []
         for conn in conns:
             conn.close()
+
+
+def _shut(conn: http.client.HTTPConnection) -> None:
+    """End a connection another thread may be blocked reading (close() alone does not wake it)."""
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _seconds(value: str | None) -> float:
@@ -226,7 +308,7 @@ class HttpFirstFetcher:
     ) -> None:
         self.mqtt = mqtt
         self.http = http
-        self.window = window
+        self.window = min(window, PIECES_IN_FLIGHT)  # the hub answers 429 past it
         self.on_bytes = on_bytes or (lambda _t, _n: None)
         self.on_fallback = on_fallback or (lambda _r: None)
         self._offer: HttpOffer | None = None
@@ -248,8 +330,14 @@ class HttpFirstFetcher:
         return self.mqtt.manifest(model, version, profile)
 
     def pieces(
-        self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
+        self,
+        target: Manifest,
+        steps: Sequence[PieceStep],
+        have: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
+        stop = cancelled or (lambda: False)
         with self._lock:
             offer = self._offer if self._offer != self._refused else None
         key = (target.model, target.version, target.profile)
@@ -264,11 +352,11 @@ class HttpFirstFetcher:
             else:
                 todo.append(step)
         if offer is not None and todo:
-            yield from self._over_http(offer, target, todo, have, later)
+            yield from self._over_http(offer, target, todo, have, later, stop)
         else:
             later.extend(todo)
-        if later:
-            yield from self.mqtt.pieces(target, later, have)
+        if later and not stop():
+            yield from self.mqtt.pieces(target, later, have, cancelled=stop)
 
     def _fallback(self, step: PieceStep, kind: str, reason: str) -> None:
         log.info("piece %s over MQTT: HTTP %s", step.piece_id[:16], reason)
@@ -281,6 +369,7 @@ class HttpFirstFetcher:
         todo: list[PieceStep],
         have: Sequence[str],
         later: list[PieceStep],
+        cancelled: Callable[[], bool],
     ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
         bucket = self.mqtt.bucket
         queue = list(reversed(todo))  # pop() from the end: in the machine's order
@@ -290,6 +379,11 @@ class HttpFirstFetcher:
         pool = ThreadPoolExecutor(self.window, thread_name_prefix="http-pieces")
         try:
             while queue or pending:
+                if cancelled():  # superseded: stop now, nothing goes to MQTT
+                    log.info("HTTP download stopped: the update was superseded")
+                    self.http.abort()
+                    return
+                self.http.reap(time.monotonic())
                 window = 1 if bucket.rate else self.window
                 while not broken and queue and len(pending) < window and bucket.ready():
                     if time.monotonic() < paused_until:

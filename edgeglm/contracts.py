@@ -70,7 +70,8 @@ TOKEN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}"
 PIECES_URL_MAX = 256
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
-PIECES_URL_PATTERN = rf"https?://{_HOST}(?::[0-9]{{1,5}})?(?:/[A-Za-z0-9._~%/-]*)?"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"  # 1-65535
+PIECES_URL_PATTERN = rf"https?://{_HOST}(?::{_PORT})?(?:/[A-Za-z0-9._~%/-]*)?"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _SEMVER_RE = re.compile(SEMVER_PATTERN)

@@ -52,6 +52,7 @@ from edgeglm.rollout_params import OnFailure, RolloutParams
 
 __all__ = [
     "API_PREFIX",
+    "PIECES_IN_FLIGHT",
     "AuditView",
     "BundleView",
     "CallerView",
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 API_PREFIX = "/api/v1"
+# HTTP piece requests one device may have in flight at the hub (more: 429); the agent's HTTP window
+# is capped to it. The hub's thread pool (40) then serves ten boxes at full speed, not one.
+PIECES_IN_FLIGHT = 4
 
 
 def _iso(t: datetime) -> str:

@@ -28,8 +28,9 @@ def rot(store: Any, pid: str) -> None:
         raise TypeError(f"no way to rot a piece in {type(store).__name__}")
 
 
-def rot_encoding(store: Any, key: Any) -> None:
-    """Overwrite the last byte of a stored encoding's payload (the store must hold it)."""
+def rot_encoding(store: Any, key: Any, *, width: int | None = None) -> None:
+    """Overwrite the last byte of a stored encoding's payload, or (``width``) its element width
+    field, leaving the payload intact (the store must hold it)."""
     from sqlalchemy import select, update
 
     from cloud_hub.database_storage import DatabaseStorage
@@ -39,10 +40,16 @@ def rot_encoding(store: Any, key: Any) -> None:
     if isinstance(store, FolderStorage):
         path = store._encoding_path(key)
         blob = path.read_bytes()
+        if width is not None:  # magic (4), encoding (1), width (1), ...
+            path.write_bytes(blob[:5] + bytes([width]) + blob[6:])
+            return
         path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))
     elif isinstance(store, DatabaseStorage):
         where = (Row.piece_id == key.piece_id) & (Row.base_id == (key.base_id or ""))
         with store.db.engine.begin() as conn:
+            if width is not None:
+                conn.execute(update(Row).where(where).values(width=width))
+                return
             payload = bytes(conn.scalar(select(Row.payload).where(where)))
             conn.execute(update(Row).where(where).values(payload=payload[:-1] + bytes([payload[-1] ^ 0xFF])))
     else:

@@ -10,8 +10,13 @@ versions it holds (``have``, as a FetchRequest does); in this order, before any 
 
     credential   cloud_hub.guard: the device's HTTP credential (401 / 403), no body read
     rate         the device's bucket (cloud_hub.fetch_limit); one piece costs 1/32 of an MQTT
-                 request, which carries up to 32: over it, 429 with ``Retry-After``
-    scope        the release and profile are targeted at the device (cloud_hub.fetch_scope): 403
+                 request, which carries up to 32, and a device has at most PIECES_IN_FLIGHT (4)
+                 requests in flight (the agent's HTTP window is capped to it): over either, 429
+                 with ``Retry-After``
+    scope        the release and profile are targeted at the device (cloud_hub.fetch_scope): 403;
+                 ``have`` keeps only versions the device was given or reported (at most 8; a
+                 delta is invertible, so a version it never held must not be a base): the others
+                 are dropped and counted, and give no delta base
     piece        a piece of that bundle (404); for a delta, ``base`` is the piece the plan against
                  one of the ``have`` versions deltas it from (404 otherwise)
 
@@ -44,11 +49,11 @@ from fastapi.responses import JSONResponse, Response
 from cloud_hub import audit
 from cloud_hub.context import HubContext
 from cloud_hub.fetch_limit import FetchLimiter, FetchLimits
-from cloud_hub.fetch_scope import FetchScope
+from cloud_hub.fetch_scope import MAX_HAVE, FetchScope
 from cloud_hub.routes.deps import DeviceAuth, Hub
 from edgeglm.contracts import NAME_PATTERN, PIECE_ID_PATTERN, SEMVER_PATTERN, version_problem
 from edgeglm.errors import IntegrityError, NotFoundError, UsageError
-from edgeglm.hub_api import API_PREFIX, ErrorInfo, ErrorView
+from edgeglm.hub_api import API_PREFIX, PIECES_IN_FLIGHT, ErrorInfo, ErrorView
 from edgeglm.planner import PieceStep
 from edgeglm.tensor_delta import Encoded
 
@@ -64,7 +69,9 @@ PieceId = Annotated[str, PathParam(pattern=f"^{PIECE_ID_PATTERN}$")]
 ModelQ = Annotated[str, Query(pattern=f"^{NAME_PATTERN}$")]
 VersionQ = Annotated[str, Query(pattern=f"^{SEMVER_PATTERN}$", max_length=64)]
 ProfileQ = Annotated[str, Query(pattern=f"^{NAME_PATTERN}$")]
-HaveQ = Annotated[str, Query(max_length=64 * 65, description="Versions the device holds, comma-separated.")]
+HaveQ = Annotated[
+    str, Query(max_length=MAX_HAVE * 65, description="Versions the device holds, comma-separated.")
+]
 
 
 class PieceDesk:
@@ -76,7 +83,7 @@ class PieceDesk:
             FetchLimits(
                 requests_per_s=lim.requests_per_s * PIECES_PER_REQUEST,
                 burst=lim.burst * PIECES_PER_REQUEST,
-                pending=lim.pending,
+                pending=min(lim.pending, PIECES_IN_FLIGHT),
                 bytes_per_s=lim.bytes_per_s,
                 max_devices=lim.max_devices,
             )
@@ -121,8 +128,8 @@ def delta_piece(
     for v in held:
         if (problem := version_problem(v)) is not None:
             raise UsageError("have", problem)
-    if not held or len(held) > 64:
-        raise UsageError("have", "name 1 to 64 versions the device holds, comma-separated")
+    if not held or len(held) > MAX_HAVE:
+        raise UsageError("have", f"name 1 to {MAX_HAVE} versions the device holds, comma-separated")
     return _serve(request, hub, device.device_id, (model, version, profile), piece, base, held)
 
 
@@ -143,6 +150,11 @@ def _serve(
     sent = 0
     try:
         desk.scope.check(device_id, *release)
+        if have:
+            have, dropped = desk.scope.held(device_id, release[0], have)
+            if dropped:
+                hub.metrics.inc("edgeglm_hub_have_dropped_total", float(dropped), transport="http")
+                log.warning("%s named %d version(s) it was never given in have: dropped", device_id, dropped)
         step = _step(hub, release, piece, base, have)
         try:
             encoded = hub.piece_encoder().encoded(step)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,11 @@ def test_encodings_round_trip_exactly_and_a_rotten_one_reads_as_absent(
     rot_encoding(store, delta_key)
     assert store.encoding(delta_key) is None
     assert list(store.encoding_keys()) == [raw_key]
+    # the digest covers the encoding and its width too: a header flipped to another valid width
+    # would decode to wrong bytes; it reads as absent and is made again
+    assert store.put_encoding(delta_key, delta) is True
+    rot_encoding(store, delta_key, width=2)
+    assert store.encoding(delta_key) is None
     assert store.remove_encodings([raw_key, delta_key]) == len(raw.payload)
     assert list(store.encoding_keys()) == []
 
@@ -402,3 +408,79 @@ def test_auto_is_the_database_on_postgresql_the_folder_on_sqlite_and_a_left_fold
     assert HubSettings.from_env({"EDGEGLM_HUB_STORE": "folder"}).store_kind("postgresql") is StoreKind.FOLDER
     with pytest.raises(ConfigError, match="EDGEGLM_HUB_STORE: 's3' is not one of auto, folder, database"):
         HubSettings.from_env({"EDGEGLM_HUB_STORE": "s3"})
+
+
+def test_a_piece_twice_in_a_bundle_is_planned_by_its_first_travelling_step(tmp_path: Path) -> None:
+    """Two equal tensors give one piece id twice: the step kept is the one that fetches it (the
+    second place is a "have" step, which the delta route would answer 404)."""
+    from edgeglm.bundle import Manifest
+    from edgeglm.bundle_files import describe_file
+    from edgeglm.pieces import TensorSpan
+
+    same = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
+    (tmp_path / "model.onnx.data").write_bytes(same.tobytes() * 2)
+    spans = [TensorSpan("a", "float32", 0, same.nbytes), TensorSpan("b", "float32", same.nbytes, same.nbytes)]
+    files = (describe_file(tmp_path / "model.onnx.data", "model.onnx.data", spans),)
+    target = Manifest(model="m", version="1.0.0", profile="p", files=files, quality={"passed": True})
+    (first, _), (second, _) = files[0].pieces
+    assert first == second
+    step = PieceEncoder(None, FolderStorage(tmp_path / "store"), HubMetrics()).steps(target, ())[first]  # type: ignore[arg-type]
+    assert step.action == "raw"
+
+
+@pytest.mark.parametrize(("kind", "hub_db_url"), [("folder", "sqlite")], indirect=["hub_db_url"])
+def test_a_bundle_is_read_and_parsed_once_and_the_cache_is_bounded(
+    store: PieceStorage, db: Database, publisher: Any
+) -> None:
+    """Every HTTP piece request asks for its bundle's plan: the manifest is parsed once, not per piece."""
+    trusted = dict(load_public_keys([publisher.public_path]))
+    folders = {v: publisher.bundle(v, size=4096) for v in ("1.0.0", "1.1.0")}
+    for folder in folders.values():
+        _publish(db, store, folder, trusted)
+    model, profile = (
+        load_manifest(folders["1.0.0"], None)[0].model,
+        load_manifest(folders["1.0.0"], None)[0].profile,
+    )
+    encoder = PieceEncoder(db, store, HubMetrics(), bundles=1)
+    raw, first = encoder.bundle(model, "1.0.0", profile)
+    assert raw == (folders["1.0.0"] / MANIFEST_NAME).read_bytes()  # exactly as signed
+    assert encoder.bundle(model, "1.0.0", profile)[1] is first  # not read nor parsed again
+    encoder.bundle(model, "1.1.0", profile)
+    assert encoder.bundle(model, "1.0.0", profile)[1] is not first  # one kept at most
+
+
+@pytest.mark.parametrize(("kind", "hub_db_url"), [("folder", "sqlite")], indirect=["hub_db_url"])
+def test_requests_for_one_uncached_piece_at_once_read_and_encode_it_once(store: PieceStorage) -> None:
+    """A wave asks for the same piece at the same moment: one read and encode, shared."""
+    data = np.random.default_rng(9).standard_normal(1 << 16).astype(np.float32).tobytes()
+    pid = piece_id(data)
+    store.put(pid, data)
+
+    class Slow:  # the store, read slowly enough that every request arrives while one is reading
+        reads = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def get(self, p: str) -> bytes:
+            Slow.reads += 1
+            time.sleep(0.05)
+            return store.get(p)
+
+    metrics = HubMetrics()
+    encoder = PieceEncoder(None, Slow(), metrics)  # type: ignore[arg-type]
+    step = PieceStep(pid, len(data), "raw", len(data), dtype="float32")
+    start = threading.Barrier(20)
+    got: list[Any] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(encoder.encoded(step))
+
+    threads = [threading.Thread(target=ask) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.reads == 1 and len(got) == 20 and all(g == got[0] for g in got)
+    assert metrics.value("edgeglm_hub_encode_cache_total", result="miss") == 1

@@ -111,8 +111,11 @@ class World:
         conn.close()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
-    def desire(self, device_id: str, *, publish: bool = True, fleet: Any = None) -> str | None:
-        """Register ``device_id`` and make NEW its desired release; the desired state's token."""
+    def desire(
+        self, device_id: str, *, publish: bool = True, fleet: Any = None, reported: str | None = OLD
+    ) -> str | None:
+        """Register ``device_id`` as running ``reported`` (as its heartbeat says) and make NEW its
+        desired release; the desired state's token."""
         from cloud_hub.desired import publish_desired
         from cloud_hub.models import Device
 
@@ -125,6 +128,8 @@ class World:
 
         with self.ctx.db.session() as s:
             device = s.get(Device, device_id) or Device(id=device_id, profile=PROFILE)
+            if reported is not None:
+                device.current_model, device.current_version = MODEL, reported
             s.add(device)
             s.flush()
             publish_desired(s, device, MODEL, NEW, None, capture, fleet=fleet or self.ctx.fleet)
@@ -353,7 +358,11 @@ def test_the_piece_routes_answer_immutably_with_ranges_and_refuse_out_of_scope(w
     assert len(delta) < len(body)
 
     other = old.files[0].pieces[-1][0] if old.files[0].pieces[-1][0] != base else old.files[0].pieces[0][0]
+    # a box that never held OLD must not name it: the delta and the raw piece would give the base
+    curious = world.desire("box-curious", publish=False, reported=None)
+    dropped = world.ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="http")
     refusals = [
+        (delta_path, curious, 404),
         (f"/api/v1/pieces/{changed}/delta/{other}?{QUERY}&have={OLD}", token, 404),  # not its base
         (f"/api/v1/pieces/{'0' * 64}?{QUERY}", token, 404),  # not in the bundle
         (
@@ -366,7 +375,11 @@ def test_the_piece_routes_answer_immutably_with_ranges_and_refuse_out_of_scope(w
         (raw_path, token[:-3] + "AAA", 401),  # forged
     ]
     for path, given, expected in refusals:
-        assert world.request(path, given)[0] == expected, path
+        status, headers, _ = world.request(path, given)
+        assert status == expected, path
+        # only a refused credential stops a box's HTTP; an out-of-scope 403 refuses one piece
+        assert ("x-edgeglm-credential" in headers) == (expected == 401), path
+    assert world.ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="http") == dropped + 1
 
 
 def test_revoking_http_access_refuses_the_credential_at_once_and_allowing_it_starts_a_new_epoch(
@@ -392,14 +405,15 @@ def test_revoking_http_access_refuses_the_credential_at_once_and_allowing_it_sta
         return answer
 
     assert access("--revoke") == {"device_id": "box-revoke", "allowed": False, "epoch": 0}
-    status, _, body = world.request(path, token)
-    assert status == 403 and b"revoked" in body
+    status, headers, body = world.request(path, token)
+    assert status == 403 and b"revoked" in body and headers["x-edgeglm-credential"] == "refused"
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
         assert offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60) == (None, None)
     assert access("--allow") == {"device_id": "box-revoke", "allowed": True, "epoch": 1}
-    status, _, body = world.request(path, token)
+    status, headers, body = world.request(path, token)
     assert status == 401 and b"superseded" in body  # the token that leaked before stays dead
+    assert headers["x-edgeglm-credential"] == "refused"
     with world.ctx.db.session() as s:
         device = s.get(Device, "box-revoke")
         fresh = offer(world.ctx.fleet.credentials, "http://hub", device, time.time() + 60)[1]
@@ -454,3 +468,185 @@ def test_a_piece_corrupted_on_the_http_path_is_rejected_and_taken_over_mqtt(worl
     assert counted['http_fallbacks_total{reason="corrupt"}'] == 1
     assert counted['bytes_total{transport="http"}'] > 0 and counted['bytes_total{transport="mqtt"}'] > 0
     assert len(fetched) == len(set(fetched)), "a verified piece was fetched twice"
+
+
+# ---------------------------------------------------------------- the agent's HTTP path, alone
+# Each test below serves one connection from a raw socket scripted to misbehave; no hub needed.
+
+STEP_SIZE = 1000
+_HEADERS = (
+    "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nX-Edgeglm-Encoding: {enc}\r\n"
+    "X-Edgeglm-Element-Width: 0\r\nX-Edgeglm-Piece-Size: {n}\r\n\r\n"
+)
+
+
+class Scripted:
+    """A loopback server answering each request with ``script(connection, n)`` (n counts requests)."""
+
+    def __init__(self, script: Any) -> None:
+        import socket
+
+        self.script = script
+        self.requests = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, name="scripted-http", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        with conn:
+            try:
+                while conn.recv(65536):
+                    self.requests += 1
+                    self.script(conn, self.requests)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _agent_step() -> tuple[Any, Any]:
+    from edgeglm.planner import PieceStep
+
+    return Target(), PieceStep("ab" * 32, STEP_SIZE, "raw", STEP_SIZE, None, "F16", STEP_SIZE)
+
+
+@dataclass
+class Target:
+    model: str = MODEL
+    version: str = NEW
+    profile: str = PROFILE
+
+
+def test_a_piece_dripped_byte_by_byte_fails_at_its_deadline() -> None:
+    """timeout_s bounds each read; a server sending a byte every 0.1 s must not hold the piece."""
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    def drip(conn: Any, _n: int) -> None:
+        conn.sendall(_HEADERS.format(n=STEP_SIZE, enc="RAW").encode())
+        for _ in range(15):  # 1.5 s, then the server gives up (a test without the deadline ends)
+            conn.sendall(b"x")
+            time.sleep(0.1)
+        conn.close()
+
+    server = Scripted(drip)
+    http = HttpPieces(timeout_s=0.3)
+    target, step = _agent_step()
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(HttpOffer(server.url, "tok"), target, step, [])
+    finally:
+        http.close()
+        server.close()
+    assert failed.value.kind == "timeout", failed.value.reason
+    assert failed.value.link  # counts toward "HTTP is down for the round"
+
+
+def test_a_superseded_update_stops_waiting_on_http_at_once_without_mqtt() -> None:
+    """The fetcher's wait loop polls ``cancelled``: a revert does not wait for a silent server."""
+    from edge_agent.fetch import _Bucket
+    from edge_agent.fetch_http import HttpFirstFetcher, HttpOffer, HttpPieces
+
+    silent_until = threading.Event()
+    server = Scripted(lambda _conn, _n: silent_until.wait(5))  # answers nothing (5 s at most)
+
+    class NoMqtt:
+        bucket = _Bucket(0)
+        asked: list[Any] = []  # noqa: RUF012
+
+        def pieces(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            self.asked.append(args)
+            return iter(())
+
+    http = HttpPieces(timeout_s=30)
+    fetcher = HttpFirstFetcher(NoMqtt(), http)  # type: ignore[arg-type]
+    fetcher._offer = HttpOffer(server.url, "tok")
+    target, step = _agent_step()
+    polls: list[int] = []
+
+    def cancelled() -> bool:  # superseded once the request is in flight
+        polls.append(1)
+        return server.requests > 0 and len(polls) > 2
+
+    try:
+        got = list(fetcher.pieces(target, [step], [OLD], cancelled=cancelled))
+    finally:
+        silent_until.set()
+        server.close()
+    assert got == [] and NoMqtt.asked == []
+    assert server.requests == 1
+
+
+def test_a_connection_whose_answer_was_refused_unread_is_not_used_again() -> None:
+    """An answer refused on its headers leaves its body unread: the next request opens anew."""
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    def answer(conn: Any, n: int) -> None:  # the first answer names an encoding the agent lacks
+        head = _HEADERS.format(n=STEP_SIZE, enc="FUTURE_ZSTD" if n == 1 else "RAW").encode()
+        conn.sendall(head + b"x" * STEP_SIZE)
+
+    server = Scripted(answer)
+    http = HttpPieces(timeout_s=5)
+    target, step = _agent_step()
+    offer = HttpOffer(server.url, "tok")
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(offer, target, step, [])
+        assert failed.value.kind == "check"
+        encoded, _ = http.get(offer, target, step, [])  # not ResponseNotReady on the old one
+        assert encoded.payload == b"x" * STEP_SIZE
+        assert http.get(offer, target, step, [])[0] == encoded  # a read answer leaves it reusable
+    finally:
+        http.close()
+        server.close()
+
+
+def test_an_unexpected_error_on_the_http_path_falls_back_to_mqtt() -> None:
+    """An offer the agent cannot use (a port past 65535 that an older hub signed) is a connection
+    failure: the piece goes to MQTT instead of stopping the update."""
+    from edge_agent.fetch import _Bucket
+    from edge_agent.fetch_http import HttpFirstFetcher, HttpOffer, HttpPieces
+
+    class Mqtt:
+        bucket = _Bucket(0)
+        asked: list[Any] = []  # noqa: RUF012
+
+        def pieces(self, _target: Any, steps: Any, _have: Any, **_kw: Any) -> Iterator[Any]:
+            self.asked.extend(steps)
+            return iter(())
+
+    fallbacks: list[str] = []
+    fetcher = HttpFirstFetcher(Mqtt(), HttpPieces(timeout_s=1), on_fallback=fallbacks.append)  # type: ignore[arg-type]
+    fetcher._offer = HttpOffer("https://hub.example:99999", "tok")
+    target, step = _agent_step()
+    assert list(fetcher.pieces(target, [step], [])) == []
+    assert Mqtt.asked == [step] and fallbacks == ["connection"]
+
+
+@pytest.mark.parametrize(("credential", "kind"), [("refused", "refused"), (None, "forbidden")])
+def test_only_a_refused_credential_stops_http(credential: str | None, kind: str) -> None:
+    from edge_agent.fetch_http import HttpOffer, HttpPieces, _Failed
+
+    marked = f"X-Edgeglm-Credential: {credential}\r\n" if credential else ""
+
+    def answer(conn: Any, _n: int) -> None:
+        conn.sendall(f"HTTP/1.1 403 Forbidden\r\n{marked}Content-Length: 2\r\n\r\n{{}}".encode())
+
+    server = Scripted(answer)
+    http = HttpPieces(timeout_s=5)
+    target, step = _agent_step()
+    try:
+        with pytest.raises(_Failed) as failed:
+            http.get(HttpOffer(server.url, "tok"), target, step, [])
+    finally:
+        http.close()
+        server.close()
+    assert (failed.value.kind, failed.value.auth) == (kind, credential is not None)

@@ -4,6 +4,8 @@ with a pieces URL and to a device whose access is not revoked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -32,6 +34,8 @@ def test_a_token_names_its_device_and_epoch(key: CredentialKey) -> None:
     [
         lambda t: t.replace("box-1", "box-2"),  # another device's name on box-1's MAC
         lambda t: t.replace(":3:", ":4:"),  # a later epoch
+        lambda t: t.replace(":3:", ":003:"),  # the same epoch, spelled another way
+        lambda t: t.replace(f":{int(NOW + 60)}:", f":0{int(NOW + 60)}:"),  # the same expiry, too
         lambda t: t.replace(f":{int(NOW + 60)}:", f":{int(NOW + 10**6)}:"),  # a later expiry
         lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),  # a flipped MAC character
         lambda t: t[:-2],  # a cut MAC
@@ -106,6 +110,35 @@ def test_the_hub_refuses_a_pieces_url_it_could_not_put_in_a_desired_state() -> N
 
     assert HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": "https://cdn.example.com/e"}).pieces_url
     assert HubSettings.from_env({}).pieces_url is None
-    for bad in ("ftp://cdn", "https://cdn/x?y=1", "cdn.example.com"):
+    assert HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": "https://cdn:65535"}).pieces_url
+    for bad in ("ftp://cdn", "https://cdn/x?y=1", "cdn.example.com", "https://hub:99999", "http://hub:0"):
         with pytest.raises(ConfigError, match="--pieces-url"):
             HubSettings.from_env({"EDGEGLM_HUB_PIECES_URL": bad})
+
+
+def test_the_hub_warns_at_start_when_box_tokens_would_travel_in_clear(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloud_hub.db import migrate
+    from cloud_hub.server import build_context
+    from cloud_hub.settings import HubSettings
+
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    migrate(url)
+    warned = {}
+    for pieces_url in (
+        "http://hub.example:8080",
+        "http://127.0.0.1:8080",
+        "http://[::1]",
+        "https://hub.example",
+    ):
+        caplog.clear()
+        ctx = build_context(HubSettings(data_dir=tmp_path / "hub", db_url=url, pieces_url=pieces_url))
+        ctx.db.dispose()
+        warned[pieces_url] = any("travels in clear" in r.getMessage() for r in caplog.records)
+    assert warned == {
+        "http://hub.example:8080": True,
+        "http://127.0.0.1:8080": False,
+        "http://[::1]": False,
+        "https://hub.example": False,
+    }
