@@ -11,6 +11,8 @@ itself.
     running(settings, broker=...)            the app (and with a broker, MQTT + the controller)
     create_token / list_tokens / revoke_token    audited as ``actor``, like the API's
     registered_devices(settings)             every device id in the inventory
+    gc(settings, dry_run=...)                the piece store without what no bundle or upload names
+    import_pieces(settings, folder)          an old folder store's pieces into the configured store
     write_acl(out, devices, hub_users, ...)  mosquitto password file and ACL (owner: the broker)
 """
 
@@ -22,24 +24,32 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_hub import db, tokens
+from cloud_hub import db, piece_gc, tokens
 from cloud_hub.broker_acl import write_acl
 from cloud_hub.models import Device
-from cloud_hub.server import build_context, listen, load_app, start_controller, start_ingest
+from cloud_hub.piece_gc import GcReport, ImportReport
+from cloud_hub.piece_storage import PieceStorage, StoreKind
+from cloud_hub.server import build_context, listen, load_app, open_store, start_controller, start_ingest
 from cloud_hub.settings import HubSettings
 from edgeglm.hub_api import NewTokenView, TokenRole, TokenView
 from edgeglm.mqtt import BrokerSettings
 
 __all__ = [
+    "GcReport",
     "HubSettings",
+    "ImportReport",
     "RunningHub",
+    "StoreKind",
     "create_token",
+    "gc",
     "grant_role",
+    "import_pieces",
     "list_tokens",
     "listen",
     "migrate",
@@ -128,3 +138,25 @@ def revoke_token(settings: HubSettings, name: str, actor: str) -> TokenView:
 def registered_devices(settings: HubSettings) -> list[str]:
     with _session(settings) as s:
         return list(s.scalars(select(Device.id)))
+
+
+@contextmanager
+def _store(settings: HubSettings) -> Iterator[tuple[db.Database, PieceStorage]]:
+    database = db.open_db(settings.database_url)
+    try:
+        yield database, open_store(settings, database)
+    finally:
+        database.dispose()
+
+
+def gc(settings: HubSettings, *, dry_run: bool = False) -> GcReport:
+    """Remove the pieces no bundle and no open upload names, and encodings whose piece is gone."""
+    with _store(settings) as (database, store):
+        return piece_gc.collect(database, store, dry_run=dry_run)
+
+
+def import_pieces(settings: HubSettings, folder: Path) -> ImportReport:
+    """Copy the pieces of a folder store (e.g. DATA/pieces before ``--store database``) into the
+    store ``settings`` name."""
+    with _store(settings) as (_, store):
+        return piece_gc.import_folder(folder, store)

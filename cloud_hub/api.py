@@ -37,6 +37,7 @@ from cloud_hub.context import HubContext
 from cloud_hub.guard import Guard
 from cloud_hub.metrics import RequestTimer
 from cloud_hub.routes import ROUTERS
+from cloud_hub.routes.pieces import PieceDesk
 from edgeglm.bundle import Manifest
 from edgeglm.errors import (
     AccessError,
@@ -107,6 +108,7 @@ def create_app(ctx: HubContext) -> FastAPI:
         title="EdgeGLM cloud hub", version="1", responses=errors, separate_input_output_schemas=False
     )
     app.state.ctx = ctx
+    app.state.pieces = PieceDesk(ctx)  # the piece routes' per-device limiter and scope
     app.openapi = _document(app, _RAW_BODY_MODELS)  # type: ignore[method-assign]
     for router in ROUTERS:
         app.include_router(router)

@@ -14,8 +14,8 @@ from cloud_hub.desired import FleetKey
 from cloud_hub.encoder import PieceEncoder
 from cloud_hub.fetch_limit import FetchLimits
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.piece_storage import PieceStorage
 from cloud_hub.rollouts import Publish
-from edgeglm.piece_store import PieceStore
 
 __all__ = ["HubContext"]
 
@@ -23,7 +23,7 @@ __all__ = ["HubContext"]
 @dataclass
 class HubContext:
     db: Database
-    store: PieceStore
+    store: PieceStorage  # the folder or the database backend (cloud_hub.piece_storage)
     trusted: dict[str, Any]
     metrics: HubMetrics
     max_piece_bytes: int = 64 * 1024 * 1024

@@ -19,6 +19,9 @@ unchanged but for a new sequence and expiry, once it is past half its life or wa
 fleet key other than the hub's current one: boxes never see their desired state expire, and after
 a fleet key rotation every retained desired state is signed by the new key before the old one is
 revoked (a box offline through the rotation reads the new one when it comes back).
+
+When the hub has a pieces URL (``--pieces-url``), each desired state also offers the bytes over
+HTTP: the URL and a token for the device that expires with it (:mod:`cloud_hub.device_credentials`).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
+from cloud_hub import device_credentials
+from cloud_hub.device_credentials import CredentialKey
 from cloud_hub.models import Bundle, Device, Model, Release
 from edgeglm.desired_signing import DESIRED_TTL_S, sign_desired
 from edgeglm.errors import ConfigError, NotFoundError
@@ -46,22 +52,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FleetKey:
-    """The hub's fleet key: it signs desired states (the release key signs bundles)."""
+    """The hub's fleet key: it signs desired states (the release key signs bundles); and where
+    those states tell boxes to fetch bytes over HTTP (``pieces_url``, None: MQTT only)."""
 
     private: Ed25519PrivateKey
     ttl_s: float = DESIRED_TTL_S
+    pieces_url: str | None = None
 
     @property
     def key_id(self) -> str:
         return key_id(self.private.public_key())
 
+    @cached_property
+    def credentials(self) -> CredentialKey:
+        """Issues and checks devices' HTTP credentials (a key derived from this one)."""
+        return CredentialKey(self.private)
+
     @classmethod
-    def load_or_create(cls, path: Path) -> FleetKey:
+    def load_or_create(cls, path: Path, *, pieces_url: str | None = None) -> FleetKey:
         """The key at ``path``; made there (0600, with its ``.pub`` beside) if there is none yet."""
         if not path.exists():
             _, public, kid = create_keypair(path.parent, path.stem)
             log.warning("created the fleet key %s (id %s): give boxes %s as fleet_keys", path, kid, public)
-        return cls(load_private_key(path))
+        return cls(load_private_key(path), pieces_url=pieces_url)
 
 
 def next_sequences(s: Session, device_ids: Sequence[str], *, now: float) -> dict[str, int]:
@@ -135,6 +148,7 @@ def publish_desired(
     now = time.time()
     if sequence is None:
         sequence = next_sequences(s, [device.id], now=now)[device.id]
+    url, token = device_credentials.offer(fleet.credentials, fleet.pieces_url, device, now + fleet.ttl_s)
     msg = Desired(
         model=model,
         version=version,
@@ -145,6 +159,8 @@ def publish_desired(
         device_id=device.id,
         sequence=sequence,
         expires_at=now + fleet.ttl_s,
+        pieces_url=url,
+        pieces_token=token,
     )
     device.desired_model, device.desired_version = model, version
     device.desired_rollout_id, device.desired_signed_at, device.desired_key_id = rollout_id, now, fleet.key_id

@@ -18,6 +18,20 @@ A device's scope is cached for ``ttl_s``: a request inside the cached scope is a
 cache, one outside it reads the database again (a newly targeted release is served as soon as its
 row commits), so a revoked target stops being served within ``ttl_s``. The cache holds at most
 ``max_devices`` scopes (least recently used out first).
+
+The versions a device says it holds (``have``: a FetchRequest's, or the HTTP delta route's query)
+choose the delta bases it is sent, and a tensor delta (XOR / SUB) is invertible: whoever holds the
+target piece and its delta against a base recovers the base. So :meth:`FetchScope.held` keeps only
+the versions of the model this device was given or reported::
+
+    devices.current_model / current_version         what it last reported running
+    devices.desired_model / desired_version         its desired state
+    every device_deployments row of it              to_version and from_version, active or not
+
+at most :data:`MAX_HAVE` of them; the others are dropped before planning (a dropped version just
+gives no delta base: the piece goes raw) and counted in ``edgeglm_hub_have_dropped_total``. The
+current version is the device's own word (its heartbeat); a device that lies about it can reach
+the versions it names, so treat a device's broker credential as the boundary it is.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -34,7 +48,9 @@ from cloud_hub.db import Database
 from cloud_hub.models import Device, DeviceDeployment, Model, Release, Rollout
 from edgeglm.errors import PermissionDenied
 
-__all__ = ["FetchScope"]
+__all__ = ["MAX_HAVE", "FetchScope"]
+
+MAX_HAVE = 8  # versions of ``have`` considered: a box holds two slots, a few more are slack
 
 _HINT = "The hub serves a device only the releases it targeted at it, for its registered profile."
 
@@ -44,6 +60,7 @@ class _Scope:
     profile: str | None
     releases: frozenset[tuple[str, str]]  # (model, version)
     read_at: float
+    known: frozenset[tuple[str, str]] = frozenset()  # (model, version) it was given or reported
 
     def allows(self, model: str, version: str, profile: str) -> bool:
         return profile == self.profile and (model, version) in self.releases
@@ -83,6 +100,25 @@ class FetchScope:
             raise PermissionDenied(what, f"the device's profile is {scope.profile!r}", hint=_HINT)
         raise PermissionDenied(what, "the hub has not targeted this release at the device", hint=_HINT)
 
+    def held(self, device_id: str, model: str, have: Iterable[str]) -> tuple[tuple[str, ...], int]:
+        """The versions of ``have`` (first :data:`MAX_HAVE` distinct ones) this device was given or
+        reported for ``model``, in their order, and how many were dropped."""
+        asked = tuple(dict.fromkeys(have))
+        if not asked:
+            return (), 0
+        now = self.clock()
+        with self._lock:
+            scope = self._cache.get(device_id)
+        first = asked[:MAX_HAVE]
+        if (
+            scope is None
+            or now - scope.read_at >= self.ttl_s
+            or any((model, v) not in scope.known for v in first)
+        ):
+            scope = self._read(device_id, now)
+        kept = tuple(v for v in first if (model, v) in scope.known)
+        return kept, len(asked) - len(kept)
+
     def forget(self, device_id: str) -> None:
         """Drop a cached scope (the next request reads the database)."""
         with self._lock:
@@ -94,19 +130,30 @@ class FetchScope:
             if device is None:
                 scope = _Scope(None, frozenset(), now)
             else:
-                releases = {
-                    (model, version)
-                    for model, version in s.execute(
-                        select(Model.name, DeviceDeployment.to_version)
-                        .join(Rollout, Rollout.id == DeviceDeployment.rollout_id)
-                        .join(Release, Release.id == Rollout.release_id)
-                        .join(Model, Model.id == Release.model_id)
-                        .where(DeviceDeployment.device_id == device_id, DeviceDeployment.active.is_(True))
+                releases: set[tuple[str, str]] = set()
+                known: set[tuple[str, str]] = set()
+                for model, to_version, from_version, active in s.execute(
+                    select(
+                        Model.name,
+                        DeviceDeployment.to_version,
+                        DeviceDeployment.from_version,
+                        DeviceDeployment.active,
                     )
-                }
+                    .join(Rollout, Rollout.id == DeviceDeployment.rollout_id)
+                    .join(Release, Release.id == Rollout.release_id)
+                    .join(Model, Model.id == Release.model_id)
+                    .where(DeviceDeployment.device_id == device_id)
+                ):
+                    if active:
+                        releases.add((model, to_version))
+                    known.add((model, to_version))
+                    if from_version:
+                        known.add((model, from_version))
                 if device.desired_model and device.desired_version:
                     releases.add((device.desired_model, device.desired_version))
-                scope = _Scope(device.profile, frozenset(releases), now)
+                if device.current_model and device.current_version:
+                    known.add((device.current_model, device.current_version))
+                scope = _Scope(device.profile, frozenset(releases), now, frozenset(known | releases))
         with self._lock:
             self._cache[device_id] = scope
             self._cache.move_to_end(device_id)

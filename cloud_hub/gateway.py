@@ -17,9 +17,13 @@ Plans and encodings come from the hub's :class:`cloud_hub.encoder.PieceEncoder` 
 HTTP piece routes), so a wave of devices moving between the same two versions costs one encoding
 per piece. The hub trusts nothing in a request:
 the device is the one the broker let publish on that topic, the recipe may name only pieces of the
-requested bundle, ``have`` only versions it knows for that model and profile; anything else is
+requested bundle, ``have`` only versions the device was given or reported (FetchScope.held: a
+delta is invertible, so any other version would be readable as a base; the others are dropped and
+counted in ``edgeglm_hub_have_dropped_total``) and that the hub knows; anything else is
 dropped or answered with an ERROR frame (counted in ``edgeglm_hub_device_messages_dropped_total``
-by reason, and logged) and the gateway goes on.
+by reason, and logged) and the gateway goes on. Each piece sent counts in
+``edgeglm_hub_pieces_served_total{transport="mqtt"}`` and its encoded bytes in
+``edgeglm_hub_piece_bytes_served_total`` (the HTTP piece routes count ``transport="http"``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from cloud_hub.metrics import HubMetrics
 from edgeglm.errors import EdgeError, IntegrityError, NotFoundError, PermissionDenied, ProtocolError
 from edgeglm.mqtt import Incoming
 from edgeglm.pieces import piece_id
-from edgeglm.planner import PieceStep, step_frames
+from edgeglm.planner import step_frames
 from edgeglm.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorBody,
@@ -179,7 +183,11 @@ class Gateway:
                     max_message_bytes=self.max_message_bytes,
                 )
                 return self._send(topic, frames, correlation)
-            steps = self.encoder.steps(manifest, req.have)
+            have, dropped = self.scope.held(device_id, req.model, req.have)
+            if dropped:
+                self.metrics.inc("edgeglm_hub_have_dropped_total", float(dropped), transport="mqtt")
+                log.warning("%s named %d version(s) it was never given in have: dropped", device_id, dropped)
+            steps = self.encoder.steps(manifest, have)
             sent = 0
             for pid in req.pieces:
                 step = steps.get(pid)
@@ -187,7 +195,12 @@ class Gateway:
                     error = self._error("not_found", f"piece {pid[:16]} is not in {req.version}", pid)
                     sent += self._send(topic, [error], correlation)
                     continue
-                sent += self._send(topic, self._frames(step), correlation)
+                encoded = self.encoder.encoded(step)
+                sent += self._send(topic, step_frames(step, encoded, self.max_message_bytes), correlation)
+                self.metrics.inc("edgeglm_hub_pieces_served_total", transport="mqtt")
+                self.metrics.inc(
+                    "edgeglm_hub_piece_bytes_served_total", float(len(encoded.payload)), transport="mqtt"
+                )
             return sent
         except PermissionDenied as exc:
             self.metrics.inc(_DROPPED, reason="forbidden")
@@ -207,9 +220,6 @@ class Gateway:
             )
 
     # ---------------------------------------------------------------------- helpers
-    def _frames(self, step: PieceStep) -> list[Frame]:
-        return step_frames(step, self.encoder.encoded(step), self.max_message_bytes)
-
     def _error(self, code: ErrorCode, message: str, pid: str | None = None) -> Frame:
         body = ErrorBody(code=code, message=message[:500])
         return error_frame(body, bytes.fromhex(pid)) if pid else error_frame(body)

@@ -7,21 +7,29 @@
   then, under /api/v1 only:
     token        a missing, malformed, unknown or revoked bearer token: 401
     role         below the route's role (its Viewer / Operator / Admin dependency): 403
+      or, on a device route (its DeviceAuth dependency: the piece routes), instead of both:
+    credential   a device's HTTP credential (cloud_hub.device_credentials): forged, expired or
+                 superseded 401, revoked 403 (the device's row is read on each request), each
+                 with ``X-Edgeglm-Credential: refused`` (the box stops HTTP until a new token; a
+                 403 without it, out of scope, refuses one piece only); no API token opens a
+                 device route, no device credential any other
     size         a Content-Length over the route's limit: 413; a raw-body route sent without one
                  (chunked): 411; a chunked body that streams past the limit: 413, reading stops
 
 FastAPI reads and parses a JSON body before it runs a route's dependencies, so the checks cannot
 be dependencies: :func:`route_rules` reads each route's role and body limit off the app itself
 (the role from its dependency, the limit from :func:`cloud_hub.routes.deps.raw_body` or
-:data:`~cloud_hub.routes.deps.JSON_LIMIT`). A JSON body (a few KiB at most) is read here, within
-its limit, and handed on; a raw body is counted as the route streams it. The caller reaches the
-route as ``request.state.principal``.
+:data:`~cloud_hub.routes.deps.JSON_LIMIT`; a device route takes no body: limit 0). A JSON body (a
+few KiB at most) is read here, within its limit, and handed on; a raw body is counted as the route
+streams it. The caller reaches the route as ``request.state.principal`` (a device as
+``request.state.device``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -37,11 +45,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloud_hub import audit
 from cloud_hub.auth import Principal, Role, authenticate, require
 from cloud_hub.context import HubContext
-from cloud_hub.routes.deps import JSON_LIMIT, ROLE_DEPENDENCIES, Limit, raw_body_limit
+from cloud_hub.device_credentials import CREDENTIAL_HINT, DeviceCaller, authenticate_device
+from cloud_hub.routes.deps import DEVICE_DEPENDENCIES, JSON_LIMIT, ROLE_DEPENDENCIES, Limit, raw_body_limit
 from edgeglm.errors import AccessError, EdgeError, UnavailableError, UsageError
 from edgeglm.hub_api import API_PREFIX
 
-__all__ = ["Guard", "RouteRule", "route_rules"]
+__all__ = ["CREDENTIAL_REFUSED", "Guard", "RouteRule", "route_rules"]
+
+# on a refused device credential: the agent (edge_agent.fetch_http) stops HTTP until a new token
+CREDENTIAL_REFUSED = ("X-Edgeglm-Credential", "refused")
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,7 @@ class RouteRule:
     limit: Limit  # bytes, or a function of the hub's context (a piece: its max_piece_bytes)
     raw: bool  # reads raw bytes (Content-Length required); else a JSON body or none
     json: bool  # takes a JSON body (read here, within the limit, before FastAPI parses it)
+    device: bool = False  # a device's HTTP credential, not an API token (role is then unused)
 
 
 _UNKNOWN = RouteRule(Role.viewer, JSON_LIMIT, raw=False, json=False)  # 404 / 405 come from the app
@@ -75,14 +88,30 @@ def _role(route: APIRoute) -> Role | None:
     return max(found, default=None)
 
 
+def _device_route(route: APIRoute) -> bool:
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dep = pending.pop()
+        if dep.call in DEVICE_DEPENDENCIES:
+            return True
+        pending.extend(dep.dependencies)
+    return False
+
+
 def route_rules(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], RouteRule]:
     """(method, path template) -> its rule, for every route under /api/v1; a route there without a
-    role dependency is a bug, refused here rather than served to anyone."""
+    role or device dependency (or with both) is a bug, refused here rather than served to anyone."""
     rules: dict[tuple[str, str], RouteRule] = {}
     for route in routes:
         if not isinstance(route, APIRoute) or not route.path.startswith(API_PREFIX + "/"):
             continue
-        role = _role(route)
+        role, device = _role(route), _device_route(route)
+        if device:
+            if role is not None or route.body_field is not None or raw_body_limit(route.endpoint):
+                raise RuntimeError(f"device route {route.path} takes a role or a body")
+            for method in route.methods or ():
+                rules[(method, route.path)] = RouteRule(Role.viewer, 0, raw=False, json=False, device=True)
+            continue
         if role is None:
             raise RuntimeError(f"route {route.path} has no Viewer, Operator or Admin dependency")
         raw = raw_body_limit(route.endpoint)
@@ -146,11 +175,18 @@ class Guard:
         template, rule = self._rule(scope)
         headers = Headers(scope=scope)
         try:
-            who = await run_in_threadpool(self._authenticate, headers.get("authorization"))
-            require(who, rule.role, f"{scope['method']} {template}")
+            if rule.device:
+                try:
+                    device = await run_in_threadpool(self._authenticate_device, headers.get("authorization"))
+                except AccessError as exc:  # this credential will never open a piece: say so
+                    return await refuse(exc, headers={CREDENTIAL_REFUSED[0]: CREDENTIAL_REFUSED[1]})
+                scope.setdefault("state", {})["device"] = device
+            else:
+                who = await run_in_threadpool(self._authenticate, headers.get("authorization"))
+                require(who, rule.role, f"{scope['method']} {template}")
+                scope.setdefault("state", {})["principal"] = who
         except EdgeError as exc:  # AccessError 401, PermissionDenied 403, UnavailableError 503
             return await refuse(exc)
-        scope.setdefault("state", {})["principal"] = who
 
         limit = rule.limit(self.ctx) if callable(rule.limit) else rule.limit
         declared = headers.get("content-length")
@@ -196,14 +232,35 @@ class Guard:
             log.error("database error while checking a token: %s", str(exc).splitlines()[0][:300])
             raise UnavailableError("database", "the operation failed; see the hub log") from exc
 
+    def _authenticate_device(self, authorization: str | None) -> DeviceCaller:
+        scheme, _, secret = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            raise AccessError(
+                "device credential",
+                "missing: send 'Authorization: Bearer <pieces_token>'",
+                hint=CREDENTIAL_HINT,
+            )
+        fleet = self.ctx.fleet
+        if fleet is None:
+            raise UnavailableError("device credentials", "this hub has no fleet key loaded")
+        try:
+            with self.ctx.db.session() as s:
+                return authenticate_device(s, fleet.credentials, secret.strip(), now=time.time())
+        except SQLAlchemyError as exc:
+            log.error("database error while checking a device credential: %s", str(exc).splitlines()[0][:300])
+            raise UnavailableError("database", "the operation failed; see the hub log") from exc
+
 
 class _Refuse:
     def __init__(self, render: Render, scope: Scope, receive: Receive, send: Send) -> None:
         self.render, self.scope, self.receive, self.send = render, scope, receive, send
 
-    def __call__(self, exc: EdgeError, status: int | None = None) -> Awaitable[None]:
+    def __call__(
+        self, exc: EdgeError, status: int | None = None, *, headers: dict[str, str] | None = None
+    ) -> Awaitable[None]:
         response = self.render(exc, status)
         response.headers["Connection"] = "close"  # the body, if any, is left unread
+        response.headers.update(headers or {})
         return response(self.scope, self.receive, self.send)
 
 

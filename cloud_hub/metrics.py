@@ -66,10 +66,27 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]]] =
         ("reason",),
         tuple((r,) for r in _DROP_REASONS),
     ),
+    "edgeglm_hub_pieces_served_total": (
+        "Pieces sent to devices, by transport: mqtt (all frames of a piece), http (a 200 or 206 answer).",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
+    "edgeglm_hub_piece_bytes_served_total": (
+        "Bytes of encoded pieces sent to devices (frame payloads, HTTP bodies), by transport.",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
+    "edgeglm_hub_have_dropped_total": (
+        "Versions a device named as held (have) that it was never given nor reported, or past the"
+        " first 8: dropped before planning (no delta base), by transport.",
+        ("transport",),
+        (("http",), ("mqtt",)),
+    ),
     "edgeglm_hub_encode_cache_total": (
-        "Piece encodings (raw or delta) looked up in the gateway's cache, by hit or miss.",
+        "Piece encodings (raw or delta) asked for: hit in this process's cache, read from the piece"
+        " store (another replica made it), or miss (encoded here).",
         ("result",),
-        (("hit",), ("miss",)),
+        (("hit",), ("store",), ("miss",)),
     ),
     "edgeglm_hub_heartbeats_total": ("Device heartbeats written to the inventory.", (), ((),)),
     "edgeglm_hub_status_total": (

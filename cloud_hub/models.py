@@ -9,6 +9,8 @@
     audit_log                               append-only (triggers refuse UPDATE and DELETE)
     api_tokens                              SHA-256 of the secret, never the secret; a role each
     leases                                  who runs the rollout controller, until when
+    piece_bytes                             pieces held in the database piece store (--store database)
+    piece_encodings                         (piece, base) encodings sent to devices, made once for all
 
 Times are UTC; :class:`UtcDateTime` hands back aware datetimes on SQLite too. JSON columns hold
 small documents (labels, health, gates, before/after); manifests are stored as the exact JSON
@@ -29,6 +31,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -51,6 +54,8 @@ __all__ = [
     "DeviceDeployment",
     "Lease",
     "Model",
+    "PieceBytes",
+    "PieceEncodingRow",
     "Release",
     "Rollout",
     "RolloutWave",
@@ -182,6 +187,10 @@ class Device(Base):
     desired_rollout_id: Mapped[int | None] = mapped_column(Integer)
     desired_signed_at: Mapped[float | None] = mapped_column(Float)
     desired_key_id: Mapped[str | None] = mapped_column(String(16))
+    # HTTP access to piece bytes (cloud_hub.device_credentials): a token names the epoch it was
+    # issued under; allowing a revoked device again bumps it, so older tokens stay refused
+    http_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    http_revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0)
     last_seen: Mapped[datetime | None] = mapped_column()
@@ -299,3 +308,29 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class PieceBytes(Base):
+    """A piece held by the database piece store (cloud_hub.database_storage): content-addressed,
+    written once (a second writer's INSERT does nothing), verified against its id on every read."""
+
+    __tablename__ = "piece_bytes"
+    piece_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PieceEncodingRow(Base):
+    """A piece as sent to devices, raw (``base_id`` empty) or as a delta against ``base_id``: the
+    fields of :class:`edgeglm.tensor_delta.Encoded` plus the BLAKE3 of the payload, checked on read."""
+
+    __tablename__ = "piece_encodings"
+    piece_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    base_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for no base
+    encoding: Mapped[int] = mapped_column(Integer)  # edgeglm.protocol.PieceEncoding
+    width: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)  # of the payload
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -10,11 +10,13 @@ A second ``begin`` with the same manifest returns the same open upload and only 
 missing. A published bundle is immutable: the same model, version and profile with a different
 manifest is a conflict, the same manifest again is a no-op. A bundle whose quality gate failed
 (or that carries no quality report) is refused unless ``force`` (admin only, recorded).
+
+The bundles and open uploads are what keeps a piece alive: ``edgectl hub gc``
+(:mod:`cloud_hub.piece_gc`) removes what none of them names.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Mapping
@@ -27,11 +29,11 @@ from sqlalchemy.orm import Session
 
 from cloud_hub import audit
 from cloud_hub.models import Bundle, Chunk, Model, Release, Upload
+from cloud_hub.piece_storage import PieceStorage
 from edgeglm import contracts
 from edgeglm.bundle import MANIFEST_NAME, Manifest, load_manifest, manifest_digest, parse_manifest
 from edgeglm.bundle_files import FolderSource
 from edgeglm.errors import ConflictError, IntegrityError, NotFoundError
-from edgeglm.piece_store import PieceStore
 
 __all__ = ["Registry", "UploadState", "parse_ref", "semver_key"]
 
@@ -69,9 +71,12 @@ class UploadState:
 
 
 class Registry:
-    """Registry operations on one session; pieces go to ``store`` (the hub's data directory)."""
+    """Registry operations on one session; pieces go to ``store`` (the hub's piece store, folder or
+    database: :mod:`cloud_hub.piece_storage`), which keeps them whatever becomes of the session."""
 
-    def __init__(self, session: Session, store: PieceStore, trusted: Mapping[str, Ed25519PublicKey]) -> None:
+    def __init__(
+        self, session: Session, store: PieceStorage, trusted: Mapping[str, Ed25519PublicKey]
+    ) -> None:
         self.s = session
         self.store = store
         self.trusted = trusted
@@ -236,7 +241,6 @@ class Registry:
         self.s.add(bundle)
         upload.state = "committed"
         self.s.flush()
-        self.store.keep(_ref(manifest), json.loads(upload.manifest_json))
         audit.record(
             self.s,
             actor,
@@ -296,7 +300,8 @@ class Registry:
         for f in manifest.files:
             for pid, size in f.pieces:
                 seen.setdefault(pid, size)
-        return [(pid, size) for pid, size in seen.items() if not self.store.has(pid)]
+        absent = self.store.missing(seen)
+        return [(pid, size) for pid, size in seen.items() if pid in absent]
 
     def _state(self, upload: Upload, manifest: Manifest) -> UploadState:
         missing = () if upload.state == "committed" else tuple(self._missing(manifest))
@@ -334,10 +339,6 @@ class Registry:
 def _manifest(text: str) -> Manifest:
     manifest, _ = parse_manifest(text, None)  # verified when the upload began; stored verbatim
     return manifest
-
-
-def _ref(manifest: Manifest) -> str:
-    return f"{manifest.model}@{manifest.version}+{manifest.profile}"
 
 
 def _order(r: Release) -> tuple[int, int, int, int, str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -11,11 +13,13 @@ from cloud_hub import trust
 from cloud_hub.api import create_app
 from cloud_hub.context import HubContext
 from cloud_hub.controller import Controller
-from cloud_hub.db import open_db
+from cloud_hub.database_storage import DatabaseStorage
+from cloud_hub.db import Database, open_db
 from cloud_hub.desired import FleetKey
 from cloud_hub.gateway import Gateway
 from cloud_hub.ingest import Ingest
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.piece_storage import FolderStorage, PieceStorage, StoreKind
 from cloud_hub.rollouts import Publish
 from cloud_hub.settings import HubSettings
 from edgeglm.errors import ConfigError
@@ -29,6 +33,7 @@ __all__ = [
     "listen",
     "load_app",
     "mqtt_publisher",
+    "open_store",
     "start_controller",
     "start_ingest",
 ]
@@ -41,15 +46,63 @@ def build_context(settings: HubSettings) -> HubContext:
     trusted = dict(load_public_keys(list(settings.trusted_keys))) if settings.trusted_keys else {}
     if not trusted:
         log.warning("no trusted publisher keys: every publish will be refused (pass --trust KEY.pub)")
+    if settings.pieces_url is not None and _in_clear(settings.pieces_url):
+        log.warning(
+            "--pieces-url %s is plain http to a host that is not this one: every box's bearer token"
+            " travels in clear (use https, or a proxy on the boxes' own network)",
+            settings.pieces_url,
+        )
     return HubContext(
         db=db,
-        store=PieceStore(settings.pieces_dir),
+        store=open_store(settings, db),
         trusted=trusted,
         metrics=HubMetrics(),
         max_piece_bytes=settings.max_piece_bytes,
-        fleet=FleetKey.load_or_create(settings.fleet_key_path),
+        fleet=FleetKey.load_or_create(settings.fleet_key_path, pieces_url=settings.pieces_url),
         fetch_limits=settings.fetch_limits,
     )
+
+
+def _in_clear(pieces_url: str) -> bool:
+    """Whether devices would send their HTTP credential unencrypted off this host."""
+    parts = urlsplit(pieces_url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def open_store(settings: HubSettings, db: Database) -> PieceStorage:
+    """The piece store ``settings.store`` names on ``db`` (``auto``: the database on PostgreSQL).
+
+    A database store next to a data folder that still holds pieces says how to move them: the
+    replicas cannot read them there."""
+    kind = settings.store_kind(db.dialect)
+    store: PieceStorage
+    if kind is StoreKind.FOLDER:
+        store = FolderStorage(settings.pieces_dir)
+        if db.dialect == "postgresql":
+            log.warning(
+                "pieces are in the folder %s: replicas on this database do not share them (--store database)",
+                settings.pieces_dir,
+            )
+    else:
+        store = DatabaseStorage(db)
+        old = settings.pieces_dir
+        if (old / "objects").is_dir() and next(PieceStore(old).ids(), None) is not None:
+            log.warning(
+                "the folder %s still holds pieces the database store does not serve: copy them with"
+                " 'edgectl hub store import %s' (or publish those bundles again), then remove the folder",
+                old,
+                old,
+            )
+    log.info("piece store: %s (--store %s)", store.description, settings.store.value)
+    return store
 
 
 def listen(settings: HubSettings) -> socket.socket:

@@ -22,7 +22,9 @@
     [serving]   site, queue_size, threads, http_listen, http_token_file, http_allow_remote,
                 http_max_concurrency (see "HTTP API" below)
     [telemetry] heartbeat_s, outbox_max_rows
-    [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap), keep_previous_loaded
+    [update]    window, batch, request_timeout_s, bandwidth_bytes_s (0: no cap), keep_previous_loaded,
+                http ("auto": pieces over HTTP when the desired state offers them, MQTT for the rest;
+                "off": MQTT only), http_ca_file (the CA of an https pieces URL; default: the system's)
 
 Profiles: a bundle carries the device profile it was exported and quality-gated with, and the
 agent serves it with that one. ``profile`` is the box's profile name (the hub picks bundles by it);
@@ -211,6 +213,8 @@ class UpdateConfig(_Section):
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     bandwidth_bytes_s: int = Field(default=0, ge=0)  # 0: no cap
     keep_previous_loaded: bool = True  # instant revert, when two models fit the memory budget
+    http: Literal["auto", "off"] = "auto"  # pieces over HTTP when the hub offers them (edge_agent.fetch_http)
+    http_ca_file: Path | None = None  # the CA an https pieces URL is checked against (None: the system's)
 
 
 class AgentConfig(_Section):
@@ -325,6 +329,8 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         if broker is not None:
             broker.settings()  # TLS files, client certificate pair, password file: checked now
     config.serving.http_token()  # the token file: checked now
+    if config.update.http_ca_file is not None and not config.update.http_ca_file.is_file():
+        raise ConfigError(f"config update.http_ca_file {config.update.http_ca_file}", "does not exist")
     for field in ("trusted_keys", "fleet_keys"):
         for key in getattr(config, field):
             if not key.is_file():

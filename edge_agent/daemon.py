@@ -2,6 +2,7 @@
 
     cloud broker ── desired (retained) ──> UpdateWorker ──> UpdateMachine ──> Activator ──> ServingStack
          ^  <── FetchRequests / data ───── MqttFetcher            │ reports            (serves the
+         │      (pieces over HTTP first when the desired state offers them: HttpFirstFetcher)
          │                                                        v                   active slot)
          └──── status (retained, LWT) · heartbeats · reports <── Telemetry (outbox) <── heartbeat timer
     local broker (optional; default: the cloud one) ── infer requests ──> ServingStack
@@ -34,6 +35,7 @@ from edge_agent.activation import Activator
 from edge_agent.boot import boot, install_bootstrap
 from edge_agent.config import AgentConfig, resolve_profile
 from edge_agent.fetch import MqttFetcher
+from edge_agent.fetch_http import HttpFirstFetcher, HttpPieces
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.links import Links
@@ -129,7 +131,7 @@ class Agent:
 
     def _worker(self, links: Links, activator: Activator) -> UpdateWorker:
         u = self.config.update
-        fetcher = MqttFetcher(
+        mqtt = MqttFetcher(
             links.cloud,
             self.device_id,
             window=u.window,
@@ -137,7 +139,22 @@ class Agent:
             timeout_s=u.request_timeout_s,
             bandwidth_bytes_s=u.bandwidth_bytes_s,
             holds=self.store.__contains__,  # a delta against any piece this box keeps is decodable
+            on_bytes=lambda n: self.metrics.update_bytes("mqtt", n),
         )
+        fetcher: MqttFetcher | HttpFirstFetcher = mqtt
+        offer = None
+        if u.http == "auto":
+            http = HttpPieces(
+                ca_file=u.http_ca_file, timeout_s=u.request_timeout_s, holds=self.store.__contains__
+            )
+            fetcher = HttpFirstFetcher(
+                mqtt,
+                http,
+                window=u.window,
+                on_bytes=self.metrics.update_bytes,
+                on_fallback=self.metrics.http_fallback,
+            )
+            offer = fetcher.offer
         return UpdateWorker(
             self.state,
             self.store,
@@ -151,6 +168,7 @@ class Agent:
             profile=self.profile_name,
             report=self.telemetry.report,
             crash_at=_fault_injection(os.environ.get(FAULT_ENV)),
+            offer=offer,
         )
 
     def stop(self) -> None:

@@ -32,6 +32,9 @@ new requests for the time its message names ("retry after N s") and asks again f
 request's pieces (and those sent after it, which the hub dropped silently) without counting a try.
 Other refusals of a whole request are asked again after the same back-off, counting a try.
 
+Pieces may come over HTTP instead when the hub offers it (:mod:`edge_agent.fetch_http`, which
+shares this fetcher's bucket and takes over MQTT whatever HTTP does not deliver).
+
 An optional bandwidth cap (bytes per second) is a token bucket on what arrives: while capped, one
 request is in flight at a time, for about one second's worth of pieces, and the next goes out once
 the bucket has refilled, so the rate on the wire stays at or below the cap without the hub knowing.
@@ -140,10 +143,13 @@ class MqttFetcher:
         retries: int = 5,
         bandwidth_bytes_s: int = 0,
         holds: Callable[[str], bool] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         """``holds(piece_id)``: whether this box keeps a piece (its store), so a delta against
-        any held piece is accepted; without it only the planned base of each step is."""
+        any held piece is accepted; without it only the planned base of each step is.
+        ``on_bytes(n)``: the payload bytes of each piece frame taken (the agent's metrics)."""
         self.link = link
+        self.on_bytes = on_bytes or (lambda _n: None)
         self.bucket = _Bucket(bandwidth_bytes_s)
         self.device_id = device_id
         self.window = window
@@ -294,13 +300,20 @@ class MqttFetcher:
             time.sleep(left)
 
     def pieces(
-        self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
+        self,
+        target: Manifest,
+        steps: Sequence[PieceStep],
+        have: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
         todo = list(steps)
         open_: dict[str, _Request] = {}
         waiting: list[tuple[list[PieceStep], int]] = []  # refused for the rate: (pieces, tries)
         try:
             while todo or open_ or waiting:
+                if cancelled is not None and cancelled():  # superseded: the machine stops the update
+                    return
                 if not self.link.connected:
                     # what was in flight is lost with the link: ask again, without counting a try
                     self._wait_online()
@@ -418,6 +431,8 @@ class MqttFetcher:
     def _take(self, req: _Request, frame: Frame) -> tuple[PieceStep, Encoded, str | None] | None:
         pid = frame.piece_id.hex()
         self.bucket.spend(len(frame.payload))
+        if frame.kind == FrameKind.PIECE:
+            self.on_bytes(len(frame.payload))
         if frame.kind == FrameKind.ERROR:
             if pid not in req.pieces:
                 return None

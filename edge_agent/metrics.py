@@ -143,6 +143,18 @@ class Metrics:
         self._queue_depth = 0
         self._in_flight = 0
         self._samples: deque[_Sample] = deque(maxlen=_MAX_SAMPLES)
+        self._update_bytes: Counter[str] = Counter(http=0, mqtt=0)
+        self._fallbacks: Counter[str] = Counter()
+
+    def update_bytes(self, transport: str, n: int) -> None:
+        """``n`` bytes of encoded pieces arrived over ``transport`` (``http`` or ``mqtt``)."""
+        with self._lock:
+            self._update_bytes[transport] += max(0, n)
+
+    def http_fallback(self, reason: str) -> None:
+        """A piece the hub offered over HTTP was taken over MQTT instead (``reason``: status, ...)."""
+        with self._lock:
+            self._fallbacks[reason] += 1
 
     def set_model(self, model: str, version: str) -> None:
         """Name the model the agent now serves (``model_info``)."""
@@ -238,6 +250,14 @@ class Metrics:
                 f"{_PREFIX}queue_depth {self._queue_depth}",
                 *_header("requests_in_flight", "gauge", "Requests admitted and not yet finished."),
                 f"{_PREFIX}requests_in_flight {self._in_flight}",
+                *_header("update_bytes_total", "counter", "Bytes of encoded pieces received, by transport."),
+                *_labelled("update_bytes_total", "transport", sorted(self._update_bytes.items())),
+                *_header(
+                    "update_http_fallbacks_total",
+                    "counter",
+                    "Pieces offered over HTTP that were taken over MQTT instead, by reason.",
+                ),
+                *_labelled("update_http_fallbacks_total", "reason", sorted(self._fallbacks.items())),
                 *_header("model_info", "gauge", "The model and version being served."),
                 f'{_PREFIX}model_info{{model="{_escape(self._model)}",version="{_escape(self._version)}"}} 1',
             ]

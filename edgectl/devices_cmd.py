@@ -9,7 +9,7 @@ import click
 from edgectl.output import emit, output_option, render_table
 from edgectl.remote import client_from, hub_options
 from edgeglm.contracts import version_problem
-from edgeglm.hub_api import API_PREFIX, AuditView, DeviceView
+from edgeglm.hub_api import API_PREFIX, AuditView, DeviceView, HttpAccessView
 
 
 class Version(click.ParamType):
@@ -48,7 +48,7 @@ def _device_table(rows: list[DeviceView]) -> str:
 
 @click.group("devices")
 def devices() -> None:
-    """Devices in the inventory: list, show, pin / unpin, label."""
+    """Devices in the inventory: list, show, pin / unpin, label, HTTP access to piece bytes."""
 
 
 @devices.command("list")
@@ -131,6 +131,28 @@ def devices_label(
         json_body={"set": set_, "remove": remove},
     )
     emit(d, output, lambda d: f"{d.id} labels: {_labels(d)}")
+
+
+@devices.command("http-access")
+@click.argument("device_id")
+@click.option("--revoke", "allowed", flag_value=False, default=None, help="Refuse its HTTP credential now.")
+@click.option("--allow", "allowed", flag_value=True, help="Allow HTTP again, under a new credential epoch.")
+@hub_options
+@output_option
+def devices_http_access(
+    device_id: str, allowed: bool | None, hub_url: str, token: str | None, output: str
+) -> None:
+    """Revoke or allow DEVICE_ID's fetches of piece bytes over HTTP (audited). Revoked, its token
+    is refused at once and it fetches over MQTT; allowed again, tokens issued before stay refused."""
+    from edgeglm.errors import UsageError
+
+    if allowed is None:
+        raise UsageError("http-access", "say --revoke or --allow")
+    view = client_from(hub_url, token).call(
+        "PUT", f"{API_PREFIX}/devices/{device_id}/http-access", HttpAccessView, json_body={"allowed": allowed}
+    )
+    state = "allowed" if view.allowed else "revoked"
+    emit(view, output, lambda v: f"{v.device_id}: HTTP access {state} (credential epoch {v.epoch})")
 
 
 @click.group("audit")

@@ -1,4 +1,5 @@
-"""``edgectl hub``: run the cloud hub (``serve``), bring its schema up (``migrate``), make tokens.
+"""``edgectl hub``: run the cloud hub (``serve``), bring its schema up (``migrate``), make tokens,
+collect its piece store's garbage (``gc``), move an old folder store into it (``store import``).
 
 These commands work on the hub's database directly (they are run where the hub runs), through
 the hub wing's facade :mod:`cloud_hub.admin`; everything an operator does from elsewhere goes
@@ -29,6 +30,15 @@ _data_opt = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Hub data directory: pieces, default SQLite file [env EDGEGLM_HUB_DATA; ./hub-data].",
+)
+
+_STORES = ("auto", "folder", "database")  # cloud_hub.piece_storage.StoreKind
+_store_opt = click.option(
+    "--store",
+    type=click.Choice(_STORES),
+    default=None,
+    help="Where bundle pieces live: database (shared by every replica), folder (DATA/pieces), or"
+    " auto: database on PostgreSQL, folder on SQLite [env EDGEGLM_HUB_STORE; auto].",
 )
 
 
@@ -75,6 +85,7 @@ def grant_role_cmd(role: str, db_url: str | None, data_dir: Path | None) -> None
 @hub.command("serve")
 @_db_opt
 @_data_opt
+@_store_opt
 @click.option("--listen", default=None, help="host:port for the HTTP API [127.0.0.1:8080].")
 @click.option(
     "--trust",
@@ -129,9 +140,18 @@ def grant_role_cmd(role: str, db_url: str | None, data_dir: Path | None) -> None
     help="Bytes per second the gateway sends each device, 0 for no cap"
     " [env EDGEGLM_HUB_FETCH_BYTES_RATE; 0].",
 )
+@click.option(
+    "--pieces-url",
+    default=None,
+    metavar="URL",
+    help="Base URL devices fetch piece bytes from over HTTP: this hub as devices reach it, or a proxy"
+    " or CDN in front of it; desired states then carry it and a device token [env"
+    " EDGEGLM_HUB_PIECES_URL; none: MQTT only].",
+)
 def serve_cmd(
     db_url: str | None,
     data_dir: Path | None,
+    store: str | None,
     listen: str | None,
     trust: tuple[Path, ...],
     fleet_key: Path | None,
@@ -146,6 +166,7 @@ def serve_cmd(
     fetch_burst: int | None,
     fetch_pending: int | None,
     fetch_bytes_rate: int | None,
+    pieces_url: str | None,
 ) -> None:
     """Serve the HTTP API until SIGTERM; with --broker also device traffic and the rollout controller."""
     import os
@@ -167,6 +188,7 @@ def serve_cmd(
     settings = _settings(
         db_url=db_url,
         data_dir=data_dir,
+        store=_store_kind(store),
         trusted_keys=trust,
         fleet_key=fleet_key,
         host=host or None,
@@ -175,6 +197,7 @@ def serve_cmd(
         fetch_burst=fetch_burst,
         fetch_pending=fetch_pending,
         fetch_bytes_rate=fetch_bytes_rate,
+        pieces_url=pieces_url,
     )
     sock = admin.listen(settings)  # before anything starts: a taken port is exit 78, not a URL
     if migrate:
@@ -200,6 +223,84 @@ def serve_cmd(
         click.echo(f"cloud hub on http://{settings.host}:{settings.port} ({served.dialect})", err=True)
         config = uvicorn.Config(served.app, log_level="warning", access_log=False)
         uvicorn.Server(config).run(sockets=[sock])
+
+
+def _store_kind(store: str | None) -> Any:
+    from cloud_hub.admin import StoreKind
+
+    return None if store is None else StoreKind(store)
+
+
+@hub.command("gc")
+@_db_opt
+@_data_opt
+@_store_opt
+@click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
+@output_option
+def gc_cmd(db_url: str | None, data_dir: Path | None, store: str | None, dry_run: bool, output: str) -> None:
+    """Remove the pieces no published bundle and no open upload names, and the encodings whose
+    piece or base is gone. Safe beside a running hub and a publish in progress; exits 1 when a
+    publish adopted a piece while it was being removed (publish that bundle again)."""
+    from dataclasses import asdict
+
+    from cloud_hub import admin
+    from edgeglm.errors import ConflictError
+
+    report = admin.gc(_settings(db_url=db_url, data_dir=data_dir, store=_store_kind(store)), dry_run=dry_run)
+    data = asdict(report)
+    data["lost"] = list(report.lost)
+
+    def text(d: dict[str, Any]) -> str:
+        verb = "would remove" if d["dry_run"] else "removed"
+        lines = [
+            f"{d['store']}: {verb} {d['pieces_removed']} of {d['pieces_held']} pieces"
+            f" ({d['bytes_removed']} bytes) and {d['encodings_removed']} of {d['encodings_held']} encodings"
+        ]
+        for name, count in d["incomplete"].items():
+            lines.append(f"{name}: {count} piece(s) missing from the store; publish it again to repair it")
+        return "\n".join(lines)
+
+    emit(data, output, text)
+    if report.lost:
+        raise ConflictError(
+            "gc",
+            f"{len(report.lost)} removed piece(s) were adopted by a publish meanwhile",
+            hint="Publish the bundles that name them again (edgectl publish); that repairs the store.",
+        )
+
+
+@hub.group("store")
+def store_group() -> None:
+    """The hub's piece store (folder or database)."""
+
+
+@store_group.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_db_opt
+@_data_opt
+@_store_opt
+@output_option
+def store_import_cmd(
+    folder: Path, db_url: str | None, data_dir: Path | None, store: str | None, output: str
+) -> None:
+    """Copy every piece of FOLDER (a folder store, e.g. DATA/pieces of a hub that ran with
+    --store folder) into the configured store, each verified; then remove FOLDER yourself."""
+    from dataclasses import asdict
+
+    from cloud_hub import admin
+
+    settings = _settings(db_url=db_url, data_dir=data_dir, store=_store_kind(store))
+    report = admin.import_pieces(settings, folder)
+    data = asdict(report)
+    data["corrupt"] = list(report.corrupt)
+    emit(
+        data,
+        output,
+        lambda d: (
+            f"{d['source']} -> {d['store']}: {d['copied']} piece(s) copied ({d['bytes_copied']} bytes),"
+            f" {d['held_already']} held already, {len(d['corrupt'])} corrupt (left out)"
+        ),
+    )
 
 
 @hub.group("token")

@@ -11,6 +11,10 @@
     LABEL_KEY_PATTERN / LABEL_VALUE_PATTERN   a device label and a fleet selector's ``key=value``
     TOKEN_NAME_PATTERN      an API token's name (the actor the audit log records): 1-128 of
                             ``A-Z a-z 0-9 . _ @ -``, starting with a letter or digit
+    PiecesUrl ``http(s)://HOST[:PORT][/PATH]`` of at most 256 characters, no query, no fragment,
+              no credentials: where a box fetches piece bytes over HTTP (the hub, or a proxy or
+              CDN in front of it); the hub's ``--pieces-url`` and the desired state's
+              ``pieces_url``
 
 A value one part cannot carry is refused where it enters the system (``edgectl export``, publish,
 deploy, a pin, a wire message) with the same one-line reason, :func:`name_problem` /
@@ -31,6 +35,8 @@ __all__ = [
     "LABEL_VALUE_PATTERN",
     "NAME_MAX",
     "NAME_PATTERN",
+    "PIECES_URL_MAX",
+    "PIECES_URL_PATTERN",
     "PIECE_ID_PATTERN",
     "ROLLOUT_ID_MAX",
     "SEMVER_MAX",
@@ -39,6 +45,7 @@ __all__ = [
     "Digest",
     "Name",
     "PieceId",
+    "PiecesUrl",
     "RolloutId",
     "SemVer",
     "Signature",
@@ -60,6 +67,11 @@ ROLLOUT_ID_MAX = 2**31 - 1
 LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
 LABEL_VALUE_PATTERN = r"[A-Za-z0-9._-]{0,63}"
 TOKEN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}"
+PIECES_URL_MAX = 256
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"  # 1-65535
+PIECES_URL_PATTERN = rf"https?://{_HOST}(?::{_PORT})?(?:/[A-Za-z0-9._~%/-]*)?"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _SEMVER_RE = re.compile(SEMVER_PATTERN)
@@ -69,6 +81,9 @@ Name = Annotated[str, StringConstraints(strict=True, pattern=f"^{NAME_PATTERN}$"
 SemVer = Annotated[str, StringConstraints(strict=True, max_length=SEMVER_MAX, pattern=f"^{SEMVER_PATTERN}$")]
 Digest = Annotated[str, StringConstraints(strict=True, pattern=f"^{DIGEST_PATTERN}$")]
 PieceId = Annotated[str, StringConstraints(strict=True, pattern=f"^{PIECE_ID_PATTERN}$")]
+PiecesUrl = Annotated[
+    str, StringConstraints(strict=True, max_length=PIECES_URL_MAX, pattern=f"^{PIECES_URL_PATTERN}$")
+]
 
 
 def _rollout_id_in(value: Any) -> Any:

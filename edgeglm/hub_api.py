@@ -6,6 +6,7 @@ these models (``/openapi.json``); the command line decodes the same answers with
     uploads                 UploadView, PieceView, PublishedView (ReleaseView + BundleView)
     releases                ReleaseView, ReleaseDetail (+ its BundleViews)
     devices                 DeviceView                      PinBody, LabelsBody
+                            HttpAccessView                  HttpAccessBody
     audit                   AuditView
     tokens                  TokenView, NewTokenView         TokenBody
     rollouts                RolloutView, RolloutDetail, DryRunView, RollbackView
@@ -29,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
     WithJsonSchema,
     field_validator,
 )
@@ -50,6 +52,7 @@ from edgeglm.rollout_params import OnFailure, RolloutParams
 
 __all__ = [
     "API_PREFIX",
+    "PIECES_IN_FLIGHT",
     "AuditView",
     "BundleView",
     "CallerView",
@@ -60,6 +63,8 @@ __all__ = [
     "ErrorInfo",
     "ErrorView",
     "HealthView",
+    "HttpAccessBody",
+    "HttpAccessView",
     "LabelsBody",
     "NewTokenView",
     "PieceView",
@@ -84,6 +89,9 @@ __all__ = [
 ]
 
 API_PREFIX = "/api/v1"
+# HTTP piece requests one device may have in flight at the hub (more: 429); the agent's HTTP window
+# is capped to it. The hub's thread pool (40) then serves ten boxes at full speed, not one.
+PIECES_IN_FLIGHT = 4
 
 
 def _iso(t: datetime) -> str:
@@ -116,6 +124,20 @@ class UploadStatus(StrEnum):
 # ------------------------------------------------------------------------------ bodies
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class HttpAccessBody(_Body):
+    """``PUT /devices/{id}/http-access``: allow (a new credential epoch) or revoke HTTP fetches."""
+
+    allowed: StrictBool
+
+
+class HttpAccessView(BaseModel):
+    """Whether a device may fetch piece bytes over HTTP, and its credential epoch."""
+
+    device_id: Name
+    allowed: bool
+    epoch: int
 
 
 class PinBody(_Body):

@@ -119,6 +119,16 @@ class PieceStore:
     def size(self, pid: str) -> int:
         return self._path(pid).stat().st_size
 
+    def remove(self, pid: str) -> int:
+        """Delete one piece whatever refs say (the hub's own collector decides); its size, 0 if absent."""
+        path = self._path(pid)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
     def ids(self) -> Iterator[str]:
         for sub in self._objects.iterdir():
             if sub.is_dir():

@@ -18,6 +18,7 @@
                PUT    /api/v1/devices/{id}/pin                   operator
                DELETE /api/v1/devices/{id}/pin                   operator
                PATCH  /api/v1/devices/{id}/labels                operator
+               PUT    /api/v1/devices/{id}/http-access           operator  body: {"allowed": bool}
     audit      GET    /api/v1/audit?actor=&action=&target=&limit=   viewer
     trust      GET    /api/v1/trust/root                         viewer    the newest root: key ids by role
                GET    /api/v1/trust/roots                        viewer    every root version, as signed
@@ -28,11 +29,14 @@
                GET    /api/v1/rollouts/{id}?devices=             viewer
                POST   /api/v1/rollouts/{id}/pause|resume|abort   operator
                POST   /api/v1/rollbacks                          operator
+    pieces     GET    /api/v1/pieces/{piece}?model=&version=&profile=          a device's credential
+               GET    /api/v1/pieces/{piece}/delta/{base}?...&have=            (HEAD too; no token)
 
 Request bodies and answers are the models of :mod:`edgeglm.hub_api`, which ``edgectl`` decodes
 with too; ``deps`` holds what the routes take from a request (context, caller, bounded body).
-Every /api/v1 route needs a bearer token; :class:`cloud_hub.guard.Guard` checks it, the role in
-this table and the body's size (JSON bodies 64 KiB; a manifest 32 MiB, a piece the hub's piece
+Every /api/v1 route needs a bearer token (an API token; the piece routes: a device's HTTP
+credential instead); :class:`cloud_hub.guard.Guard` checks it, the role in this table and the
+body's size (JSON bodies 64 KiB; a manifest 32 MiB, a piece the hub's piece
 cap, a root 64 KiB) before the body is read.
 """
 
@@ -40,7 +44,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from cloud_hub.routes import audit, devices, ops, registry, rollouts, tokens, trust
+from cloud_hub.routes import audit, devices, ops, pieces, registry, rollouts, tokens, trust
 
 __all__ = ["ROUTERS"]
 
@@ -52,4 +56,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     audit.router,
     rollouts.router,
     trust.router,
+    pieces.router,
 )

@@ -2,6 +2,8 @@
 
     Hub                        the process's HubContext (``app.state.ctx``)
     Viewer, Operator, Admin    the bearer token's Principal, refused (403) below that role
+    DeviceAuth                 a device's HTTP credential (cloud_hub.device_credentials): the piece
+                               routes, which no API token opens
     raw_body(limit)            marks a route that reads raw bytes, at most ``limit`` (the guard)
     read_body(request)         that body, once the guard has checked its size
     NamePath, VersionPath      path parameters under the contracts' own patterns
@@ -24,13 +26,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cloud_hub.auth import Principal, Role, require
 from cloud_hub.context import HubContext
+from cloud_hub.device_credentials import DeviceCaller
 from edgeglm.contracts import NAME_PATTERN, SEMVER_PATTERN
 from edgeglm.errors import AccessError
 
 __all__ = [
+    "DEVICE_DEPENDENCIES",
     "JSON_LIMIT",
     "ROLE_DEPENDENCIES",
     "Admin",
+    "DeviceAuth",
     "Hub",
     "Limit",
     "NamePath",
@@ -50,6 +55,11 @@ Limit = int | Callable[[HubContext], int]  # bytes, or what the hub's context sa
 JSON_LIMIT = 64 * 1024
 
 _BEARER = HTTPBearer(auto_error=False, description="An API token: 'Authorization: Bearer egh_...'.")
+_DEVICE_BEARER = HTTPBearer(
+    scheme_name="DeviceCredential",
+    auto_error=False,
+    description="A device's HTTP credential, from its desired state: 'Bearer egd1:...'.",
+)
 _RAW: dict[Callable[..., Any], Limit] = {}
 
 
@@ -92,6 +102,19 @@ ROLE_DEPENDENCIES: dict[Callable[..., Any], Role] = {
     _operator: Role.operator,
     _admin: Role.admin,
 }
+
+
+def _device(
+    request: Request, _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_DEVICE_BEARER)]
+) -> DeviceCaller:
+    who = request.scope.get("state", {}).get("device")
+    if not isinstance(who, DeviceCaller):  # only a route outside the guard's /api/v1 could get here
+        raise AccessError("device credential", "missing: send 'Authorization: Bearer <pieces_token>'")
+    return who
+
+
+DeviceAuth = Annotated[DeviceCaller, Depends(_device)]
+DEVICE_DEPENDENCIES: frozenset[Callable[..., Any]] = frozenset({_device})
 NamePath = Annotated[str, PathParam(pattern=f"^{NAME_PATTERN}$")]
 VersionPath = Annotated[str, PathParam(pattern=f"^{SEMVER_PATTERN}$")]
 

@@ -1,14 +1,21 @@
-"""The device inventory over HTTP: list and show, and the operator's pins and labels (audited)."""
+"""The device inventory over HTTP: list and show, and the operator's pins, labels and HTTP access
+to piece bytes (audited). Revoking or allowing HTTP access signs the device's desired state again
+(without a credential, or with one of the new epoch), when the hub publishes desired states."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
 
+from cloud_hub import device_credentials
+from cloud_hub.context import HubContext
+from cloud_hub.desired import publish_desired
 from cloud_hub.inventory import Inventory, device_view, parse_selector
+from cloud_hub.models import Device
 from cloud_hub.routes.deps import Hub, NamePath, Operator, Viewer
-from edgeglm.hub_api import API_PREFIX, DeviceView, LabelsBody, PinBody
+from edgeglm.hub_api import API_PREFIX, DeviceView, HttpAccessBody, HttpAccessView, LabelsBody, PinBody
 
 __all__ = ["router"]
 
@@ -51,3 +58,29 @@ def label_device(device_id: NamePath, body: LabelsBody, who: Operator, hub: Hub)
     parse_selector(f"{k}={v}" for k, v in body.set.items())  # same rules as a selector
     with hub.db.session() as s:
         return device_view(Inventory(s).label(device_id, body.set, body.remove, who.name))
+
+
+@router.put("/devices/{device_id}/http-access")
+def http_access(device_id: NamePath, body: HttpAccessBody, who: Operator, hub: Hub) -> HttpAccessView:
+    """Revoke (its credentials are refused at once; it fetches over MQTT) or allow again (under a
+    new epoch: a credential issued before stays refused) a device's HTTP fetches of piece bytes."""
+    change = device_credentials.allow if body.allowed else device_credentials.revoke
+    with hub.db.session() as s:
+        device = change(s, device_id, who.name)
+        _sign_again(s, device, hub)
+        return HttpAccessView(device_id=device.id, allowed=not device.http_revoked, epoch=device.http_epoch)
+
+
+def _sign_again(s: Session, device: Device, hub: HubContext) -> None:
+    """The device's desired state, signed again with (or without) a credential, when there is one."""
+    if hub.publish is None or hub.fleet is None or not device.desired_model or not device.desired_version:
+        return
+    publish_desired(
+        s,
+        device,
+        device.desired_model,
+        device.desired_version,
+        device.desired_rollout_id,
+        hub.publish,
+        fleet=hub.fleet,
+    )

@@ -66,8 +66,16 @@ class Fetcher(Protocol):
     def manifest(self, model: str, version: str, profile: str) -> bytes: ...
 
     def pieces(
-        self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
-    ) -> Iterator[tuple[PieceStep, Encoded, str | None]]: ...
+        self,
+        target: Manifest,
+        steps: Sequence[PieceStep],
+        have: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
+        """The steps' pieces as they arrive. ``cancelled`` (the update was superseded) is polled
+        while waiting: once it is true the fetcher stops waiting and returns what it has."""
+        ...
 
 
 Report = Callable[[str, bool, str | None, dict[str, int] | None], None]
@@ -239,7 +247,11 @@ class UpdateMachine:
             attempt += 1
             before = done
             versions = [m.version for m in held if m.model == target.model]
-            for step, encoded, base in self.fetcher.pieces(target, todo, versions):
+
+            def cancelled() -> bool:  # a revert must not wait on a slow link
+                return self.superseded(run.rec)
+
+            for step, encoded, base in self.fetcher.pieces(target, todo, versions, cancelled=cancelled):
                 if self.superseded(run.rec):  # the hub changed its mind: stop downloading now
                     raise UpdateError("download", "superseded by a newer desired state")
                 if self.store.has(step.piece_id):

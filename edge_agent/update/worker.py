@@ -14,7 +14,9 @@ the same (rollout, manifest digest): the retained desired state would otherwise 
 the same failure; the hub answers failures by reverting the desired state. A different desired
 state arriving during a download supersedes it at once (reported ``failed``, reason "superseded");
 the new one runs next. After a success, and after a failure on a full disk, the piece store keeps
-only what the two slots hold.
+only what the two slots hold. Each accepted desired state is handed to ``offer`` too (the fetcher
+learns from it whether the hub offers the bytes over HTTP, and the credential: edge_agent.fetch_http),
+a newer one with the same target included (the hub signs it again with a fresh credential).
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class UpdateWorker:
         profile: str,
         report: PutReport,
         crash_at: Callable[[str], None] | None = None,
+        offer: Callable[[Desired], None] | None = None,
     ) -> None:
+        self.offer = offer or (lambda _d: None)
         self.state, self.store, self.slots, self.activator = state, store, slots, activator
         self.profile, self.put_report = profile, report
         self.device_id, self.fleet_keys, self.fresh = device_id, fleet_keys, fresh
@@ -138,6 +142,7 @@ class UpdateWorker:
                     log.info("acting on desired state %s@%s, admitted by a newer root", d.model, d.version)
                 self._accepted = accepted
             self._want = _Want(d.model, d.version, d.profile, d.manifest_digest, d.rollout_id)
+            self.offer(d)
         self._wake.set()
 
     def _refuse(self, payload: bytes, exc: IntegrityError) -> None:

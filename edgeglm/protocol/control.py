@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import Field, Strict, StrictBool, StringConstraints, model_validator
 
-from edgeglm.contracts import Digest, Name, RolloutId, SemVer, Signature
+from edgeglm.contracts import Digest, Name, PiecesUrl, RolloutId, SemVer, Signature
 from edgeglm.protocol.message import DEFAULT_MAX_MESSAGE_BYTES, Message, _Body, _Count, _NonNeg, _Reason
 
 __all__ = [
@@ -27,6 +27,8 @@ _PieceHex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64
 _Step = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 _Short = Annotated[str, StringConstraints(strict=True, max_length=64)]
 _Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
+# a device's HTTP credential, opaque to the box (the hub's cloud_hub.device_credentials makes it)
+_Credential = Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9._:~-]{16,256}$")]
 
 
 class Status(Message):
@@ -72,6 +74,10 @@ class Desired(Message):
     Signed by the hub's fleet key (:mod:`edgeglm.desired_signing`): it names its ``device_id``,
     carries that device's ``sequence`` (counted by the hub, never reused) and ``expires_at``; an
     agent acts on none that lacks them or whose signature does not verify.
+
+    ``pieces_url`` and ``pieces_token`` (both or neither) offer the bytes over HTTP: the box may
+    GET pieces and deltas under ``pieces_url`` with ``Authorization: Bearer <pieces_token>``
+    (docs/wire-contract.md) and takes over MQTT whatever HTTP does not deliver intact.
     """
 
     MAX_BYTES = 2048
@@ -84,7 +90,15 @@ class Desired(Message):
     device_id: Name | None = None
     sequence: Annotated[int, Strict(), Field(ge=1, le=2**63 - 1)] | None = None
     expires_at: _NonNeg | None = None
+    pieces_url: PiecesUrl | None = None
+    pieces_token: _Credential | None = None
     signature: Signature | None = None
+
+    @model_validator(mode="after")
+    def _offer_whole(self) -> Self:
+        if (self.pieces_url is None) != (self.pieces_token is None):
+            raise ValueError("pieces_url and pieces_token come together or not at all")
+        return self
 
 
 class Progress(_Body):

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, text
 from cloud_hub.models import ApiToken, AuditEntry, Device
 from edgeglm.bundle import load_manifest
 from edgeglm.bundle_files import FolderSource
+from tests.hub_storage import rot
 
 pytestmark = pytest.mark.integration
 
@@ -156,8 +157,7 @@ def test_publishing_again_repairs_a_piece_the_store_lost(hub: Any, publisher: An
     ).is_success
     manifest, _ = load_manifest(folder, None)
     pid = sorted(manifest.piece_ids())[0]
-    path = hub.ctx.store._path(pid)
-    path.write_bytes(b"rotten" + path.read_bytes()[6:])
+    rot(hub.ctx.store, pid)  # the folder store on SQLite, the database store on PostgreSQL
     with pytest.raises(IntegrityError):
         hub.ctx.store.get(pid)
     assert not hub.ctx.store.has(pid)

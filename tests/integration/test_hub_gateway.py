@@ -94,6 +94,7 @@ class Device:
 def test_a_device_fetches_the_manifest_and_deltas_for_what_it_lacks(
     hub_db_url: str, private_broker: int, publisher: Any, tmp_path: Path
 ) -> None:
+    from cloud_hub.models import Device as DeviceRow
     from cloud_hub.server import build_context, start_ingest
     from cloud_hub.settings import HubSettings
     from edgeglm.bundle import load_manifest, parse_manifest
@@ -132,6 +133,16 @@ def test_a_device_fetches_the_manifest_and_deltas_for_what_it_lacks(
         lacking = sorted(manifest.piece_ids() - set(store.ids()))
         sizes = {pid: size for f in manifest.files for pid, size in f.pieces}
         assert 0 < len(lacking) < len(manifest.piece_ids())  # tensor b and the tokenizer are held
+        # 1.0.0 was never given to box-1 nor reported by it: no delta base (a delta is invertible)
+        rid = dev.ask(kind="pieces", version="1.1.0", have=("1.0.0",), pieces=tuple(lacking))
+        got = dev.wait(rid, len(lacking))
+        assert all(got[bytes.fromhex(pid)][0].encoding not in DELTA_ENCODINGS for pid in lacking)
+        assert ctx.metrics.value("edgeglm_hub_have_dropped_total", transport="mqtt") == 1
+        with ctx.db.session() as s:  # as its heartbeat reports it
+            s.get(DeviceRow, "box-1").current_model, s.get(DeviceRow, "box-1").current_version = (
+                "glm-tiny",
+                "1.0.0",
+            )
         rid = dev.ask(kind="pieces", version="1.1.0", have=("1.0.0",), pieces=tuple(lacking))
         got = dev.wait(rid, len(lacking))
         sent = 0

@@ -64,6 +64,7 @@ LEAST_ROLE = {
     "PUT /api/v1/devices/{device_id}/pin": "operator",
     "DELETE /api/v1/devices/{device_id}/pin": "operator",
     "PATCH /api/v1/devices/{device_id}/labels": "operator",
+    "PUT /api/v1/devices/{device_id}/http-access": "operator",
     "GET /api/v1/audit": "viewer",
     "GET /api/v1/trust/root": "viewer",
     "GET /api/v1/trust/roots": "viewer",
@@ -138,6 +139,9 @@ def known_good(seeded: Seeded) -> dict[str, list[Request | Callable[[], Request]
         "DELETE /api/v1/devices/{device_id}/pin": [{"path_parameters": {"device_id": DEVICES[0]}}],
         "PATCH /api/v1/devices/{device_id}/labels": [
             {"path_parameters": {"device_id": DEVICES[1]}, "body": {"set": {"rack": "b"}}, "media_type": json}
+        ],
+        "PUT /api/v1/devices/{device_id}/http-access": [
+            {"path_parameters": {"device_id": DEVICES[1]}, "body": {"allowed": True}, "media_type": json}
         ],
         "GET /api/v1/audit": [
             {},

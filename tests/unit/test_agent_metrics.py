@@ -87,9 +87,13 @@ def test_every_family_is_declared_and_parses_when_empty():
         P + "batch_size": "histogram",
         P + "queue_depth": "gauge",
         P + "requests_in_flight": "gauge",
+        P + "update_bytes_total": "counter",
+        P + "update_http_fallbacks_total": "counter",
         P + "model_info": "gauge",
         P + "resident_memory_bytes": "gauge",
     }
+    for transport in ("http", "mqtt"):  # both series from the start
+        assert samples[(P + "update_bytes_total", frozenset({("transport", transport)}))] == 0
     names = {name for name, _ in samples}
     assert P + "requests_total" not in names and P + "errors_total" not in names
     assert samples[(P + "tokens_total", frozenset({("kind", "prompt")}))] == 0

@@ -89,3 +89,22 @@ def test_hub_settings_carry_the_limits_from_env_and_flags() -> None:
     assert HubSettings.from_env({}).fetch_limits == FetchLimits()
     with pytest.raises(ConfigError, match="EDGEGLM_HUB_FETCH_PENDING"):
         HubSettings.from_env({"EDGEGLM_HUB_FETCH_PENDING": "many"})
+
+
+def test_http_piece_requests_in_flight_per_device_fit_the_agents_window() -> None:
+    """The hub's piece routes hold at most PIECES_IN_FLIGHT requests of one device (its thread pool
+    is shared by every box); the agent's HTTP window never asks for more."""
+    from types import SimpleNamespace
+
+    from cloud_hub.routes.pieces import PieceDesk
+    from edge_agent.fetch_http import HttpFirstFetcher, HttpPieces
+    from edgeglm.hub_api import PIECES_IN_FLIGHT
+
+    desk = PieceDesk(SimpleNamespace(fetch_limits=FetchLimits(), db=None))  # type: ignore[arg-type]
+    assert [desk.limiter.admit("box") for _ in range(PIECES_IN_FLIGHT)] == [None] * PIECES_IN_FLIGHT
+    refused = desk.limiter.admit("box")
+    assert refused is not None and "already queued" in refused.why
+    desk.limiter.finished("box")
+    assert desk.limiter.admit("box") is None
+    fetcher = HttpFirstFetcher(SimpleNamespace(), HttpPieces(), window=8)  # type: ignore[arg-type]
+    assert fetcher.window == PIECES_IN_FLIGHT

@@ -119,3 +119,26 @@ def test_the_cache_is_bounded(db: Any) -> None:
         with pytest.raises(PermissionDenied):
             scope.check(f"stranger-{i}", "glm", "1.0.0", "cpu")
     assert len(scope._cache) == 3
+
+
+def test_have_keeps_only_versions_the_device_was_given_or_reported(db: Any) -> None:
+    """A delta is invertible: a version the device never held must not become a delta base."""
+    from sqlalchemy import select
+
+    from cloud_hub.fetch_scope import MAX_HAVE, FetchScope
+    from cloud_hub.models import Device, DeviceDeployment
+
+    scope = FetchScope(db)
+    assert scope.held("box", "glm", ["1.0.0", "1.1.0", "2.0.0"]) == (("1.0.0",), 2)  # desired only
+    with db.session() as s:
+        s.get(Device, "box").current_model, s.get(Device, "box").current_version = "glm", "1.1.0"
+    assert scope.held("box", "glm", ["2.0.0", "1.1.0"]) == (("1.1.0",), 1)  # a miss reads again
+    _rollout(db, "box", "2.0.0")
+    with db.session() as s:  # a finished rollout still counts: the box held its release
+        dep = s.scalar(select(DeviceDeployment).where(DeviceDeployment.device_id == "box"))
+        dep.active, dep.from_version = False, "0.9.0"
+    assert scope.held("box", "glm", ["2.0.0", "0.9.0"]) == (("2.0.0", "0.9.0"), 0)
+    assert scope.held("box", "other-model", ["1.0.0"]) == ((), 1)  # versions are per model
+    assert scope.held("stranger", "glm", ["1.0.0"]) == ((), 1)
+    many = ["1.0.0"] + [f"3.0.{i}" for i in range(MAX_HAVE + 2)]
+    assert scope.held("box", "glm", many) == (("1.0.0",), len(many) - 1)  # capped, then filtered

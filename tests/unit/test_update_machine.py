@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class Hub:
         self.corrupt: set[str] = set()  # piece ids whose next delivery has a flipped byte
         self.crash_after: int | None = None  # pieces delivered before a crash
         self.raw_override: bytes | None = None
+        self.stall = False
+        self.stopped_by_cancel = False
 
     def manifest(self, model: str, version: str, profile: str) -> bytes:
         if self.raw_override is not None:
@@ -53,8 +55,16 @@ class Hub:
         return (self.folders[version] / "manifest.json").read_bytes()
 
     def pieces(
-        self, target: Manifest, steps: Sequence[PieceStep], have: Sequence[str]
+        self,
+        target: Manifest,
+        steps: Sequence[PieceStep],
+        have: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[PieceStep, Encoded, str | None]]:
+        if self.stall:  # a link that delivers nothing: only ``cancelled`` ends the wait
+            self.stopped_by_cancel = cancelled is not None and cancelled()
+            return
         for step in steps:
             if self.crash_after is not None and sum(self.sent.values()) >= self.crash_after:
                 self.crash_after = None
@@ -88,7 +98,7 @@ class Device:
             raise UpdateError("smoke test", f"{m.version} disagreed with its golden tokens")
         self.loaded.append(m.version)
 
-    def machine(self, crash_at: Any = None) -> UpdateMachine:
+    def machine(self, crash_at: Any = None, superseded: Any = None) -> UpdateMachine:
         return UpdateMachine(
             StateStore(self.root / "agent.db"),
             PieceStore(self.root / "pieces"),
@@ -98,6 +108,7 @@ class Device:
             self.activate,
             lambda step, ok, reason, _p: self.reports.append((step, ok, reason)),
             crash_at=crash_at,
+            superseded=superseded,
         )
 
     def serving(self) -> str:
@@ -234,3 +245,15 @@ def test_the_loop_guard_stops_an_activation_that_keeps_crashing(world: Any) -> N
     assert dev.machine(always).resume() == "failed"
     assert dev.serving() == "1.0.0"
     assert "loop guard" in dev.reports[-1][2]
+
+
+def test_a_superseded_update_reaches_the_fetcher_waiting_on_a_silent_link(world: Any) -> None:
+    """The machine hands the fetcher ``cancelled``: a revert ends a wait no piece would end."""
+    dev, hub, digests = world
+    hub.stall = True
+    machine = dev.machine(superseded=lambda _rec: True)
+    step = machine.start(
+        model="glm-tiny", version="1.1.0", profile="cpu-x86-int4", digest=digests["1.1.0"], rollout_id=7
+    )
+    assert step == "failed" and hub.stopped_by_cancel
+    assert dev.reports[-1] == ("failed", False, "download: superseded by a newer desired state")
