@@ -20,7 +20,8 @@ Measured per replica count (JSON ``runs``, one object each):
     devices             simulated devices connected
     heartbeats_sent     heartbeats sent in the window, one per device per --heartbeat-s, staggered
     heartbeats_stored   heartbeats the hubs counted in their database for the same window
-    heartbeats_by_replica  each replica's share (its edgeglm_hub_heartbeats_total, whole run)
+    heartbeats_by_replica  each replica's share (its edgeglm_hub_heartbeats_total, connect-time
+                        heartbeats and the window's)
     rollout_s           deploy 1.1.0 in 3 waves (1,10,100 percent, no soak, no gates) with instant
                         simulated updates, until the rollout is completed
     breach_to_revert_s  deploy 1.2.0 (waves 5,100; gate error_rate<=0.02, 3 samples) whose devices
@@ -479,6 +480,7 @@ def _measure(hubs: Hubs, fleet: Fleet, n: int, heartbeat_s: float, window_s: flo
         fleet.pump(0.5)
     fleet.pump(1.0)  # nothing more may come: a count above what was sent would show here
     stored = hubs.heartbeats_stored() - before
+    by_replica = hubs.heartbeats_by_replica()
     print(f"{tag} heartbeats: sent {sent}, stored {stored} in {elapsed:.1f}s", file=sys.stderr)
 
     t = time.monotonic()
@@ -534,7 +536,7 @@ def _measure(hubs: Hubs, fleet: Fleet, n: int, heartbeat_s: float, window_s: flo
         "heartbeats_sent": sent,
         "heartbeats_stored": stored,
         "heartbeats_per_s": stored / elapsed if elapsed else 0.0,
-        "heartbeats_by_replica": hubs.heartbeats_by_replica(),
+        "heartbeats_by_replica": by_replica,
         "rollout_state": done["state"],
         "rollout_waves": [w["size"] for w in done["waves"]],
         "rollout_s": rollout_s,
@@ -606,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             n, args.heartbeat_s, window, db=args.db, replicas=replicas, pg_admin=args.pg, logs=args.logs
         )
     except UsageError as exc:
-        print(f"bench.fleet: {exc}", file=sys.stderr)
+        print(f"bench.fleet: {exc}\n  hint: {exc.hint}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
