@@ -46,7 +46,7 @@ from edge_agent.inference.generation import Generation, GenerationResult, Prompt
 from edge_agent.inference.scheduler import Scheduler
 from edge_agent.metrics import Metrics
 from edgeglm.errors import ProtocolError, RequestError
-from edgeglm.protocol import InferRequest, decode
+from edgeglm.protocol import InferRequest, TokenLogprob, TopLogprob, decode
 
 __all__ = ["MAX_BODY_BYTES", "STATUS", "OpenAIRoutes", "Refused", "error_response"]
 
@@ -54,28 +54,33 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 _GRACE_S = 5.0  # the scheduler gives a request up at its deadline; wait this much longer for that
-_KNOBS = ("top_p", "top_k", "repetition_penalty", "seed", "stream")
+_KNOBS = (
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stream",
+    "response_format",
+)
 # Every body field this front reads; "user" and "stream_options" change no tokens.
 _FIELDS = frozenset(
     {*_KNOBS, "model", "n", "temperature", "max_tokens", "max_completion_tokens", "stop", "user"}
-    | {"stream_options"}
+    | {"stream_options", "logprobs"}
 )
-_CHAT_FIELDS, _TEXT_FIELDS = _FIELDS | {"messages"}, _FIELDS | {"prompt"}
+_CHAT_FIELDS, _TEXT_FIELDS = _FIELDS | {"messages", "top_logprobs"}, _FIELDS | {"prompt"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the completions API's ``logprobs``
 # OpenAI fields this front does not implement, taken at the value that means "not used" (clients
 # and SDK wrappers send these defaults); any other value is refused by name, never ignored.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "parallel_tool_calls": (False, True),
     "tools": ([],),
     "functions": ([],),
-    "response_format": ({"type": "text"},),
     "store": (False,),
     "metadata": ({},),
 }
@@ -176,6 +181,7 @@ class OpenAIRoutes:
             if name not in known and not (name in _NEUTRAL and value in (None, *_NEUTRAL[name])):
                 raise Refused("bad_request", f"field {name[:60]!r}: not supported by this agent")
         data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
+        data |= _logprobs(body, chat=chat)
         data["temperature"] = 0.0 if body.get("temperature") is None else body["temperature"]
         limit = body.get("max_completion_tokens")
         limit = body.get("max_tokens") if limit is None else limit
@@ -225,7 +231,7 @@ class OpenAIRoutes:
 
         self.metrics.request_started()
         try:
-            return scheduler.submit(prompt, lambda text, _ids: put(("text", text)), done)
+            return scheduler.submit(prompt, lambda text, _ids, lps=None: put(("text", (text, lps))), done)
         except RequestError as exc:  # balances request_started, as MQTT serving does
             self.metrics.request_finished(
                 outcome=exc.code, latency_s=0.0, ttft_s=None, prompt_tokens=0, completion_tokens=0
@@ -299,11 +305,15 @@ class OpenAIRoutes:
                 text = value.text
                 answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
                 choice = {"index": 0, **answer, "finish_reason": value.finish_reason}
+                if value.logprobs is not None:
+                    choice["logprobs"] = _logprobs_body(value.logprobs, engine.stop_tokens, chat=chat)
                 return JSONResponse({**head, "choices": [choice], "usage": _usage(value)})
             head["object"] = f"{kind}.chunk" if chat else kind
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            stream = _events(gen, head, (event, value), wait, chat=chat, usage=usage)
+            stream = _events(
+                gen, head, (event, value), wait, chat=chat, usage=usage, stops=engine.stop_tokens
+            )
             handed_over = True
             return StreamingResponse(stream, media_type=_SSE, headers={"Cache-Control": "no-cache"})
         finally:
@@ -330,14 +340,22 @@ async def _events(
     *,
     chat: bool,
     usage: bool,
+    stops: frozenset[int] = frozenset(),
 ) -> AsyncIterator[str]:
     """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``."""
+    offset = 0  # characters streamed so far: the completions API's ``text_offset`` counts from here
 
-    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        piece: str | None, finish: str | None = None, role: bool = False, lps: Any = None
+    ) -> dict[str, Any]:
         if chat:
             delta = {"role": "assistant"} if role else {} if piece is None else {"content": piece}
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {**head, "choices": [{"index": 0, "text": piece or "", "finish_reason": finish}]}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish}
+        if lps is not None:
+            choice["logprobs"] = _logprobs_body(lps, stops, chat=chat, offset=offset)
+        return {**head, "choices": [choice]}
 
     def sse(obj: dict[str, Any] | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -348,8 +366,10 @@ async def _events(
             yield sse(chunk(None, role=True))
         event, value = first
         while event == "text":
-            if value:
-                yield sse(chunk(value))
+            piece, lps = value
+            if piece or lps:
+                yield sse(chunk(piece, lps=lps))
+                offset += len(piece)
             try:
                 event, value = await wait()
             except Refused as exc:  # the deadline passed mid-stream: an error event, no [DONE]
@@ -388,6 +408,48 @@ def _parse(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Refused("bad_request", "the body must be a JSON object")
     return body
+
+
+def _logprobs(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    """The wire's ``logprobs``/``top_logprobs`` for chat's spelling (a flag and a count) or the
+    completions API's (``logprobs``: how many alternatives, 0 to 5)."""
+    if chat:
+        return {k: body[k] for k in ("logprobs", "top_logprobs") if body.get(k) is not None}
+    wanted = body.get("logprobs")
+    if wanted is None:
+        return {}
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_COMPLETION_LOGPROBS:
+        raise Refused(
+            "bad_request",
+            f"field 'logprobs': an integer 0 to {MAX_COMPLETION_LOGPROBS} (alternatives per token)",
+        )
+    return {"logprobs": True, "top_logprobs": wanted}
+
+
+def _logprobs_body(
+    entries: Sequence[TokenLogprob], stops: frozenset[int], *, chat: bool, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object for the chosen tokens (a closing stop token is not among them:
+    it is no part of the text). Chat: ``content`` entries with ``bytes`` and ``top_logprobs``;
+    completions: the parallel ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``."""
+    shown = [e for e in entries if e.token not in stops]
+    if chat:
+
+        def one(e: TopLogprob) -> dict[str, Any]:
+            return {"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode("utf-8"))}
+
+        content = [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in shown]
+        return {"content": content, "refusal": None}
+    offsets = []
+    for e in shown:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in shown],
+        "token_logprobs": [e.logprob for e in shown],
+        "top_logprobs": [{t.text: t.logprob for t in e.top} for e in shown],
+        "text_offset": offsets,
+    }
 
 
 def _model_card(engine: Engine) -> dict[str, Any]:

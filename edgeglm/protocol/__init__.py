@@ -81,7 +81,17 @@ from edgeglm.protocol.frames import (
     max_encoded_size,
     split_payload,
 )
-from edgeglm.protocol.inference import ChatMessage, InferReply, InferRequest, Timings, Usage
+from edgeglm.protocol.inference import (
+    ChatMessage,
+    InferReply,
+    InferRequest,
+    JsonSchemaSpec,
+    ResponseFormat,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from edgeglm.protocol.message import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, decode, encode
 from edgeglm.protocol.topics import (
     MAX_TOPIC_SLASHES,
@@ -131,12 +141,16 @@ __all__ = [
     "Heartbeat",
     "InferReply",
     "InferRequest",
+    "JsonSchemaSpec",
     "Message",
     "PieceEncoding",
     "Progress",
     "Report",
+    "ResponseFormat",
     "Status",
     "Timings",
+    "TokenLogprob",
+    "TopLogprob",
     "TopicKind",
     "TopicSpec",
     "Usage",

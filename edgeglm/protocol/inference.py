@@ -1,11 +1,22 @@
 """The inference API over MQTT: a generation request with its sampling parameters, and the reply.
 
 A reply goes to the request's MQTT 5 response topic, or to ``reply_to`` for MQTT 3.1.1 clients.
+
+``response_format`` constrains the answer (the shape of OpenAI's field, plus two extensions):
+
+    {"type": "text"}                                   no constraint (the default)
+    {"type": "json_object"}                            any JSON object
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
+    {"type": "regex", "regex": "..."}                  extension: the whole answer matches it
+    {"type": "lark", "lark": "..."}                    extension: a Lark grammar (llguidance's dialect)
+
+The kernel checks the shape; whether a schema, regex or grammar compiles is the agent's to say
+(``bad_request`` naming ``response_format``), as only the agent holds the tokenizer it runs on.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, Field, Strict, StrictBool, StringConstraints, model_validator
 
@@ -19,7 +30,11 @@ __all__ = [
     "ChatMessage",
     "InferReply",
     "InferRequest",
+    "JsonSchemaSpec",
+    "ResponseFormat",
     "Timings",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 
@@ -29,6 +44,7 @@ _TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 # penalty): temperature 0 (greedy) or MIN_TEMPERATURE..2 as OpenAI has it; the penalty 0.1..10.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
 MIN_PENALTY, MAX_PENALTY = 0.1, 10.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 def _temperature(value: float) -> float:
@@ -39,6 +55,9 @@ def _temperature(value: float) -> float:
 
 _Temperature = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False), AfterValidator(_temperature)]
 _Penalty = Annotated[float, Strict(), Field(ge=MIN_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
+# OpenAI's presence and frequency penalties: -2..2, subtracted from the logits of tokens already sampled.
+_OpenAIPenalty = Annotated[float, Strict(), Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+_Pattern = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=_MAX_PROMPT_CHARS)]
 
 
 def _reply_topic_ok(topic: str) -> str:
@@ -54,6 +73,31 @@ _ReplyTopic = Annotated[str, StringConstraints(strict=True, max_length=1024), Af
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: Annotated[str, StringConstraints(strict=True, max_length=_MAX_PROMPT_CHARS)]
+
+
+class JsonSchemaSpec(_Body):
+    """OpenAI's ``json_schema`` object; ``schema`` is required here (OpenAI lets it out)."""
+
+    name: Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
+    json_schema: Annotated[dict[str, Any], Field(alias="schema", strict=True)]
+    strict: StrictBool | None = None  # llguidance always holds to the schema; accepted either way
+
+
+class ResponseFormat(_Body):
+    """What the answer must be (the module docstring has the forms); the field of ``type`` is required."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "lark"]
+    json_schema: JsonSchemaSpec | None = None
+    regex: _Pattern | None = None
+    lark: _Pattern | None = None
+
+    @model_validator(mode="after")
+    def _its_field(self) -> Self:
+        for name in ("json_schema", "regex", "lark"):
+            if (getattr(self, name) is not None) != (self.type == name):
+                raise ValueError(f"'{name}' is given exactly when 'type' is {name!r}")
+        return self
 
 
 class InferRequest(Message):
@@ -78,8 +122,13 @@ class InferRequest(Message):
         tuple[Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)], ...],
         Field(max_length=16),
     ] = ()
+    presence_penalty: _OpenAIPenalty = 0.0
+    frequency_penalty: _OpenAIPenalty = 0.0
     seed: Annotated[int, Strict(), Field(ge=0, le=2**64 - 1)] | None = None
     stream: StrictBool = False
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool = False  # the chosen tokens' log-probabilities in the reply
+    top_logprobs: Annotated[int, Strict(), Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0  # needs ``logprobs``
     id: Annotated[str, StringConstraints(strict=True, max_length=128)] | None = None
     reply_to: _ReplyTopic | None = None
 
@@ -89,7 +138,22 @@ class InferRequest(Message):
             raise ValueError("exactly one of 'prompt' and 'messages' is required")
         if self.messages and sum(len(m.content) for m in self.messages) > _MAX_PROMPT_CHARS:
             raise ValueError(f"messages hold more than {_MAX_PROMPT_CHARS} characters")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
         return self
+
+
+class TopLogprob(_Body):
+    token: _TokenId
+    text: Annotated[str, StringConstraints(strict=True, max_length=1024)]
+    # A token the model cannot pick (-inf) is reported as -9999.0, as OpenAI does: JSON has no -inf.
+    logprob: Annotated[float, Strict(), Field(ge=-9999.0, le=0, allow_inf_nan=False)]
+
+
+class TokenLogprob(TopLogprob):
+    """One chosen token: its log-probability under the model, and the ``top`` alternatives."""
+
+    top: Annotated[tuple[TopLogprob, ...], Field(max_length=MAX_TOP_LOGPROBS)] = ()
 
 
 class Usage(_Body):
@@ -118,6 +182,7 @@ class InferReply(Message):
     usage: Usage | None = None
     timings: Timings | None = None
     error: ErrorBody | None = None
+    logprobs: Annotated[tuple[TokenLogprob, ...], Field(max_length=8192)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
