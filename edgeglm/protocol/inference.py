@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, Field, Strict, StrictBool, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    StrictBool,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from edgeglm.contracts import Name
 from edgeglm.errors import ProtocolError
@@ -82,6 +91,13 @@ class JsonSchemaSpec(_Body):
     description: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
     json_schema: Annotated[dict[str, Any], Field(alias="schema", strict=True)]
     strict: StrictBool | None = None  # llguidance always holds to the schema; accepted either way
+
+    @model_serializer(mode="wrap")
+    def _wire_names(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if "json_schema" in data:  # the attribute is named for pydantic's own ``schema``; the wire's
+            data["schema"] = data.pop("json_schema")
+        return data
 
 
 class ResponseFormat(_Body):
