@@ -75,7 +75,7 @@ class Constraint:
             raise RequestError("internal", f"the output constraint failed: {self._matcher.get_error()[:200]}")
 
     def _set_bits(self, bits: np.ndarray) -> None:
-        mask = np.unpackbits(bits.view(np.uint8), bitorder="little").astype(bool)
+        mask = np.unpackbits(bits.view(np.uint8), bitorder="little").view(bool)
         if mask.size < self.vocab:  # logits past the tokenizer's last token (padding): never allowed
             mask = np.concatenate([mask, np.zeros(self.vocab - mask.size, bool)])
         self._mask = mask[: self.vocab]

@@ -74,7 +74,7 @@ class Sampler:
             ids, counts = np.unique(np.asarray(sampled, np.int64), return_counts=True)
             scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
         if allowed is not None:
-            scores[~allowed] = -np.inf
+            scores = np.where(allowed, scores, -np.inf)
         if p.greedy:
             return int(_guarded(scores).argmax())
         scores = _guarded(scores / p.temperature)
@@ -95,11 +95,12 @@ class Sampler:
 
 def _guarded(scores: np.ndarray) -> np.ndarray:
     """``scores`` with NaN ruled out and ``+inf`` made the only candidates; refused if none is left."""
-    if np.isfinite(scores).all():
+    top = scores.max()  # NaN if any is NaN: one pass decides the common case
+    if np.isfinite(top):
         return scores
-    top = np.isposinf(scores)
-    if top.any():  # the softmax limit: all the mass on the +inf tokens, shared equally
-        return np.where(top, 0.0, -np.inf)
+    top_inf = np.isposinf(scores)
+    if top_inf.any():  # the softmax limit: all the mass on the +inf tokens, shared equally
+        return np.where(top_inf, 0.0, -np.inf)
     scores = np.where(np.isnan(scores), -np.inf, scores)
     if not np.isfinite(scores).any():
         raise RequestError("internal", "the model gave no finite score for any token at this step")
