@@ -65,34 +65,8 @@ def _tokenizer(folder: Path, vocab: int) -> None:
     from export.tiny_glm import read_corpus, train_tokenizer
 
     rng = np.random.default_rng(0)
-    syllables = [
-        "ka",
-        "to",
-        "ri",
-        "mo",
-        "sen",
-        "val",
-        "ve",
-        "pre",
-        "ssu",
-        "re",
-        "bar",
-        "li",
-        "pu",
-        "fil",
-        "ter",
-        "ox",
-        "qua",
-        "zi",
-        "ne",
-        "lo",
-        "mi",
-        "da",
-        "chi",
-        "bo",
-        "il",
-        "er",
-    ]
+    syllables = ["ka", "to", "ri", "mo", "sen", "val", "ve", "pre", "ssu", "re", "bar", "li", "pu"]
+    syllables += ["fil", "ter", "ox", "qua", "zi", "ne", "lo", "mi", "da", "chi", "bo", "il", "er"]
     words = ["".join(rng.choice(syllables, int(rng.integers(1, 5)))) for _ in range(400_000)]
     tok = train_tokenizer(read_corpus() + "\n" + " ".join(words), vocab)
     tok.save(str(folder / "tokenizer.json"))
