@@ -44,6 +44,7 @@ from starlette.routing import Route
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.generation import Generation, GenerationResult, Prompt
 from edge_agent.inference.scheduler import Scheduler
+from edge_agent.inference.tools import ToolPlan
 from edge_agent.metrics import Metrics
 from edgeglm.errors import ProtocolError, RequestError
 from edgeglm.protocol import InferRequest, TokenLogprob, TopLogprob, decode
@@ -69,7 +70,8 @@ _FIELDS = frozenset(
     {*_KNOBS, "model", "n", "temperature", "max_tokens", "max_completion_tokens", "stop", "user"}
     | {"stream_options", "logprobs"}
 )
-_CHAT_FIELDS, _TEXT_FIELDS = _FIELDS | {"messages", "top_logprobs"}, _FIELDS | {"prompt"}
+_CHAT_FIELDS = _FIELDS | {"messages", "top_logprobs", "tools", "tool_choice"}
+_TEXT_FIELDS = _FIELDS | {"prompt"}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the completions API's ``logprobs``
 # OpenAI fields this front does not implement, taken at the value that means "not used" (clients
 # and SDK wrappers send these defaults); any other value is refused by name, never ignored.
@@ -79,7 +81,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "suffix": ("",),
     "parallel_tool_calls": (False, True),
-    "tools": ([],),
     "functions": ([],),
     "store": (False,),
     "metadata": ({},),
@@ -192,6 +193,7 @@ class OpenAIRoutes:
         if chat:
             messages = body.get("messages")
             data["messages"] = [_message(m) for m in messages] if isinstance(messages, list) else messages
+            data |= {k: body[k] for k in ("tools", "tool_choice") if body.get(k) not in (None, [])}
         else:
             data["prompt"] = body.get("prompt")
         try:
@@ -304,6 +306,9 @@ class OpenAIRoutes:
                     event, value = await wait()
                 text = value.text
                 answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                if value.tool_calls:
+                    calls = [c.model_dump() for c in value.tool_calls]
+                    answer = {"message": {"role": "assistant", "content": None, "tool_calls": calls}}
                 choice = {"index": 0, **answer, "finish_reason": value.finish_reason}
                 if value.logprobs is not None:
                     choice["logprobs"] = _logprobs_body(value.logprobs, engine.stop_tokens, chat=chat)
@@ -311,8 +316,9 @@ class OpenAIRoutes:
             head["object"] = f"{kind}.chunk" if chat else kind
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
+            tools = None if prompt.tools is None else _ToolStream(prompt.tools)
             stream = _events(
-                gen, head, (event, value), wait, chat=chat, usage=usage, stops=engine.stop_tokens
+                gen, head, (event, value), wait, chat=chat, usage=usage, stops=engine.stop_tokens, tools=tools
             )
             handed_over = True
             return StreamingResponse(stream, media_type=_SSE, headers={"Cache-Control": "no-cache"})
@@ -341,8 +347,10 @@ async def _events(
     chat: bool,
     usage: bool,
     stops: frozenset[int] = frozenset(),
+    tools: _ToolStream | None = None,
 ) -> AsyncIterator[str]:
-    """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``."""
+    """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``.
+    With tools, the text goes through ``tools``, which turns a call into ``tool_calls`` deltas."""
     offset = 0  # characters streamed so far: the completions API's ``text_offset`` counts from here
 
     def chunk(
@@ -357,6 +365,9 @@ async def _events(
             choice["logprobs"] = _logprobs_body(lps, stops, chat=chat, offset=offset)
         return {**head, "choices": [choice]}
 
+    def delta_chunk(delta: dict[str, Any]) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
     def sse(obj: dict[str, Any] | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -367,7 +378,10 @@ async def _events(
         event, value = first
         while event == "text":
             piece, lps = value
-            if piece or lps:
+            if tools is not None:
+                for delta in tools.feed(piece):
+                    yield sse(delta_chunk(delta))
+            elif piece or lps:
                 yield sse(chunk(piece, lps=lps))
                 offset += len(piece)
             try:
@@ -380,6 +394,9 @@ async def _events(
         if result.error_code is not None:
             yield sse(_error(Refused(result.error_code, "").code, result.error_message))
             return
+        if tools is not None:
+            for delta in tools.finish(result):
+                yield sse(delta_chunk(delta))
         yield sse(chunk(None, result.finish_reason))
         if usage:
             yield sse({**head, "choices": [], "usage": _usage(result)})
@@ -388,6 +405,58 @@ async def _events(
         if not finished:
             gen.cancel()
             log.info("a client left mid-stream (or its deadline passed); cancelled its generation")
+
+
+class _ToolStream:
+    """A tool-using chat stream's text as OpenAI deltas: plain text as ``content``; a call (its
+    name on the first line) as a ``tool_calls`` head (id, name) and then ``arguments`` pieces.
+
+    A forced call (``required``, a named function) streams its arguments as they come; with
+    ``auto`` an answer that starts with a tool's name is held to its end and sent as one call if it
+    is one (else as content): only then is it known to be a call.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan, self.forced = plan, bool(plan.forced)
+        self.mode = "open"  # open (deciding) | content | call (streaming arguments) | held (auto)
+        self.held = ""
+        self.id = f"call_{secrets.token_hex(12)}"
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        if self.mode == "content":
+            return [{"content": piece}] if piece else []
+        if self.mode == "call":
+            return [self._arguments(piece)] if piece else []
+        self.held += piece
+        if self.mode == "held":
+            return []
+        name, newline, rest = self.held.partition("\n")
+        if not newline and (self.forced or any(n.startswith(name.strip()) for n in self.plan.tools)):
+            return []  # still the start of a name
+        if newline and name.strip() in self.plan.tools:
+            if not self.forced:
+                self.mode = "held"
+                return []
+            self.mode, self.held = "call", ""
+            return [self._head(name.strip(), ""), *([self._arguments(rest)] if rest else [])]
+        self.mode, text, self.held = "content", self.held, ""
+        return [{"content": text}]
+
+    def finish(self, result: GenerationResult) -> list[dict[str, Any]]:
+        if self.mode == "call":
+            return []
+        if result.tool_calls:
+            call = result.tool_calls[0]
+            self.id = call.id
+            return [self._head(call.function.name, call.function.arguments)]
+        return [{"content": self.held}] if self.held else []
+
+    def _head(self, name: str, arguments: str) -> dict[str, Any]:
+        function = {"name": name, "arguments": arguments}
+        return {"tool_calls": [{"index": 0, "id": self.id, "type": "function", "function": function}]}
+
+    def _arguments(self, piece: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
 
 
 async def _read_body(request: Request) -> bytes:
@@ -457,13 +526,15 @@ def _model_card(engine: Engine) -> dict[str, Any]:
 
 
 def _message(message: Any) -> Any:
-    """An OpenAI chat message as the wire has it: text parts joined, ``developer`` as ``system``."""
+    """An OpenAI chat message as the wire has it: text parts joined, ``developer`` as ``system``, a
+    null ``content`` (an assistant's tool call) as empty, ``tool_calls`` and ``tool_call_id`` kept."""
     if not isinstance(message, dict):
         return message
     content, role = message.get("content"), message.get("role")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         content = "".join(str(p.get("text", "")) for p in content)
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": "" if content is None else content}
+    return out | {k: message[k] for k in ("tool_calls", "tool_call_id") if message.get(k) is not None}
 
 
 def _usage(result: GenerationResult) -> dict[str, Any]:

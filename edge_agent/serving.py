@@ -210,6 +210,7 @@ class InferService:
                 text="" if stream else result.text,
                 tokens=() if stream else result.tokens,
                 logprobs=None if stream else result.logprobs,
+                tool_calls=result.tool_calls,
                 done=True,
                 finish_reason=result.finish_reason,
                 usage=_usage(result),

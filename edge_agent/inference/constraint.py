@@ -149,6 +149,14 @@ class Constraints:
                 source = llguidance.LLMatcher.grammar_from_lark(fmt.lark)
         except ValueError as exc:
             raise _refused(field, str(exc)) from exc
+        return self._checked(source, field)
+
+    def compile_lark(self, lark: str, field: str) -> Grammar:
+        """A Lark grammar built by the agent itself (a forced tool call); ``field`` is what a
+        failure names (the request's part the grammar came from)."""
+        return self._checked(llguidance.LLMatcher.grammar_from_lark(lark), field)
+
+    def _checked(self, source: str, field: str) -> Grammar:
         problem = llguidance.LLMatcher.validate_grammar(source, self.tokenizer)
         if problem:
             raise _refused(field, problem)

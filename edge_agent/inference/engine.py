@@ -24,6 +24,7 @@ from edge_agent.inference.constraint import Constraints
 from edge_agent.inference.generation import Generation, GenerationResult, OnDone, OnText, Prompt
 from edge_agent.inference.runtime import DecoderGraph, open_graph
 from edge_agent.inference.sampling import SamplingParams
+from edge_agent.inference.tools import plan, render
 from edgeglm.bundle import Manifest, load_manifest, verify_files
 from edgeglm.errors import ConfigError, EdgeError, ProtocolError, RequestError
 from edgeglm.profiles import DeviceProfile, load_profile
@@ -137,9 +138,10 @@ class Engine:
     def prepare(self, request: InferRequest, *, deadline: float | None = None) -> Prompt:
         if request.model is not None and request.model != self.model:
             raise RequestError("unknown_model", f"this agent serves {self.model!r}, not {request.model!r}")
+        tools = plan(request)
         try:
             if request.messages is not None:
-                ids = self.codec.encode_chat([m.model_dump() for m in request.messages])
+                ids = self.codec.encode_chat(render(request.messages, tools))
             else:
                 assert request.prompt is not None
                 ids = self.codec.encode(request.prompt)
@@ -162,6 +164,8 @@ class Engine:
             seed=request.seed,
         )
         grammar = self.constraints.compile(request.response_format)
+        if tools is not None and (lark := tools.lark()) is not None:
+            grammar = self.constraints.compile_lark(lark, "tools")
         return Prompt(
             ids=tuple(ids),
             max_tokens=min(request.max_tokens, room),
@@ -170,6 +174,7 @@ class Engine:
             stream=request.stream,
             deadline=deadline,
             grammar=grammar,
+            tools=tools,
             logprobs=request.top_logprobs if request.logprobs else None,
         )
 

@@ -9,7 +9,9 @@ text holds back the last characters that could still start a stop string.
 A constrained request (``Prompt.grammar``) samples only among the tokens its
 :class:`~edge_agent.inference.constraint.Constraint` allows, and ends ``stop`` when the grammar
 can take nothing more or the model picks a stop token where the grammar accepts; ``max_tokens``
-reached before that (an unfinished JSON value) ends it ``length``, as OpenAI does.
+reached before that (an unfinished JSON value) ends it ``length``, as OpenAI does. A request with
+tools (``Prompt.tools``) whose answer ends ``stop`` in the shape of a call ends ``tool_calls``
+instead, the call read into ``GenerationResult.tool_calls``.
 
 ``Prompt.logprobs`` (0 or more alternatives) records, for every chosen token, its log-probability
 under the model's own distribution at that step: the log-softmax of the raw logits, before the
@@ -31,13 +33,14 @@ from edge_agent.inference.codec import Codec, Detokenizer
 from edge_agent.inference.constraint import Constraint, Grammar
 from edge_agent.inference.runtime import Sequence
 from edge_agent.inference.sampling import Sampler, SamplingParams
-from edgeglm.protocol import TokenLogprob, TopLogprob
+from edge_agent.inference.tools import ToolPlan
+from edgeglm.protocol import TokenLogprob, ToolCall, TopLogprob
 
 __all__ = ["Generation", "GenerationResult", "Prompt"]
 
 _FLOOR = -9999.0  # the log-probability reported for a token the model cannot pick (OpenAI's)
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class Prompt:
     stream: bool = False
     deadline: float | None = None  # time.monotonic() after which the request is given up
     prefix_cache: bool = True  # False: prefilled whole, nothing stored (the smoke test's path)
-    grammar: Grammar | None = None  # the output constraint (``response_format``), compiled
+    grammar: Grammar | None = None  # the output constraint (``response_format``, a forced call)
+    tools: ToolPlan | None = None  # the request's tools: a "stop" answer may be read as a call
     logprobs: int | None = None  # None: none; k: each chosen token's logprob and its k best rivals
     # Teacher forcing (the smoke test): these tokens are fed instead of sampled ones, and
     # ``observe`` sees the logits of every step, the prompt's last position first.
@@ -74,6 +78,7 @@ class GenerationResult:
     total_ms: float = 0.0
     ttft_ms: float | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -226,6 +231,9 @@ class Generation:
         now = time.monotonic()
         if reason != "error":
             self._stream(final=True)
+        calls = self.prompt.tools.read(self.text) if self.prompt.tools and reason == "stop" else None
+        if calls:
+            reason = "tool_calls"
         started = self.started or now
         prefilled = self.prefilled or now
         ms = 1000.0
@@ -243,6 +251,7 @@ class Generation:
             total_ms=(now - self.created) * ms,
             ttft_ms=(self.first_token - self.created) * ms if self.first_token else None,
             logprobs=None if self.logprobs is None else tuple(self.logprobs),
+            tool_calls=calls,
         )
         if self.on_done is not None:
             self.on_done(self.result)

@@ -12,6 +12,11 @@ A reply goes to the request's MQTT 5 response topic, or to ``reply_to`` for MQTT
 
 The kernel checks the shape; whether a schema, regex or grammar compiles is the agent's to say
 (``bad_request`` naming ``response_format``), as only the agent holds the tokenizer it runs on.
+
+Tools are OpenAI's: ``tools`` (functions with a JSON-schema ``parameters``), ``tool_choice``
+(``none``, ``auto``, ``required`` or ``{"type": "function", "function": {"name": ...}}``), an
+assistant message's ``tool_calls`` and ``tool`` messages answering them (``tool_call_id``). A reply
+that calls a tool has ``finish_reason`` ``tool_calls`` and the call in ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -37,12 +42,17 @@ from edgeglm.protocol.topics import check_reply_topic
 
 __all__ = [
     "ChatMessage",
+    "FunctionCall",
+    "FunctionSpec",
     "InferReply",
     "InferRequest",
     "JsonSchemaSpec",
+    "NamedToolChoice",
     "ResponseFormat",
     "Timings",
     "TokenLogprob",
+    "ToolCall",
+    "ToolSpec",
     "TopLogprob",
     "Usage",
 ]
@@ -79,9 +89,55 @@ def _reply_topic_ok(topic: str) -> str:
 _ReplyTopic = Annotated[str, StringConstraints(strict=True, max_length=1024), AfterValidator(_reply_topic_ok)]
 
 
+_FunctionName = Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_CallId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=128)]
+
+
+class FunctionCall(_Body):
+    name: _FunctionName
+    arguments: Annotated[str, StringConstraints(strict=True, max_length=_MAX_PROMPT_CHARS)]  # JSON text
+
+
+class ToolCall(_Body):
+    id: _CallId
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Body):
+    name: _FunctionName
+    description: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
+    parameters: Annotated[dict[str, Any], Field(strict=True)] | None = None  # a JSON schema
+    strict: StrictBool | None = None  # the arguments always hold to ``parameters``
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class _NamedFunction(_Body):
+    name: _FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _NamedFunction
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, StringConstraints(strict=True, max_length=_MAX_PROMPT_CHARS)]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str, StringConstraints(strict=True, max_length=_MAX_PROMPT_CHARS)] = ""
+    tool_calls: Annotated[tuple[ToolCall, ...], Field(min_length=1, max_length=16)] | None = None
+    tool_call_id: _CallId | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Self:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a 'tool' message, and only one, has 'tool_call_id'")
+        return self
 
 
 class JsonSchemaSpec(_Body):
@@ -143,6 +199,8 @@ class InferRequest(Message):
     seed: Annotated[int, Strict(), Field(ge=0, le=2**64 - 1)] | None = None
     stream: StrictBool = False
     response_format: ResponseFormat | None = None
+    tools: Annotated[tuple[ToolSpec, ...], Field(min_length=1, max_length=64)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto
     logprobs: StrictBool = False  # the chosen tokens' log-probabilities in the reply
     top_logprobs: Annotated[int, Strict(), Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0  # needs ``logprobs``
     id: Annotated[str, StringConstraints(strict=True, max_length=128)] | None = None
@@ -156,7 +214,25 @@ class InferRequest(Message):
             raise ValueError(f"messages hold more than {_MAX_PROMPT_CHARS} characters")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("'top_logprobs' needs 'logprobs': true")
+        if self.tools is not None or self.tool_choice is not None:
+            self._tools_ok()
         return self
+
+    def _tools_ok(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("'tools' name a function twice")
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("'tool_choice' needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(
+                f"'tool_choice' names {self.tool_choice.function.name!r}, which is not in 'tools'"
+            )
+        if self.messages is None and names:
+            raise ValueError("'tools' need chat 'messages'")
+        calls = self.tool_choice not in (None, "none")
+        if calls and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("'response_format' and 'tool_choice' cannot both shape one answer")
 
 
 class TopLogprob(_Body):
@@ -194,11 +270,12 @@ class InferReply(Message):
     text: Annotated[str, StringConstraints(strict=True, max_length=131072)] = ""
     tokens: Annotated[tuple[_TokenId, ...], Field(max_length=8192)] = ()
     done: StrictBool = False
-    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled", "error"] | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     error: ErrorBody | None = None
     logprobs: Annotated[tuple[TokenLogprob, ...], Field(max_length=8192)] | None = None
+    tool_calls: Annotated[tuple[ToolCall, ...], Field(min_length=1, max_length=16)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

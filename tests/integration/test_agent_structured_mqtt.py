@@ -36,6 +36,28 @@ VERDICT = {  # nested object, enum, array, required fields
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT}}
 PROMPT = "Sensor P-12 reads 9 bar."
+VALVE_ARGS = {
+    "type": "object",
+    "properties": {"valve": {"type": "string", "maxLength": 12}, "reason": {"enum": ["pressure", "leak"]}},
+    "required": ["valve", "reason"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "close_valve", "parameters": VALVE_ARGS}}]
+SCHEMA_BODY = {"prompt": PROMPT, "max_tokens": 96, "response_format": FORMAT}
+TOOL_BODY = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 96}
+TOOL_BODY |= {"tools": TOOLS, "tool_choice": "required"}
+
+
+def _check(reply: dict) -> None:
+    """A final reply of one of the two bodies: valid JSON, or a valid call."""
+    if reply.get("tool_calls"):
+        assert reply["finish_reason"] == "tool_calls", reply
+        (call,) = reply["tool_calls"]
+        assert call["function"]["name"] == "close_valve" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), VALVE_ARGS)
+    else:
+        assert reply["finish_reason"] == "stop", reply
+        jsonschema.validate(json.loads(reply["text"]), VERDICT)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +103,22 @@ def test_paho_schema_request_gets_a_valid_answer(agent, sensor):
     assert all(len(e.top) == 2 and e.top[0].logprob >= e.top[1].logprob for e in entries)
 
 
+def test_paho_tool_call_and_its_result(agent, sensor):
+    sensor.send(_topic(agent), json.dumps(TOOL_BODY).encode(), b"call")
+    (reply,) = sensor.wait({b"call"})[b"call"]
+    _check(json.loads(encode(reply)))
+    (call,) = reply.tool_calls or ()
+    messages = [
+        *TOOL_BODY["messages"],
+        {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"closed": true}'},
+    ]
+    body = {"messages": messages, "tools": TOOLS, "max_tokens": 16}
+    sensor.send(_topic(agent), json.dumps(body).encode(), b"answer")
+    (answer,) = sensor.wait({b"answer"})[b"answer"]
+    assert answer.finish_reason in ("stop", "length") and answer.text and not answer.tool_calls
+
+
 def test_paho_bad_schema_is_an_error_reply_naming_the_field(agent, sensor):
     bad = {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "objekt"}}}
     for key, fmt in ((b"bad", bad), (b"x", {"type": "xml"})):
@@ -94,7 +132,8 @@ def test_paho_bad_schema_is_an_error_reply_naming_the_field(agent, sensor):
     assert sensor.wait({b"after"})[b"after"][-1].finish_reason in ("stop", "length")  # serving goes on
 
 
-def test_mosquitto_pub_and_sub_schema_request(agent):
+@pytest.mark.parametrize("request_body", [SCHEMA_BODY, TOOL_BODY], ids=["schema", "tool"])
+def test_mosquitto_pub_and_sub(agent, request_body):
     reply_topic = f"sensors/{uuid.uuid4().hex[:10]}/reply"
     host, port = BROKER
     broker = ["-V", "mqttv5", "-h", host, "-p", str(port)]
@@ -104,7 +143,7 @@ def test_mosquitto_pub_and_sub_schema_request(agent):
         text=True,
     )
     try:
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 96, "response_format": FORMAT})
+        body = json.dumps(request_body)
         pub = ["mosquitto_pub", *broker, "-q", "1", "-t", _topic(agent), "-m", body]
         pub += ["-D", "publish", "response-topic", reply_topic, "-D", "publish", "correlation-data", "q1"]
         for _ in range(50):  # the subscription may not be in place yet: publish until answered
@@ -120,5 +159,5 @@ def test_mosquitto_pub_and_sub_schema_request(agent):
         if sub.poll() is None:
             sub.kill()
     reply = json.loads(out.strip().splitlines()[0])
-    assert reply["done"] and reply["finish_reason"] == "stop", reply
-    jsonschema.validate(json.loads(reply["text"]), VERDICT)
+    assert reply["done"], reply
+    _check(reply)

@@ -286,6 +286,86 @@ def test_penalties_reach_the_sampler_over_http(client, engine):
     assert changed  # the tiny model repeats itself: the penalties change what it says
 
 
+# --------------------------------------------------------------------------------------- tools
+def _schema_of(name: str) -> dict[str, Any]:
+    return next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+
+
+def test_streamed_tool_call_round_trip(client, engine):
+    """A forced call streamed as the SDK assembles it, its arguments valid; the tool's result sent
+    back as a ``tool`` message; the model's final answer."""
+    messages: list[dict[str, Any]] = _chat("Valve V-3 on line two leaks. Close it.")
+    stream = client.chat.completions.create(
+        model=engine.model, messages=messages, tools=TOOLS, tool_choice="required", max_tokens=96, stream=True
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.content  # a forced call streams no text
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += d.id or ""
+                call["name"] += (d.function and d.function.name) or ""
+                call["arguments"] += (d.function and d.function.arguments) or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    call = calls[0]
+    assert call["id"].startswith("call_") and call["name"] in ("close_valve", "open_ticket")
+    jsonschema.validate(json.loads(call["arguments"]), _schema_of(call["name"]))
+    function = {"name": call["name"], "arguments": call["arguments"]}
+    called = [{"id": call["id"], "type": "function", "function": function}]
+    messages.append({"role": "assistant", "content": None, "tool_calls": called})
+    messages.append({"role": "tool", "tool_call_id": call["id"], "content": '{"done": true}'})
+    final = client.chat.completions.create(model=engine.model, messages=messages, tools=TOOLS, max_tokens=32)
+    (choice,) = final.choices
+    assert choice.finish_reason in ("stop", "length") and choice.message.content  # an answer, no call
+    assert not choice.message.tool_calls
+
+
+def test_named_tool_choice_and_auto(client, engine):
+    named = {"type": "function", "function": {"name": "open_ticket"}}
+    for prompt in PROMPTS[:3]:
+        reply = client.chat.completions.create(
+            model=engine.model, messages=_chat(prompt), tools=TOOLS, tool_choice=named, max_tokens=96
+        )
+        (choice,) = reply.choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "open_ticket"
+        jsonschema.validate(json.loads(call.function.arguments), _schema_of("open_ticket"))
+        auto = client.chat.completions.create(
+            model=engine.model, messages=_chat(prompt), tools=TOOLS, max_tokens=24
+        )
+        (choice,) = auto.choices  # this model was never taught to call: it answers in text
+        assert (
+            choice.finish_reason in ("stop", "length")
+            and choice.message.content
+            and not choice.message.tool_calls
+        )
+
+
+def test_bad_tool_requests_are_refused_by_name(client, engine):
+    cases = [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [CLOSE_VALVE, CLOSE_VALVE]}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "objekt"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+    ]
+    for extra, field in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=engine.model, messages=_chat("hi"), max_tokens=4, extra_body=extra
+            )
+        assert field in caught.value.message, caught.value.message
+
+
 # ----------------------------------------------------------------------- the parameter audit
 # A value each honoured parameter is sent with (not its "not used" value); every other parameter of
 # the installed SDK gets a value no neutral default has, and must be refused naming it.
@@ -307,10 +387,39 @@ HONOURED: dict[str, Any] = {
     "messages": None,  # the input itself
     "prompt": None,
 }
-CHAT_ONLY = {"logprobs": True, "top_logprobs": 2}
+CLOSE_VALVE = {
+    "type": "function",
+    "function": {
+        "name": "close_valve",
+        "description": "Close a valve on a line",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "valve": {"type": "string", "maxLength": 12},
+                "reason": {"enum": ["pressure", "leak", "maintenance"]},
+            },
+            "required": ["valve", "reason"],
+            "additionalProperties": False,
+        },
+    },
+}
+OPEN_TICKET = {
+    "type": "function",
+    "function": {
+        "name": "open_ticket",
+        "parameters": {
+            "type": "object",
+            "properties": {"summary": {"type": "string", "maxLength": 30}, "urgent": {"type": "boolean"}},
+            "required": ["summary", "urgent"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [CLOSE_VALVE, OPEN_TICKET]
+CHAT_ONLY = {"logprobs": True, "top_logprobs": 2, "tools": TOOLS, "tool_choice": "required"}
 TEXT_ONLY = {"logprobs": 2}
 ODD = "edgeglm-audit"  # no parameter's "not used" value
-NEEDS = {"top_logprobs": {"logprobs": True}}  # sent along with the parameter
+NEEDS = {"top_logprobs": {"logprobs": True}, "tool_choice": {"tools": TOOLS}}  # sent along with it
 
 
 def _sdk_params(module: Any) -> set[str]:

@@ -560,7 +560,7 @@ BAD_FIELDS: list[tuple[type[Message], int, str, Any, str]] = [
     (IQ, 1, "messages", [{"role": "user", "content": "x"}], "exactly one"),
     (IQ, 1, "prompt", _DELETE, "exactly one"),
     (IQ, 0, "messages", [], "messages"),
-    (IQ, 0, "messages.0.role", "tool", "messages.0.role"),
+    (IQ, 0, "messages.0.role", "robot", "messages.0.role"),
     (IQ, 0, "messages.0.content", None, "messages.0.content"),
     (IQ, 0, "messages", [{"role": "user", "content": "x" * 40000}] * 2, "characters"),
     (IQ, 0, "max_tokens", 0, "max_tokens"),
