@@ -256,7 +256,13 @@ ERRORS = [
     ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 6}', 400, "logprobs"),
     ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"7": 5}}', 400, "logit_bias"),
     ("POST", "/v1/completions", b'{"prompt": "hi", "mirostat": 2}', 400, "mirostat"),
-    ("POST", "/v1/chat/completions", b'{"messages": [], "tools": [{"type": "function"}]}', 400, "tools"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}',
+        400,
+        "tools.0.function",
+    ),
     (
         "POST",
         "/v1/chat/completions",
