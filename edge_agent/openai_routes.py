@@ -365,22 +365,28 @@ async def _events(
             choice["logprobs"] = _logprobs_body(lps, stops, chat=chat, offset=offset)
         return {**head, "choices": [choice]}
 
-    def delta_chunk(delta: dict[str, Any]) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    def delta_chunk(delta: dict[str, Any], lps: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+        if lps:
+            choice["logprobs"] = _logprobs_body(lps, stops, chat=True)
+        return {**head, "choices": [choice]}
 
     def sse(obj: dict[str, Any] | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
     finished = False
+    held_lps: list[TokenLogprob] = []
     try:
         if chat:
             yield sse(chunk(None, role=True))
         event, value = first
         while event == "text":
             piece, lps = value
-            if tools is not None:
+            if tools is not None:  # a piece's logprobs ride on the next delta sent (text may be held)
+                held_lps.extend(lps or ())
                 for delta in tools.feed(piece):
-                    yield sse(delta_chunk(delta))
+                    yield sse(delta_chunk(delta, held_lps))
+                    held_lps = []
             elif piece or lps:
                 yield sse(chunk(piece, lps=lps))
                 offset += len(piece)
@@ -396,8 +402,9 @@ async def _events(
             return
         if tools is not None:
             for delta in tools.finish(result):
-                yield sse(delta_chunk(delta))
-        yield sse(chunk(None, result.finish_reason))
+                yield sse(delta_chunk(delta, held_lps))
+                held_lps = []
+        yield sse(chunk(None, result.finish_reason, lps=held_lps or None))
         if usage:
             yield sse({**head, "choices": [], "usage": _usage(result)})
         yield sse("[DONE]")

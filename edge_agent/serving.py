@@ -205,18 +205,22 @@ class InferService:
             failure = InferReply.failure(result.error_code, result.error_message)  # type: ignore[arg-type]
             reply.send(failure.model_copy(update={"usage": _usage(result), "timings": _timings(result)}))
             return
-        reply.send(
-            InferReply(
-                text="" if stream else result.text,
-                tokens=() if stream else result.tokens,
-                logprobs=None if stream else result.logprobs,
-                tool_calls=result.tool_calls,
-                done=True,
-                finish_reason=result.finish_reason,
-                usage=_usage(result),
-                timings=_timings(result),
-            )
+        answer = InferReply(
+            text="" if stream else result.text,
+            tokens=() if stream else result.tokens,
+            logprobs=None if stream else result.logprobs,
+            tool_calls=result.tool_calls,
+            done=True,
+            finish_reason=result.finish_reason,
+            usage=_usage(result),
+            timings=_timings(result),
         )
+        try:
+            reply.send(answer)
+        except ProtocolError as exc:  # a whole answer over the reply's size limit: say so, once
+            why = f"the whole reply is too large for one message ({exc.why}); ask for stream: true"
+            failure = InferReply.failure("bad_request", why)
+            reply.send(failure.model_copy(update={"usage": _usage(result), "timings": _timings(result)}))
 
 
 def _usage(result: GenerationResult) -> Usage:

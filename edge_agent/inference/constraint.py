@@ -203,9 +203,12 @@ class MaskPool:
             return _Pending(None, [], np.empty(0, np.int32))
         bits = np.full((len(todo), todo[0].words), -1, np.int32)
         rows = [(c._matcher, i) for i, c in enumerate(todo)]
-        future = self._thread.submit(
-            self._executor.unsafe_compute_mask_ptr, rows, bits.ctypes.data, bits.shape[1] * 4, len(todo)
-        )
+        executor = self._executor
+
+        def compute() -> None:  # holds ``bits`` alive for as long as llguidance writes into it
+            executor.unsafe_compute_mask_ptr(rows, bits.ctypes.data, bits.shape[1] * 4, len(todo))
+
+        future = self._thread.submit(compute)
         return _Pending(future, todo, bits)
 
     def close(self) -> None:

@@ -177,12 +177,14 @@ class Scheduler:
     def _turn(self, admitted: list[Generation]) -> None:
         graph = self.engine.graph
         masks = self._masks_for(admitted)
-        for gen in admitted:
-            gen.started = time.monotonic()
-            gen.seq = graph.open()
-            self._running.append(gen)
-            self._alone(gen, lambda g=gen: self._prefill(g, masks))
-        masks()  # collected even if every prefill failed: no matcher is ever used by two threads
+        try:
+            for gen in admitted:
+                gen.started = time.monotonic()
+                gen.seq = graph.open()
+                self._running.append(gen)
+                self._alone(gen, lambda g=gen: self._prefill(g, masks))
+        finally:  # collected even if every prefill (or open) failed: no matcher is used by two threads
+            masks()
         now = time.monotonic()
         for gen in self._running:
             if not gen.done and (gen.cancelled or gen.expired(now)):

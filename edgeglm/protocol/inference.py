@@ -78,6 +78,32 @@ _Penalty = Annotated[float, Strict(), Field(ge=MIN_PENALTY, le=MAX_PENALTY, allo
 _OpenAIPenalty = Annotated[float, Strict(), Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 _Pattern = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=_MAX_PROMPT_CHARS)]
 
+# A JSON schema (a response format's, a tool's parameters) is compiled into a grammar on the
+# request's path: its nesting and size are bounded here, checked without recursion, so a hostile
+# schema is refused by name before any recursive code (json.dumps, the compiler) sees it.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_NODES = 8192
+
+
+def _bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    todo: list[tuple[Any, int]] = [(schema, 1)]
+    nodes = 0
+    while todo:
+        node, depth = todo.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"has more than {MAX_SCHEMA_NODES} values")
+        if isinstance(node, dict):
+            todo.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, depth + 1) for v in node)
+    return schema
+
+
+_Schema = Annotated[dict[str, Any], Field(strict=True), AfterValidator(_bounded_schema)]
+
 
 def _reply_topic_ok(topic: str) -> str:
     try:
@@ -107,7 +133,7 @@ class ToolCall(_Body):
 class FunctionSpec(_Body):
     name: _FunctionName
     description: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
-    parameters: Annotated[dict[str, Any], Field(strict=True)] | None = None  # a JSON schema
+    parameters: _Schema | None = None  # a JSON schema
     strict: StrictBool | None = None  # the arguments always hold to ``parameters``
 
 
@@ -145,7 +171,7 @@ class JsonSchemaSpec(_Body):
 
     name: Annotated[str, StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
-    json_schema: Annotated[dict[str, Any], Field(alias="schema", strict=True)]
+    json_schema: Annotated[_Schema, Field(alias="schema")]
     strict: StrictBool | None = None  # llguidance always holds to the schema; accepted either way
 
     @model_serializer(mode="wrap")

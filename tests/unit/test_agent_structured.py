@@ -156,6 +156,13 @@ def test_json_object_and_the_regex_extension(client, engine):
     assert reply.choices[0].message.content.startswith("{")
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("fmt", "field"),
     [
@@ -164,6 +171,9 @@ def test_json_object_and_the_regex_extension(client, engine):
         ({"type": "regex", "regex": "a(b"}, "response_format.regex"),
         ({"type": "lark", "lark": "start: nothing_here"}, "response_format.lark"),
         ({"type": "yaml"}, "response_format.type"),
+        # deeper than the recursion limit of the threads that compile it: refused before any
+        # recursive code sees it (it was a 500, and no reply at all over MQTT)
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(400)}}, "schema"),
     ],
 )
 def test_a_bad_format_is_a_400_naming_the_field(client, engine, fmt, field):
@@ -296,13 +306,21 @@ def test_streamed_tool_call_round_trip(client, engine):
     back as a ``tool`` message; the model's final answer."""
     messages: list[dict[str, Any]] = _chat("Valve V-3 on line two leaks. Close it.")
     stream = client.chat.completions.create(
-        model=engine.model, messages=messages, tools=TOOLS, tool_choice="required", max_tokens=96, stream=True
+        model=engine.model,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=96,
+        stream=True,
+        logprobs=True,
     )
     calls: dict[int, dict[str, str]] = {}
     finish = None
+    logprobs = 0
     for chunk in stream:
         for choice in chunk.choices:
             assert not choice.delta.content  # a forced call streams no text
+            logprobs += len(choice.logprobs.content) if choice.logprobs and choice.logprobs.content else 0
             for d in choice.delta.tool_calls or []:
                 call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
                 call["id"] += d.id or ""
@@ -310,6 +328,7 @@ def test_streamed_tool_call_round_trip(client, engine):
                 call["arguments"] += (d.function and d.function.arguments) or ""
             finish = choice.finish_reason or finish
     assert finish == "tool_calls" and list(calls) == [0]
+    assert logprobs > 0  # asked for with a streamed call: sent on its deltas, not dropped
     call = calls[0]
     assert call["id"].startswith("call_") and call["name"] in ("close_valve", "open_ticket")
     jsonschema.validate(json.loads(call["arguments"]), _schema_of(call["name"]))
@@ -355,6 +374,10 @@ def test_bad_tool_requests_are_refused_by_name(client, engine):
                 "tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "objekt"}}}],
                 "tool_choice": "required",
             },
+            "tools",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "deep", "parameters": _nested(400)}}]},
             "tools",
         ),
     ]
