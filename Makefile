@@ -34,6 +34,7 @@ bench: $(VENV)/.dev-installed
 	$(PY) -m bench.update --json bench/results/update.json
 	$(PY) -m bench.cached_path --json bench/results/cached_path.json
 	$(PY) -m bench.http_burst --json bench/results/http_burst.json
+	$(PY) -m bench.structured --json bench/results/structured.json
 
 bench-quick: $(VENV)/.dev-installed
 	mkdir -p bench/results
@@ -43,6 +44,7 @@ bench-quick: $(VENV)/.dev-installed
 	$(PY) -m bench.update --quick --json bench/results/update-quick.json
 	$(PY) -m bench.cached_path --quick --json bench/results/cached_path-quick.json
 	$(PY) -m bench.http_burst --quick --json bench/results/http_burst-quick.json
+	$(PY) -m bench.structured --quick --json bench/results/structured-quick.json
 
 demo: $(VENV)/.dev-installed
 	$(VENV)/bin/edgectl demo

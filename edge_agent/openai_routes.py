@@ -44,9 +44,10 @@ from starlette.routing import Route
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.generation import Generation, GenerationResult, Prompt
 from edge_agent.inference.scheduler import Scheduler
+from edge_agent.inference.tools import ToolPlan
 from edge_agent.metrics import Metrics
 from edgeglm.errors import ProtocolError, RequestError
-from edgeglm.protocol import InferRequest, decode
+from edgeglm.protocol import InferRequest, TokenLogprob, TopLogprob, decode
 
 __all__ = ["MAX_BODY_BYTES", "STATUS", "OpenAIRoutes", "Refused", "error_response"]
 
@@ -54,28 +55,33 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 _GRACE_S = 5.0  # the scheduler gives a request up at its deadline; wait this much longer for that
-_KNOBS = ("top_p", "top_k", "repetition_penalty", "seed", "stream")
+_KNOBS = (
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stream",
+    "response_format",
+)
 # Every body field this front reads; "user" and "stream_options" change no tokens.
 _FIELDS = frozenset(
     {*_KNOBS, "model", "n", "temperature", "max_tokens", "max_completion_tokens", "stop", "user"}
-    | {"stream_options"}
+    | {"stream_options", "logprobs"}
 )
-_CHAT_FIELDS, _TEXT_FIELDS = _FIELDS | {"messages"}, _FIELDS | {"prompt"}
+_CHAT_FIELDS = _FIELDS | {"messages", "top_logprobs", "tools", "tool_choice"}
+_TEXT_FIELDS = _FIELDS | {"prompt"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the completions API's ``logprobs``
 # OpenAI fields this front does not implement, taken at the value that means "not used" (clients
 # and SDK wrappers send these defaults); any other value is refused by name, never ignored.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "parallel_tool_calls": (False, True),
-    "tools": ([],),
     "functions": ([],),
-    "response_format": ({"type": "text"},),
     "store": (False,),
     "metadata": ({},),
 }
@@ -176,6 +182,7 @@ class OpenAIRoutes:
             if name not in known and not (name in _NEUTRAL and value in (None, *_NEUTRAL[name])):
                 raise Refused("bad_request", f"field {name[:60]!r}: not supported by this agent")
         data: dict[str, Any] = {k: body[k] for k in _KNOBS if body.get(k) is not None}
+        data |= _logprobs(body, chat=chat)
         data["temperature"] = 0.0 if body.get("temperature") is None else body["temperature"]
         limit = body.get("max_completion_tokens")
         limit = body.get("max_tokens") if limit is None else limit
@@ -186,6 +193,7 @@ class OpenAIRoutes:
         if chat:
             messages = body.get("messages")
             data["messages"] = [_message(m) for m in messages] if isinstance(messages, list) else messages
+            data |= {k: body[k] for k in ("tools", "tool_choice") if body.get(k) not in (None, [])}
         else:
             data["prompt"] = body.get("prompt")
         try:
@@ -225,7 +233,7 @@ class OpenAIRoutes:
 
         self.metrics.request_started()
         try:
-            return scheduler.submit(prompt, lambda text, _ids: put(("text", text)), done)
+            return scheduler.submit(prompt, lambda text, _ids, lps=None: put(("text", (text, lps))), done)
         except RequestError as exc:  # balances request_started, as MQTT serving does
             self.metrics.request_finished(
                 outcome=exc.code, latency_s=0.0, ttft_s=None, prompt_tokens=0, completion_tokens=0
@@ -298,12 +306,20 @@ class OpenAIRoutes:
                     event, value = await wait()
                 text = value.text
                 answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                if value.tool_calls:
+                    calls = [c.model_dump() for c in value.tool_calls]
+                    answer = {"message": {"role": "assistant", "content": None, "tool_calls": calls}}
                 choice = {"index": 0, **answer, "finish_reason": value.finish_reason}
+                if value.logprobs is not None:
+                    choice["logprobs"] = _logprobs_body(value.logprobs, engine.stop_tokens, chat=chat)
                 return JSONResponse({**head, "choices": [choice], "usage": _usage(value)})
             head["object"] = f"{kind}.chunk" if chat else kind
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            stream = _events(gen, head, (event, value), wait, chat=chat, usage=usage)
+            tools = None if prompt.tools is None else _ToolStream(prompt.tools)
+            stream = _events(
+                gen, head, (event, value), wait, chat=chat, usage=usage, stops=engine.stop_tokens, tools=tools
+            )
             handed_over = True
             return StreamingResponse(stream, media_type=_SSE, headers={"Cache-Control": "no-cache"})
         finally:
@@ -330,26 +346,50 @@ async def _events(
     *,
     chat: bool,
     usage: bool,
+    stops: frozenset[int] = frozenset(),
+    tools: _ToolStream | None = None,
 ) -> AsyncIterator[str]:
-    """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``."""
+    """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``.
+    With tools, the text goes through ``tools``, which turns a call into ``tool_calls`` deltas."""
+    offset = 0  # characters streamed so far: the completions API's ``text_offset`` counts from here
 
-    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        piece: str | None, finish: str | None = None, role: bool = False, lps: Any = None
+    ) -> dict[str, Any]:
         if chat:
             delta = {"role": "assistant"} if role else {} if piece is None else {"content": piece}
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {**head, "choices": [{"index": 0, "text": piece or "", "finish_reason": finish}]}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish}
+        if lps is not None:
+            choice["logprobs"] = _logprobs_body(lps, stops, chat=chat, offset=offset)
+        return {**head, "choices": [choice]}
+
+    def delta_chunk(delta: dict[str, Any], lps: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+        if lps:
+            choice["logprobs"] = _logprobs_body(lps, stops, chat=True)
+        return {**head, "choices": [choice]}
 
     def sse(obj: dict[str, Any] | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
     finished = False
+    held_lps: list[TokenLogprob] = []
     try:
         if chat:
             yield sse(chunk(None, role=True))
         event, value = first
         while event == "text":
-            if value:
-                yield sse(chunk(value))
+            piece, lps = value
+            if tools is not None:  # a piece's logprobs ride on the next delta sent (text may be held)
+                held_lps.extend(lps or ())
+                for delta in tools.feed(piece):
+                    yield sse(delta_chunk(delta, held_lps))
+                    held_lps = []
+            elif piece or lps:
+                yield sse(chunk(piece, lps=lps))
+                offset += len(piece)
             try:
                 event, value = await wait()
             except Refused as exc:  # the deadline passed mid-stream: an error event, no [DONE]
@@ -360,7 +400,11 @@ async def _events(
         if result.error_code is not None:
             yield sse(_error(Refused(result.error_code, "").code, result.error_message))
             return
-        yield sse(chunk(None, result.finish_reason))
+        if tools is not None:
+            for delta in tools.finish(result):
+                yield sse(delta_chunk(delta, held_lps))
+                held_lps = []
+        yield sse(chunk(None, result.finish_reason, lps=held_lps or None))
         if usage:
             yield sse({**head, "choices": [], "usage": _usage(result)})
         yield sse("[DONE]")
@@ -368,6 +412,58 @@ async def _events(
         if not finished:
             gen.cancel()
             log.info("a client left mid-stream (or its deadline passed); cancelled its generation")
+
+
+class _ToolStream:
+    """A tool-using chat stream's text as OpenAI deltas: plain text as ``content``; a call (its
+    name on the first line) as a ``tool_calls`` head (id, name) and then ``arguments`` pieces.
+
+    A forced call (``required``, a named function) streams its arguments as they come; with
+    ``auto`` an answer that starts with a tool's name is held to its end and sent as one call if it
+    is one (else as content): only then is it known to be a call.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan, self.forced = plan, bool(plan.forced)
+        self.mode = "open"  # open (deciding) | content | call (streaming arguments) | held (auto)
+        self.held = ""
+        self.id = f"call_{secrets.token_hex(12)}"
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        if self.mode == "content":
+            return [{"content": piece}] if piece else []
+        if self.mode == "call":
+            return [self._arguments(piece)] if piece else []
+        self.held += piece
+        if self.mode == "held":
+            return []
+        name, newline, rest = self.held.partition("\n")
+        if not newline and (self.forced or any(n.startswith(name.strip()) for n in self.plan.tools)):
+            return []  # still the start of a name
+        if newline and name.strip() in self.plan.tools:
+            if not self.forced:
+                self.mode = "held"
+                return []
+            self.mode, self.held = "call", ""
+            return [self._head(name.strip(), ""), *([self._arguments(rest)] if rest else [])]
+        self.mode, text, self.held = "content", self.held, ""
+        return [{"content": text}]
+
+    def finish(self, result: GenerationResult) -> list[dict[str, Any]]:
+        if self.mode == "call":
+            return []
+        if result.tool_calls:
+            call = result.tool_calls[0]
+            self.id = call.id
+            return [self._head(call.function.name, call.function.arguments)]
+        return [{"content": self.held}] if self.held else []
+
+    def _head(self, name: str, arguments: str) -> dict[str, Any]:
+        function = {"name": name, "arguments": arguments}
+        return {"tool_calls": [{"index": 0, "id": self.id, "type": "function", "function": function}]}
+
+    def _arguments(self, piece: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
 
 
 async def _read_body(request: Request) -> bytes:
@@ -390,18 +486,62 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _logprobs(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    """The wire's ``logprobs``/``top_logprobs`` for chat's spelling (a flag and a count) or the
+    completions API's (``logprobs``: how many alternatives, 0 to 5)."""
+    if chat:
+        return {k: body[k] for k in ("logprobs", "top_logprobs") if body.get(k) is not None}
+    wanted = body.get("logprobs")
+    if wanted is None:
+        return {}
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_COMPLETION_LOGPROBS:
+        raise Refused(
+            "bad_request",
+            f"field 'logprobs': an integer 0 to {MAX_COMPLETION_LOGPROBS} (alternatives per token)",
+        )
+    return {"logprobs": True, "top_logprobs": wanted}
+
+
+def _logprobs_body(
+    entries: Sequence[TokenLogprob], stops: frozenset[int], *, chat: bool, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object for the chosen tokens (a closing stop token is not among them:
+    it is no part of the text). Chat: ``content`` entries with ``bytes`` and ``top_logprobs``;
+    completions: the parallel ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``."""
+    shown = [e for e in entries if e.token not in stops]
+    if chat:
+
+        def one(e: TopLogprob) -> dict[str, Any]:
+            return {"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode("utf-8"))}
+
+        content = [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in shown]
+        return {"content": content, "refusal": None}
+    offsets = []
+    for e in shown:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in shown],
+        "token_logprobs": [e.logprob for e in shown],
+        "top_logprobs": [{t.text: t.logprob for t in e.top} for e in shown],
+        "text_offset": offsets,
+    }
+
+
 def _model_card(engine: Engine) -> dict[str, Any]:
     return {"id": engine.model, "object": "model", "created": 0, "owned_by": "edgeglm"}
 
 
 def _message(message: Any) -> Any:
-    """An OpenAI chat message as the wire has it: text parts joined, ``developer`` as ``system``."""
+    """An OpenAI chat message as the wire has it: text parts joined, ``developer`` as ``system``, a
+    null ``content`` (an assistant's tool call) as empty, ``tool_calls`` and ``tool_call_id`` kept."""
     if not isinstance(message, dict):
         return message
     content, role = message.get("content"), message.get("role")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         content = "".join(str(p.get("text", "")) for p in content)
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": "" if content is None else content}
+    return out | {k: message[k] for k in ("tool_calls", "tool_call_id") if message.get(k) is not None}
 
 
 def _usage(result: GenerationResult) -> dict[str, Any]:

@@ -8,7 +8,10 @@ an unknown model, a prompt longer than the context, a full queue (``busy``), an 
 (``timeout``). A request with nowhere to reply to is logged and counted, and dropped.
 
 Streaming (``stream: true``) sends sequenced replies (``seq`` 0, 1, ...) with the new text and
-tokens, the last one with ``done``, the finish reason, usage and timings. MQTT 5 message expiry
+tokens (and their ``logprobs`` when asked), the last one with ``done``, the finish reason, usage
+and timings. A whole reply must fit one message: ``logprobs`` without ``stream`` are refused
+(``bad_request`` naming ``logprobs``) when ``max_tokens * (1 + top_logprobs)`` exceeds
+``MAX_WHOLE_LOGPROBS``. MQTT 5 message expiry
 is honoured: the remaining interval becomes the request's deadline, and replies expire too.
 """
 
@@ -44,6 +47,7 @@ __all__ = ["InferService"]
 log = logging.getLogger(__name__)
 
 _REPLY_QOS = 1
+MAX_WHOLE_LOGPROBS = 8192  # log-probability entries in one whole reply: ~70 bytes each, under 1 MiB
 
 
 class _Reply:
@@ -131,6 +135,14 @@ class InferService:
         reply = _Reply(self._link(), target, incoming, request.id)
         timeout = float(incoming.expiry_s) if incoming.expiry_s else self.default_timeout_s
         try:
+            if request.logprobs and not request.stream:
+                entries = request.max_tokens * (1 + request.top_logprobs)
+                if entries > MAX_WHOLE_LOGPROBS:
+                    raise RequestError(
+                        "bad_request",
+                        f"field 'logprobs': max_tokens x (1 + top_logprobs) is {entries}; a whole reply"
+                        f" holds {MAX_WHOLE_LOGPROBS}: send 'stream': true, or ask for fewer",
+                    )
             prompt = self.engine.prepare(request, deadline=incoming.received + timeout)
         except RequestError as exc:
             self.metrics.rejected(exc.code)
@@ -140,7 +152,9 @@ class InferService:
         try:
             self.scheduler.submit(
                 prompt,
-                on_text=lambda text, tokens: reply.send(InferReply(text=text, tokens=tuple(tokens))),
+                on_text=lambda text, tokens, lps=None: reply.send(
+                    InferReply(text=text, tokens=tuple(tokens), logprobs=None if lps is None else tuple(lps))
+                ),
                 on_done=lambda result: self._finished(reply, result, prompt.stream, incoming.received),
             )
         except RequestError as exc:  # busy, or shutting down: it counts as a finished failure
@@ -191,16 +205,22 @@ class InferService:
             failure = InferReply.failure(result.error_code, result.error_message)  # type: ignore[arg-type]
             reply.send(failure.model_copy(update={"usage": _usage(result), "timings": _timings(result)}))
             return
-        reply.send(
-            InferReply(
-                text="" if stream else result.text,
-                tokens=() if stream else result.tokens,
-                done=True,
-                finish_reason=result.finish_reason,
-                usage=_usage(result),
-                timings=_timings(result),
-            )
+        answer = InferReply(
+            text="" if stream else result.text,
+            tokens=() if stream else result.tokens,
+            logprobs=None if stream else result.logprobs,
+            tool_calls=result.tool_calls,
+            done=True,
+            finish_reason=result.finish_reason,
+            usage=_usage(result),
+            timings=_timings(result),
         )
+        try:
+            reply.send(answer)
+        except ProtocolError as exc:  # a whole answer over the reply's size limit: say so, once
+            why = f"the whole reply is too large for one message ({exc.why}); ask for stream: true"
+            failure = InferReply.failure("bad_request", why)
+            reply.send(failure.model_copy(update={"usage": _usage(result), "timings": _timings(result)}))
 
 
 def _usage(result: GenerationResult) -> Usage:

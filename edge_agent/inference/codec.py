@@ -51,7 +51,7 @@ class Codec:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         if self._template is None:
             raise ProtocolError("messages", "this model has no chat template; send 'prompt' instead")
         try:

@@ -4,7 +4,8 @@
 ``trusted`` keys it also verifies the manifest signature and every file digest first.
 :meth:`Engine.prepare` turns a wire :class:`~edgeglm.protocol.InferRequest` into a tokenized
 :class:`Prompt` or raises :class:`~edgeglm.errors.RequestError` (``unknown_model``,
-``too_long``, ``bad_request``). :meth:`Engine.generate` is the direct batch-1 loop (the CLI's
+``too_long``, ``bad_request``; a ``response_format`` that does not compile is ``bad_request`` naming
+it). :meth:`Engine.generate` is the direct batch-1 loop (the CLI's
 ``agent infer``, smoke tests); concurrent serving goes through the scheduler.
 """
 
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.inference.codec import Codec
+from edge_agent.inference.constraint import Constraints
 from edge_agent.inference.generation import Generation, GenerationResult, OnDone, OnText, Prompt
 from edge_agent.inference.runtime import DecoderGraph, open_graph
 from edge_agent.inference.sampling import SamplingParams
+from edge_agent.inference.tools import plan, render
 from edgeglm.bundle import Manifest, load_manifest, verify_files
 from edgeglm.errors import ConfigError, EdgeError, ProtocolError, RequestError
 from edgeglm.profiles import DeviceProfile, load_profile
@@ -80,6 +83,8 @@ class Engine:
         self.version = manifest.version
         self.limits = EngineLimits(profile.max_context, profile.max_batch_size, profile.batch_wait_ms)
         self.stop_tokens = frozenset(self._stop_tokens())
+        vocab = graph.vocab or codec.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.constraints = Constraints(folder / "tokenizer.json", vocab, sorted(self.stop_tokens))
 
     @classmethod
     def load(
@@ -133,9 +138,10 @@ class Engine:
     def prepare(self, request: InferRequest, *, deadline: float | None = None) -> Prompt:
         if request.model is not None and request.model != self.model:
             raise RequestError("unknown_model", f"this agent serves {self.model!r}, not {request.model!r}")
+        tools = plan(request)
         try:
             if request.messages is not None:
-                ids = self.codec.encode_chat([m.model_dump() for m in request.messages])
+                ids = self.codec.encode_chat(render(request.messages, tools))
             else:
                 assert request.prompt is not None
                 ids = self.codec.encode(request.prompt)
@@ -153,8 +159,13 @@ class Engine:
             top_k=request.top_k,
             top_p=request.top_p,
             repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
             seed=request.seed,
         )
+        grammar = self.constraints.compile(request.response_format)
+        if tools is not None and (lark := tools.lark()) is not None:
+            grammar = self.constraints.compile_lark(lark, "tools")
         return Prompt(
             ids=tuple(ids),
             max_tokens=min(request.max_tokens, room),
@@ -162,6 +173,9 @@ class Engine:
             stop=request.stop,
             stream=request.stream,
             deadline=deadline,
+            grammar=grammar,
+            tools=tools,
+            logprobs=request.top_logprobs if request.logprobs else None,
         )
 
     def start(

@@ -5,6 +5,18 @@ direct loop so both produce the same tokens: a stop token ends it (the token is 
 ``tokens``, as the exporter's golden tokens keep it, never in ``text``), a stop string ends it
 (text cut before the string), ``max_tokens`` or the context ends it with ``length``. Streamed
 text holds back the last characters that could still start a stop string.
+
+A constrained request (``Prompt.grammar``) samples only among the tokens its
+:class:`~edge_agent.inference.constraint.Constraint` allows, and ends ``stop`` when the grammar
+can take nothing more or the model picks a stop token where the grammar accepts; ``max_tokens``
+reached before that (an unfinished JSON value) ends it ``length``, as OpenAI does. A request with
+tools (``Prompt.tools``) whose answer ends ``stop`` in the shape of a call ends ``tool_calls``
+instead, the call read into ``GenerationResult.tool_calls``.
+
+``Prompt.logprobs`` (0 or more alternatives) records, for every chosen token, its log-probability
+under the model's own distribution at that step: the log-softmax of the raw logits, before the
+penalties, the constraint's mask, temperature, top-k and top-p (what OpenAI reports: the numbers
+do not change with ``temperature``). The stream callback then gets that step's entries too.
 """
 
 from __future__ import annotations
@@ -18,12 +30,17 @@ from typing import Literal
 import numpy as np
 
 from edge_agent.inference.codec import Codec, Detokenizer
+from edge_agent.inference.constraint import Constraint, Grammar
 from edge_agent.inference.runtime import Sequence
 from edge_agent.inference.sampling import Sampler, SamplingParams
+from edge_agent.inference.tools import ToolPlan
+from edgeglm.protocol import TokenLogprob, ToolCall, TopLogprob
 
 __all__ = ["Generation", "GenerationResult", "Prompt"]
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+_FLOOR = -9999.0  # the log-probability reported for a token the model cannot pick (OpenAI's)
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,9 @@ class Prompt:
     stream: bool = False
     deadline: float | None = None  # time.monotonic() after which the request is given up
     prefix_cache: bool = True  # False: prefilled whole, nothing stored (the smoke test's path)
+    grammar: Grammar | None = None  # the output constraint (``response_format``, a forced call)
+    tools: ToolPlan | None = None  # the request's tools: a "stop" answer may be read as a call
+    logprobs: int | None = None  # None: none; k: each chosen token's logprob and its k best rivals
     # Teacher forcing (the smoke test): these tokens are fed instead of sampled ones, and
     # ``observe`` sees the logits of every step, the prompt's last position first.
     forced: tuple[int, ...] = ()
@@ -57,13 +77,16 @@ class GenerationResult:
     decode_ms: float = 0.0
     total_ms: float = 0.0
     ttft_ms: float | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
 
 
-OnText = Callable[[str, list[int]], None]
+# ``on_text(text, ids)``; with ``Prompt.logprobs`` set, ``on_text(text, ids, logprobs)``.
+OnText = Callable[..., None]
 OnDone = Callable[[GenerationResult], None]
 
 
@@ -92,6 +115,10 @@ class Generation:
         self._emitted = 0
         self._hold = max((len(s) for s in self.prompt.stop), default=1) - 1
         self._pending_ids: list[int] = []
+        self.constraint: Constraint | None = (
+            None if self.prompt.grammar is None else self.prompt.grammar.matcher()
+        )
+        self.logprobs: list[TokenLogprob] | None = None if self.prompt.logprobs is None else []
 
     # -------------------------------------------------------------------------------- control
     def cancel(self) -> None:
@@ -120,17 +147,26 @@ class Generation:
         if self.prompt.forced:
             token = self.prompt.forced[len(self.tokens)]
         else:
-            token = self.sampler.pick(logits_row, history)  # type: ignore[arg-type]
+            allowed = None if self.constraint is None else self.constraint.allowed()
+            token = self.sampler.pick(logits_row, history, sampled=self.tokens, allowed=allowed)  # type: ignore[arg-type]
         if self.first_token is None:
             self.first_token = now
+        if self.logprobs is not None:
+            self.logprobs.append(self._logprob(logits_row, token))  # type: ignore[arg-type]
         self.tokens.append(token)
         self._pending_ids.append(token)
         self.last = token
         if token in self.stop_tokens:
             self.finish("stop")
             return
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.text += self.detok.add(token)
         if self._stop_string():
+            self.finish("stop")
+            return
+        if self.constraint is not None and self.constraint.stopped:  # the grammar is complete
+            self.text += self.detok.flush()
             self.finish("stop")
             return
         total = len(self.prompt.ids) + len(self.tokens)
@@ -148,6 +184,22 @@ class Generation:
             return
         self._stream(final=False)
 
+    def _logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            row = logits.astype(np.float64)
+            top = row.max()
+            logp = row - (top + np.log(np.exp(row - top).sum()))
+        k = self.prompt.logprobs or 0
+        best = np.argpartition(-logp, k - 1)[:k] if 0 < k < logp.size else np.arange(logp.size if k else 0)
+        best = best[np.lexsort((best, -logp[best]))]  # most likely first; ties by token id
+        rivals = tuple(self._entry(int(t), float(logp[t])) for t in best)
+        chosen = self._entry(token, float(logp[token]))
+        return TokenLogprob(token=token, text=chosen.text, logprob=chosen.logprob, top=rivals)
+
+    def _entry(self, token: int, logprob: float) -> TopLogprob:
+        value = logprob if np.isfinite(logprob) and logprob > _FLOOR else _FLOOR
+        return TopLogprob(token=token, text=self.codec.decode([token]), logprob=min(0.0, value))
+
     def _stop_string(self) -> bool:
         if not self.prompt.stop:
             return False
@@ -164,7 +216,12 @@ class Generation:
         upto = len(self.text) if final else max(self._emitted, len(self.text) - self._hold)
         piece = self.text[self._emitted : upto]
         if piece or self._pending_ids:
-            self.on_text(piece, self._pending_ids)
+            if self.logprobs is None:
+                self.on_text(piece, self._pending_ids)
+            else:
+                self.on_text(
+                    piece, self._pending_ids, self.logprobs[len(self.logprobs) - len(self._pending_ids) :]
+                )
             self._emitted = upto
             self._pending_ids = []
 
@@ -174,6 +231,9 @@ class Generation:
         now = time.monotonic()
         if reason != "error":
             self._stream(final=True)
+        calls = self.prompt.tools.read(self.text) if self.prompt.tools and reason == "stop" else None
+        if calls:
+            reason = "tool_calls"
         started = self.started or now
         prefilled = self.prefilled or now
         ms = 1000.0
@@ -190,6 +250,8 @@ class Generation:
             decode_ms=max(0.0, now - prefilled) * ms if self.prefilled else 0.0,
             total_ms=(now - self.created) * ms,
             ttft_ms=(self.first_token - self.created) * ms if self.first_token else None,
+            logprobs=None if self.logprobs is None else tuple(self.logprobs),
+            tool_calls=calls,
         )
         if self.on_done is not None:
             self.on_done(self.result)

@@ -11,6 +11,11 @@ fused graph: continuous batching) admits at every step boundary; one that cannot
 graph) admits only when the batch has drained. When the loop is idle it waits ``batch_wait_ms``
 after the first arrival so that requests arriving together start together.
 
+Constrained requests (``response_format``) need their token masks before they sample: the
+:class:`~edge_agent.inference.constraint.MaskPool` computes them on llguidance's threads, started
+just before the step's prefill or decode and collected after it, so they overlap the model's run.
+A step with no constrained row does none of this.
+
 Callbacks (``on_text``, ``on_done``) run on the loop thread and must not block.
 """
 
@@ -23,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from edge_agent.inference.constraint import MaskPool
 from edge_agent.inference.engine import Engine
 from edge_agent.inference.generation import Generation, OnDone, OnText, Prompt
 from edgeglm.errors import RequestError
@@ -69,6 +75,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._masks: MaskPool | None = None  # made when the first constrained request runs
         self.steps = 0
 
     # ------------------------------------------------------------------------------- public
@@ -84,6 +91,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._masks is not None:
+            self._masks.close()
 
     def __enter__(self) -> Scheduler:
         return self.start()
@@ -156,20 +165,37 @@ class Scheduler:
         room = self.max_batch - len(self._running)
         return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
 
+    def _masks_for(self, gens: list[Generation]) -> Callable[[], None]:
+        """Start the masks of the constrained ones of ``gens``; the result waits for them."""
+        constraints = [g.constraint for g in gens if g.constraint is not None]
+        if not constraints:
+            return _nothing
+        if self._masks is None:
+            self._masks = MaskPool()
+        return self._masks.start(constraints).wait
+
     def _turn(self, admitted: list[Generation]) -> None:
         graph = self.engine.graph
-        for gen in admitted:
-            gen.started = time.monotonic()
-            gen.seq = graph.open()
-            self._running.append(gen)
-            self._alone(gen, lambda g=gen: self._prefill(g))
+        masks = self._masks_for(admitted)
+        try:
+            for gen in admitted:
+                gen.started = time.monotonic()
+                gen.seq = graph.open()
+                self._running.append(gen)
+                self._alone(gen, lambda g=gen: self._prefill(g, masks))
+        finally:  # collected even if every prefill (or open) failed: no matcher is used by two threads
+            masks()
         now = time.monotonic()
         for gen in self._running:
             if not gen.done and (gen.cancelled or gen.expired(now)):
                 self._give_up(gen)
         live = [g for g in self._running if not g.done]
         if live:
-            logits = graph.decode([g.seq for g in live], [g.last for g in live])  # type: ignore[misc]
+            masks = self._masks_for(live)
+            try:
+                logits = graph.decode([g.seq for g in live], [g.last for g in live])  # type: ignore[misc]
+            finally:
+                masks()
             self.steps += 1
             self.metrics.observe_batch(len(live))
             for gen, row in zip(live, logits, strict=True):
@@ -179,10 +205,12 @@ class Scheduler:
             if gen.seq is not None:
                 graph.close(gen.seq)
 
-    def _prefill(self, gen: Generation) -> None:
+    def _prefill(self, gen: Generation, masks: Callable[[], None]) -> None:
         seq = gen.seq
         assert seq is not None
-        gen.accept(self.engine.graph.prefill(seq, gen.prompt.ids, cache=gen.prompt.prefix_cache))
+        logits = self.engine.graph.prefill(seq, gen.prompt.ids, cache=gen.prompt.prefix_cache)
+        masks()  # the first admitted row waits for the masks of all; they ran during its prefill
+        gen.accept(logits)
         gen.prefilled = time.monotonic()
 
     def _alone(self, gen: Generation, step: Callable[[], None]) -> None:
@@ -218,3 +246,7 @@ class Scheduler:
             if gen.seq is not None:
                 self.engine.graph.close(gen.seq)
         self._running = []
+
+
+def _nothing() -> None:
+    pass

@@ -38,7 +38,9 @@ from edgeglm.protocol import (
     Report,
     Status,
     Timings,
+    TokenLogprob,
     TopicKind,
+    TopLogprob,
     Usage,
     check_device_id,
     check_reply_topic,
@@ -172,6 +174,18 @@ SAMPLES: dict[type[Message], list[Message]] = {
             reply_to="sensors/42/reply",
         ),
         InferRequest(prompt="Hello"),
+        InferRequest(
+            prompt="Sensor P-12 reads 9 bar.",
+            presence_penalty=0.5,
+            frequency_penalty=-1.0,
+            logprobs=True,
+            top_logprobs=3,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "verdict", "schema": {"type": "object"}, "strict": True},
+            },
+        ),
+        InferRequest(prompt="Yes?", response_format={"type": "regex", "regex": "(yes|no)"}),
     ],
     InferReply: [
         InferReply(
@@ -186,6 +200,15 @@ SAMPLES: dict[type[Message], list[Message]] = {
         ),
         InferReply(text="partial"),
         InferReply.failure("busy", "queue full", id="c"),
+        InferReply(
+            text="{",
+            tokens=(7,),
+            logprobs=(
+                TokenLogprob(
+                    token=7, text="{", logprob=-3.5, top=(TopLogprob(token=9, text=" a", logprob=-0.1),)
+                ),
+            ),
+        ),
     ],
     ErrorBody: [ErrorBody(code="not_found", message="no such piece")],
 }
@@ -537,7 +560,7 @@ BAD_FIELDS: list[tuple[type[Message], int, str, Any, str]] = [
     (IQ, 1, "messages", [{"role": "user", "content": "x"}], "exactly one"),
     (IQ, 1, "prompt", _DELETE, "exactly one"),
     (IQ, 0, "messages", [], "messages"),
-    (IQ, 0, "messages.0.role", "tool", "messages.0.role"),
+    (IQ, 0, "messages.0.role", "robot", "messages.0.role"),
     (IQ, 0, "messages.0.content", None, "messages.0.content"),
     (IQ, 0, "messages", [{"role": "user", "content": "x" * 40000}] * 2, "characters"),
     (IQ, 0, "max_tokens", 0, "max_tokens"),
