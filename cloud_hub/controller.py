@@ -41,11 +41,18 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
 from cloud_hub.db import Database
-from cloud_hub.desired import FleetKey, publish_desired, refresh_desired
+from cloud_hub.desired import FleetKey, next_sequences, publish_desired, refresh_desired
 from cloud_hub.gates import Verdict, baseline_of, evaluate, parse_gate
 from cloud_hub.inventory import devices_by_id, matches
 from cloud_hub.models import Device, DeviceDeployment, Lease, Release, Rollout, RolloutWave, utcnow
-from cloud_hub.rollouts import Publish, release_devices, revert_devices
+from cloud_hub.rollouts import (
+    Publish,
+    deployments_in,
+    release_devices,
+    revert_devices,
+    settle_deployments,
+    start_deployments,
+)
 from edgeglm.lifecycle import (
     FAILED_DEPLOYMENT,
     DeploymentState,
@@ -244,17 +251,29 @@ class Controller:
         now: datetime,
     ) -> _Move | None:
         self._capture_baseline(s, r, wave, model, version)
-        devices = devices_by_id(s, [d.device_id for d in deps])
+        waiting = [d for d in deps if d.state == DeploymentState.WAITING]
+        devices = devices_by_id(s, [d.device_id for d in waiting])
+        sequences = next_sequences(s, list(devices), now=time.time())
         digests: dict[str, str] = {}
-        for dep in deps:
-            if dep.state != DeploymentState.WAITING:
-                continue
+        told: list[DeviceDeployment] = []
+        for dep in waiting:
             device = devices.get(dep.device_id)
             if device is None:
                 dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
                 continue
-            publish_desired(s, device, model, version, r.id, self.publish, digests, fleet=self.fleet)
-            dep.state, dep.started_at, dep.updated_at = DeploymentState.PENDING, now, now
+            publish_desired(
+                s,
+                device,
+                model,
+                version,
+                r.id,
+                self.publish,
+                digests,
+                fleet=self.fleet,
+                sequence=sequences[device.id],
+            )
+            told.append(dep)
+        start_deployments(s, told, now)
         wave.started_at = now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
         return _Move(WaveEvent.START)
@@ -270,7 +289,8 @@ class Controller:
         now: datetime,
     ) -> _Move | None:
         devices = devices_by_id(s, [d.device_id for d in deps if d.state == DeploymentState.PENDING])
-        digests: dict[str, str] = {}
+        lost: list[Device] = []  # told, but their desired row says otherwise: tell them again
+        settled: list[tuple[DeviceDeployment, DeploymentState, str]] = []
         for dep in deps:
             if dep.state != DeploymentState.PENDING:
                 continue
@@ -284,16 +304,29 @@ class Controller:
                 and device.last_seen is not None
                 and device.last_seen >= started
             ):
-                dep.state, dep.resolved_at = DeploymentState.SUCCEEDED, now
-                dep.detail = "seen running the target"
+                settled.append((dep, DeploymentState.SUCCEEDED, "seen running the target"))
             elif (now - started).total_seconds() > r.device_timeout_s:
                 offline = device is None or not device.online
-                dep.state, dep.resolved_at = DeploymentState.TIMED_OUT, now
-                dep.detail = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
+                why = "offline" if offline else f"no result in {r.device_timeout_s:g}s"
+                settled.append((dep, DeploymentState.TIMED_OUT, why))
             elif device is not None and device.desired_version != version:
+                lost.append(device)  # a lost publish
+        settle_deployments(s, settled, now)  # a report that settled one meanwhile stands
+        if lost:
+            sequences = next_sequences(s, [d.id for d in lost], now=time.time())
+            digests: dict[str, str] = {}
+            for device in lost:
                 publish_desired(
-                    s, device, model, version, r.id, self.publish, digests, fleet=self.fleet
-                )  # a lost publish
+                    s,
+                    device,
+                    model,
+                    version,
+                    r.id,
+                    self.publish,
+                    digests,
+                    fleet=self.fleet,
+                    sequence=sequences[device.id],
+                )
         if r.gates and any(d.state == DeploymentState.SUCCEEDED for d in deps):
             early = self._verdict(s, r, wave, now)  # a breach stops the wave before it finishes
             if early.state == "breach":
@@ -343,15 +376,9 @@ class Controller:
         gates = [parse_gate(g) for g in r.gates]
         if not gates:
             return Verdict("pass", "no gates")
-        succeeded = list(
-            s.scalars(
-                select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == r.id,
-                    DeviceDeployment.state == DeploymentState.SUCCEEDED,
-                )
-            )
-        )
-        devices = devices_by_id(s, [d.device_id for d in succeeded])
+        succeeded = deployments_in(s, r.id, {DeploymentState.SUCCEEDED})  # this tick's too, unflushed
+        with s.no_autoflush:  # this tick's settled deployments are written at its commit
+            devices = devices_by_id(s, [d.device_id for d in succeeded])
         updated = []
         for dep in succeeded:
             device = devices.get(dep.device_id)
@@ -429,8 +456,7 @@ class Controller:
         state = next_rollout_state(r.state, event)
         r.state, r.reason, r.updated_at = state, why, utcnow()
         if state == RolloutState.COMPLETED:
-            for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)):
-                dep.active = False
+            release_devices(s, r)  # every wave started: none is left waiting to be skipped
         audit.record(
             s,
             ACTOR,

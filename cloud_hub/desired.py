@@ -9,7 +9,10 @@ told again too. ``version=None`` clears the retained message (the device keeps w
 Every desired state is signed with the hub's fleet key (:class:`FleetKey`), names its device and
 carries the device's next sequence number, counted in the ``devices`` row by one atomic UPDATE
 (replicas never hand out the same number twice; never below the hub's clock in milliseconds, so
-a restored database cannot go back), and an expiry (:mod:`edgeglm.desired_signing`).
+a restored database cannot go back), and an expiry (:mod:`edgeglm.desired_signing`). A caller
+that tells many devices at once (a wave, a revert) takes all their numbers in one such UPDATE
+first (:func:`next_sequences`, in the same transaction) and hands each to ``publish_desired``:
+one statement per wave instead of one per device, and no flush of the ORM between devices.
 
 :func:`refresh_desired` (the rollout controller calls it) signs a device's desired state again,
 unchanged but for a new sequence and expiry, once it is past half its life or was signed by a
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +45,7 @@ from edgeglm.errors import ConfigError, NotFoundError
 from edgeglm.keys import create_keypair, key_id, load_private_key
 from edgeglm.protocol import Desired, desired_topic
 
-__all__ = ["FleetKey", "publish_desired", "refresh_desired"]
+__all__ = ["FleetKey", "next_sequences", "publish_desired", "refresh_desired"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,38 @@ class FleetKey:
         return cls(load_private_key(path), pieces_url=pieces_url)
 
 
+def next_sequences(s: Session, device_ids: Sequence[str], *, now: float) -> dict[str, int]:
+    """Each device's next desired-state sequence number, counted in its row (an atomic UPDATE
+    per up to 5,000 devices, RETURNING the numbers): the next number, and never below the hub's
+    clock in milliseconds, so a database restored from an older backup still hands out numbers
+    above those the boxes have accepted. A device id not in the inventory is left out. The
+    session's other changes are not flushed first: the statement writes the counter only."""
+    now_ms = int(now * 1000)
+    ids = sorted(set(device_ids))  # one lock order for every replica's statements
+    out: dict[str, int] = {}
+    for i in range(0, len(ids), 5000):
+        with s.no_autoflush:
+            # rows locked in id order, as every writer of devices locks them (cloud_hub.ingest):
+            # the UPDATE alone would lock them in scan order, and two writers could deadlock
+            s.execute(
+                select(Device.id)
+                .where(Device.id.in_(ids[i : i + 5000]))
+                .order_by(Device.id)
+                .with_for_update()
+            )
+            rows = s.execute(
+                update(Device)
+                .where(Device.id.in_(ids[i : i + 5000]))
+                .values(
+                    desired_seq=case((Device.desired_seq + 1 > now_ms, Device.desired_seq + 1), else_=now_ms)
+                )
+                .returning(Device.id, Device.desired_seq)
+                .execution_options(synchronize_session=False)
+            ).all()
+        out.update({device_id: int(seq) for device_id, seq in rows})
+    return out
+
+
 def publish_desired(
     s: Session,
     device: Device,
@@ -83,8 +119,10 @@ def publish_desired(
     digests: dict[str, str] | None = None,
     *,
     fleet: FleetKey | None,
+    sequence: int | None = None,
 ) -> None:
-    """``digests`` memoises the bundle digest per profile across calls for the same release."""
+    """``digests`` memoises the bundle digest per profile across calls for the same release;
+    ``sequence``: the number :func:`next_sequences` took for this device (else it takes one)."""
     topic = desired_topic(device.id)
     if version is None:
         device.desired_model = device.desired_version = None
@@ -108,16 +146,8 @@ def publish_desired(
     if fleet is None:
         raise ConfigError("fleet key", "is not loaded: a desired state cannot be signed")
     now = time.time()
-    # The next number, and never below the hub's clock in milliseconds: a database restored from
-    # an older backup still hands out numbers above those the boxes have accepted.
-    now_ms = int(now * 1000)
-    sequence = s.execute(
-        update(Device)
-        .where(Device.id == device.id)
-        .values(desired_seq=case((Device.desired_seq + 1 > now_ms, Device.desired_seq + 1), else_=now_ms))
-        .returning(Device.desired_seq)
-        .execution_options(synchronize_session=False)
-    ).scalar_one()
+    if sequence is None:
+        sequence = next_sequences(s, [device.id], now=now)[device.id]
     url, token = device_credentials.offer(fleet.credentials, fleet.pieces_url, device, now + fleet.ttl_s)
     msg = Desired(
         model=model,
@@ -163,6 +193,7 @@ def refresh_desired(s: Session, publish: object, fleet: FleetKey, *, now: float,
     )
     digests: dict[str, str] = {}
     devices = list(s.scalars(due))
+    sequences = next_sequences(s, [d.id for d in devices], now=now)
     for device in devices:
         assert device.desired_model is not None
         why = "fleet key" if device.desired_key_id != fleet.key_id else "expiry"
@@ -176,6 +207,7 @@ def refresh_desired(s: Session, publish: object, fleet: FleetKey, *, now: float,
                 publish,
                 digests,
                 fleet=fleet,
+                sequence=sequences[device.id],
             )
         except NotFoundError as exc:  # the release was deleted: leave it to the operator
             log.warning("cannot sign device %s's desired state again: %s", device.id, exc)

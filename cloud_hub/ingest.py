@@ -7,11 +7,24 @@
                                                                     within offline_after_s -> offline
 
 Hub replicas subscribe through shared subscriptions, so each message reaches exactly one of
-them; every write is an idempotent upsert keyed by device id, so the replicas never conflict.
-A batch keeps the newest status and heartbeat per device (by the device's own ``ts``) and adds
-up the heartbeat count, so 10,000 devices at one heartbeat per 5 s are a few small transactions
-per second. Nothing a device sends can stop the loop: bad payloads are counted by reason (a text
-field holding NUL is one: PostgreSQL cannot store it, and it would fail its whole batch at every try).
+them; every write is an idempotent upsert keyed by device id. A batch keeps the newest status and
+heartbeat per device (by the device's own ``ts``) and adds up the heartbeat count, so 10,000
+devices at one heartbeat per 5 s are a few small transactions per second.
+
+A device's messages are dealt to several replicas, whose batches may commit out of order (one
+waited for a lock, or failed and was tried again). So a known device's row is written by one
+statement that reads nothing first: the count is added in SQL, and what the batch says (online,
+status, model, health) replaces the row's only if the batch arrived after the message the row
+holds (``last_seen``, the hub's clock at arrival), and only the fields the batch has a message
+for. A late batch of old heartbeats cannot put back the version a newer status replaced.
+
+Locks: a batch locks its devices in id order, then the deployments its reports settle, in id
+order and skipping any another transaction holds (the rollout controller in a tick): those
+reports wait in the queue for the next turn. So an ingest batch only ever waits for device rows,
+taken in one ordered pass, and never deadlocks with another replica's batch or the controller.
+
+Nothing a device sends can stop the loop: bad payloads are counted by reason (a text field
+holding NUL is one: PostgreSQL cannot store it, and it would fail its whole batch at every try).
 """
 
 from __future__ import annotations
@@ -22,9 +35,9 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Boolean, Table, and_, bindparam, case, insert, or_, select, update
 
 from cloud_hub.db import Database
 from cloud_hub.metrics import HubMetrics
@@ -55,6 +68,44 @@ class _Pending:
     beats: int = 0
     seen: float = 0.0
     online: bool = True  # what the last message to arrive says (a last will arrives after the beats)
+
+
+_DEVICES = cast(Table, Device.__table__)
+
+
+def _known_device_update() -> Any:
+    """The one statement that writes a known device's row (module docstring), per row of an
+    executemany: ``b_*`` parameters, ``b_has_status`` / ``b_has_model`` / ``b_has_beat`` saying
+    which fields the batch has a message for."""
+    c = _DEVICES.c
+
+    def param(name: str) -> Any:
+        return bindparam(f"b_{name}", type_=c[name].type)
+
+    newer = or_(c.last_seen.is_(None), c.last_seen <= param("last_seen"))
+    has = {k: bindparam(f"b_has_{k}", type_=Boolean) for k in ("status", "model", "beat")}
+
+    def newer_if(flag: str | None, name: str) -> Any:
+        when = newer if flag is None else and_(newer, has[flag])
+        return case((when, param(name)), else_=c[name])
+
+    return (
+        update(_DEVICES)
+        .where(c.id == bindparam("b_id"))
+        .values(
+            heartbeats=c.heartbeats + param("heartbeats"),
+            online=newer_if(None, "online"),
+            last_seen=newer_if(None, "last_seen"),
+            profile=newer_if("status", "profile"),
+            agent_version=newer_if("status", "agent_version"),
+            current_model=newer_if("model", "current_model"),
+            current_version=newer_if("model", "current_version"),
+            health=newer_if("beat", "health"),
+        )
+    )
+
+
+_UPDATE_KNOWN = _known_device_update()
 
 
 def _holds_nul(value: Any) -> bool:
@@ -137,7 +188,7 @@ class Ingest:
     def flush(self) -> int:
         """Write everything queued in one transaction; returns how many messages it held."""
         pending: dict[str, _Pending] = {}
-        reports: list[Report] = []
+        reports: list[tuple[Report, float]] = []
         taken: list[tuple[TopicKind, Any, float]] = []
         while True:
             try:
@@ -148,7 +199,7 @@ class Ingest:
             return 0
         for kind, body, arrived in taken:
             if kind is TopicKind.REPORT:
-                reports.append(body)
+                reports.append((body, arrived))
                 continue
             p = pending.setdefault(body.device_id, _Pending())
             p.seen = max(p.seen, arrived)
@@ -162,7 +213,7 @@ class Ingest:
                 if p.heartbeat is None or body.ts >= p.heartbeat.ts:
                     p.heartbeat = body
         try:
-            self._write(pending, reports)
+            later = self._write(pending, reports)
         except Exception:
             for item in taken:  # nothing is lost: back into the queue for the next turn
                 try:
@@ -170,6 +221,12 @@ class Ingest:
                 except queue.Full:
                     break
             raise
+        for rep, arrived in later:  # their deployments were busy: the next turn applies them
+            try:
+                self._queue.put_nowait((TopicKind.REPORT, rep, arrived))
+            except queue.Full:
+                self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="backlog")
+                log.warning("ingest backlog full: dropped a report from %s", rep.device_id)
         beats = sum(p.beats for p in pending.values())
         self.metrics.inc("edgeglm_hub_heartbeats_total", float(beats))
         self.metrics.inc(
@@ -177,66 +234,87 @@ class Ingest:
         )
         return len(taken)
 
-    def _write(self, pending: dict[str, _Pending], reports: list[Report]) -> None:
-        """One upsert per device; every row carries the same columns (executemany needs that)."""
+    def _write(
+        self, pending: dict[str, _Pending], reports: list[tuple[Report, float]]
+    ) -> list[tuple[Report, float]]:
+        """Devices (new ones inserted, known ones by :data:`_UPDATE_KNOWN`), then the reports;
+        returns the reports whose deployment another transaction holds (for the next turn)."""
         with self.db.session() as s:
-            self._apply_reports(s, reports)
-            known = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(list(pending))))}
+            known = set(s.scalars(select(Device.id).where(Device.id.in_(list(pending)))))
             new_rows: list[dict[str, Any]] = []
             changes: list[dict[str, Any]] = []
             now = utcnow()
-            for device_id, p in pending.items():
-                old = known.get(device_id)
+            for device_id, p in sorted(pending.items()):  # rows locked in id order
                 row: dict[str, Any] = {
                     "id": device_id,
                     "online": p.online,
                     "last_seen": datetime.fromtimestamp(p.seen, UTC),
-                    "heartbeats": (old.heartbeats if old else 0) + p.beats,
-                    "profile": old.profile if old else None,
-                    "agent_version": old.agent_version if old else None,
-                    "current_model": old.current_model if old else None,
-                    "current_version": old.current_version if old else None,
-                    "health": dict(old.health or {}) if old else {},
+                    "heartbeats": p.beats,
+                    "profile": None,
+                    "agent_version": None,
+                    "current_model": None,
+                    "current_version": None,
+                    "health": {},
                 }
+                has_model = False
                 if p.status is not None:
                     st = p.status
                     row |= {"profile": st.profile, "agent_version": st.agent_version}
                     if st.model is not None:
                         row |= {"current_model": st.model, "current_version": st.version}
+                        has_model = True
                 if p.heartbeat is not None:
                     hb = p.heartbeat
                     row["health"] = {**hb.health.model_dump(), "ts": hb.ts, "version": hb.version}
                     if hb.model is not None:
                         row |= {"current_model": hb.model, "current_version": hb.version}
-                if old is None:
+                        has_model = True
+                if device_id not in known:
                     new_rows.append({**row, "labels": {}, "registered_at": now})
-                else:
-                    changes.append(row)
-            s.flush()  # the report updates above
-            s.expunge_all()  # the bulk statements below are the only device writes
+                    continue
+                flags = {
+                    "has_status": p.status is not None,
+                    "has_model": has_model,
+                    "has_beat": p.heartbeat is not None,
+                }
+                changes.append({f"b_{k}": v for k, v in (row | flags).items()})
             if new_rows:
                 s.execute(insert(Device), new_rows)
                 for r in new_rows:
                     log.info("device %s registered (profile %s)", r["id"], r["profile"])
             if changes:
-                s.execute(update(Device), changes)
+                s.execute(_UPDATE_KNOWN, changes)
+            return self._apply_reports(s, reports)  # after the devices: written at the commit
 
-    def _apply_reports(self, s: Any, reports: list[Report]) -> None:
-        """Update events settle a device's deployment; a repeated report changes nothing."""
-        usable = [r for r in reports if r.rollout_id is not None]
+    def _apply_reports(self, s: Any, reports: list[tuple[Report, float]]) -> list[tuple[Report, float]]:
+        """Update events settle a device's deployment; a repeated report changes nothing. The
+        deployments are locked in id order, skipping those another transaction holds: their
+        reports are returned, to be applied next turn."""
+        usable = [(r, at) for r, at in reports if r.rollout_id is not None]
         deps: dict[tuple[int | None, str], DeviceDeployment] = {}
-        for rollout_id in {r.rollout_id for r in usable}:
-            ids = [r.device_id for r in usable if r.rollout_id == rollout_id]
+        for rollout_id in {r.rollout_id for r, _ in usable}:
+            ids = sorted({r.device_id for r, _ in usable if r.rollout_id == rollout_id})
             for i in range(0, len(ids), 5000):
-                q = select(DeviceDeployment).where(
-                    DeviceDeployment.rollout_id == rollout_id,
-                    DeviceDeployment.device_id.in_(ids[i : i + 5000]),
+                q = (
+                    select(DeviceDeployment)
+                    .where(
+                        DeviceDeployment.rollout_id == rollout_id,
+                        DeviceDeployment.device_id.in_(ids[i : i + 5000]),
+                    )
+                    .order_by(DeviceDeployment.id)
+                    .with_for_update(skip_locked=True)
                 )
                 deps.update({(d.rollout_id, d.device_id): d for d in s.scalars(q)})
-        for rep in usable:
-            dep = deps.get((rep.rollout_id, rep.device_id))
+        held = self._held(s, [r for r, _ in usable if (r.rollout_id, r.device_id) not in deps])
+        later: list[tuple[Report, float]] = []
+        for rep, at in usable:
+            key = (rep.rollout_id, rep.device_id)
+            dep = deps.get(key)
             if dep is None:
-                self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
+                if key in held:
+                    later.append((rep, at))
+                else:
+                    self.metrics.inc("edgeglm_hub_device_messages_dropped_total", reason="unknown_rollout")
                 continue
             final = rep.step == UPDATE_SUCCEEDED or rep.step in UPDATE_FAILED
             if dep.state != DeploymentState.PENDING:
@@ -253,6 +331,21 @@ class Ingest:
                 dep.state, dep.resolved_at = DeploymentState.FAILED, utcnow()
                 dep.detail = f"{rep.step}: {rep.reason or 'no reason given'}"[:500]
             dep.updated_at = utcnow()
+        return later
+
+    @staticmethod
+    def _held(s: Any, reports: list[Report]) -> set[tuple[int | None, str]]:
+        """Which of the deployments these reports name exist (another transaction holds them)."""
+        out: set[tuple[int | None, str]] = set()
+        for rollout_id in {r.rollout_id for r in reports}:
+            ids = sorted({r.device_id for r in reports if r.rollout_id == rollout_id})
+            for i in range(0, len(ids), 5000):
+                q = select(DeviceDeployment.device_id).where(
+                    DeviceDeployment.rollout_id == rollout_id,
+                    DeviceDeployment.device_id.in_(ids[i : i + 5000]),
+                )
+                out.update((rollout_id, device_id) for device_id in s.scalars(q))
+        return out
 
     def sweep(self) -> int:
         """Mark devices offline whose last message is older than ``offline_after_s``."""

@@ -29,13 +29,17 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 
 from cloud_hub import audit
 from cloud_hub.auth import Principal, Role
@@ -87,6 +91,7 @@ __all__ = [
     "RolloutPlan",
     "abort",
     "create",
+    "deployments_in",
     "dry_run",
     "find",
     "listing",
@@ -98,11 +103,14 @@ __all__ = [
     "rollback",
     "rollout_detail",
     "rollout_view",
+    "settle_deployments",
+    "start_deployments",
 ]
 
 log = logging.getLogger(__name__)
 
 _NOT_MOVED = frozenset({DeploymentState.WAITING, DeploymentState.SKIPPED, DeploymentState.REVERTED})
+_MOVED = frozenset(DeploymentState) - _NOT_MOVED
 _WAVE = re.compile(r"^(\d+(?:\.\d+)?)(%?|n)$")
 
 Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
@@ -475,12 +483,145 @@ def abort(s: Session, rollout_id: int, actor: str) -> Rollout:
     return r
 
 
+def start_deployments(s: Session, deps: Sequence[DeviceDeployment], now: datetime) -> None:
+    """``deps`` (waiting; their devices were just told) are pending from ``now``: one UPDATE per
+    up to 5,000 of them (rows locked in id order), each row's version bumped as an ORM update
+    does. A row no longer waiting (an abort came first) is a StaleDataError: the tick is tried
+    again. A device report that only noted its step on a waiting row (the device answered before
+    this commit) does not stop it, as it would stop an ORM update. The objects are expired."""
+    ids = sorted(d.id for d in deps)
+    for i in range(0, len(ids), 5000):
+        chunk = ids[i : i + 5000]
+        where = (DeviceDeployment.id.in_(chunk), DeviceDeployment.state == DeploymentState.WAITING)
+        with s.no_autoflush:
+            s.execute(
+                select(DeviceDeployment.id).where(*where).order_by(DeviceDeployment.id).with_for_update()
+            )
+            done = s.execute(
+                update(DeviceDeployment)
+                .where(*where)
+                .values(
+                    state=DeploymentState.PENDING,
+                    started_at=now,
+                    updated_at=now,
+                    row_version=DeviceDeployment.row_version + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        changed = int(done.rowcount)  # type: ignore[attr-defined]
+        if changed != len(chunk):
+            raise StaleDataError(f"{len(chunk) - changed} deployment(s) stopped waiting meanwhile")
+    for dep in deps:
+        s.expire(dep)
+
+
+def settle_deployments(
+    s: Session, outcomes: Sequence[tuple[DeviceDeployment, DeploymentState, str]], now: datetime
+) -> None:
+    """Settle pending deployments as the controller judged them (state, detail), without the
+    optimistic lock failing its whole tick when a device report settled one first: one UPDATE
+    per outcome for the rows still pending (locked in id order), versioned as an ORM update is.
+    A row settled meanwhile keeps the report's outcome; every object takes what its row holds
+    now, and none is left for the ORM to flush."""
+    groups: dict[tuple[DeploymentState, str], dict[int, DeviceDeployment]] = {}
+    for dep, state, detail in outcomes:
+        groups.setdefault((state, detail), {})[dep.id] = dep
+    stale: list[int] = []
+    for (state, detail), deps in groups.items():
+        ids = sorted(deps)
+        for i in range(0, len(ids), 5000):
+            where = (
+                DeviceDeployment.id.in_(ids[i : i + 5000]),
+                DeviceDeployment.state == DeploymentState.PENDING,
+            )
+            with s.no_autoflush:
+                s.execute(
+                    select(DeviceDeployment.id).where(*where).order_by(DeviceDeployment.id).with_for_update()
+                )
+                rows = s.execute(
+                    update(DeviceDeployment)
+                    .where(*where)
+                    .values(
+                        state=state,
+                        detail=detail,
+                        resolved_at=now,
+                        updated_at=now,
+                        row_version=DeviceDeployment.row_version + 1,
+                    )
+                    .returning(DeviceDeployment.id, DeviceDeployment.row_version)
+                    .execution_options(synchronize_session=False)
+                ).all()
+            done = {dep_id: version for dep_id, version in rows}
+            for dep_id in ids[i : i + 5000]:
+                if dep_id not in done:
+                    stale.append(dep_id)
+                    continue
+                dep = deps[dep_id]
+                for key, value in (
+                    ("state", state),
+                    ("detail", detail),
+                    ("resolved_at", now),
+                    ("updated_at", now),
+                    ("row_version", done[dep_id]),
+                ):
+                    set_committed_value(dep, key, value)
+    for i in range(0, len(stale), 5000):  # settled by a report first: read what it says
+        with s.no_autoflush:
+            s.scalars(
+                select(DeviceDeployment)
+                .where(DeviceDeployment.id.in_(stale[i : i + 5000]))
+                .execution_options(populate_existing=True)
+            ).all()
+
+
 def release_devices(s: Session, rollout: Rollout) -> None:
-    """The rollout's devices may join another one; those whose wave never started are skipped."""
-    for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id)):
-        dep.active = False
-        if dep.state == DeploymentState.WAITING:
-            dep.state = DeploymentState.SKIPPED
+    """The rollout's devices may join another one; those whose wave never started are skipped.
+
+    One UPDATE for the whole rollout (a wave of 10,000 devices is not 10,000 row updates). It
+    bumps each row's version as an ORM update does, so a device report that read a row before
+    it fails its version check and retries; the deployments this session holds are expired."""
+    s.flush()
+    state = DeviceDeployment.state
+    touched = (
+        DeviceDeployment.rollout_id == rollout.id,
+        or_(DeviceDeployment.active.is_(True), state == DeploymentState.WAITING),
+    )
+    # locked in id order first, as the ORM's flushes lock deployments (no deadlock with ingest)
+    s.execute(select(DeviceDeployment.id).where(*touched).order_by(DeviceDeployment.id).with_for_update())
+    s.execute(
+        update(DeviceDeployment)
+        .where(*touched)
+        .values(
+            active=False,
+            state=case((state == DeploymentState.WAITING, DeploymentState.SKIPPED), else_=state),
+            row_version=DeviceDeployment.row_version + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    for obj in list(s.identity_map.values()):
+        if isinstance(obj, DeviceDeployment):
+            s.expire(obj)
+
+
+def deployments_in(
+    s: Session, rollout_id: int, states: Collection[DeploymentState]
+) -> list[DeviceDeployment]:
+    """The rollout's deployments in ``states`` as this session sees them, its changes not yet
+    flushed included, without flushing them (a wave's hundreds of versioned row updates wait
+    for the commit, after the desired states went out)."""
+    with s.no_autoflush:
+        found = {
+            d.id: d
+            for d in s.scalars(
+                select(DeviceDeployment).where(
+                    DeviceDeployment.rollout_id == rollout_id, DeviceDeployment.state.in_(list(states))
+                )
+            )
+        }
+        for obj in s.dirty:  # changed here, into (or out of) ``states``
+            if isinstance(obj, DeviceDeployment) and obj.rollout_id == rollout_id:
+                found[obj.id] = obj
+    return [d for d in found.values() if d.state in states]
 
 
 def revert_devices(
@@ -492,22 +633,30 @@ def revert_devices(
     only: Sequence[str] | None = None,
 ) -> list[str]:
     """Desired state back to what each moved device ran before, for exactly those devices."""
-    from cloud_hub.desired import publish_desired
+    from cloud_hub.desired import next_sequences, publish_desired
 
-    moved = [
-        dep
-        for dep in s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rollout.id))
-        if dep.state not in _NOT_MOVED and (only is None or dep.device_id in only)
-    ]
+    moved = [dep for dep in deployments_in(s, rollout.id, _MOVED) if only is None or dep.device_id in only]
     model = s.get(Release, rollout.release_id).model.name  # type: ignore[union-attr]
     reverted = []
-    devices = devices_by_id(s, [dep.device_id for dep in moved])
+    with s.no_autoflush:  # the settled deployments are written after the desired states went out
+        devices = devices_by_id(s, [dep.device_id for dep in moved])
+    sequences = next_sequences(s, list(devices), now=time.time())
     digests: dict[str, str] = {}
     for dep in moved:
         device = devices.get(dep.device_id)
         if device is None:
             continue
-        publish_desired(s, device, model, dep.from_version, None, publish, digests, fleet=fleet)
+        publish_desired(
+            s,
+            device,
+            model,
+            dep.from_version,
+            None,
+            publish,
+            digests,
+            fleet=fleet,
+            sequence=sequences[device.id],
+        )
         dep.state, dep.active, dep.updated_at = DeploymentState.REVERTED, False, utcnow()
         reverted.append(dep.device_id)
         back = f"{model}@{dep.from_version}" if dep.from_version else "no model"
