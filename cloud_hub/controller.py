@@ -253,14 +253,15 @@ class Controller:
         self._capture_baseline(s, r, wave, model, version)
         waiting = [d for d in deps if d.state == DeploymentState.WAITING]
         devices = devices_by_id(s, [d.device_id for d in waiting])
-        sequences = next_sequences(s, list(devices), now=time.time())
+        told = [(dep, devices[dep.device_id]) for dep in waiting if dep.device_id in devices]
+        gone = [dep for dep in waiting if dep.device_id not in devices]
+        sequences = next_sequences(s, [device.id for _, device in told], now=time.time())
+        # Devices locked (above), then their deployments locked and moved to pending, all before
+        # a single desired state goes out: an abort that committed first stops this tick here
+        # (StaleDataError, rolled back) instead of after the whole wave was told the new version.
+        start_deployments(s, [dep for dep, _ in told], now)
         digests: dict[str, str] = {}
-        told: list[DeviceDeployment] = []
-        for dep in waiting:
-            device = devices.get(dep.device_id)
-            if device is None:
-                dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
-                continue
+        for _, device in told:
             publish_desired(
                 s,
                 device,
@@ -272,8 +273,8 @@ class Controller:
                 fleet=self.fleet,
                 sequence=sequences[device.id],
             )
-            told.append(dep)
-        start_deployments(s, told, now)
+        for dep in gone:
+            dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
         wave.started_at = now
         self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
         return _Move(WaveEvent.START)

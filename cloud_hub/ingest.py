@@ -86,7 +86,10 @@ def _known_device_update() -> Any:
     has = {k: bindparam(f"b_has_{k}", type_=Boolean) for k in ("status", "model", "beat")}
 
     def newer_if(flag: str | None, name: str) -> Any:
-        when = newer if flag is None else and_(newer, has[flag])
+        # an older message still fills a field the row has nothing in: a new device's status can
+        # commit after another replica's batch of its later heartbeats (a NULL profile would make
+        # every desired state for it fail), and it is the only status that device sends
+        when = newer if flag is None else and_(or_(newer, c[name].is_(None)), has[flag])
         return case((when, param(name)), else_=c[name])
 
     return (

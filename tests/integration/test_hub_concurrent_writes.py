@@ -124,6 +124,29 @@ def test_a_wave_aborted_while_it_starts_is_not_started(wave: tuple[Any, int, lis
     assert {state for state, _ in _deps(ctx, rid).values()} == {DeploymentState.SKIPPED}
 
 
+def test_an_abort_before_a_wave_starts_tells_no_device(wave: tuple[Any, int, list[str]]) -> None:
+    """The controller read a wave's waiting deployments; an operator's abort committed before the
+    controller's wave start. The tick fails before any desired state goes out (it used to tell
+    the whole wave the new version, then fail, leaving the boxes installing an aborted release)."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from cloud_hub import rollouts
+    from cloud_hub.controller import Controller
+    from cloud_hub.models import DeviceDeployment, Rollout, utcnow
+
+    ctx, rid, _ids = wave
+    sent: list[tuple[Any, ...]] = []
+    controller = Controller(ctx.db, lambda *a: sent.append(a), "test-tick", fleet=ctx.fleet)
+    with pytest.raises(StaleDataError), ctx.db.session() as s:
+        r = s.get(Rollout, rid)
+        assert r is not None
+        deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == rid)))
+        with ctx.db.session() as other:
+            rollouts.abort(other, rid, "ops")
+        controller._start_wave(s, r, r.wave_rows[0], deps, "glm-tiny", "1.1.0", utcnow())
+    assert sent == []
+
+
 def _ingest(ctx: Any) -> Any:
     from cloud_hub.ingest import Ingest
     from cloud_hub.metrics import HubMetrics
@@ -181,6 +204,25 @@ def test_a_late_batch_of_older_messages_from_another_replica_changes_only_the_co
         row = s.get(Device, "late-box")
         assert row is not None
         assert (row.current_version, row.health["version"], row.heartbeats) == ("1.1.0", "1.1.0", 3)
+
+
+def test_a_first_status_that_commits_after_later_heartbeats_still_registers_the_box(hub: Any) -> None:
+    """A new box's status reached replica A, its next heartbeat replica B, and B's batch committed
+    first: the older status still fills the profile and versions the row has none of (it is the
+    only status the box sends; with no profile every desired state for it would fail)."""
+    from cloud_hub.models import Device
+    from edgeglm.protocol import TopicKind
+
+    a, b = _ingest(hub.ctx), _ingest(hub.ctx)
+    t = time.time()
+    a._queue.put((TopicKind.STATUS, _status("slow-status-box", "1.0.0", t - 10), t - 10))
+    b._queue.put((TopicKind.HEARTBEAT, _beat("slow-status-box", "1.0.0", t - 5), t - 5))
+    b.flush()
+    a.flush()
+    with hub.ctx.db.session() as s:
+        row = s.get(Device, "slow-status-box")
+        assert row is not None
+        assert (row.profile, row.agent_version, row.current_version) == ("cpu-x86-int4", "0.1.0", "1.0.0")
 
 
 @pytest.mark.parametrize("hub_db_url", ["postgresql"], indirect=True)  # SQLite has no row locks
