@@ -110,7 +110,10 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._subs: dict[str, tuple[int, Handler]] = {}
+        self._unacked: set[int] = set()  # SUBSCRIBE packet ids sent on connect, not yet acknowledged
+        self._subscribed = threading.Event()  # every subscription made on (re)connect is acknowledged
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._answered = threading.Event()  # the first CONNACK came, accepted or refused
@@ -128,11 +131,16 @@ class MqttLink:
         except (OSError, ssl.SSLError) as exc:
             raise UnavailableError(where, f"cannot connect: {exc}", hint="Is the broker running?") from exc
         self.client.loop_start()
+        deadline = time.monotonic() + timeout
         self._answered.wait(timeout)
         if not self._connected.is_set():
             self.client.loop_stop()
             why = self._refused or f"no CONNACK within {timeout:.0f}s"
             raise UnavailableError(where, why, hint="Check the broker address and credentials.")
+        # serving starts once the broker routes to us: a message published right after connect()
+        # returns (another member of a shared subscription, a request) must find our subscriptions
+        if not self._subscribed.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("MQTT subscriptions not acknowledged within %.0fs; going on", timeout)
         return self
 
     def start(self) -> MqttLink:
@@ -245,8 +253,17 @@ class MqttLink:
             return
         with self._lock:
             subs = [(t, q) for t, (q, _) in self._subs.items()]
+        sent = set()
         for topic_filter, qos in subs:
-            client.subscribe(topic_filter, qos)
+            rc, mid = client.subscribe(topic_filter, qos)
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                sent.add(mid)
+        with self._lock:  # acknowledgements run on this same thread, after this callback
+            self._unacked = sent
+            if sent:
+                self._subscribed.clear()
+            else:
+                self._subscribed.set()
         self._refused = None
         self._was_up = True
         self._connected.set()
@@ -257,6 +274,12 @@ class MqttLink:
                 hook()
             except Exception:
                 log.exception("on-connect hook failed")
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _codes: Any, _props: Any) -> None:
+        with self._lock:
+            self._unacked.discard(mid)
+            if not self._unacked:
+                self._subscribed.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
