@@ -260,8 +260,26 @@ class Controller:
         # a single desired state goes out: an abort that committed first stops this tick here
         # (StaleDataError, rolled back) instead of after the whole wave was told the new version.
         start_deployments(s, [dep for dep, _ in told], now)
+        self._tell(s, r, [device for _, device in told], model, version, sequences)
+        for dep in gone:
+            dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
+        wave.started_at = now
+        self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
+        return _Move(WaveEvent.START)
+
+    def _tell(
+        self,
+        s: Session,
+        r: Rollout,
+        devices: list[Device],
+        model: str,
+        version: str,
+        sequences: dict[str, int],
+    ) -> None:
+        """Publish ``model@version`` as each device's desired state, under the sequence numbers
+        taken for them (:func:`next_sequences`, which locked their rows)."""
         digests: dict[str, str] = {}
-        for _, device in told:
+        for device in devices:
             publish_desired(
                 s,
                 device,
@@ -273,11 +291,6 @@ class Controller:
                 fleet=self.fleet,
                 sequence=sequences[device.id],
             )
-        for dep in gone:
-            dep.state, dep.detail = DeploymentState.FAILED, "device left the inventory"
-        wave.started_at = now
-        self._event(s, r, "wave.start", f"wave {wave.index}: {len(deps)} device(s)")
-        return _Move(WaveEvent.START)
 
     def _settle(
         self,
@@ -315,19 +328,7 @@ class Controller:
         settle_deployments(s, settled, now)  # a report that settled one meanwhile stands
         if lost:
             sequences = next_sequences(s, [d.id for d in lost], now=time.time())
-            digests: dict[str, str] = {}
-            for device in lost:
-                publish_desired(
-                    s,
-                    device,
-                    model,
-                    version,
-                    r.id,
-                    self.publish,
-                    digests,
-                    fleet=self.fleet,
-                    sequence=sequences[device.id],
-                )
+            self._tell(s, r, lost, model, version, sequences)
         if r.gates and any(d.state == DeploymentState.SUCCEEDED for d in deps):
             early = self._verdict(s, r, wave, now)  # a breach stops the wave before it finishes
             if early.state == "breach":
