@@ -10,6 +10,13 @@ untied), GLM-4-0414 (``glm4``: extra post-attention/post-MLP norms) and a GQA sh
 The folder holds what a real checkpoint holds: ``config.json``, safetensors (fp32, bf16 or fp16,
 single or sharded), a byte-level BPE ``tokenizer.json`` with GLM's special tokens and a GLM-4
 chat template, ``generation_config.json`` with GLM-4's three stop tokens, plus ``training.json``.
+
+Besides prose and chat turns, the training text holds a small structured slice built from the
+corpus's own sensor readings (:func:`structured_slice`): the same reading asked for in JSON and
+answered as a JSON object, and, after GLM-4's tool-prompt closing line, answered with a tool call in
+GLM's format (``name\\n{arguments}``), its ``<|observation|>`` result and a short reply. So a tiny
+model writes JSON and calls tools by itself in the situations it was taught, and constrained
+decoding is tested both where the model cooperates and where it would answer prose.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ __all__ = [
     "heldout_prompts",
     "read_corpus",
     "split_corpus",
+    "structured_slice",
+    "structured_text",
     "train_tokenizer",
 ]
 
@@ -189,7 +198,7 @@ def build_checkpoint(
     if save_dtype not in _SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r} is not one of {sorted(_SAVE_DTYPES)}")
     text, _ = split_corpus(read_corpus() if corpus is None else corpus)
-    tok = train_tokenizer(text, spec.vocab_size)
+    tok = train_tokenizer(text + "\n\n" + structured_text(text), spec.vocab_size)
     if tok.get_vocab_size() > spec.vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, shape allows {spec.vocab_size}")
     stream = torch.tensor(_token_stream(tok, text), dtype=torch.long)
@@ -256,7 +265,8 @@ def finetune_checkpoint(
 
 
 def _token_stream(tok: Tokenizer, text: str) -> list[int]:
-    """Each paragraph as ``[gMASK]<sop> ... <|endoftext|>``, then its chat pairs in GLM-4 form."""
+    """Each paragraph as ``[gMASK]<sop> ... <|endoftext|>``, then its chat pairs in GLM-4 form and
+    its structured turns (:func:`structured_slice`)."""
     eot, user = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|user|>")
     out: list[int] = []
     for block in (b.strip() for b in text.split("\n\n")):
@@ -265,11 +275,59 @@ def _token_stream(tok: Tokenizer, text: str) -> list[int]:
         out += [*tok.encode(block).ids, eot]
         for q, a in _chat_pairs(block):
             out += [*tok.encode(f"<|user|>\n{q}<|assistant|>\n{a}").ids, user]
+        for turns in structured_slice(block):
+            out += [*tok.encode(turns).ids, user]
     return out
 
 
 _QUESTION = re.compile(r"^Question: (.+)\nAnswer: (.+)$", re.MULTILINE)
 _READING = re.compile(r"^Sensor report \d+\. (Sensor .+? reads [^.]+\.) (.+)$", re.MULTILINE)
+_FIELDS = re.compile(
+    r"^Sensor report \d+\. (?P<reading>Sensor (?P<id>\S+) on the (?P<machine>\w+)"
+    r" (?P<where>(?:in|at) the [^.]+?|on line \w+)"
+    r" reads (?P<value>\d+(?:\.\d+)?) (?P<unit>[^.]+)\.) The limit is [^.]+, so the reading is"
+    r" (?P<verdict>too high|normal|close to the limit)\.",
+    re.MULTILINE,
+)
+_STATUS = {"too high": "high", "normal": "normal", "close to the limit": "near"}
+# The closing line of GLM-4's tool prompt (the system turn that lists the tools; the whole prompt
+# is far longer than the 64-token training windows, so the slice keeps the part next to the chat).
+TOOL_PROMPT_TAIL = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+
+def structured_slice(block: str) -> list[str]:
+    """The structured turns a paragraph's sensor readings teach, in the chat template's form.
+
+    Every reading: asked for "in JSON", answered with one compact object (the sensor, machine, value
+    and a status enum). A reading over its limit, after the tool prompt's closing
+    line: a call (``close_valve`` for a valve, else ``open_ticket``) with JSON arguments, the tool's
+    ``<|observation|>`` result and a one-line reply.
+    """
+    out = []
+    for m in _FIELDS.finditer(block):
+        value = float(m["value"]) if "." in m["value"] else int(m["value"])
+        reading = m["reading"]
+        answer = {"sensor": m["id"], "machine": m["machine"], "value": value, "status": _STATUS[m["verdict"]]}
+        out.append(f"<|user|>\n{reading} Answer in JSON.<|assistant|>\n{json.dumps(answer)}")
+        if m["verdict"] != "too high":
+            continue
+        if m["machine"] == "valve":
+            call = "close_valve\n" + json.dumps({"valve": m["id"], "reason": "pressure"})
+            reply = f"The valve {m['id']} is closed."
+        else:
+            summary = f"{m['id']} {m['machine']} too high"
+            call = "open_ticket\n" + json.dumps({"summary": summary, "urgent": True})
+            reply = f"A ticket is open for the {m['machine']} {m['where']}."
+        out.append(
+            f"<|system|>\n{TOOL_PROMPT_TAIL}<|user|>\n{reading}<|assistant|>\n{call}"
+            f'<|observation|>\n{{"done": true}}<|assistant|>\n{reply}'
+        )
+    return out
+
+
+def structured_text(text: str) -> str:
+    """Every paragraph's structured turns, one per line (what the tokenizer also learns from)."""
+    return "\n".join(t for b in text.split("\n\n") for t in structured_slice(b))
 
 
 def _chat_pairs(block: str) -> list[tuple[str, str]]:
