@@ -90,7 +90,7 @@ class CredentialKey:
 
     def check(self, token: str, *, now: float) -> tuple[str, int]:
         """(device id, epoch) of a token this key made that has not expired; else AccessError."""
-        found = _TOKEN.match(token)
+        found = _TOKEN.fullmatch(token)  # not .match: "$" also matches before a final "\n"
         if found is None:
             raise AccessError("device credential", "missing or malformed", hint=CREDENTIAL_HINT)
         device_id, epoch, expires = found[1], int(found[2]), int(found[3])

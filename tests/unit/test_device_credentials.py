@@ -40,6 +40,7 @@ def test_a_token_names_its_device_and_epoch(key: CredentialKey) -> None:
         lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),  # a flipped MAC character
         lambda t: t[:-2],  # a cut MAC
         lambda t: "egd2" + t[4:],  # another version
+        lambda t: t + "\n",  # a trailing newline ("$" alone would match before it)
         lambda t: "",
     ],
 )
