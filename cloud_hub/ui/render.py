@@ -12,6 +12,7 @@ headers every /ui answer carries (:class:`SecurityHeaders`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -88,6 +89,11 @@ def number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def as_json(value: Any) -> str:
+    """A document as JSON text (escaped by the template like any other text)."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
 def environment() -> Environment:
     """The templates of :mod:`cloud_hub.ui` (package data), every value escaped."""
     env = Environment(
@@ -98,7 +104,14 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        relative=relative, iso=iso, absolute=absolute, size=size, ms=ms, percent=percent, number=number
+        relative=relative,
+        iso=iso,
+        absolute=absolute,
+        size=size,
+        ms=ms,
+        percent=percent,
+        number=number,
+        as_json=as_json,
     )
     return env
 

@@ -31,6 +31,15 @@
     }, data, el);
   }
 
+  // Screen readers hear the rollout's state and wave when they change, not every poll.
+  function announce(box) {
+    var state = box.querySelector("#rollout-state"), wave = box.querySelector("#current-wave");
+    var status = document.getElementById("live-status");
+    if (!state || !status) return;
+    var text = "Rollout " + state.textContent + ", wave " + (wave ? wave.textContent : "?");
+    if (status.textContent !== text) status.textContent = text;
+  }
+
   function poll(box) {
     var url = box.getAttribute("data-live");
     fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
@@ -45,6 +54,7 @@
         box.innerHTML = html;  // the hub's own escaped fragment
         box.querySelectorAll("details.wave").forEach(function (d) { if (d.id in open) d.open = open[d.id]; });
         box.setAttribute("data-updated", String(Date.now()));
+        announce(box);
         drawChart(box);
       })
       .catch(function () { /* the next poll tries again */ })
