@@ -122,7 +122,7 @@ class SessionKey:
 
     def check(self, value: str | None, *, now: float) -> Ticket:
         """The ticket of a cookie this key made that has not expired; else :class:`AccessError`."""
-        found = _COOKIE.match(value or "")
+        found = _COOKIE.fullmatch(value or "")
         if found is None:
             raise AccessError("dashboard session", "missing or malformed", hint=_SIGN_IN_HINT)
         body = value.rpartition(":")[0]  # type: ignore[union-attr]  # matched, so a str
@@ -146,13 +146,13 @@ class SessionKey:
     @staticmethod
     def login_nonce(current: str | None = None) -> str:
         """``current`` when it is a well-formed nonce, else a new random one."""
-        return current if current and _NONCE.match(current) else secrets.token_urlsafe(16)
+        return current if current and _NONCE.fullmatch(current) else secrets.token_urlsafe(16)
 
     def login_csrf(self, nonce: str) -> str:
         return self._mac("login", nonce)
 
     def login_csrf_ok(self, nonce: str | None, given: str | None) -> bool:
-        if not nonce or not given or not _NONCE.match(nonce):
+        if not nonce or not given or not _NONCE.fullmatch(nonce):
             return False
         return hmac.compare_digest(str(given), self.login_csrf(nonce))
 
