@@ -125,7 +125,8 @@ def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
     if not CHROMIUM.exists():
         pytest.skip(f"no chromium binary at {CHROMIUM} (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    from playwright.sync_api import sync_playwright  # the dev extra has it: missing is a failure
+
     from cloud_hub.auth import Role, create_token
     from cloud_hub.db import migrate
     from cloud_hub.inventory import Inventory
@@ -187,7 +188,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
                 Inventory(s).label(
                     sim.device_id, {"site": "plant-7", "line": str(i % 2 + 1)}, [], "test-setup"
                 )
-        pw = sync_api.sync_playwright().start()
+        pw = sync_playwright().start()
         stops.append(pw.stop)
         browser = pw.chromium.launch(executable_path=str(CHROMIUM))
         stops.append(browser.close)

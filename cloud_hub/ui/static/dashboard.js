@@ -58,13 +58,18 @@
         drawChart(box);
       })
       .catch(function () { /* the next poll tries again */ })
-      .finally(function () { window.setTimeout(function () { poll(box); }, POLL_MS); });
+      .finally(function () {
+        var status = box.querySelector("[data-final]");
+        if (status && status.getAttribute("data-final") === "yes") return;  // ended: nothing moves now
+        window.setTimeout(function () { poll(box); }, POLL_MS);
+      });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     var box = document.getElementById("live");
     if (!box) return;
     drawChart(box);
-    window.setTimeout(function () { poll(box); }, POLL_MS);
+    var status = box.querySelector("[data-final]");
+    if (!status || status.getAttribute("data-final") !== "yes") window.setTimeout(function () { poll(box); }, POLL_MS);
   });
 })();
