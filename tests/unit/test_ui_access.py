@@ -214,3 +214,26 @@ def test_every_value_is_escaped(app: App) -> None:
 def test_the_static_files_ship_with_their_license(app: App) -> None:
     assert app.client.get("/ui/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
     assert "MIT License" in app.client.get("/ui/static/vendor/uplot/LICENSE").text
+
+
+def test_the_audit_page_filters_and_pages(app: App) -> None:
+    from cloud_hub import audit
+
+    with app.ctx.db.session() as s:
+        for i in range(60):
+            audit.record(s, "pager", "device.label" if i % 2 else "device.pin", f"device/p-{i}")
+    app.sign_in("viewer")
+    first = app.client.get("/ui/audit", params={"actor": "pager"})
+    assert first.text.count('<th scope="row">pager</th>') == 50
+    older = re.search(r'href="/ui/audit(\?[^"]+)" rel="next"', first.text)
+    assert older is not None and "before=" in older[1]
+    second = app.client.get("/ui/audit" + older[1].replace("&amp;", "&"))
+    assert second.text.count('<th scope="row">pager</th>') == 10
+    assert 'rel="next"' not in second.text
+    pins = app.client.get(
+        "/ui/audit", params={"actor": "pager", "action": "device.pin", "subject": "device/p-1"}
+    )
+    assert pins.text.count('<th scope="row">pager</th>') == 5  # p-10, p-12, ... p-18
+    future = app.client.get("/ui/audit", params={"actor": "pager", "since": "2999-01-01T00:00"})
+    assert "No audit entry." in future.text
+    assert app.client.get("/ui/audit", params={"since": "yesterday"}).status_code == 400
