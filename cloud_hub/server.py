@@ -22,6 +22,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.piece_storage import FolderStorage, PieceStorage, StoreKind
 from cloud_hub.rollouts import Publish
 from cloud_hub.settings import HubSettings
+from cloud_hub.ui import create_ui
 from edgeglm.errors import ConfigError
 from edgeglm.keys import load_public_keys
 from edgeglm.mqtt import BrokerSettings, MqttLink
@@ -131,7 +132,10 @@ _LISTEN_HINT = "Stop what holds the port, or give another host:port with --liste
 
 
 def load_app(ctx: HubContext) -> FastAPI:
-    return create_app(ctx)
+    """The HTTP API, with the dashboard (:mod:`cloud_hub.ui`) mounted at ``/ui``."""
+    app = create_app(ctx)
+    app.mount("/ui", create_ui(ctx))
+    return app
 
 
 def start_ingest(

@@ -31,6 +31,9 @@
                POST   /api/v1/rollbacks                          operator
     pieces     GET    /api/v1/pieces/{piece}?model=&version=&profile=          a device's credential
                GET    /api/v1/pieces/{piece}/delta/{base}?...&have=            (HEAD too; no token)
+    (ui)       GET    /ui/...                                    session   the dashboard: not a router
+                                                                           here, mounted by server.load_app;
+                                                                           its table is in cloud_hub.ui
 
 Request bodies and answers are the models of :mod:`edgeglm.hub_api`, which ``edgectl`` decodes
 with too; ``deps`` holds what the routes take from a request (context, caller, bounded body).
