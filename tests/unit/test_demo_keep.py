@@ -118,3 +118,15 @@ def test_a_state_file_that_is_not_one_is_a_config_error(tmp_path: Path) -> None:
     code, out = _stop(tmp_path)
     assert code == 78
     assert out.startswith(f"Error: {tmp_path / STATE_FILE}: is not a kept demo's state file")
+
+
+def test_without_workdir_stop_looks_in_the_state_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    out = CliRunner().invoke(root, ["demo", "--stop"])
+    assert out.exit_code == 1
+    assert f"nothing to stop: no kept demo in {tmp_path / 'edgeglm' / 'demo'} " in out.output
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")  # the XDG spec says: ignore a relative one
+    out = CliRunner().invoke(root, ["demo", "--stop"])
+    assert str(Path.home() / ".local" / "state" / "edgeglm" / "demo") in out.output
