@@ -23,6 +23,7 @@ from edgectl.hub_client import HubClient
 from edgeglm.lifecycle import FINAL_ROLLOUT
 
 if TYPE_CHECKING:
+    from edgectl.demo.kept import KeptProcess
     from edgeglm.protocol import InferReply
 
 API = "/api/v1"
@@ -219,6 +220,24 @@ class LocalFleet:
         return self.hub.metric(BYTES_SENT)
 
     # ------------------------------------------------------------------------------ stop
+    def detach(self) -> list[KeptProcess]:
+        """Leave every process running (``edgectl demo --keep``): the sensor closes, the rest are
+        no longer ours to stop; returns who they are, in start order. A process that has exited
+        already stops them all (EdgeError): a demo is left running whole or not at all."""
+        from edgectl.demo.kept import record
+
+        if self.sensor is not None:
+            self.sensor.close()
+            self.sensor = None
+        procs = [thing.proc if hasattr(thing, "proc") else thing for thing in self.procs.started]
+        try:
+            kept = [record(p.name, p.pid, p.log_path) for p in procs if p.pid is not None]
+        except BaseException:
+            self.procs.stop_all()
+            raise
+        self.procs.started.clear()
+        return kept
+
     def close(self) -> list[tuple[str, int | None]]:
         if self.sensor is not None:
             self.sensor.close()

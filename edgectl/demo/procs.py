@@ -201,6 +201,19 @@ class ManagedBroker:
         self.proc.stop()
 
 
+def create_token(db_url: str, name: str, role: str) -> str:
+    """A new API token through ``edgectl hub token create`` (audited; only its hash is stored),
+    for the hub on ``db_url``; the secret is returned, never logged."""
+    out = subprocess.run(
+        [tool("edgectl"), "hub", "token", "create", name, "--role", role, "--db", db_url, "-o", "json"],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise UnavailableError(f"token {name}", f"could not be created: {out.stderr.strip()[-400:]}")
+    return str(json.loads(out.stdout)["token"])
+
+
 class HubProc:
     """``edgectl hub serve`` on a database (SQLite file or PostgreSQL URL) and a broker."""
 
@@ -242,13 +255,7 @@ class HubProc:
 
     def create_token(self, name: str, role: str) -> str:
         """A new API token (printed once by the hub; only its hash is stored)."""
-        out = subprocess.run(
-            [self.edgectl, "hub", "token", "create", name, "--role", role, "--db", self.db_url, "-o", "json"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return str(json.loads(out.stdout)["token"])
+        return create_token(self.db_url, name, role)
 
     def up(self) -> bool:
         try:

@@ -9,7 +9,7 @@
        delta sync, bytes the hub sent against the full size
     6. deploy 1.2.0: the canary's smoke test fails, it rolls back by itself, the hub reverts the
        rollout and the fleet stays on 1.1.0, answering
-    7. the audit log, then every process stopped
+    7. the audit log, then every process stopped (or, with ``keep``, left running: see ``kept``)
 
 ``run_story`` returns a JSON-able dict with every measured number and a ``checks`` list of
 (name, passed) pairs; the story stops at the first step that does not happen as it should.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ def run_story(
     db_url: str | None = None,
     broker_port: int | None = None,
     steps: int = 300,
+    keep: bool = False,
 ) -> dict[str, Any]:
+    """The story's result; with ``keep``, a story that ends well leaves the broker (if it is the
+    demo's own), the hub and the agents running and ``result["kept"]`` says who and where they are.
+    """
     t0 = time.perf_counter()
     result: dict[str, Any] = {"checks": [], "devices": DEVICES}
 
@@ -68,6 +73,7 @@ def run_story(
         export_s=round(versions.export_s, 1),
         bundle_bytes={v: _bundle_bytes(f) for v, f in versions.folders.items()},
     )
+    ended = False
     fleet = LocalFleet(work / "run", versions.public_key, db_url=db_url, broker_port=broker_port, say=say)
     try:
         fleet.start_hub()
@@ -171,11 +177,24 @@ def run_story(
         result["audit"] = {"entries": len(audit), "actions": sorted(set(actions))}
         needed = {"release.publish", "device.label", "rollout.start", "rollout.completed", "rollout.reverted"}
         check("the audit log holds every operator action and the revert", needed <= set(actions))
+        ended = True
     except TimeoutError as exc:
         raise StoryFailed(f"the demo did not end as it should: {exc}", result) from exc
     finally:
-        codes = fleet.close()
-        result["stopped"] = [[name, code] for name, code in codes]
+        if keep and ended:
+            assert fleet.hub is not None
+            result["kept"] = {
+                "hub_url": fleet.hub.url,
+                "hub_port": fleet.hub.port,
+                "broker_port": fleet.broker_port,
+                "own_broker": fleet.broker is not None,
+                "db_url": fleet.db_url,
+                "processes": [asdict(p) for p in fleet.detach()],
+            }
+            result["stopped"] = []
+        else:
+            codes = fleet.close()
+            result["stopped"] = [[name, code] for name, code in codes]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
