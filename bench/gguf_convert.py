@@ -1,0 +1,77 @@
+"""The bench checkpoint as GGUF: llama.cpp's own converter, then ``llama-quantize``.
+
+``convert_hf_to_gguf.py`` from the vendored llama.cpp tree runs unchanged but for one runtime patch:
+it names the BPE pre-tokenizer by hashing how the tokenizer splits a probe text and refuses hashes it
+does not know. Our bench tokenizer is trained locally (``export.tiny_glm``), so no published hash can
+match; GLM models use llama.cpp's ``chatglm-bpe`` pre-tokenizer, which :func:`patch_pre_tokenizer`
+returns where the converter would refuse. Only the vocabulary's metadata is affected, never the
+weights, and decode speed does not depend on it.
+
+    python -m bench.gguf_convert LLAMA_CPP_SRC HF_DIR OUT.gguf   (runs in its own process)
+"""
+
+from __future__ import annotations
+
+import functools
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+GLM_PRE_TOKENIZER = "chatglm-bpe"
+QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
+
+
+def patch_pre_tokenizer(text_model: Any) -> None:
+    """Make ``text_model.get_vocab_base_pre`` answer ``chatglm-bpe`` for an unknown tokenizer hash."""
+    original = text_model.get_vocab_base_pre
+    if getattr(original, "_edgeglm_patched", False):
+        return
+
+    @functools.wraps(original)
+    def get_vocab_base_pre(self: Any, tokenizer: Any) -> str:
+        try:
+            return str(original(self, tokenizer))
+        except NotImplementedError:
+            print(f"gguf_convert: unknown pre-tokenizer, using {GLM_PRE_TOKENIZER!r}", file=sys.stderr)
+            return GLM_PRE_TOKENIZER
+
+    get_vocab_base_pre._edgeglm_patched = True  # type: ignore[attr-defined]
+    text_model.get_vocab_base_pre = get_vocab_base_pre
+
+
+def convert(llama_src: Path, hf_dir: Path, out: Path) -> Path:
+    """``hf_dir`` as a bf16 GGUF at ``out`` (in a child process: the converter owns its sys.path)."""
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        cmd = [sys.executable, "-m", "bench.gguf_convert", str(llama_src), str(hf_dir), str(tmp)]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+        tmp.replace(out)
+    return out
+
+
+def quantize(llama_quantize: Path, source: Path, out: Path, quant: str, threads: int) -> Path:
+    if quant not in QUANTS:
+        raise ValueError(f"unsupported quantization {quant!r}; the bench uses {QUANTS}")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([str(llama_quantize), str(source), str(tmp), quant, str(threads)], check=True)
+        tmp.replace(out)
+    return out
+
+
+def _run_converter(llama_src: Path, hf_dir: Path, out: Path) -> None:
+    sys.path[:0] = [str(llama_src), str(llama_src / "gguf-py")]
+    from conversion import base  # the vendored converter's package
+
+    patch_pre_tokenizer(base.TextModel)
+    script = llama_src / "convert_hf_to_gguf.py"
+    sys.argv = [str(script), str(hf_dir), "--outtype", "bf16", "--outfile", str(out)]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python -m bench.gguf_convert LLAMA_CPP_SRC HF_DIR OUT.gguf")
+    _run_converter(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
