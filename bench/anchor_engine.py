@@ -91,6 +91,7 @@ VARIANT_KEYS = {
     "opt": "graph optimization level: basic, extended, all (the engine's)",
     "acc": "MatMulNBits accuracy_level rewritten in the graph (4: int8 compute; 0/1: fp32)",
     "ctx": "max_context of the profile (the KV arena's length)",
+    "engine": "a folder holding another edge_agent package (the unchanged engine, for a code change)",
 }
 
 
@@ -235,10 +236,10 @@ def task_prefill(engine: Any, repeats: int) -> dict[str, Any]:
 
     rng = np.random.default_rng(2)
     vocab = engine.graph.vocab
-    engine.generate(Prompt(ids=_ids(rng, PREFILL_TOKENS, vocab), max_tokens=1, prefix_cache=False))
+    engine.generate(Prompt(ids=_ids(rng, PREFILL_TOKENS, vocab), max_tokens=2, prefix_cache=False))
     speeds = []
     for _ in range(repeats):
-        r = engine.generate(Prompt(ids=_ids(rng, PREFILL_TOKENS, vocab), max_tokens=1, prefix_cache=False))
+        r = engine.generate(Prompt(ids=_ids(rng, PREFILL_TOKENS, vocab), max_tokens=2, prefix_cache=False))
         speeds.append(PREFILL_TOKENS / (r.prefill_ms / 1000))
     return {"tok_s": statistics.median(speeds), "tok_s_runs": speeds}
 
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="", help="k=v,... (" + "; ".join(VARIANT_KEYS) + ")")
     args = ap.parse_args(argv)
     variant = parse_variant(args.variant)
+    variant.pop("engine", None)  # bench.llamacpp ran this process on that engine's code already
     t = time.perf_counter()
     engine = load_engine(args.bundle, args.profile, variant)
     load_s = time.perf_counter() - t

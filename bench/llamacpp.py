@@ -222,10 +222,34 @@ def _llama_batched(build: anchor_build.Build, gguf: Path, threads: int) -> dict[
     return row
 
 
+def _engine_overlay(engine: Path) -> Path:
+    """A folder whose ``edge_agent`` is ``engine``'s and everything else this checkout's: run from
+    it, the worker measures another version of the engine (a code change's A/B) on the same bench."""
+    if not (engine / "edge_agent" / "inference" / "engine.py").is_file():
+        raise ValueError(f"{engine} holds no edge_agent package")
+    overlay = (
+        anchor_build.CACHE / "overlays" / hashlib.sha256(str(engine.resolve()).encode()).hexdigest()[:10]
+    )
+    overlay.mkdir(parents=True, exist_ok=True)
+    for name, target in (("edge_agent", engine / "edge_agent"), ("bench", REPO / "bench")):
+        link = overlay / name
+        if link.is_symlink() and link.resolve() != target.resolve():
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target.resolve())
+    for name in ("edgeglm", "export"):
+        if not (overlay / name).is_symlink():
+            (overlay / name).symlink_to(REPO / name)
+    return overlay
+
+
 def _ours(task: str, bundle: Path, profile: str, repeats: int, variant: str = "") -> dict[str, Any]:
+    from bench.anchor_engine import parse_variant
+
     cmd = [sys.executable, "-m", "bench.anchor_engine", task, "--bundle", str(bundle), "--profile", profile]
     cmd += ["--repeats", str(repeats), "--variant", variant]
-    proc, load = measured(cmd, cwd=REPO)
+    engine = parse_variant(variant).get("engine")
+    proc, load = measured(cmd, cwd=_engine_overlay(Path(engine)) if engine else REPO)
     row: dict[str, Any] = {"cmd": " ".join(cmd[2:]), "load": load.as_dict()}
     if proc.returncode:
         return row | {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
@@ -353,7 +377,7 @@ def summary(s: Setup, rounds: list[dict[str, Any]], variants: list[tuple[str, st
         out[f"roofline:{key}"] = summarize(shares)
     for task, weights, spec in variants:
         base = f"{task}:{weights}"
-        out[f"lever:{base}@{spec}"] = summarize(pair_ratios(vals, f"{base}@{spec}", f"{base}@base"))
+        out[f"lever:{base}@{spec}"] = summarize(pair_ratios(vals, f"{base}@{spec}", base))
     return out
 
 

@@ -178,7 +178,6 @@ def test_summary_pairs_rounds_and_puts_decode_against_the_roofline() -> None:
             "e2e:int4": _res(
                 "gen_tok_s_8_cache_off", 30.0, gen_tok_s_8_cache_on=36.0, gen_tok_s_1_cache_off=12.0
             ),
-            "decode:int4@base": _res("tok_s", 16.0),
             "decode:int4@spin=0": _res("tok_s", 12.0),
         }
     ]
