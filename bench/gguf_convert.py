@@ -5,7 +5,10 @@ it names the BPE pre-tokenizer by hashing how the tokenizer splits a probe text 
 does not know. Our bench tokenizer is trained locally (``export.tiny_glm``), so no published hash can
 match; GLM models use llama.cpp's ``chatglm-bpe`` pre-tokenizer, which :func:`patch_pre_tokenizer`
 returns where the converter would refuse. Only the vocabulary's metadata is affected, never the
-weights, and decode speed does not depend on it.
+weights, and decode speed does not depend on it. And one fix of the result: our tokenizer's
+post-processor makes the converter write ``add_bos_token = true`` with no BOS token to add (GLM has
+none; llama.cpp's GLM converter writes ``false`` and is overruled), which ``llama-bench`` turns into
+an abort on its first token; :func:`no_bos_without_token` sets it back to false in place.
 
     python -m bench.gguf_convert LLAMA_CPP_SRC HF_DIR OUT.gguf   (runs in its own process)
 """
@@ -41,6 +44,23 @@ def patch_pre_tokenizer(text_model: Any) -> None:
     text_model.get_vocab_base_pre = get_vocab_base_pre
 
 
+def no_bos_without_token(fields: dict[str, Any]) -> bool:
+    """Whether a GGUF's metadata asks to add a BOS token it does not define (then it is cleared)."""
+    return bool(fields.get("tokenizer.ggml.add_bos_token")) and "tokenizer.ggml.bos_token_id" not in fields
+
+
+def _clear_add_bos(path: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    values = {name: f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer.ggml.")}
+    values.pop("tokenizer.ggml.tokens", None)
+    if field is not None and no_bos_without_token(values):
+        field.parts[field.data[0]][0] = 0  # a bool, rewritten in the mapped file
+        reader.data.flush()  # type: ignore[attr-defined]
+
+
 def convert(llama_src: Path, hf_dir: Path, out: Path) -> Path:
     """``hf_dir`` as a bf16 GGUF at ``out`` (in a child process: the converter owns its sys.path)."""
     if not out.exists():
@@ -56,7 +76,10 @@ def quantize(llama_quantize: Path, source: Path, out: Path, quant: str, threads:
         raise ValueError(f"unsupported quantization {quant!r}; the bench uses {QUANTS}")
     if not out.exists():
         tmp = out.with_suffix(".tmp")
-        subprocess.run([str(llama_quantize), str(source), str(tmp), quant, str(threads)], check=True)
+        cmd = [str(llama_quantize), str(source), str(tmp), quant, str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"llama-quantize {quant} failed: {proc.stderr[-2000:]}")
         tmp.replace(out)
     return out
 
@@ -69,6 +92,7 @@ def _run_converter(llama_src: Path, hf_dir: Path, out: Path) -> None:
     script = llama_src / "convert_hf_to_gguf.py"
     sys.argv = [str(script), str(hf_dir), "--outtype", "bf16", "--outfile", str(out)]
     runpy.run_path(str(script), run_name="__main__")
+    _clear_add_bos(out)
 
 
 if __name__ == "__main__":

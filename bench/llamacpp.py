@@ -265,7 +265,7 @@ class Step:
 
 def plan(s: Setup, args: argparse.Namespace, variants: list[tuple[str, str, str]]) -> list[list[Step]]:
     """The round's pairs, each (llama.cpp, ours) or (ours, ours with a lever)."""
-    t, reps = args.threads, args.repeats
+    t, reps = args.llama_threads or args.threads, args.repeats
     nb, bb = s.native, s.batched
     groups: list[list[Step]] = []
     if "decode" in args.only:
@@ -469,7 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small model, 2 rounds, 2 repeats")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--repeats", type=int, help="runs per measurement within a round (default 3; quick 2)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="our engine's intra-op threads (and llama.cpp's)")
+    ap.add_argument(
+        "--llama-threads",
+        type=int,
+        help="llama.cpp's -t when it differs (its spin barriers collapse when the box is oversubscribed)",
+    )
     ap.add_argument("--only", default=",".join(TASKS), help="a subset of decode,prefill,e2e")
     ap.add_argument("--variant", action="append", default=[], help="TASK:WEIGHTS:k=v,... (a runtime lever)")
     ap.add_argument("--work", type=Path, help="where checkpoint, GGUF files and bundles are kept")
@@ -494,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "llamacpp",
         "model": "quick" if args.quick else "glm-edge-1.5b (random weights)",
         "machine": _machine(args.threads),
+        "llama_threads": args.llama_threads or args.threads,
         "llama_cpp": {
             "sdist": f"llama-cpp-python {s.native.version}",
             "decode_build": s.native.flavour,

@@ -16,7 +16,7 @@ from bench import llamacpp
 from bench.anchor_build import Build, flags_hash
 from bench.anchor_engine import parse_variant
 from bench.cpu_share import CpuTimes, foreign_cpu_s
-from bench.gguf_convert import GLM_PRE_TOKENIZER, patch_pre_tokenizer
+from bench.gguf_convert import GLM_PRE_TOKENIZER, no_bos_without_token, patch_pre_tokenizer
 from bench.membw import roofline_tok_s, share_of_roofline
 from bench.weights_read import gguf_read_bytes, onnx_initializers, onnx_read_bytes
 
@@ -129,6 +129,14 @@ def test_pre_tokenizer_patch_answers_only_where_llama_cpp_refuses() -> None:
     assert cls(known=True).get_vocab_base_pre(None) == "llama-bpe"
     assert cls(known=False).get_vocab_base_pre(None) == GLM_PRE_TOKENIZER == "chatglm-bpe"
     assert not getattr(_Converter.get_vocab_base_pre, "_edgeglm_patched", False)  # the base is untouched
+
+
+def test_add_bos_is_cleared_only_without_a_bos_token() -> None:
+    # llama-bench starts with the BOS token when add_bos is set: without one it aborts
+    assert no_bos_without_token({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.eos_token_id": 1})
+    assert not no_bos_without_token({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 2})
+    assert not no_bos_without_token({"tokenizer.ggml.add_bos_token": False})
+    assert not no_bos_without_token({})
 
 
 def test_variants_are_checked_before_any_round() -> None:
