@@ -288,23 +288,22 @@ def plan(s: Setup, args: argparse.Namespace, variants: list[tuple[str, str, str]
              Step("e2e:int4", lambda: _ours("e2e", s.bundles["int4"], WEIGHTS["int4"], e2e_reps),
                   "gen_tok_s_8_cache_off")]
         )  # fmt: skip
-    for task, weights, spec in variants:
+    for task, weights, spec in variants:  # next to the unchanged engine's step of the same round
         r = reps if task != "e2e" else max(1, reps - 1)
         value = "gen_tok_s_8_cache_off" if task == "e2e" else "tok_s"
         base = f"{task}:{weights}"
-        groups.append(
-            [
-                Step(
-                    f"{base}@base",
-                    lambda tk=task, w=weights, n=r: _ours(tk, s.bundles[w], WEIGHTS[w], n),
-                    value,
-                ),
-                Step(
-                    f"{base}@{spec}",
-                    lambda tk=task, w=weights, n=r, v=spec: _ours(tk, s.bundles[w], WEIGHTS[w], n, v),
-                    value,
-                ),
+        group = next((g for g in groups if any(st.key == base for st in g)), None)
+        if group is None:
+            group = [
+                Step(base, lambda tk=task, w=weights, n=r: _ours(tk, s.bundles[w], WEIGHTS[w], n), value)
             ]
+            groups.append(group)
+        group.append(
+            Step(
+                f"{base}@{spec}",
+                lambda tk=task, w=weights, n=r, v=spec: _ours(tk, s.bundles[w], WEIGHTS[w], n, v),
+                value,
+            )
         )
     return groups
 

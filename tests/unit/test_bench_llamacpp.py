@@ -204,3 +204,18 @@ def test_summary_pairs_rounds_and_puts_decode_against_the_roofline() -> None:
     assert "| int4 decode >= 1.15x llama.cpp Q4_0 | 0.80 (0.80-0.80) | no |" in text
     assert "| 8 clients over 1, each engine its own | 2.00 (2.00-2.00) | 2.50 (2.50-2.50) | |" in text
     assert "| decode:int4@spin=0 | 0.75 (0.75-0.75) |" in text
+
+
+def test_a_lever_runs_next_to_the_unchanged_engine_in_the_same_round() -> None:
+    import argparse
+
+    args = argparse.Namespace(threads=2, llama_threads=None, repeats=1, only=["decode", "prefill"])
+    variants = [llamacpp.parse_variant_arg(v) for v in ("decode:int4:spin=0", "e2e:int4:threads=1")]
+    keys = [[step.key for step in group] for group in llamacpp.plan(_setup(), args, variants)]
+    assert keys == [
+        ["decode:Q4_0", "decode:int4", "decode:int4@spin=0"],
+        ["decode:Q4_K_M"],
+        ["decode:Q8_0", "decode:int8"],
+        ["prefill:Q4_0", "prefill:int4"],
+        ["e2e:int4", "e2e:int4@threads=1"],  # its task was not asked for: the base runs for the pair
+    ]
