@@ -142,6 +142,37 @@ def test_a_request_left_alone_on_a_high_row_moves_down(engine):
     assert again.row == 0
 
 
+def test_decode_bindings_reused_across_spans_match_fresh_ones(engine):
+    """A fused step binds the KV arena and the logits once per span and only the ids and mask each
+    step: steps that switch between one and two rows give exactly the logits of fresh bindings."""
+    graph = engine.graph
+    if not hasattr(graph, "rows"):  # the standard graph feeds its pasts by value: no bindings kept
+        return
+    prompt = engine.prepare(InferRequest(prompt=PROMPTS[0], max_tokens=8))
+
+    def run(fresh: bool) -> list[np.ndarray]:
+        a, b = graph.open(), graph.open()
+        tok_a = int(np.argmax(graph.prefill(a, prompt.ids, cache=False)))
+        tok_b = int(np.argmax(graph.prefill(b, prompt.ids[:-1], cache=False)))
+        rows = []
+        for step in range(6):
+            if fresh:
+                graph._steps.clear()
+            if step % 2:
+                logits = graph.decode([a, b], [tok_a, tok_b])
+                tok_b = int(np.argmax(logits[1]))
+            else:
+                logits = graph.decode([a], [tok_a])
+            rows.append(logits[0])
+            tok_a = int(np.argmax(logits[0]))
+        graph.close(a)
+        graph.close(b)
+        return rows
+
+    fresh, reused = run(fresh=True), run(fresh=False)
+    assert all(np.array_equal(x, y) for x, y in zip(fresh, reused, strict=True))
+
+
 def test_sampling_is_seeded_and_greedy_limits_agree(engine):
     knobs = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "top_k": 40}
     a = _direct(engine, "The pump", seed=7, **knobs)
