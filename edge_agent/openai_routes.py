@@ -351,7 +351,10 @@ async def _events(
 ) -> AsyncIterator[str]:
     """The SSE stream of one generation; it is cancelled when the client hangs up, and so is ``gen``.
     With tools, the text goes through ``tools``, which turns a call into ``tool_calls`` deltas."""
-    offset = 0  # characters streamed so far: the completions API's ``text_offset`` counts from here
+    # The completions API's ``text_offset``: where each token's text starts, counted over the
+    # tokens already reported (not over the text sent: a piece held back for a stop string goes
+    # out later, while its token's logprob went out with it).
+    offset = 0
 
     def chunk(
         piece: str | None, finish: str | None = None, role: bool = False, lps: Any = None
@@ -389,7 +392,7 @@ async def _events(
                     held_lps = []
             elif piece or lps:
                 yield sse(chunk(piece, lps=lps))
-                offset += len(piece)
+                offset += sum(len(e.text) for e in lps or () if e.token not in stops)
             try:
                 event, value = await wait()
             except Refused as exc:  # the deadline passed mid-stream: an error event, no [DONE]
