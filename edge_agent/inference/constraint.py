@@ -7,7 +7,9 @@ allowed tokens for the next step, and :meth:`Constraint.advance` with the token 
     Constraints(folder, vocab, eos)        one per engine: llguidance's tokenizer, built lazily
       .compile(ResponseFormat) -> Grammar  checked against that tokenizer; a schema, regex or
                                            grammar that does not compile is RequestError
-                                           ``bad_request`` naming ``response_format``
+                                           ``bad_request`` naming ``response_format``;
+                                           the last 64 checked grammars are kept, so a
+                                           schema asked for again is not checked again
     Grammar.matcher() -> Constraint        one per request: the parser state (built on the
                                            submitting thread, never the decode loop)
     MaskPool.start(constraints)            the masks of every constrained row of a step, computed
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["Constraint", "Constraints", "Grammar", "MaskPool"]
 
 _JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
+_CHECKED_KEPT = 64  # checked grammars kept per engine (each is its source text, kilobytes)
 _ANY_OBJECT = {"type": "object"}
 
 
@@ -110,6 +114,9 @@ class Constraints:
         self._path, self._vocab, self._eos = tokenizer_json, vocab, sorted(eos)
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        # Checked grammars by source, most recently used last: a fleet asks in the same few schemas
+        # over and over, and checking one compiles it (on the MQTT thread, for MQTT requests).
+        self._checked_grammars: OrderedDict[str, Grammar] = OrderedDict()
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -157,10 +164,19 @@ class Constraints:
         return self._checked(llguidance.LLMatcher.grammar_from_lark(lark), field)
 
     def _checked(self, source: str, field: str) -> Grammar:
+        with self._lock:
+            if (known := self._checked_grammars.get(source)) is not None:
+                self._checked_grammars.move_to_end(source)
+                return known
         problem = llguidance.LLMatcher.validate_grammar(source, self.tokenizer)
         if problem:
-            raise _refused(field, problem)
-        return Grammar(self.tokenizer, source, self._vocab)
+            raise _refused(field, problem)  # a refused grammar is not kept: it is checked again
+        grammar = Grammar(self.tokenizer, source, self._vocab)
+        with self._lock:
+            self._checked_grammars[source] = grammar
+            while len(self._checked_grammars) > _CHECKED_KEPT:
+                self._checked_grammars.popitem(last=False)
+        return grammar
 
 
 def _refused(field: str, why: str) -> RequestError:
