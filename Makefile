@@ -14,7 +14,7 @@ $(PY):
 # The CPU build of torch goes first: a plain `torch` pulls gigabytes of CUDA.
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,export,agent,hub]'
+	$(PIP) install -q -e '.[dev,export,agent,hub,bench]'
 	touch $@
 
 test: $(VENV)/.dev-installed
