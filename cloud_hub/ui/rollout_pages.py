@@ -36,7 +36,17 @@ from cloud_hub.ui.session import SignedIn
 from edgeglm.errors import ConflictError, NotFoundError
 from edgeglm.lifecycle import DeploymentState, RolloutEvent, rollout_sources
 
-__all__ = ["ACTIONS", "confirm_page", "control", "live_fragment", "rollout_page", "rollouts_page"]
+__all__ = [
+    "ACTIONS",
+    "allowed",
+    "confirm_page",
+    "control",
+    "live_fragment",
+    "refusal",
+    "rollout_id_of",
+    "rollout_page",
+    "rollouts_page",
+]
 
 # action -> (what the confirmation says it does, the event whose source states allow it)
 ACTIONS: dict[str, tuple[str, RolloutEvent]] = {
@@ -56,15 +66,16 @@ def rollouts_page(ui: Ui, request: Request, who: SignedIn) -> Response:
         return ui.render(request, "rollouts.html", who, rollouts=views)
 
 
+def rollout_id_of(request: Request) -> int:
+    return int(request.path_params["rollout_id"])
+
+
 def _rollout(s: Session, request: Request) -> Rollout:
-    return rollouts.find(s, int(request.path_params["rollout_id"]))
+    return rollouts.find(s, rollout_id_of(request))
 
 
-def allowed(s: Session, r: Rollout, release: str) -> list[str]:
-    """The controls that apply to ``r`` now (rollback: only the model's latest rollout has one)."""
-    out = [a for a, (_, event) in ACTIONS.items() if a != "rollback" and r.state in rollout_sources(event)]
-    model = release.rpartition("@")[0]
-    latest = s.scalar(
+def _latest_of(s: Session, model: str) -> int | None:
+    return s.scalar(
         select(Rollout.id)
         .join(Release, Rollout.release_id == Release.id)
         .join(Model)
@@ -72,9 +83,26 @@ def allowed(s: Session, r: Rollout, release: str) -> list[str]:
         .order_by(Rollout.id.desc())
         .limit(1)
     )
-    if latest == r.id and r.state in rollout_sources(RolloutEvent.ROLLBACK):
-        out.append("rollback")
-    return out
+
+
+def refusal(s: Session, r: Rollout, release: str, action: str) -> str | None:
+    """Why ``action`` does not apply to ``r`` now, or None when it does: its state must be one the
+    action leaves from, and a rollback needs ``r`` to be its model's latest rollout."""
+    model = release.rpartition("@")[0]
+    event = ACTIONS[action][1]
+    if r.state not in rollout_sources(event):
+        return f"it is {r.state}; to {action} it, it must be " + " or ".join(sorted(rollout_sources(event)))
+    if action == "rollback" and (latest := _latest_of(s, model)) != r.id:
+        return (
+            f"it is not the latest rollout of {model} (rollout {latest} is); only a model's latest"
+            " rollout can be rolled back"
+        )
+    return None
+
+
+def allowed(s: Session, r: Rollout, release: str) -> list[str]:
+    """The controls that apply to ``r`` now (rollback: only the model's latest rollout has one)."""
+    return [a for a in ACTIONS if refusal(s, r, release, a) is None]
 
 
 def _median_p95(healths: list[dict[str, Any]]) -> float | None:
@@ -195,24 +223,42 @@ def confirm_page(ui: Ui, request: Request, who: SignedIn) -> Response:
             rollout=view,
             action=action,
             effect=ACTIONS[action][0],
-            allowed=action in allowed(s, r, view.release),
+            refused=refusal(s, r, view.release, action),
         )
 
 
 def control(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
+    """Does ``action`` to the rollout of the path, and to no other: in one database session its
+    row is read (locked where the database can), the action checked against its state now (a
+    rollback: against its model's latest rollout too), then done; else 409 and nothing changes."""
     action = _action(request)
-    rollout_id = int(request.path_params["rollout_id"])
+    rollout_id = rollout_id_of(request)
+    what = f"{action} of rollout {rollout_id}"
     if form.get("confirm") != action:
-        raise ConflictError(
-            f"{action} of rollout {rollout_id}", "was not confirmed", hint="Use its confirmation form."
-        )
+        raise ConflictError(what, "was not confirmed", hint="Use its confirmation form.")
     with ui.hub.db.session() as s:
+        r = s.get(Rollout, rollout_id, with_for_update=True)
+        if r is None:
+            raise NotFoundError(f"rollout {rollout_id}", "does not exist")
+        release = rollouts.rollout_view(s, r).release
+        if (why := refusal(s, r, release, action)) is not None:
+            raise ConflictError(
+                what, why, hint=f"Open rollout {rollout_id} again: it shows the controls that apply now."
+            )
         if action == "rollback":
-            r = rollouts.find(s, rollout_id)
-            model = rollouts.rollout_view(s, r).release.rpartition("@")[0]
-            rollouts.rollback(s, model, {}, who.name, ui.hub.publish, ui.hub.fleet)
+            model = release.rpartition("@")[0]
+            done = rollouts.rollback(
+                s, model, {}, who.name, ui.hub.publish, ui.hub.fleet, rollout_id=rollout_id
+            )
+            if done.nothing:
+                view = rollouts.rollout_view(s, r)
+                return ui.render(
+                    request, "nothing_to_roll_back.html", who, rollout=view, nothing=done.nothing
+                )
+            acted = done.rollout
         else:
             {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action](
                 s, rollout_id, who.name
             )
-    return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+            acted = rollout_id
+    return RedirectResponse(f"/ui/rollouts/{acted}", status_code=303)
