@@ -34,11 +34,12 @@ from starlette.staticfiles import StaticFiles
 
 from cloud_hub.auth import Role
 from cloud_hub.context import HubContext
+from cloud_hub.settings import public_origin
 from cloud_hub.ui import audit_log, deploy, fleet, releases, rollout_pages, signin
 from cloud_hub.ui.access import SignInNeeded, Ui, action, error_status, view
 from cloud_hub.ui.render import SecurityHeaders, environment
 from cloud_hub.ui.session import SESSION_S, SessionKey
-from edgeglm.errors import EdgeError, UnavailableError
+from edgeglm.errors import ConfigError, EdgeError, UnavailableError
 
 __all__ = ["create_ui"]
 
@@ -46,11 +47,17 @@ log = logging.getLogger(__name__)
 _STATIC = Path(__file__).parent / "static"
 
 
-def create_ui(ctx: HubContext, *, session_s: int = SESSION_S) -> Starlette:
-    """The dashboard app, to be mounted at ``/ui`` (``cloud_hub.server.load_app`` does)."""
+def create_ui(ctx: HubContext, *, session_s: int = SESSION_S, public_url: str | None = None) -> Starlette:
+    """The dashboard app, to be mounted at ``/ui`` (``cloud_hub.server.load_app`` does).
+
+    ``public_url``: where browsers reach the hub (``HubSettings.public_url``); forms are taken
+    only from pages of it. None: from pages of the request's Host."""
     if ctx.fleet is None:
         return _unavailable()
-    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment())
+    origin = None
+    if public_url is not None and (origin := public_origin(public_url)) is None:
+        raise ConfigError("public URL", f"{public_url[:80]!r} is not http(s)://HOST[:PORT]")
+    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment(), origin)
 
     async def login_form(request: Request) -> Response:
         return await signin.login_form(ui, request)

@@ -3,8 +3,9 @@
 A page handler is wrapped by :func:`view` (GET) and a form handler by :func:`action` (POST). In
 this order, the same order the API's guard keeps:
 
-    origin     (action) an ``Origin`` that is not this host, or ``Sec-Fetch-Site: cross-site``
-               without one: 403, nothing else is looked at
+    origin     (action) an ``Origin`` that is not the hub's public URL (``EDGEGLM_HUB_PUBLIC_URL``;
+               unset: the request's ``Host``), or ``Sec-Fetch-Site: cross-site`` without one:
+               403, nothing else is looked at
     session    the cookie's MAC and expiry (:mod:`cloud_hub.ui.session`), then its token row, read
                on every request (revoked: refused at once): a page redirects to sign-in, a form 401
     role       below the handler's role (viewer reads, operator acts, admin ⊇ operator): 403
@@ -33,6 +34,7 @@ from starlette.responses import HTMLResponse, Response
 
 from cloud_hub.auth import Role, require
 from cloud_hub.context import HubContext
+from cloud_hub.settings import public_origin as public_origin_of
 from cloud_hub.ui.render import page
 from cloud_hub.ui.session import COOKIE, SessionKey, SignedIn, resolve
 from edgeglm.errors import AccessError, EdgeError, PermissionDenied, UsageError
@@ -63,6 +65,7 @@ class Ui:
     hub: HubContext
     key: SessionKey
     env: Environment
+    public_origin: str | None = None  # scheme://host[:port] of the hub's public URL, when set
 
     def render(
         self, request: Request, template: str, who: SignedIn | None, *, status: int = 200, **values: Any
@@ -79,14 +82,20 @@ class Ui:
             return resolve(s, ticket)
 
 
-def same_origin(request: Request) -> bool:
-    """Whether a POST comes from a page of this host: its ``Origin`` names this host (the scheme
-    is not compared, as a TLS proxy in front changes it); without an Origin, the browser's
-    ``Sec-Fetch-Site`` must not say cross-site (a client that sends neither is no browser)."""
-    host = request.headers.get("host", "").lower()
+def same_origin(request: Request, public_origin: str | None = None) -> bool:
+    """Whether a POST comes from a page of this hub. With ``public_origin`` (the hub's public URL:
+    behind a proxy the Host header is the proxy's upstream name, not what the browser opened),
+    its ``Origin`` must be exactly that, scheme and port included; without it, the ``Origin``'s
+    host must be the request's ``Host`` (the scheme is not compared, as a TLS proxy in front
+    changes it). Without an Origin, the browser's ``Sec-Fetch-Site`` must not say cross-site (a
+    client that sends neither is no browser)."""
     origin = request.headers.get("origin")
     if origin is not None:
-        return origin != "null" and urlsplit(origin).netloc.lower() == host
+        if origin == "null":
+            return False
+        if public_origin is not None:
+            return public_origin_of(origin) == public_origin
+        return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
     return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
@@ -115,7 +124,7 @@ def action(ui: Ui, role: Role, handler: Callable[[Ui, Request, SignedIn, Form], 
     """A POST form for ``role`` and above, from this host, with the session's CSRF token."""
 
     async def endpoint(request: Request) -> Response:
-        if not same_origin(request):
+        if not same_origin(request, ui.public_origin):
             raise PermissionDenied(
                 f"POST {request.url.path}", "comes from another site", hint="Use the dashboard's own forms."
             )

@@ -58,7 +58,7 @@ async def login_form(ui: Ui, request: Request) -> Response:
 
 
 async def login_submit(ui: Ui, request: Request) -> Response:
-    if not same_origin(request):
+    if not same_origin(request, ui.public_origin):
         raise PermissionDenied("POST /ui/login", "comes from another site", hint="Use the dashboard's form.")
     form = await read_form(request)
     if not ui.key.login_csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
