@@ -1,7 +1,8 @@
 """The dashboard's rollout controls act on the rollout of their URL and on no other, and only when
 the action applies to it now (cloud_hub.ui.rollout_pages.control): two rollouts of one model, the
 older one's rollback refused (409) while the newer one is untouched; the newer one rolled back; a
-second rollback says there is nothing to send back."""
+second rollback says there is nothing to send back. And a device's page lists its own audit rows,
+not those of every device whose id starts with its id."""
 
 from __future__ import annotations
 
@@ -158,3 +159,16 @@ def test_rollback_of_the_latest_acts_on_it_and_then_says_nothing_is_left(hub: Hu
     assert f"Rollout {hub.newer}: nothing to roll back" in again.text
     assert "it was already rolled_back" in again.text
     assert hub.states() == ("completed", "rolled_back")
+
+
+def test_a_device_page_lists_its_own_audit_rows_only(hub: Hub) -> None:
+    from cloud_hub import audit
+
+    with hub.ctx.db.session() as s:
+        audit.record(s, "someone", "device.pin", "device/box-10", {}, {"pinned": "ROW-OF-BOX-10"})
+        audit.record(s, "someone", "device.pin", "device/box-1", {}, {"pinned": "ROW-OF-BOX-1"})
+    hub.sign_in("viewer")
+    page = hub.client.get("/ui/devices/box-1")
+    assert page.status_code == 200
+    assert "ROW-OF-BOX-1" in page.text and "ROW-OF-BOX-10" not in page.text
+    assert "ROW-OF-BOX-10" in hub.client.get("/ui/devices/box-10").text
