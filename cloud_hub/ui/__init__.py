@@ -74,17 +74,15 @@ def create_ui(ctx: HubContext, *, session_s: int = SESSION_S, public_url: str | 
         Route("/devices/{device_id}", view(ui, viewer, fleet.device_page), methods=["GET"]),
         Route("/releases", view(ui, viewer, releases.releases_page), methods=["GET"]),
         Route("/rollouts", view(ui, viewer, rollout_pages.rollouts_page), methods=["GET"]),
-        Route("/rollouts/{rollout_id:int}", view(ui, viewer, rollout_pages.rollout_page), methods=["GET"]),
+        Route("/rollouts/{rollout_id}", view(ui, viewer, rollout_pages.rollout_page), methods=["GET"]),
+        Route("/rollouts/{rollout_id}/live", view(ui, viewer, rollout_pages.live_fragment), methods=["GET"]),
         Route(
-            "/rollouts/{rollout_id:int}/live", view(ui, viewer, rollout_pages.live_fragment), methods=["GET"]
-        ),
-        Route(
-            "/rollouts/{rollout_id:int}/{action}",
+            "/rollouts/{rollout_id}/{action}",
             view(ui, operator, rollout_pages.confirm_page),
             methods=["GET"],
         ),
         Route(
-            "/rollouts/{rollout_id:int}/{action}",
+            "/rollouts/{rollout_id}/{action}",
             action(ui, operator, rollout_pages.control),
             methods=["POST"],
         ),

@@ -21,6 +21,7 @@ which audit each change with the token's name as the actor, as the API does.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -148,7 +149,9 @@ async def read_form(request: Request, limit: int = FORM_LIMIT) -> Form:
     if kind != "application/x-www-form-urlencoded":
         raise _NotAForm("request body", f"is {kind or 'untyped'}; a dashboard form is url-encoded")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and not re.fullmatch(r"[0-9]{1,18}", declared):
+        raise UsageError("Content-Length", f"{declared[:20]!r} is not a number of bytes")
+    if declared is not None and int(declared) > limit:
         raise _TooLarge("request body", f"is over the dashboard's {limit}-byte form limit")
     body = bytearray()
     async for chunk in request.stream():

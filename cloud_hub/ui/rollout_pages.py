@@ -18,6 +18,7 @@ here writes but the four controls.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,7 @@ from cloud_hub.inventory import devices_by_id
 from cloud_hub.models import DeviceDeployment, Model, Release, Rollout
 from cloud_hub.ui.access import Form, Ui
 from cloud_hub.ui.session import SignedIn
+from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError
 from edgeglm.lifecycle import DeploymentState, RolloutEvent, rollout_sources
 
@@ -67,7 +69,12 @@ def rollouts_page(ui: Ui, request: Request, who: SignedIn) -> Response:
 
 
 def rollout_id_of(request: Request) -> int:
-    return int(request.path_params["rollout_id"])
+    """The path's rollout id; one no rollout can have (0, or past what the wire and the database
+    carry) is a 404 here, as the API's ``RolloutIdPath`` refuses it, not an overflow."""
+    text = str(request.path_params["rollout_id"])
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= ROLLOUT_ID_MAX:
+        raise NotFoundError(f"rollout {text[:24]!r}", f"does not exist (ids are 1 to {ROLLOUT_ID_MAX})")
+    return int(text)
 
 
 def _rollout(s: Session, request: Request) -> Rollout:

@@ -172,3 +172,35 @@ def test_a_device_page_lists_its_own_audit_rows_only(hub: Hub) -> None:
     assert page.status_code == 200
     assert "ROW-OF-BOX-1" in page.text and "ROW-OF-BOX-10" not in page.text
     assert "ROW-OF-BOX-10" in hub.client.get("/ui/devices/box-10").text
+
+
+@pytest.mark.parametrize("rollout", ["0", "3000000000", "99999999999999999999", "9" * 5000, "%C2%B2", "abc"])
+def test_a_rollout_id_no_rollout_can_have_is_a_404_page(hub: Hub, rollout: str) -> None:
+    csrf = hub.sign_in("operator")
+    for path in (f"/ui/rollouts/{rollout}", f"/ui/rollouts/{rollout}/live", f"/ui/rollouts/{rollout}/pause"):
+        page = hub.client.get(path)
+        assert page.status_code == 404, (path, page.text[-300:])
+        assert "does not exist" in page.text
+    posted = hub.post(f"/ui/rollouts/{rollout}/pause", {"csrf": csrf, "confirm": "pause"})
+    assert posted.status_code == 404 and "does not exist" in posted.text
+
+
+def test_numbers_that_are_not_ascii_digits_are_a_400_page(hub: Hub) -> None:
+    csrf = hub.sign_in("operator")
+    audit = hub.client.get("/ui/audit", params={"before": "²"})
+    assert audit.status_code == 400 and "is not an entry id" in audit.text
+    start = hub.post(
+        "/ui/deploy/start", {"csrf": csrf, "release": "glm-tiny@1.1.0", "issued": "²", "plan": "x"}
+    )
+    assert start.status_code == 400 and "is not a time in seconds" in start.text
+    body = f"csrf={csrf}&confirm=pause".encode()
+    length = hub.client.post(
+        f"/ui/rollouts/{hub.newer}/pause",
+        content=body,
+        headers={
+            **ORIGIN,
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Length": "²".encode("latin-1"),  # as the server reads the byte 0xb2
+        },
+    )
+    assert length.status_code == 400 and "is not a number of bytes" in length.text
