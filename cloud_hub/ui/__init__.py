@@ -22,6 +22,8 @@ the sign-in form.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -47,17 +49,24 @@ log = logging.getLogger(__name__)
 _STATIC = Path(__file__).parent / "static"
 
 
-def create_ui(ctx: HubContext, *, session_s: int = SESSION_S, public_url: str | None = None) -> Starlette:
+def create_ui(
+    ctx: HubContext,
+    *,
+    session_s: int = SESSION_S,
+    public_url: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
     """The dashboard app, to be mounted at ``/ui`` (``cloud_hub.server.load_app`` does).
 
     ``public_url``: where browsers reach the hub (``HubSettings.public_url``); forms are taken
-    only from pages of it. None: from pages of the request's Host."""
+    only from pages of it. None: from pages of the request's Host. ``clock``: the time sessions
+    and dry runs are judged by."""
     if ctx.fleet is None:
         return _unavailable()
     origin = None
     if public_url is not None and (origin := public_origin(public_url)) is None:
         raise ConfigError("public URL", f"{public_url[:80]!r} is not http(s)://HOST[:PORT]")
-    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment(), origin)
+    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment(), origin, clock)
 
     async def login_form(request: Request) -> Response:
         return await signin.login_form(ui, request)

@@ -67,6 +67,7 @@ class Ui:
     key: SessionKey
     env: Environment
     public_origin: str | None = None  # scheme://host[:port] of the hub's public URL, when set
+    clock: Callable[[], float] = time.time  # sessions and dry runs are judged by it (tests set it)
 
     def render(
         self, request: Request, template: str, who: SignedIn | None, *, status: int = 200, **values: Any
@@ -78,7 +79,7 @@ class Ui:
         )
 
     def signed_in(self, request: Request) -> SignedIn:
-        ticket = self.key.check(request.cookies.get(COOKIE), now=time.time())
+        ticket = self.key.check(request.cookies.get(COOKIE), now=self.clock())
         with self.hub.db.session() as s:
             return resolve(s, ticket)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -102,7 +101,7 @@ def deploy_plan(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response
             defaults=DEFAULTS,
             error=f"{exc.what}: {exc.why}",
         )
-    issued = int(time.time())
+    issued = int(ui.clock())
     return ui.render(
         request,
         "deploy_plan.html",
@@ -121,7 +120,7 @@ def deploy_start(ui: Ui, request: Request, who: SignedIn, form: Form) -> Respons
     if issued_text and not re.fullmatch(r"[0-9]{1,18}", issued_text):
         raise UsageError("issued", f"{issued_text[:20]!r} is not a time in seconds")
     issued = int(issued_text) if issued_text else -1
-    if not ui.key.plan_ok(who.ticket, canonical, issued, form.get("plan"), now=time.time()):
+    if not ui.key.plan_ok(who.ticket, canonical, issued, form.get("plan"), now=ui.clock()):
         raise ConflictError(
             f"deploy of {release}",
             "has no dry run of these parameters in this session (or it is over 15 minutes old)",

@@ -13,7 +13,6 @@ A session cannot outlive its token: the token row is read on every request
 from __future__ import annotations
 
 import logging
-import time
 
 from sqlalchemy import select
 from starlette.requests import Request
@@ -82,7 +81,7 @@ def _sign_in(ui: Ui, secret: str) -> str:
         assert row is not None  # authenticate found it
         audit.record(s, who.name, "ui.sign_in", f"token/{who.name}", after={"role": who.role.name})
         log.info("dashboard sign-in by token %s (%s)", who.name, who.role.name)
-        return ui.key.issue(row, now=time.time())
+        return ui.key.issue(row, now=ui.clock())
 
 
 def logout(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
