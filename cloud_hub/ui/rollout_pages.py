@@ -17,25 +17,28 @@ here writes but the four controls.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from cloud_hub import rollouts
+from cloud_hub.auth import Role
 from cloud_hub.gates import evaluate, parse_gate
-from cloud_hub.inventory import devices_by_id
-from cloud_hub.models import DeviceDeployment, Model, Release, Rollout
+from cloud_hub.models import AuditEntry, Device, DeviceDeployment, Model, Release, Rollout
 from cloud_hub.ui.access import Form, Ui
 from cloud_hub.ui.session import SignedIn
 from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError
+from edgeglm.hub_api import AuditView, DeploymentView
 from edgeglm.lifecycle import DeploymentState, RolloutEvent, rollout_sources
 
 __all__ = [
@@ -49,6 +52,9 @@ __all__ = [
     "rollout_page",
     "rollouts_page",
 ]
+
+DEVICES_SHOWN = 200  # of the current wave, on the page and in each poll
+HISTORY_SHOWN = 50  # newest audit entries of the rollout shown
 
 # action -> (what the confirmation says it does, the event whose source states allow it)
 ACTIONS: dict[str, tuple[str, RolloutEvent]] = {
@@ -119,38 +125,81 @@ def _median_p95(healths: list[dict[str, Any]]) -> float | None:
     return statistics.median(busy) if busy else None
 
 
+def _wave_counts(s: Session, r: Rollout) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    for wave, state, n in s.execute(
+        select(DeviceDeployment.wave, DeviceDeployment.state, func.count())
+        .where(DeviceDeployment.rollout_id == r.id)
+        .group_by(DeviceDeployment.wave, DeviceDeployment.state)
+    ):
+        counts.setdefault(int(wave), {})[str(state)] = int(n)
+    return counts
+
+
+def _fresh(s: Session, r: Rollout) -> dict[int, list[dict[str, Any]]]:
+    """Per wave, the health its updated devices reported from the new version since their update
+    (what the controller judges): two columns of the succeeded deployments and their devices."""
+    rows = s.execute(
+        select(DeviceDeployment.wave, DeviceDeployment.to_version, DeviceDeployment.started_at, Device.health)
+        .join(Device, Device.id == DeviceDeployment.device_id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == DeploymentState.SUCCEEDED)
+    )
+    fresh: dict[int, list[dict[str, Any]]] = {}
+    for wave, to_version, started_at, health in rows:
+        health = dict(health or {})
+        since = started_at.timestamp() if started_at else float("inf")
+        if health.get("version") == to_version and float(health.get("ts", 0)) >= since:
+            fresh.setdefault(int(wave), []).append(health)
+    return fresh
+
+
+def _shown(s: Session, r: Rollout) -> tuple[list[DeploymentView], dict[str, dict[str, Any]]]:
+    """The current wave's first :data:`DEVICES_SHOWN` deployments (by device id) and their health."""
+    rows = s.execute(
+        select(DeviceDeployment, Device.health)
+        .outerjoin(Device, Device.id == DeviceDeployment.device_id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.wave == r.current_wave)
+        .order_by(DeviceDeployment.device_id)
+        .limit(DEVICES_SHOWN)
+    ).all()
+    views = [
+        DeploymentView(
+            device=d.device_id,
+            wave=d.wave,
+            state=DeploymentState(d.state),
+            from_=d.from_version,
+            to=d.to_version,
+            last_step=d.last_step,
+            detail=d.detail,
+        )
+        for d, _ in rows
+    ]
+    return views, {d.device_id: dict(health or {}) for d, health in rows}
+
+
 def live_state(s: Session, r: Rollout) -> dict[str, Any]:
-    """Everything the live part of a rollout's page shows."""
-    detail = rollouts.rollout_detail(s, r)
-    deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)))
-    devices = devices_by_id(s, [d.device_id for d in deps])
-    fresh: dict[str, dict[str, Any]] = {}  # device -> health reported from the new version since its update
-    for dep in deps:
-        device = devices.get(dep.device_id)
-        health = dict(device.health or {}) if device is not None else {}
-        since = dep.started_at.timestamp() if dep.started_at else float("inf")
-        if (
-            dep.state == DeploymentState.SUCCEEDED
-            and health.get("version") == dep.to_version
-            and float(health.get("ts", 0)) >= since
-        ):
-            fresh[dep.device_id] = health
-    by_wave: dict[int, list[Any]] = {}
-    for d in detail.deployments:
-        by_wave.setdefault(d.wave, []).append(d)
+    """Everything the live part of a rollout's page shows, read in a few aggregate queries: the
+    state, each wave's counts per deployment state, the gates and the chart over the updated
+    devices' health, the current wave's devices (at most :data:`DEVICES_SHOWN`, by id), and the
+    newest :data:`HISTORY_SHOWN` entries of its history. A 10,000-device rollout is not 10,000
+    rows of HTML every 2 s."""
+    view = rollouts.rollout_view(s, r)
+    counts = _wave_counts(s, r)
+    fresh = _fresh(s, r)
+    shown, health = _shown(s, r)
     waves = []
-    for w in detail.waves:
-        members = by_wave.get(w.wave, [])
-        base = (r.baseline.get(str(w.wave)) or {}).get("p95_ms")
+    for w in view.waves:
+        in_wave = counts.get(w.wave, {})
+        current = w.wave == r.current_wave
         waves.append(
             {
                 "view": w,
-                "deployments": members,
-                "p95": _median_p95([fresh[d.device] for d in members if d.device in fresh]),
-                "baseline": base,
-                "health": {
-                    d.device: devices[d.device].health if d.device in devices else {} for d in members
-                },
+                "counts": dict(sorted(in_wave.items())),
+                "deployments": shown if current else [],
+                "more": max(0, sum(in_wave.values()) - len(shown)) if current else 0,
+                "p95": _median_p95(fresh.get(w.wave, [])),
+                "baseline": (r.baseline.get(str(w.wave)) or {}).get("p95_ms"),
+                "health": health if current else {},
             }
         )
     gates = [parse_gate(g) for g in r.gates]
@@ -159,10 +208,10 @@ def live_state(s: Session, r: Rollout) -> dict[str, Any]:
         if (r.baseline.get(key) or {}).get("p95_ms"):
             baseline = dict(r.baseline[key])
             break
-    succeeded = sum(1 for d in deps if d.state == DeploymentState.SUCCEEDED)
+    succeeded = view.devices.get(DeploymentState.SUCCEEDED, 0)
     verdict = evaluate(
         gates,
-        list(fresh.values()),
+        [h for healths in fresh.values() for h in healths],
         baseline,
         max(1, min(r.min_samples, succeeded)),
         r.min_requests,
@@ -184,15 +233,62 @@ def live_state(s: Session, r: Rollout) -> dict[str, Any]:
         "updated": [w["p95"] for w in waves],
         "baseline": [w["baseline"] for w in waves],
     }
+    history = [
+        AuditView.model_validate(e, from_attributes=True)
+        for e in s.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.target == f"rollout/{r.id}")
+            .order_by(AuditEntry.id.desc())
+            .limit(HISTORY_SHOWN)
+        )
+    ]
     return {
-        "rollout": detail,
+        "rollout": view,
         "waves": waves,
         "verdict": verdict,
         "gates": gate_rows,
         "baseline": baseline,
         "chart": json.dumps(chart),
+        "history": history,
         "now": datetime.now(UTC),
     }
+
+
+def fingerprint(s: Session, r: Rollout, can_act: bool) -> str:
+    """A weak ETag of everything the live part shows, from a few aggregates: the rollout's row,
+    its waves, its deployments (count, row versions, last change), the last heartbeat of its
+    updated devices, its last audit entry, the caller's buttons, and the minute (relative times)."""
+    deps = s.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(DeviceDeployment.row_version), 0),
+            func.max(DeviceDeployment.updated_at),
+        ).where(DeviceDeployment.rollout_id == r.id)
+    ).one()
+    seen = s.scalar(
+        select(func.max(Device.last_seen))
+        .join(DeviceDeployment, DeviceDeployment.device_id == Device.id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == DeploymentState.SUCCEEDED)
+    )
+    last_entry = s.scalar(select(func.max(AuditEntry.id)).where(AuditEntry.target == f"rollout/{r.id}"))
+    waves = [(w.index, w.state, w.soak_until) for w in r.wave_rows]
+    text = repr(
+        (
+            r.id,
+            r.state,
+            r.current_wave,
+            r.reason,
+            r.updated_at,
+            json.dumps(r.baseline, sort_keys=True, default=str),
+            tuple(deps),
+            seen,
+            last_entry,
+            waves,
+            can_act,
+            int(time.time() // 60),
+        )
+    )
+    return 'W/"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
 
 
 def rollout_page(ui: Ui, request: Request, who: SignedIn) -> Response:
@@ -204,11 +300,17 @@ def rollout_page(ui: Ui, request: Request, who: SignedIn) -> Response:
 
 
 def live_fragment(ui: Ui, request: Request, who: SignedIn) -> Response:
+    """The live part alone; 304 when its :func:`fingerprint` is the ``If-None-Match`` sent."""
     with ui.hub.db.session() as s:
         r = _rollout(s, request)
+        etag = fingerprint(s, r, who.role >= Role.operator)
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
         state = live_state(s, r)
         actions = allowed(s, r, state["rollout"].release)
-        return ui.render(request, "rollout_live.html", who, actions=actions, **state)
+        response = ui.render(request, "rollout_live.html", who, actions=actions, **state)
+        response.headers["ETag"] = etag
+        return response
 
 
 def _action(request: Request) -> str:
