@@ -74,11 +74,14 @@ def create_ui(
     async def login_submit(request: Request) -> Response:
         return await signin.login_submit(ui, request)
 
+    async def logout(request: Request) -> Response:
+        return await signin.logout(ui, request)
+
     viewer, operator = Role.viewer, Role.operator
     routes = [
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
-        Route("/logout", action(ui, viewer, signin.logout), methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/", view(ui, viewer, fleet.fleet_page), methods=["GET"]),
         Route("/devices/{device_id}", view(ui, viewer, fleet.device_page), methods=["GET"]),
         Route("/releases", view(ui, viewer, releases.releases_page), methods=["GET"]),

@@ -4,7 +4,8 @@
     POST /ui/login     from this host, with that CSRF token: the token is checked as the API
                        checks it; a valid one gets a session cookie (never the token itself)
                        and the sign-in is audited (``ui.sign_in``, target ``token/NAME``)
-    POST /ui/logout    the session's CSRF token: the cookie is cleared (audited ``ui.sign_out``)
+    POST /ui/logout    from this host; with a valid session its CSRF token (audited ``ui.sign_out``);
+                       the cookie is cleared, also when the session is no longer valid
 
 A session cannot outlive its token: the token row is read on every request
 (:func:`cloud_hub.ui.session.resolve`), so ``edgectl hub token revoke`` ends its sessions at once.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from cloud_hub import audit
 from cloud_hub.auth import authenticate, hash_token
 from cloud_hub.models import ApiToken
-from cloud_hub.ui.access import Form, Ui, read_form, same_origin
+from cloud_hub.ui.access import Ui, read_form, same_origin
 from cloud_hub.ui.session import COOKIE, LOGIN_COOKIE, LOGIN_S, SignedIn, cookie_header
 from edgeglm.errors import AccessError, PermissionDenied
 
@@ -84,9 +86,31 @@ def _sign_in(ui: Ui, secret: str) -> str:
         return ui.key.issue(row, now=ui.clock())
 
 
-def logout(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
-    with ui.hub.db.session() as s:
-        audit.record(s, who.name, "ui.sign_out", f"token/{who.name}")
+async def logout(ui: Ui, request: Request) -> Response:
+    """Clears the session cookie. With a valid session, only with its CSRF token, and audited;
+    with none (expired, revoked, altered) the cookie is cleared all the same: there is nobody to
+    sign out, and a stale cookie must not leave the browser stuck (the Origin is checked first
+    either way)."""
+    if not same_origin(request, ui.public_origin):
+        raise PermissionDenied("POST /ui/logout", "comes from another site", hint="Use the dashboard's form.")
+    try:
+        who: SignedIn | None = await run_in_threadpool(ui.signed_in, request)
+    except AccessError:
+        who = None
+    if who is not None:
+        form = await read_form(request)
+        if not ui.key.csrf_ok(who.ticket, form.get("csrf")):
+            raise PermissionDenied(
+                "POST /ui/logout",
+                "has no valid CSRF token for this session",
+                hint="Reload the page and sign out again.",
+            )
+        await run_in_threadpool(_audit_sign_out, ui, who)
     response = RedirectResponse("/ui/login", status_code=303)
     response.headers.append("Set-Cookie", cookie_header(COOKIE, "", 0))
     return response
+
+
+def _audit_sign_out(ui: Ui, who: SignedIn) -> None:
+    with ui.hub.db.session() as s:
+        audit.record(s, who.name, "ui.sign_out", f"token/{who.name}")

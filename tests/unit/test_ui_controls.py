@@ -204,3 +204,26 @@ def test_numbers_that_are_not_ascii_digits_are_a_400_page(hub: Hub) -> None:
         },
     )
     assert length.status_code == 400 and "is not a number of bytes" in length.text
+
+
+def test_sign_out_clears_the_cookie_even_when_the_session_is_gone(hub: Hub) -> None:
+    from cloud_hub import tokens
+    from cloud_hub.auth import Role, create_token
+
+    with hub.ctx.db.session() as s:
+        _, hub.tokens["short"] = create_token(s, "short-c", Role.viewer, "test")
+    csrf = hub.sign_in("short")
+    assert hub.post("/ui/logout", {"x": "1"}).status_code == 403  # a live session needs its CSRF token
+    assert (
+        hub.client.post(
+            "/ui/logout", data={"csrf": csrf}, headers={"Origin": "https://evil.test"}
+        ).status_code
+        == 403
+    )
+    with hub.ctx.db.session() as s:
+        tokens.revoke(s, "short-c", "test")
+    out = hub.post("/ui/logout", {"csrf": csrf})
+    assert out.status_code == 303 and out.headers["location"] == "/ui/login"
+    assert "edgeglm_ui=; Max-Age=0" in out.headers["set-cookie"]
+    hub.client.cookies.set("edgeglm_ui", "s1:garbage", domain="hub.test", path="/ui")
+    assert hub.post("/ui/logout", {}).status_code == 303  # an altered cookie: cleared too
