@@ -13,7 +13,9 @@ A session cannot outlive its token: the token row is read on every request
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +29,7 @@ from cloud_hub.ui.access import Ui, read_form, same_origin
 from cloud_hub.ui.session import COOKIE, LOGIN_COOKIE, LOGIN_S, SignedIn, cookie_header
 from edgeglm.errors import AccessError, PermissionDenied
 
-__all__ = ["login_form", "login_submit", "logout", "safe_next"]
+__all__ = ["cookie_dropped", "login_form", "login_submit", "logout", "safe_next"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,30 @@ def safe_next(value: str | None) -> str:
     if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value:
         return value
     return "/ui/"
+
+
+def cookie_dropped(request: Request, public_origin: str | None) -> bool:
+    """Whether the browser will drop the Secure session cookie: the page came over plain HTTP
+    (the public URL says so, else the request's scheme and a proxy's ``X-Forwarded-Proto``) from a
+    host that is not loopback (browsers keep Secure cookies of ``localhost`` / ``127.0.0.1``)."""
+    if public_origin is not None:
+        parts = urlsplit(public_origin)
+    else:
+        forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        scheme = forwarded or request.url.scheme
+        parts = urlsplit(f"{scheme}://{request.headers.get('host', '')}")
+    if parts.scheme != "http":
+        return False
+    try:
+        host = (parts.hostname or "").strip("[]")
+    except ValueError:
+        return True
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def _form(ui: Ui, request: Request, *, error: str = "", status: int = 200) -> Response:
@@ -49,6 +75,7 @@ def _form(ui: Ui, request: Request, *, error: str = "", status: int = 200) -> Re
         login_csrf=ui.key.login_csrf(nonce),
         next=safe_next(request.query_params.get("next")),
         error=error,
+        insecure=cookie_dropped(request, ui.public_origin),
     )
     response.headers.append("Set-Cookie", cookie_header(LOGIN_COOKIE, nonce, LOGIN_S))
     return response

@@ -90,3 +90,36 @@ def test_a_bad_public_url_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="EDGEGLM_HUB_PUBLIC_URL"):
         HubSettings.from_env({"EDGEGLM_HUB_PUBLIC_URL": "hub.example.com"})
     assert HubSettings.from_env({"EDGEGLM_HUB_PUBLIC_URL": PUBLIC}).public_url == PUBLIC
+
+
+@pytest.mark.parametrize(
+    ("base", "headers", "public_url", "notice"),
+    [
+        ("http://10.0.0.5:8080", {}, None, True),  # plain HTTP to another host: the cookie is dropped
+        ("http://hub.example.com", {}, None, True),
+        ("http://127.0.0.1:8080", {}, None, False),  # loopback: browsers keep Secure cookies
+        ("http://localhost:8080", {}, None, False),
+        ("http://[::1]:8080", {}, None, False),
+        ("https://hub.example.com", {}, None, False),
+        ("http://10.0.0.5:8080", {"X-Forwarded-Proto": "https"}, None, False),  # TLS at the proxy
+        ("http://10.0.0.5:8080", {}, PUBLIC, False),  # the public URL says https
+        ("https://hub_replicas", {}, "http://hub.example.com", True),
+    ],
+)
+def test_the_sign_in_page_says_when_the_cookie_cannot_stick(
+    hub: tuple[Any, str], base: str, headers: dict[str, str], public_url: str | None, notice: bool
+) -> None:
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from cloud_hub.ui import create_ui
+
+    ctx, _ = hub
+    app = Starlette(routes=[Mount("/ui", create_ui(ctx, public_url=public_url))])
+    with TestClient(app, base_url=base) as client:
+        page = client.get("/ui/login", headers=headers)
+    assert page.status_code == 200
+    assert ('id="insecure"' in page.text) is notice
+    if notice:
+        assert "your browser will not keep it" in page.text
