@@ -672,8 +672,13 @@ def rollback(
     actor: str,
     publish: Publish | None,
     fleet: FleetKey | None,
+    *,
+    rollout_id: int | None = None,
 ) -> RollbackView:
     """The latest rollout of ``model``: its moved devices (matching ``selector``) go back.
+
+    ``rollout_id``: the rollout the caller means (the dashboard's ``/ui/rollouts/{id}/rollback``);
+    when it is not ``model``'s latest any more, a ConflictError and nothing changes.
 
     Nothing left to send back (the hub reverted it already, or it moved no device and has ended):
     the answer says so and why, the rollout keeps its state and reason, and the audit log gets the
@@ -689,6 +694,13 @@ def rollback(
     )
     if r is None:
         raise NotFoundError(f"model {model}", "has no rollout to roll back")
+    if rollout_id is not None and r.id != rollout_id:
+        raise ConflictError(
+            f"rollback of rollout {rollout_id}",
+            f"it is not the latest rollout of {model} (rollout {r.id} is); only a model's latest"
+            " rollout can be rolled back",
+            hint=f"Open rollout {r.id} to roll back what it moved.",
+        )
     target = f"rollout/{r.id}"
     moved = [
         dep.device_id

@@ -12,6 +12,9 @@ EDGEGLM_HUB_FETCH_PENDING  a device's queued fetches  64
 EDGEGLM_HUB_FETCH_BYTES_RATE  bytes/s sent per device 0 (no cap)
 EDGEGLM_HUB_PIECES_URL  base URL devices fetch piece bytes from over HTTP (the hub as devices reach
                         it, or a proxy / CDN in front of it)      none: bytes over MQTT only
+EDGEGLM_HUB_PUBLIC_URL  the address people's browsers reach the hub at, http(s)://HOST[:PORT]
+                        (behind a proxy: the proxy's); the dashboard takes a form only from a
+                        page of it (its Origin)                   none: the request's Host header
 """
 
 from __future__ import annotations
@@ -21,13 +24,31 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cloud_hub.fetch_limit import FetchLimits
 from cloud_hub.piece_storage import StoreKind
 from edgeglm.contracts import PIECES_URL_MAX, PIECES_URL_PATTERN
 from edgeglm.errors import ConfigError
 
-__all__ = ["HubSettings"]
+__all__ = ["HubSettings", "public_origin"]
+
+
+def public_origin(url: str) -> str | None:
+    """The origin a browser sends for pages of ``url`` (``scheme://host[:port]``, lower case, the
+    scheme's default port left out), or None when ``url`` is not ``http(s)://HOST[:PORT][/]``."""
+    if len(url) > 256 or not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+/?", url.strip()):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 _FETCH_ENV: tuple[tuple[str, str, type[float] | type[int]], ...] = (
@@ -53,8 +74,15 @@ class HubSettings:
     fetch_pending: int = FetchLimits.pending
     fetch_bytes_rate: int = FetchLimits.bytes_per_s
     pieces_url: str | None = None  # desired states offer bytes over HTTP there (cloud_hub.routes.pieces)
+    public_url: str | None = None  # where browsers reach the hub (cloud_hub.ui.access.same_origin)
 
     def __post_init__(self) -> None:
+        if self.public_url is not None and public_origin(self.public_url) is None:
+            raise ConfigError(
+                "EDGEGLM_HUB_PUBLIC_URL",
+                f"{self.public_url[:80]!r} is not http(s)://HOST[:PORT] (no path, query or user)",
+                hint="Give the address people's browsers open the hub at, e.g. https://hub.example.com.",
+            )
         url = self.pieces_url
         if url is not None and (len(url) > PIECES_URL_MAX or not re.fullmatch(PIECES_URL_PATTERN, url)):
             raise ConfigError(
@@ -114,6 +142,8 @@ class HubSettings:
                 ) from exc
         if env.get("EDGEGLM_HUB_PIECES_URL"):
             values["pieces_url"] = env["EDGEGLM_HUB_PIECES_URL"]
+        if env.get("EDGEGLM_HUB_PUBLIC_URL"):
+            values["public_url"] = env["EDGEGLM_HUB_PUBLIC_URL"]
         if env.get("EDGEGLM_HUB_FLEET_KEY"):
             values["fleet_key"] = Path(env["EDGEGLM_HUB_FLEET_KEY"])
         for name, field, kind in _FETCH_ENV:

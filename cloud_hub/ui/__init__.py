@@ -22,6 +22,8 @@ the sign-in form.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -34,11 +36,12 @@ from starlette.staticfiles import StaticFiles
 
 from cloud_hub.auth import Role
 from cloud_hub.context import HubContext
+from cloud_hub.settings import public_origin
 from cloud_hub.ui import audit_log, deploy, fleet, releases, rollout_pages, signin
 from cloud_hub.ui.access import SignInNeeded, Ui, action, error_status, view
 from cloud_hub.ui.render import SecurityHeaders, environment
 from cloud_hub.ui.session import SESSION_S, SessionKey
-from edgeglm.errors import EdgeError, UnavailableError
+from edgeglm.errors import ConfigError, EdgeError, UnavailableError
 
 __all__ = ["create_ui"]
 
@@ -46,11 +49,24 @@ log = logging.getLogger(__name__)
 _STATIC = Path(__file__).parent / "static"
 
 
-def create_ui(ctx: HubContext, *, session_s: int = SESSION_S) -> Starlette:
-    """The dashboard app, to be mounted at ``/ui`` (``cloud_hub.server.load_app`` does)."""
+def create_ui(
+    ctx: HubContext,
+    *,
+    session_s: int = SESSION_S,
+    public_url: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The dashboard app, to be mounted at ``/ui`` (``cloud_hub.server.load_app`` does).
+
+    ``public_url``: where browsers reach the hub (``HubSettings.public_url``); forms are taken
+    only from pages of it. None: from pages of the request's Host. ``clock``: the time sessions
+    and dry runs are judged by."""
     if ctx.fleet is None:
         return _unavailable()
-    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment())
+    origin = None
+    if public_url is not None and (origin := public_origin(public_url)) is None:
+        raise ConfigError("public URL", f"{public_url[:80]!r} is not http(s)://HOST[:PORT]")
+    ui = Ui(ctx, SessionKey(ctx.fleet.private, lifetime_s=session_s), environment(), origin, clock)
 
     async def login_form(request: Request) -> Response:
         return await signin.login_form(ui, request)
@@ -58,26 +74,27 @@ def create_ui(ctx: HubContext, *, session_s: int = SESSION_S) -> Starlette:
     async def login_submit(request: Request) -> Response:
         return await signin.login_submit(ui, request)
 
+    async def logout(request: Request) -> Response:
+        return await signin.logout(ui, request)
+
     viewer, operator = Role.viewer, Role.operator
     routes = [
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
-        Route("/logout", action(ui, viewer, signin.logout), methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/", view(ui, viewer, fleet.fleet_page), methods=["GET"]),
         Route("/devices/{device_id}", view(ui, viewer, fleet.device_page), methods=["GET"]),
         Route("/releases", view(ui, viewer, releases.releases_page), methods=["GET"]),
         Route("/rollouts", view(ui, viewer, rollout_pages.rollouts_page), methods=["GET"]),
-        Route("/rollouts/{rollout_id:int}", view(ui, viewer, rollout_pages.rollout_page), methods=["GET"]),
+        Route("/rollouts/{rollout_id}", view(ui, viewer, rollout_pages.rollout_page), methods=["GET"]),
+        Route("/rollouts/{rollout_id}/live", view(ui, viewer, rollout_pages.live_fragment), methods=["GET"]),
         Route(
-            "/rollouts/{rollout_id:int}/live", view(ui, viewer, rollout_pages.live_fragment), methods=["GET"]
-        ),
-        Route(
-            "/rollouts/{rollout_id:int}/{action}",
+            "/rollouts/{rollout_id}/{action}",
             view(ui, operator, rollout_pages.confirm_page),
             methods=["GET"],
         ),
         Route(
-            "/rollouts/{rollout_id:int}/{action}",
+            "/rollouts/{rollout_id}/{action}",
             action(ui, operator, rollout_pages.control),
             methods=["POST"],
         ),

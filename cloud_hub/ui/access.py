@@ -3,8 +3,9 @@
 A page handler is wrapped by :func:`view` (GET) and a form handler by :func:`action` (POST). In
 this order, the same order the API's guard keeps:
 
-    origin     (action) an ``Origin`` that is not this host, or ``Sec-Fetch-Site: cross-site``
-               without one: 403, nothing else is looked at
+    origin     (action) an ``Origin`` that is not the hub's public URL (``EDGEGLM_HUB_PUBLIC_URL``;
+               unset: the request's ``Host``), or ``Sec-Fetch-Site: cross-site`` without one:
+               403, nothing else is looked at
     session    the cookie's MAC and expiry (:mod:`cloud_hub.ui.session`), then its token row, read
                on every request (revoked: refused at once): a page redirects to sign-in, a form 401
     role       below the handler's role (viewer reads, operator acts, admin ⊇ operator): 403
@@ -20,6 +21,7 @@ which audit each change with the token's name as the actor, as the API does.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from starlette.responses import HTMLResponse, Response
 
 from cloud_hub.auth import Role, require
 from cloud_hub.context import HubContext
+from cloud_hub.settings import public_origin as public_origin_of
 from cloud_hub.ui.render import page
 from cloud_hub.ui.session import COOKIE, SessionKey, SignedIn, resolve
 from edgeglm.errors import AccessError, EdgeError, PermissionDenied, UsageError
@@ -63,6 +66,8 @@ class Ui:
     hub: HubContext
     key: SessionKey
     env: Environment
+    public_origin: str | None = None  # scheme://host[:port] of the hub's public URL, when set
+    clock: Callable[[], float] = time.time  # sessions and dry runs are judged by it (tests set it)
 
     def render(
         self, request: Request, template: str, who: SignedIn | None, *, status: int = 200, **values: Any
@@ -74,19 +79,25 @@ class Ui:
         )
 
     def signed_in(self, request: Request) -> SignedIn:
-        ticket = self.key.check(request.cookies.get(COOKIE), now=time.time())
+        ticket = self.key.check(request.cookies.get(COOKIE), now=self.clock())
         with self.hub.db.session() as s:
             return resolve(s, ticket)
 
 
-def same_origin(request: Request) -> bool:
-    """Whether a POST comes from a page of this host: its ``Origin`` names this host (the scheme
-    is not compared, as a TLS proxy in front changes it); without an Origin, the browser's
-    ``Sec-Fetch-Site`` must not say cross-site (a client that sends neither is no browser)."""
-    host = request.headers.get("host", "").lower()
+def same_origin(request: Request, public_origin: str | None = None) -> bool:
+    """Whether a POST comes from a page of this hub. With ``public_origin`` (the hub's public URL:
+    behind a proxy the Host header is the proxy's upstream name, not what the browser opened),
+    its ``Origin`` must be exactly that, scheme and port included; without it, the ``Origin``'s
+    host must be the request's ``Host`` (the scheme is not compared, as a TLS proxy in front
+    changes it). Without an Origin, the browser's ``Sec-Fetch-Site`` must not say cross-site (a
+    client that sends neither is no browser)."""
     origin = request.headers.get("origin")
     if origin is not None:
-        return origin != "null" and urlsplit(origin).netloc.lower() == host
+        if origin == "null":
+            return False
+        if public_origin is not None:
+            return public_origin_of(origin) == public_origin
+        return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
     return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
@@ -115,7 +126,7 @@ def action(ui: Ui, role: Role, handler: Callable[[Ui, Request, SignedIn, Form], 
     """A POST form for ``role`` and above, from this host, with the session's CSRF token."""
 
     async def endpoint(request: Request) -> Response:
-        if not same_origin(request):
+        if not same_origin(request, ui.public_origin):
             raise PermissionDenied(
                 f"POST {request.url.path}", "comes from another site", hint="Use the dashboard's own forms."
             )
@@ -139,7 +150,9 @@ async def read_form(request: Request, limit: int = FORM_LIMIT) -> Form:
     if kind != "application/x-www-form-urlencoded":
         raise _NotAForm("request body", f"is {kind or 'untyped'}; a dashboard form is url-encoded")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and not re.fullmatch(r"[0-9]{1,18}", declared):
+        raise UsageError("Content-Length", f"{declared[:20]!r} is not a number of bytes")
+    if declared is not None and int(declared) > limit:
         raise _TooLarge("request body", f"is over the dashboard's {limit}-byte form limit")
     body = bytearray()
     async for chunk in request.stream():

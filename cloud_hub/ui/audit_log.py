@@ -8,6 +8,7 @@ GET /ui/audit?actor=&action=&subject=&since=&until=&before=
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
@@ -42,7 +43,7 @@ def audit_page(ui: Ui, request: Request, who: SignedIn) -> Response:
     filters = {name: params.get(name, "").strip()[:limit] for name, limit in _FILTERS}
     since, until = params.get("since", "").strip(), params.get("until", "").strip()
     before_text = params.get("before", "")
-    if before_text and not before_text.isdigit():
+    if before_text and not re.fullmatch(r"[0-9]{1,18}", before_text):
         raise UsageError("before", f"{before_text[:20]!r} is not an entry id")
     q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(PAGE + 1)
     if filters["actor"]:

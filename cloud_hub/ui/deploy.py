@@ -16,7 +16,7 @@ deploy of a bundle that failed its quality gate (admin, ``--force``) is left to 
 from __future__ import annotations
 
 import json
-import time
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -101,7 +101,7 @@ def deploy_plan(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response
             defaults=DEFAULTS,
             error=f"{exc.what}: {exc.why}",
         )
-    issued = int(time.time())
+    issued = int(ui.clock())
     return ui.render(
         request,
         "deploy_plan.html",
@@ -117,8 +117,10 @@ def deploy_plan(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response
 def deploy_start(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
     release, params, canonical = params_of(form)
     issued_text = form.get("issued", "")
-    issued = int(issued_text) if issued_text.isdigit() else -1
-    if not ui.key.plan_ok(who.ticket, canonical, issued, form.get("plan"), now=time.time()):
+    if issued_text and not re.fullmatch(r"[0-9]{1,18}", issued_text):
+        raise UsageError("issued", f"{issued_text[:20]!r} is not a time in seconds")
+    issued = int(issued_text) if issued_text else -1
+    if not ui.key.plan_ok(who.ticket, canonical, issued, form.get("plan"), now=ui.clock()):
         raise ConflictError(
             f"deploy of {release}",
             "has no dry run of these parameters in this session (or it is over 15 minutes old)",

@@ -4,7 +4,8 @@ GET /ui/                   the fleet: online state, version, profile, labels, la
                            p95 latency (ms) and error rate (%) from its latest heartbeat;
                            ``?selector=site=plant-7,line=3`` and ``?online=yes|no`` filter it
 GET /ui/devices/{id}       one device: what it runs and is told to run, its deployments (each
-                           rollout's wave, state and the last step it reported), its audit rows
+                           rollout's wave, state and the last step it reported), its audit
+                           rows (target exactly ``device/{id}``, not a prefix as in the API)
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cloud_hub import audit
 from cloud_hub.inventory import Inventory, parse_selector
-from cloud_hub.models import DeviceDeployment
+from cloud_hub.models import AuditEntry, DeviceDeployment
 from cloud_hub.ui.access import Ui
 from cloud_hub.ui.session import SignedIn
 from edgeglm.errors import UsageError
@@ -60,5 +60,14 @@ def device_page(ui: Ui, request: Request, who: SignedIn) -> Response:
                 .limit(50)
             )
         )
-        entries = audit.list_entries(s, target=f"device/{device.id}", limit=50)
+        # exactly this device's rows: the API's target filter is a prefix (device/box-1 would
+        # also match device/box-10), which a device's page must not be
+        entries = list(
+            s.scalars(
+                select(AuditEntry)
+                .where(AuditEntry.target == f"device/{device.id}")
+                .order_by(AuditEntry.id.desc())
+                .limit(50)
+            )
+        )
         return ui.render(request, "device.html", who, device=device, deployments=deployments, entries=entries)

@@ -17,26 +17,44 @@ here writes but the four controls.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import statistics
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from cloud_hub import rollouts
+from cloud_hub.auth import Role
 from cloud_hub.gates import evaluate, parse_gate
-from cloud_hub.inventory import devices_by_id
-from cloud_hub.models import DeviceDeployment, Model, Release, Rollout
+from cloud_hub.models import AuditEntry, Device, DeviceDeployment, Model, Release, Rollout
 from cloud_hub.ui.access import Form, Ui
 from cloud_hub.ui.session import SignedIn
+from edgeglm.contracts import ROLLOUT_ID_MAX
 from edgeglm.errors import ConflictError, NotFoundError
+from edgeglm.hub_api import AuditView, DeploymentView
 from edgeglm.lifecycle import DeploymentState, RolloutEvent, rollout_sources
 
-__all__ = ["ACTIONS", "confirm_page", "control", "live_fragment", "rollout_page", "rollouts_page"]
+__all__ = [
+    "ACTIONS",
+    "allowed",
+    "confirm_page",
+    "control",
+    "live_fragment",
+    "refusal",
+    "rollout_id_of",
+    "rollout_page",
+    "rollouts_page",
+]
+
+DEVICES_SHOWN = 200  # of the current wave, on the page and in each poll
+HISTORY_SHOWN = 50  # newest audit entries of the rollout shown
 
 # action -> (what the confirmation says it does, the event whose source states allow it)
 ACTIONS: dict[str, tuple[str, RolloutEvent]] = {
@@ -56,15 +74,21 @@ def rollouts_page(ui: Ui, request: Request, who: SignedIn) -> Response:
         return ui.render(request, "rollouts.html", who, rollouts=views)
 
 
+def rollout_id_of(request: Request) -> int:
+    """The path's rollout id; one no rollout can have (0, or past what the wire and the database
+    carry) is a 404 here, as the API's ``RolloutIdPath`` refuses it, not an overflow."""
+    text = str(request.path_params["rollout_id"])
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= ROLLOUT_ID_MAX:
+        raise NotFoundError(f"rollout {text[:24]!r}", f"does not exist (ids are 1 to {ROLLOUT_ID_MAX})")
+    return int(text)
+
+
 def _rollout(s: Session, request: Request) -> Rollout:
-    return rollouts.find(s, int(request.path_params["rollout_id"]))
+    return rollouts.find(s, rollout_id_of(request))
 
 
-def allowed(s: Session, r: Rollout, release: str) -> list[str]:
-    """The controls that apply to ``r`` now (rollback: only the model's latest rollout has one)."""
-    out = [a for a, (_, event) in ACTIONS.items() if a != "rollback" and r.state in rollout_sources(event)]
-    model = release.rpartition("@")[0]
-    latest = s.scalar(
+def _latest_of(s: Session, model: str) -> int | None:
+    return s.scalar(
         select(Rollout.id)
         .join(Release, Rollout.release_id == Release.id)
         .join(Model)
@@ -72,9 +96,26 @@ def allowed(s: Session, r: Rollout, release: str) -> list[str]:
         .order_by(Rollout.id.desc())
         .limit(1)
     )
-    if latest == r.id and r.state in rollout_sources(RolloutEvent.ROLLBACK):
-        out.append("rollback")
-    return out
+
+
+def refusal(s: Session, r: Rollout, release: str, action: str) -> str | None:
+    """Why ``action`` does not apply to ``r`` now, or None when it does: its state must be one the
+    action leaves from, and a rollback needs ``r`` to be its model's latest rollout."""
+    model = release.rpartition("@")[0]
+    event = ACTIONS[action][1]
+    if r.state not in rollout_sources(event):
+        return f"it is {r.state}; to {action} it, it must be " + " or ".join(sorted(rollout_sources(event)))
+    if action == "rollback" and (latest := _latest_of(s, model)) != r.id:
+        return (
+            f"it is not the latest rollout of {model} (rollout {latest} is); only a model's latest"
+            " rollout can be rolled back"
+        )
+    return None
+
+
+def allowed(s: Session, r: Rollout, release: str) -> list[str]:
+    """The controls that apply to ``r`` now (rollback: only the model's latest rollout has one)."""
+    return [a for a in ACTIONS if refusal(s, r, release, a) is None]
 
 
 def _median_p95(healths: list[dict[str, Any]]) -> float | None:
@@ -84,38 +125,81 @@ def _median_p95(healths: list[dict[str, Any]]) -> float | None:
     return statistics.median(busy) if busy else None
 
 
+def _wave_counts(s: Session, r: Rollout) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    for wave, state, n in s.execute(
+        select(DeviceDeployment.wave, DeviceDeployment.state, func.count())
+        .where(DeviceDeployment.rollout_id == r.id)
+        .group_by(DeviceDeployment.wave, DeviceDeployment.state)
+    ):
+        counts.setdefault(int(wave), {})[str(state)] = int(n)
+    return counts
+
+
+def _fresh(s: Session, r: Rollout) -> dict[int, list[dict[str, Any]]]:
+    """Per wave, the health its updated devices reported from the new version since their update
+    (what the controller judges): two columns of the succeeded deployments and their devices."""
+    rows = s.execute(
+        select(DeviceDeployment.wave, DeviceDeployment.to_version, DeviceDeployment.started_at, Device.health)
+        .join(Device, Device.id == DeviceDeployment.device_id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == DeploymentState.SUCCEEDED)
+    )
+    fresh: dict[int, list[dict[str, Any]]] = {}
+    for wave, to_version, started_at, health in rows:
+        health = dict(health or {})
+        since = started_at.timestamp() if started_at else float("inf")
+        if health.get("version") == to_version and float(health.get("ts", 0)) >= since:
+            fresh.setdefault(int(wave), []).append(health)
+    return fresh
+
+
+def _shown(s: Session, r: Rollout) -> tuple[list[DeploymentView], dict[str, dict[str, Any]]]:
+    """The current wave's first :data:`DEVICES_SHOWN` deployments (by device id) and their health."""
+    rows = s.execute(
+        select(DeviceDeployment, Device.health)
+        .outerjoin(Device, Device.id == DeviceDeployment.device_id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.wave == r.current_wave)
+        .order_by(DeviceDeployment.device_id)
+        .limit(DEVICES_SHOWN)
+    ).all()
+    views = [
+        DeploymentView(
+            device=d.device_id,
+            wave=d.wave,
+            state=DeploymentState(d.state),
+            from_=d.from_version,
+            to=d.to_version,
+            last_step=d.last_step,
+            detail=d.detail,
+        )
+        for d, _ in rows
+    ]
+    return views, {d.device_id: dict(health or {}) for d, health in rows}
+
+
 def live_state(s: Session, r: Rollout) -> dict[str, Any]:
-    """Everything the live part of a rollout's page shows."""
-    detail = rollouts.rollout_detail(s, r)
-    deps = list(s.scalars(select(DeviceDeployment).where(DeviceDeployment.rollout_id == r.id)))
-    devices = devices_by_id(s, [d.device_id for d in deps])
-    fresh: dict[str, dict[str, Any]] = {}  # device -> health reported from the new version since its update
-    for dep in deps:
-        device = devices.get(dep.device_id)
-        health = dict(device.health or {}) if device is not None else {}
-        since = dep.started_at.timestamp() if dep.started_at else float("inf")
-        if (
-            dep.state == DeploymentState.SUCCEEDED
-            and health.get("version") == dep.to_version
-            and float(health.get("ts", 0)) >= since
-        ):
-            fresh[dep.device_id] = health
-    by_wave: dict[int, list[Any]] = {}
-    for d in detail.deployments:
-        by_wave.setdefault(d.wave, []).append(d)
+    """Everything the live part of a rollout's page shows, read in a few aggregate queries: the
+    state, each wave's counts per deployment state, the gates and the chart over the updated
+    devices' health, the current wave's devices (at most :data:`DEVICES_SHOWN`, by id), and the
+    newest :data:`HISTORY_SHOWN` entries of its history. A 10,000-device rollout is not 10,000
+    rows of HTML every 2 s."""
+    view = rollouts.rollout_view(s, r)
+    counts = _wave_counts(s, r)
+    fresh = _fresh(s, r)
+    shown, health = _shown(s, r)
     waves = []
-    for w in detail.waves:
-        members = by_wave.get(w.wave, [])
-        base = (r.baseline.get(str(w.wave)) or {}).get("p95_ms")
+    for w in view.waves:
+        in_wave = counts.get(w.wave, {})
+        current = w.wave == r.current_wave
         waves.append(
             {
                 "view": w,
-                "deployments": members,
-                "p95": _median_p95([fresh[d.device] for d in members if d.device in fresh]),
-                "baseline": base,
-                "health": {
-                    d.device: devices[d.device].health if d.device in devices else {} for d in members
-                },
+                "counts": dict(sorted(in_wave.items())),
+                "deployments": shown if current else [],
+                "more": max(0, sum(in_wave.values()) - len(shown)) if current else 0,
+                "p95": _median_p95(fresh.get(w.wave, [])),
+                "baseline": (r.baseline.get(str(w.wave)) or {}).get("p95_ms"),
+                "health": health if current else {},
             }
         )
     gates = [parse_gate(g) for g in r.gates]
@@ -124,10 +208,10 @@ def live_state(s: Session, r: Rollout) -> dict[str, Any]:
         if (r.baseline.get(key) or {}).get("p95_ms"):
             baseline = dict(r.baseline[key])
             break
-    succeeded = sum(1 for d in deps if d.state == DeploymentState.SUCCEEDED)
+    succeeded = view.devices.get(DeploymentState.SUCCEEDED, 0)
     verdict = evaluate(
         gates,
-        list(fresh.values()),
+        [h for healths in fresh.values() for h in healths],
         baseline,
         max(1, min(r.min_samples, succeeded)),
         r.min_requests,
@@ -149,15 +233,62 @@ def live_state(s: Session, r: Rollout) -> dict[str, Any]:
         "updated": [w["p95"] for w in waves],
         "baseline": [w["baseline"] for w in waves],
     }
+    history = [
+        AuditView.model_validate(e, from_attributes=True)
+        for e in s.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.target == f"rollout/{r.id}")
+            .order_by(AuditEntry.id.desc())
+            .limit(HISTORY_SHOWN)
+        )
+    ]
     return {
-        "rollout": detail,
+        "rollout": view,
         "waves": waves,
         "verdict": verdict,
         "gates": gate_rows,
         "baseline": baseline,
         "chart": json.dumps(chart),
+        "history": history,
         "now": datetime.now(UTC),
     }
+
+
+def fingerprint(s: Session, r: Rollout, can_act: bool) -> str:
+    """A weak ETag of everything the live part shows, from a few aggregates: the rollout's row,
+    its waves, its deployments (count, row versions, last change), the last heartbeat of its
+    updated devices, its last audit entry, the caller's buttons, and the minute (relative times)."""
+    deps = s.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(DeviceDeployment.row_version), 0),
+            func.max(DeviceDeployment.updated_at),
+        ).where(DeviceDeployment.rollout_id == r.id)
+    ).one()
+    seen = s.scalar(
+        select(func.max(Device.last_seen))
+        .join(DeviceDeployment, DeviceDeployment.device_id == Device.id)
+        .where(DeviceDeployment.rollout_id == r.id, DeviceDeployment.state == DeploymentState.SUCCEEDED)
+    )
+    last_entry = s.scalar(select(func.max(AuditEntry.id)).where(AuditEntry.target == f"rollout/{r.id}"))
+    waves = [(w.index, w.state, w.soak_until) for w in r.wave_rows]
+    text = repr(
+        (
+            r.id,
+            r.state,
+            r.current_wave,
+            r.reason,
+            r.updated_at,
+            json.dumps(r.baseline, sort_keys=True, default=str),
+            tuple(deps),
+            seen,
+            last_entry,
+            waves,
+            can_act,
+            int(time.time() // 60),
+        )
+    )
+    return 'W/"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
 
 
 def rollout_page(ui: Ui, request: Request, who: SignedIn) -> Response:
@@ -169,11 +300,17 @@ def rollout_page(ui: Ui, request: Request, who: SignedIn) -> Response:
 
 
 def live_fragment(ui: Ui, request: Request, who: SignedIn) -> Response:
+    """The live part alone; 304 when its :func:`fingerprint` is the ``If-None-Match`` sent."""
     with ui.hub.db.session() as s:
         r = _rollout(s, request)
+        etag = fingerprint(s, r, who.role >= Role.operator)
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
         state = live_state(s, r)
         actions = allowed(s, r, state["rollout"].release)
-        return ui.render(request, "rollout_live.html", who, actions=actions, **state)
+        response = ui.render(request, "rollout_live.html", who, actions=actions, **state)
+        response.headers["ETag"] = etag
+        return response
 
 
 def _action(request: Request) -> str:
@@ -195,24 +332,42 @@ def confirm_page(ui: Ui, request: Request, who: SignedIn) -> Response:
             rollout=view,
             action=action,
             effect=ACTIONS[action][0],
-            allowed=action in allowed(s, r, view.release),
+            refused=refusal(s, r, view.release, action),
         )
 
 
 def control(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
+    """Does ``action`` to the rollout of the path, and to no other: in one database session its
+    row is read (locked where the database can), the action checked against its state now (a
+    rollback: against its model's latest rollout too), then done; else 409 and nothing changes."""
     action = _action(request)
-    rollout_id = int(request.path_params["rollout_id"])
+    rollout_id = rollout_id_of(request)
+    what = f"{action} of rollout {rollout_id}"
     if form.get("confirm") != action:
-        raise ConflictError(
-            f"{action} of rollout {rollout_id}", "was not confirmed", hint="Use its confirmation form."
-        )
+        raise ConflictError(what, "was not confirmed", hint="Use its confirmation form.")
     with ui.hub.db.session() as s:
+        r = s.get(Rollout, rollout_id, with_for_update=True)
+        if r is None:
+            raise NotFoundError(f"rollout {rollout_id}", "does not exist")
+        release = rollouts.rollout_view(s, r).release
+        if (why := refusal(s, r, release, action)) is not None:
+            raise ConflictError(
+                what, why, hint=f"Open rollout {rollout_id} again: it shows the controls that apply now."
+            )
         if action == "rollback":
-            r = rollouts.find(s, rollout_id)
-            model = rollouts.rollout_view(s, r).release.rpartition("@")[0]
-            rollouts.rollback(s, model, {}, who.name, ui.hub.publish, ui.hub.fleet)
+            model = release.rpartition("@")[0]
+            done = rollouts.rollback(
+                s, model, {}, who.name, ui.hub.publish, ui.hub.fleet, rollout_id=rollout_id
+            )
+            if done.nothing:
+                view = rollouts.rollout_view(s, r)
+                return ui.render(
+                    request, "nothing_to_roll_back.html", who, rollout=view, nothing=done.nothing
+                )
+            acted = done.rollout
         else:
             {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action](
                 s, rollout_id, who.name
             )
-    return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+            acted = rollout_id
+    return RedirectResponse(f"/ui/rollouts/{acted}", status_code=303)

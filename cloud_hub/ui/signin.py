@@ -4,7 +4,8 @@
     POST /ui/login     from this host, with that CSRF token: the token is checked as the API
                        checks it; a valid one gets a session cookie (never the token itself)
                        and the sign-in is audited (``ui.sign_in``, target ``token/NAME``)
-    POST /ui/logout    the session's CSRF token: the cookie is cleared (audited ``ui.sign_out``)
+    POST /ui/logout    from this host; with a valid session its CSRF token (audited ``ui.sign_out``);
+                       the cookie is cleared, also when the session is no longer valid
 
 A session cannot outlive its token: the token row is read on every request
 (:func:`cloud_hub.ui.session.resolve`), so ``edgectl hub token revoke`` ends its sessions at once.
@@ -12,21 +13,23 @@ A session cannot outlive its token: the token row is read on every request
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import time
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from cloud_hub import audit
 from cloud_hub.auth import authenticate, hash_token
 from cloud_hub.models import ApiToken
-from cloud_hub.ui.access import Form, Ui, read_form, same_origin
+from cloud_hub.ui.access import Ui, read_form, same_origin
 from cloud_hub.ui.session import COOKIE, LOGIN_COOKIE, LOGIN_S, SignedIn, cookie_header
 from edgeglm.errors import AccessError, PermissionDenied
 
-__all__ = ["login_form", "login_submit", "logout", "safe_next"]
+__all__ = ["cookie_dropped", "login_form", "login_submit", "logout", "safe_next"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,30 @@ def safe_next(value: str | None) -> str:
     if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value:
         return value
     return "/ui/"
+
+
+def cookie_dropped(request: Request, public_origin: str | None) -> bool:
+    """Whether the browser will drop the Secure session cookie: the page came over plain HTTP
+    (the public URL says so, else the request's scheme and a proxy's ``X-Forwarded-Proto``) from a
+    host that is not loopback (browsers keep Secure cookies of ``localhost`` / ``127.0.0.1``)."""
+    if public_origin is not None:
+        parts = urlsplit(public_origin)
+    else:
+        forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        scheme = forwarded or request.url.scheme
+        parts = urlsplit(f"{scheme}://{request.headers.get('host', '')}")
+    if parts.scheme != "http":
+        return False
+    try:
+        host = (parts.hostname or "").strip("[]")
+    except ValueError:
+        return True
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def _form(ui: Ui, request: Request, *, error: str = "", status: int = 200) -> Response:
@@ -48,6 +75,7 @@ def _form(ui: Ui, request: Request, *, error: str = "", status: int = 200) -> Re
         login_csrf=ui.key.login_csrf(nonce),
         next=safe_next(request.query_params.get("next")),
         error=error,
+        insecure=cookie_dropped(request, ui.public_origin),
     )
     response.headers.append("Set-Cookie", cookie_header(LOGIN_COOKIE, nonce, LOGIN_S))
     return response
@@ -58,7 +86,7 @@ async def login_form(ui: Ui, request: Request) -> Response:
 
 
 async def login_submit(ui: Ui, request: Request) -> Response:
-    if not same_origin(request):
+    if not same_origin(request, ui.public_origin):
         raise PermissionDenied("POST /ui/login", "comes from another site", hint="Use the dashboard's form.")
     form = await read_form(request)
     if not ui.key.login_csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
@@ -82,12 +110,34 @@ def _sign_in(ui: Ui, secret: str) -> str:
         assert row is not None  # authenticate found it
         audit.record(s, who.name, "ui.sign_in", f"token/{who.name}", after={"role": who.role.name})
         log.info("dashboard sign-in by token %s (%s)", who.name, who.role.name)
-        return ui.key.issue(row, now=time.time())
+        return ui.key.issue(row, now=ui.clock())
 
 
-def logout(ui: Ui, request: Request, who: SignedIn, form: Form) -> Response:
-    with ui.hub.db.session() as s:
-        audit.record(s, who.name, "ui.sign_out", f"token/{who.name}")
+async def logout(ui: Ui, request: Request) -> Response:
+    """Clears the session cookie. With a valid session, only with its CSRF token, and audited;
+    with none (expired, revoked, altered) the cookie is cleared all the same: there is nobody to
+    sign out, and a stale cookie must not leave the browser stuck (the Origin is checked first
+    either way)."""
+    if not same_origin(request, ui.public_origin):
+        raise PermissionDenied("POST /ui/logout", "comes from another site", hint="Use the dashboard's form.")
+    try:
+        who: SignedIn | None = await run_in_threadpool(ui.signed_in, request)
+    except AccessError:
+        who = None
+    if who is not None:
+        form = await read_form(request)
+        if not ui.key.csrf_ok(who.ticket, form.get("csrf")):
+            raise PermissionDenied(
+                "POST /ui/logout",
+                "has no valid CSRF token for this session",
+                hint="Reload the page and sign out again.",
+            )
+        await run_in_threadpool(_audit_sign_out, ui, who)
     response = RedirectResponse("/ui/login", status_code=303)
     response.headers.append("Set-Cookie", cookie_header(COOKIE, "", 0))
     return response
+
+
+def _audit_sign_out(ui: Ui, who: SignedIn) -> None:
+    with ui.hub.db.session() as s:
+        audit.record(s, who.name, "ui.sign_out", f"token/{who.name}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect  # auto-waiting assertions after each navigation
 
 from tests.integration.conftest import Publisher
 from tests.integration.fleet_sim import Behaviour, SimDevice
@@ -127,6 +128,8 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
         pytest.skip(f"no chromium binary at {CHROMIUM} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright  # the dev extra has it: missing is a failure
 
+    expect.set_options(timeout=TIMEOUT_MS)
+
     from cloud_hub.auth import Role, create_token
     from cloud_hub.db import migrate
     from cloud_hub.inventory import Inventory
@@ -222,6 +225,8 @@ def test_sign_in_as_viewer_shows_the_fleet_releases_and_a_device(dash: Dash) -> 
     dash.shot(page, "device")
 
     page.get_by_role("link", name="Releases").click()
+    page.wait_for_url(dash.url + "/ui/releases")
+    expect(page.get_by_role("heading", level=1)).to_contain_text("Releases")
     text = page.locator("main").inner_text()
     assert "glm-tiny@1.1.0" in text and "glm-tiny@1.0.0" in text
     assert re.search(r"\d+(\.\d+)? (B|KiB)", text)  # bytes per profile, with a unit
@@ -235,6 +240,7 @@ def test_operator_deploys_only_after_the_dry_run_and_pauses(dash: Dash) -> None:
     page = dash.sign_in("operator")
     dash.shot(page, "fleet-operator")
     page.get_by_role("link", name="Deploy").click()
+    page.wait_for_url(dash.url + "/ui/deploy")
     page.get_by_label("Release").select_option("glm-tiny@1.1.0")
     page.get_by_label("Fleet selector").fill("site=plant-7")
     page.get_by_label("Waves").fill("1n,50,100")
@@ -243,8 +249,9 @@ def test_operator_deploys_only_after_the_dry_run_and_pauses(dash: Dash) -> None:
     page.get_by_label("Requests before a gate is judged").fill("1")
     dash.shot(page, "deploy")
     page.get_by_role("button", name="Dry run").click()
+    page.wait_for_url(dash.url + "/ui/deploy/plan")
     main = page.locator("main")
-    assert "Dry run: glm-tiny@1.1.0" in main.inner_text()
+    expect(main.get_by_role("heading", level=1)).to_contain_text("Dry run: glm-tiny@1.1.0")
     assert main.get_by_role("heading", name=re.compile(r"^Wave 1: 1 device, .*B$")).count() == 1
     assert main.locator("table.plan tbody tr").count() == N
     dash.shot(page, "dry-run")
@@ -254,7 +261,8 @@ def test_operator_deploys_only_after_the_dry_run_and_pauses(dash: Dash) -> None:
     rid = int(page.url.rsplit("/", 1)[1])
     dash.story["rollout"] = rid
     page.locator("a[data-action=pause]").click()
-    assert page.get_by_role("heading").first.inner_text() == f"Pause rollout {rid}?"
+    page.wait_for_url(dash.url + f"/ui/rollouts/{rid}/pause")
+    expect(page.get_by_role("heading").first).to_have_text(f"Pause rollout {rid}?")
     page.get_by_role("button", name=f"Yes, pause rollout {rid}").click()
     page.wait_for_url(dash.url + f"/ui/rollouts/{rid}")
     assert page.locator("#rollout-state").inner_text() == "paused"
@@ -272,6 +280,7 @@ def test_viewer_sees_no_buttons_and_a_forged_post_is_refused(dash: Dash) -> None
     rid = dash.story["rollout"]
     page = dash.sign_in("viewer")
     page.goto(dash.url + f"/ui/rollouts/{rid}")
+    page.wait_for_url(dash.url + f"/ui/rollouts/{rid}")
     assert page.locator("#rollout-state").inner_text() == "paused"
     assert page.locator("a[data-action]").count() == 0
     assert page.locator("button", has_text=re.compile("resume|abort|pause", re.I)).count() == 0
@@ -293,6 +302,7 @@ def test_viewer_sees_no_buttons_and_a_forged_post_is_refused(dash: Dash) -> None
 def test_rollout_page_follows_the_waves_by_itself(dash: Dash) -> None:
     rid, page = dash.story["rollout"], dash.story["operator"]
     page.locator("a[data-action=resume]").click()
+    page.wait_for_url(dash.url + f"/ui/rollouts/{rid}/resume")
     page.get_by_role("button", name=f"Yes, resume rollout {rid}").click()
     page.wait_for_url(dash.url + f"/ui/rollouts/{rid}")
     assert page.locator("#rollout-state").inner_text() == "running"
@@ -309,6 +319,7 @@ def test_rollout_page_follows_the_waves_by_itself(dash: Dash) -> None:
     dash.shot(page, "rollout")
     assert {a.get_attribute("data-action") for a in page.locator("a[data-action]").all()} == {"rollback"}
     page.get_by_role("link", name="Rollouts").click()
+    page.wait_for_url(dash.url + "/ui/rollouts")
     assert page.locator("#rollouts tbody tr", has_text="completed").count() == 1
     dash.shot(page, "rollouts")
 
@@ -316,6 +327,7 @@ def test_rollout_page_follows_the_waves_by_itself(dash: Dash) -> None:
 def test_audit_page_shows_the_pause_and_the_resume(dash: Dash) -> None:
     rid, page = dash.story["rollout"], dash.story["operator"]
     page.get_by_role("link", name="Audit").click()
+    page.wait_for_url(re.compile(r".*/ui/audit$"))
     page.get_by_label("Actor").fill(dash.names["operator"])
     page.get_by_label("Subject starts with").fill(f"rollout/{rid}")
     page.get_by_role("button", name="Filter").click()

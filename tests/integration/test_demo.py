@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -98,6 +99,10 @@ def test_edgectl_demo_keep_then_stop(tmp_path: Path) -> None:
         )
         with pytest.raises(PermissionDenied):
             viewer.request("POST", "/api/v1/rollouts", json_body={"release": "demo-glm@1.1.0"})
+        # the printed dashboard address answers: without a session, its sign-in page
+        dashboard = httpx.get(printed["dashboard"], follow_redirects=True, timeout=10)
+        assert dashboard.status_code == 200 and dashboard.url.path == "/ui/login"
+        assert 'name="token"' in dashboard.text and "Sign in" in dashboard.text
 
         # the token was made through the hub's token path: stored hashed, audited, in no file
         db = open_db(state["db_url"])

@@ -1,9 +1,10 @@
-// EdgeGLM dashboard: the rollout page's live part (polled every 2 s, swapped in without a reload)
+// EdgeGLM dashboard: the rollout page's live part (polled every 2 s while visible, swapped in
+// without a reload; 304 when unchanged)
 // and its latency chart (uPlot, vendored under static/vendor/uplot). No inline script: CSP allows
 // only the hub's own files.
 "use strict";
 (function () {
-  var POLL_MS = 2000;
+  var POLL_MS = 2000, MAX_BACKOFF_MS = 60000;
   var plot = null;
 
   function drawChart(root) {
@@ -40,12 +41,35 @@
     if (status.textContent !== text) status.textContent = text;
   }
 
+  // Polling: the hub answers 304 while nothing changed (the fragment's ETag, sent back as
+  // If-None-Match); a hidden tab does not poll; an error (403, 404, 5xx, no network) waits longer
+  // each time, up to a minute; a rollout that ended stops it.
+  var etag = null, delay = POLL_MS, timer = null, stopped = false, inflight = false;
+
+  function schedule(box, ms) {
+    if (stopped || inflight || timer !== null) return;
+    if (document.hidden) return;  // visibilitychange starts it again
+    timer = window.setTimeout(function () { timer = null; poll(box); }, ms);
+  }
+
+  function ended(box) {
+    var status = box.querySelector("[data-final]");
+    return status !== null && status.getAttribute("data-final") === "yes";
+  }
+
   function poll(box) {
     var url = box.getAttribute("data-live");
-    fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    var headers = { "Accept": "text/html" };
+    if (etag) headers["If-None-Match"] = etag;
+    inflight = true;
+    fetch(url, { credentials: "same-origin", cache: "no-store", headers: headers })
       .then(function (r) {
-        if (r.redirected || r.status === 401) { window.location.assign("/ui/login?next=" + encodeURIComponent(window.location.pathname)); return null; }
-        return r.ok ? r.text() : null;
+        if (r.redirected || r.status === 401) { stopped = true; window.location.assign("/ui/login?next=" + encodeURIComponent(window.location.pathname)); return null; }
+        if (r.status === 304) { delay = POLL_MS; return null; }
+        if (!r.ok) { delay = Math.min(delay * 2, MAX_BACKOFF_MS); return null; }
+        delay = POLL_MS;
+        etag = r.headers.get("ETag");
+        return r.text();
       })
       .then(function (html) {
         if (html === null) return;
@@ -57,11 +81,11 @@
         announce(box);
         drawChart(box);
       })
-      .catch(function () { /* the next poll tries again */ })
+      .catch(function () { delay = Math.min(delay * 2, MAX_BACKOFF_MS); })
       .finally(function () {
-        var status = box.querySelector("[data-final]");
-        if (status && status.getAttribute("data-final") === "yes") return;  // ended: nothing moves now
-        window.setTimeout(function () { poll(box); }, POLL_MS);
+        inflight = false;
+        if (ended(box)) { stopped = true; return; }  // ended: nothing moves now
+        schedule(box, delay);
       });
   }
 
@@ -69,7 +93,10 @@
     var box = document.getElementById("live");
     if (!box) return;
     drawChart(box);
-    var status = box.querySelector("[data-final]");
-    if (!status || status.getAttribute("data-final") !== "yes") window.setTimeout(function () { poll(box); }, POLL_MS);
+    if (ended(box)) return;
+    document.addEventListener("visibilitychange", function () {
+      if (!document.hidden) schedule(box, 0);
+    });
+    schedule(box, POLL_MS);
   });
 })();
