@@ -32,6 +32,7 @@ class HubContext:
     fleet: FleetKey | None = None  # signs desired states (cloud_hub.desired)
     fetch_limits: FetchLimits | None = None  # each device's fetch rate at the gateway (defaults if None)
     encoder: PieceEncoder | None = None  # plans and encodes pieces for devices (made on first use)
+    public_url: str | None = None  # where browsers reach the hub: the dashboard's forms' Origin
 
     def piece_encoder(self) -> PieceEncoder:
         if self.encoder is None:

@@ -61,6 +61,7 @@ def build_context(settings: HubSettings) -> HubContext:
         max_piece_bytes=settings.max_piece_bytes,
         fleet=FleetKey.load_or_create(settings.fleet_key_path, pieces_url=settings.pieces_url),
         fetch_limits=settings.fetch_limits,
+        public_url=settings.public_url,
     )
 
 
@@ -134,7 +135,7 @@ _LISTEN_HINT = "Stop what holds the port, or give another host:port with --liste
 def load_app(ctx: HubContext) -> FastAPI:
     """The HTTP API, with the dashboard (:mod:`cloud_hub.ui`) mounted at ``/ui``."""
     app = create_app(ctx)
-    app.mount("/ui", create_ui(ctx))
+    app.mount("/ui", create_ui(ctx, public_url=ctx.public_url))
     return app
 
 

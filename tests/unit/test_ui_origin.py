@@ -123,3 +123,25 @@ def test_the_sign_in_page_says_when_the_cookie_cannot_stick(
     assert ('id="insecure"' in page.text) is notice
     if notice:
         assert "your browser will not keep it" in page.text
+
+
+def test_the_served_hub_takes_its_public_url_from_the_settings(tmp_path: Path) -> None:
+    """``EDGEGLM_HUB_PUBLIC_URL`` reaches the dashboard of the app ``hub serve`` runs."""
+    from fastapi.testclient import TestClient
+
+    from cloud_hub.auth import Role, create_token
+    from cloud_hub.db import migrate
+    from cloud_hub.server import build_context, load_app
+
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    migrate(url)
+    env = {"EDGEGLM_HUB_PUBLIC_URL": PUBLIC}
+    ctx = build_context(HubSettings.from_env(env, data_dir=tmp_path / "hub", db_url=url))
+    try:
+        with ctx.db.session() as s:
+            _, secret = create_token(s, "viewer-p", Role.viewer, "test")
+        with TestClient(load_app(ctx), base_url="https://hub_replicas", follow_redirects=False) as client:
+            assert _sign_in(client, secret, PUBLIC).status_code == 303
+            assert _sign_in(client, secret, "https://hub_replicas").status_code == 403
+    finally:
+        ctx.db.dispose()
