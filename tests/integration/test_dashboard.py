@@ -252,7 +252,7 @@ def test_operator_deploys_only_after_the_dry_run_and_pauses(dash: Dash) -> None:
     page.wait_for_url(dash.url + "/ui/deploy/plan")
     main = page.locator("main")
     expect(main.get_by_role("heading", level=1)).to_contain_text("Dry run: glm-tiny@1.1.0")
-    assert main.get_by_role("heading", name=re.compile(r"^Wave 1: 1 device, .*B$")).count() == 1
+    assert main.get_by_role("heading", name=re.compile(r"^Wave 0: 1 device, .*B$")).count() == 1
     assert main.locator("table.plan tbody tr").count() == N
     dash.shot(page, "dry-run")
 

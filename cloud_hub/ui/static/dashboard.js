@@ -11,7 +11,7 @@
     var el = root.querySelector("[data-chart]");
     if (!el || typeof uPlot === "undefined") return;
     var d = JSON.parse(el.getAttribute("data-chart"));
-    var x = d.waves.map(function (w) { return w + 1; });
+    var x = d.waves.slice();  // numbered from 0, as the audit log and `edgectl rollouts status` do
     var data = [x, d.updated, d.baseline];
     var width = Math.max(280, Math.min(720, el.clientWidth || 600));
     if (plot) { plot.destroy(); plot = null; }
