@@ -2,10 +2,11 @@
 audit log as the API (PRODUCT.md section 11, issue 27).
 
     signin          GET  /ui/login, POST /ui/login, POST /ui/logout              -
-    fleet           GET  /ui/                                                    viewer
+    fleet           GET  /ui/?selector=&online=&after=&limit=                    viewer
                     GET  /ui/devices/{id}                                        viewer
     releases        GET  /ui/releases                                            viewer
     rollout_pages   GET  /ui/rollouts, /ui/rollouts/{id}, /ui/rollouts/{id}/live viewer
+                    GET  /ui/rollouts/{id}/waves/{n}?after=&limit=&state=        viewer
                     GET  /ui/rollouts/{id}/pause|resume|abort|rollback           operator  (confirm)
                     POST /ui/rollouts/{id}/pause|resume|abort|rollback           operator  + CSRF
     deploy          GET  /ui/deploy, POST /ui/deploy/plan, POST /ui/deploy/start operator  + CSRF
@@ -88,6 +89,9 @@ def create_ui(
         Route("/rollouts", view(ui, viewer, rollout_pages.rollouts_page), methods=["GET"]),
         Route("/rollouts/{rollout_id}", view(ui, viewer, rollout_pages.rollout_page), methods=["GET"]),
         Route("/rollouts/{rollout_id}/live", view(ui, viewer, rollout_pages.live_fragment), methods=["GET"]),
+        Route(
+            "/rollouts/{rollout_id}/waves/{wave}", view(ui, viewer, rollout_pages.wave_page), methods=["GET"]
+        ),
         Route(
             "/rollouts/{rollout_id}/{action}",
             view(ui, operator, rollout_pages.confirm_page),

@@ -5,6 +5,9 @@
                                              threshold and the baseline, latency per wave (chart)
     GET  /ui/rollouts/{id}/live              the same page's live part alone: the page polls it
                                              every 2 s and swaps it in (no reload)
+    GET  /ui/rollouts/{id}/waves/{n}         one wave's devices, past waves included: from/to version,
+                                             state, last report, p95, error rate; 200 a page by
+                                             device id (``?after=``, ``?limit=``, ``?state=``)
     GET  /ui/rollouts/{id}/{action}          operator: what pause / resume / abort / rollback will
                                              do, and the form that confirms it
     POST /ui/rollouts/{id}/{action}          operator + CSRF: does it through cloud_hub.rollouts,
@@ -35,9 +38,10 @@ from cloud_hub.auth import Role
 from cloud_hub.gates import evaluate, parse_gate
 from cloud_hub.models import AuditEntry, Device, DeviceDeployment, Model, Release, Rollout
 from cloud_hub.ui.access import Form, Ui
+from cloud_hub.ui.paging import Paging
 from cloud_hub.ui.session import SignedIn
 from edgeglm.contracts import ROLLOUT_ID_MAX
-from edgeglm.errors import ConflictError, NotFoundError
+from edgeglm.errors import ConflictError, NotFoundError, UsageError
 from edgeglm.hub_api import AuditView, DeploymentView
 from edgeglm.lifecycle import DeploymentState, RolloutEvent, rollout_sources
 
@@ -51,6 +55,7 @@ __all__ = [
     "rollout_id_of",
     "rollout_page",
     "rollouts_page",
+    "wave_page",
 ]
 
 DEVICES_SHOWN = 200  # of the current wave, on the page and in each poll
@@ -252,6 +257,62 @@ def live_state(s: Session, r: Rollout) -> dict[str, Any]:
         "history": history,
         "now": datetime.now(UTC),
     }
+
+
+def wave_index_of(request: Request, r: Rollout) -> int:
+    """The path's wave number: 0 to the rollout's last wave, else a 404."""
+    text = str(request.path_params["wave"])
+    last = len(r.waves) - 1
+    if not re.fullmatch(r"[0-9]{1,4}", text) or not 0 <= int(text) <= last:
+        raise NotFoundError(
+            f"wave {text[:24]!r} of rollout {r.id}", f"does not exist (its waves are 0 to {last})"
+        )
+    return int(text)
+
+
+def wave_page(ui: Ui, request: Request, who: SignedIn) -> Response:
+    """One wave's deployments, read-only, a page at a time by device id (the wave's count and
+    the state filter in SQL), whatever wave the rollout is at now."""
+    paging = Paging.of(request)
+    state_text = request.query_params.get("state", "")
+    states = [str(st) for st in DeploymentState]
+    if state_text and state_text not in states:
+        raise UsageError("state", f"{state_text[:30]!r}: choose one of " + ", ".join(states))
+    with ui.hub.db.session() as s:
+        r = _rollout(s, request)
+        index = wave_index_of(request, r)
+        view = rollouts.rollout_view(s, r)
+        where = [DeviceDeployment.rollout_id == r.id, DeviceDeployment.wave == index]
+        if state_text:
+            where.append(DeviceDeployment.state == state_text)
+        total = int(s.scalar(select(func.count()).select_from(DeviceDeployment).where(*where)) or 0)
+        if paging.after is not None:
+            where.append(DeviceDeployment.device_id > paging.after)
+        rows = s.execute(
+            select(DeviceDeployment, Device.health)
+            .outerjoin(Device, Device.id == DeviceDeployment.device_id)
+            .where(*where)
+            .order_by(DeviceDeployment.device_id)
+            .limit(paging.limit + 1)
+        ).all()
+        more = len(rows) > paging.limit
+        rows = rows[: paging.limit]
+        kept = {"state": state_text}
+        return ui.render(
+            request,
+            "rollout_wave.html",
+            who,
+            rollout=view,
+            wave=next((w for w in view.waves if w.wave == index), None),
+            index=index,
+            deployments=[(d, dict(health or {})) for d, health in rows],
+            total=total,
+            states=states,
+            state=state_text,
+            next_page=paging.query(kept, rows[-1][0].device_id) if more and rows else "",
+            first_page=paging.query(kept, None) if paging.after else "",
+            now=datetime.now(UTC),
+        )
 
 
 def fingerprint(s: Session, r: Rollout, can_act: bool) -> str:
