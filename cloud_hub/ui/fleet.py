@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, func, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +27,11 @@ from cloud_hub.ui.session import SignedIn
 from edgeglm.errors import UsageError
 
 __all__ = ["FleetPage", "device_page", "fleet_page", "fleet_rows"]
+
+
+_SCAN_COLUMNS = load_only(
+    Device.id, Device.labels, Device.profile, Device.current_model, Device.current_version
+)
 
 
 @dataclass
@@ -59,27 +64,31 @@ def fleet_rows(
         rows = rows[: paging.limit]
         return FleetPage(rows, in_fleet, in_fleet, rows[-1].id if more and rows else None, len(rows))
     page = FleetPage(in_fleet=in_fleet)
-    found: list[Device] = []
+    found: list[str] = []
+    # the scan reads only what a selector can name (a device's labels and its own fields; any
+    # other column ``matches`` read would load lazily: slower, never wrong); the page's devices
+    # are then read whole in one query
+    scan = select(Device).options(_SCAN_COLUMNS).where(where).order_by(Device.id).limit(SCAN_CHUNK)
     while True:
-        q = select(Device).where(where).order_by(Device.id).limit(SCAN_CHUNK)
-        chunk = list(s.scalars(q if after is None else q.where(Device.id > after)))
+        chunk = list(s.scalars(scan if after is None else scan.where(Device.id > after)))
         for d in chunk:
             page.scanned += 1
             after = d.id
             if matches(d, selector):
-                found.append(d)
+                found.append(d.id)
                 if len(found) > paging.limit:
-                    page.devices = found[: paging.limit]
-                    page.next_after = page.devices[-1].id
-                    return page
-        if len(chunk) < SCAN_CHUNK:  # the end of the fleet
-            page.devices = found
-            return page
-        if page.scanned >= scan_max:
-            page.devices = found
-            page.scan_stopped_at = after
-            page.next_after = after
-            return page
+                    page.next_after = found[paging.limit - 1]
+                    break
+        else:
+            if len(chunk) == SCAN_CHUNK and page.scanned >= scan_max:
+                page.scan_stopped_at = page.next_after = after
+            elif len(chunk) == SCAN_CHUNK:
+                continue
+        break
+    ids = found[: paging.limit]
+    whole = select(Device).where(Device.id.in_(ids)).order_by(Device.id)
+    page.devices = list(s.scalars(whole.execution_options(populate_existing=True))) if ids else []
+    return page
 
 
 def fleet_page(ui: Ui, request: Request, who: SignedIn) -> Response:

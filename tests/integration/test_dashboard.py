@@ -205,6 +205,7 @@ def test_sign_in_as_viewer_shows_the_fleet_releases_and_a_device(dash: Dash) -> 
     page = dash.sign_in("viewer")
     rows = page.locator("#devices tbody tr")
     assert rows.count() == N
+    assert page.locator("#fleet-count").inner_text().startswith(f"{N} devices")  # counted in SQL
     assert page.locator("#devices tbody tr", has_text="box-00").locator("text=online").count() == 1
     assert "100 ms" in page.locator("#devices").inner_text()  # p95 with its unit
     time_el = page.locator("#devices time").first
@@ -318,6 +319,8 @@ def test_rollout_page_follows_the_waves_by_itself(dash: Dash) -> None:
     assert page.locator(".chart canvas").count() >= 1  # uPlot drew the latency per wave
     dash.shot(page, "rollout")
     assert {a.get_attribute("data-action") for a in page.locator("a[data-action]").all()} == {"rollback"}
+    page.goto(dash.url + (page.locator("#wave-0 a.wave-link").get_attribute("href") or ""))  # wave 0, past
+    assert page.locator("#wave-devices tbody tr", has_text="succeeded").count() == 1
     page.get_by_role("link", name="Rollouts").click()
     page.wait_for_url(dash.url + "/ui/rollouts")
     assert page.locator("#rollouts tbody tr", has_text="completed").count() == 1
