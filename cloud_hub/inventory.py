@@ -22,7 +22,7 @@ from edgeglm.contracts import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN
 from edgeglm.errors import NotFoundError, UsageError
 from edgeglm.hub_api import DeviceView
 
-__all__ = ["Inventory", "device_view", "devices_by_id", "parse_selector"]
+__all__ = ["Inventory", "device_view", "devices_by_id", "matches", "parse_selector"]
 
 log = logging.getLogger(__name__)
 
