@@ -91,6 +91,7 @@ __all__ = [
     "RolloutPlan",
     "abort",
     "create",
+    "deployment_view",
     "deployments_in",
     "dry_run",
     "find",
@@ -773,6 +774,19 @@ def rollout_view(s: Session, r: Rollout) -> RolloutView:
     )
 
 
+def deployment_view(d: DeviceDeployment) -> DeploymentView:
+    """One device's deployment as the API and the dashboard show it."""
+    return DeploymentView(
+        device=d.device_id,
+        wave=d.wave,
+        state=DeploymentState(d.state),
+        from_=d.from_version,
+        to=d.to_version,
+        last_step=d.last_step,
+        detail=d.detail,
+    )
+
+
 def rollout_detail(s: Session, r: Rollout) -> RolloutDetail:
     """The rollout's view and each of its devices, by wave."""
     rows = s.scalars(
@@ -780,18 +794,7 @@ def rollout_detail(s: Session, r: Rollout) -> RolloutDetail:
         .where(DeviceDeployment.rollout_id == r.id)
         .order_by(DeviceDeployment.wave, DeviceDeployment.device_id)
     )
-    deployments = [
-        DeploymentView(
-            device=d.device_id,
-            wave=d.wave,
-            state=DeploymentState(d.state),
-            from_=d.from_version,
-            to=d.to_version,
-            last_step=d.last_step,
-            detail=d.detail,
-        )
-        for d in rows
-    ]
+    deployments = [deployment_view(d) for d in rows]
     history = [
         AuditView.model_validate(e, from_attributes=True)
         for e in s.scalars(

@@ -167,18 +167,7 @@ def _shown(s: Session, r: Rollout) -> tuple[list[DeploymentView], dict[str, dict
         .order_by(DeviceDeployment.device_id)
         .limit(DEVICES_SHOWN)
     ).all()
-    views = [
-        DeploymentView(
-            device=d.device_id,
-            wave=d.wave,
-            state=DeploymentState(d.state),
-            from_=d.from_version,
-            to=d.to_version,
-            last_step=d.last_step,
-            detail=d.detail,
-        )
-        for d, _ in rows
-    ]
+    views = [rollouts.deployment_view(d) for d, _ in rows]
     return views, {d.device_id: dict(health or {}) for d, health in rows}
 
 
