@@ -12,6 +12,9 @@ less. Symmetric (``symmetric=True``): no zero points are stored and the kernel's
 point 2^(bits-1) applies (8 for 4 bits, 128 for 8 bits); the scale maps the block's largest-
 magnitude value to -2^(bits-1) exactly, so all 2^bits levels are used. MatMulNBits' int8-compute
 kernel skips the zero-point work then: about 1.4x faster at batch 1 on AVX2 (``bench.infer``).
+With ``search=True`` (symmetric) each block's scale is the least-squares best over a grid of
+peak placements instead (:func:`search_scales`, llama.cpp's make_qx_quants idea): the same layout
+and kernel, 10-12% less squared error than round-to-nearest on Gaussian weights.
 
 K is zero-padded to a whole number of blocks. Rows are processed in slabs so memory stays near
 the size of the weight itself.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuantizedWeight", "dequantize", "quantize_blockwise"]
+__all__ = ["QuantizedWeight", "dequantize", "quantize_blockwise", "search_scales"]
 
 _SLAB_ROWS = 4096
 
@@ -58,19 +61,82 @@ def _asymmetric(blocks: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, 
 def _symmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(q, scale) around the implicit zero point 2^(bits-1): the largest |w| lands on -2^(bits-1)."""
     mid = 1 << (bits - 1)
-    idx = np.abs(blocks).argmax(axis=2)[..., None]
-    peak = np.take_along_axis(blocks, idx, axis=2)[..., 0]
-    scale = (peak / -mid).astype(np.float32)
+    scale = _peak(blocks) / -mid
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[..., None]), -mid, mid - 1) + mid
     return q.astype(np.uint8), scale
 
 
+def _peak(blocks: np.ndarray) -> np.ndarray:
+    """Each block's largest-magnitude value, with its sign."""
+    idx = np.abs(blocks).argmax(axis=-1)[..., None]
+    return np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+
+
+# Where the search may put each block's peak: on level qmin - step (-8 - step for 4 bits, the side
+# with the extra level). Steps above 0 clip the peak to buy finer steps for the rest of the block
+# (what heavy-tailed blocks want, most at block 128); below 0 leave headroom. Every candidate's
+# scale is refit by least squares (llama.cpp's make_qx_quants does the same around its max).
+# 11 candidates: a 21-point grid at 0.25 lowered the squared error by only 0.1-0.5% more.
+SEARCH_STEPS = tuple(0.5 * i for i in range(-2, 9))
+
+
+def search_scales(
+    blocks: np.ndarray,
+    qmin: int,
+    qmax: int,
+    steps: tuple[float, ...] = SEARCH_STEPS,
+    importance: np.ndarray | None = None,
+) -> np.ndarray:
+    """Symmetric scales ``s`` (``w ≈ q * s``, q in [qmin, qmax]) minimizing each block's squared error.
+
+    ``blocks`` is ``[..., block]``. For each candidate, the block's largest-magnitude value is put
+    on level ``qmin - step`` (a step above 0 clips it, one below leaves headroom), the block is
+    rounded, and the scale refit by least squares for those integers: ``s = Σwq / Σq²``, whose
+    error is ``Σw² - (Σwq)² / Σq²``. The candidate with the least error wins, so the result is never
+    worse than round-to-nearest with the peak on ``qmin`` (step 0 is a candidate, refit or not:
+    the refit only lowers the error of the same integers). Vectorized over all blocks at once.
+    """
+    peak = _peak(blocks)
+    safe = np.where(peak == 0, 1.0, peak).astype(np.float32)
+    best_score = np.full(peak.shape, -1.0, np.float32)
+    best = np.zeros(peak.shape, np.float32)
+    q = np.empty_like(blocks, dtype=np.float32)
+    for step in steps:
+        inv = (qmin - step) / safe  # 1 / candidate scale (its sign follows the peak's)
+        np.multiply(blocks, inv[..., None], out=q)
+        np.rint(q, out=q)
+        np.clip(q, qmin, qmax, out=q)
+        if importance is None:
+            sxq = np.einsum("...i,...i->...", blocks, q)
+            sqq = np.einsum("...i,...i->...", q, q)
+        else:
+            wq = q * importance
+            sxq = np.einsum("...i,...i->...", blocks, wq)
+            sqq = np.einsum("...i,...i->...", q, wq)
+        score = np.where(sqq > 0, sxq * sxq / np.where(sqq > 0, sqq, 1.0), 0.0)
+        better = score > best_score
+        best_score = np.where(better, score, best_score)
+        best = np.where(better, np.where(sqq > 0, sxq / np.where(sqq > 0, sqq, 1.0), 1.0), best)
+    return np.where(best == 0, 1.0, best).astype(np.float32)
+
+
+def _symmetric_searched(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`_symmetric`, with each block's scale from :func:`search_scales`."""
+    mid = 1 << (bits - 1)
+    scale = search_scales(blocks, -mid, mid - 1)
+    q = np.clip(np.rint(blocks / scale[..., None]), -mid, mid - 1) + mid
+    return q.astype(np.uint8), scale
+
+
 def quantize_blockwise(
-    weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool = False
+    weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool = False, search: bool = False
 ) -> QuantizedWeight:
+    """``weight [N, K]`` in MatMulNBits' layout; ``search`` (symmetric only): :func:`search_scales`."""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
+    if search and not symmetric:
+        raise ValueError("scale search is implemented for symmetric quantization only")
     n, k = weight.shape
     k_blocks = -(-k // block_size)
     qmax = (1 << bits) - 1
@@ -81,7 +147,7 @@ def quantize_blockwise(
             w = np.pad(w, ((0, 0), (0, k_blocks * block_size - k)))
         blocks = w.reshape(w.shape[0], k_blocks, block_size)
         if symmetric:
-            q, scale = _symmetric(blocks, bits)
+            q, scale = (_symmetric_searched if search else _symmetric)(blocks, bits)
         else:
             q, scale, zp = _asymmetric(blocks, qmax)
             if bits == 4:

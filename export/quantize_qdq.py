@@ -5,7 +5,9 @@ activations stay float, so TensorRT and every ONNX Runtime provider can run the 
 
     int4:  W_q  int4 [K, N] ────────┐
            scale T [K / bs, N] ─────┴─ DequantizeLinear(axis=0, block_size=bs) ─> MatMul(x, ·)
-           symmetric, blockwise along K (opset 21: the form TensorRT's INT4 weight-only reads)
+           symmetric, blockwise along K (opset 21: the form TensorRT's INT4 weight-only reads),
+           each block's scale by least-squares search (export/quant.py); the lm_head (the MatMul
+           that makes ``logits``) as int8 below: it decides every token
 
     int8:  W_q  int8 [K, N] ────────┐
            scale T [N] ─────────────┴─ DequantizeLinear(axis=1) ─────────────────> MatMul(x, ·)
@@ -35,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from edgeglm.errors import ExportError
+from export.quant import search_scales
 from export.standard import save_single_data
 
 __all__ = ["WEIGHTS", "quantize_standard"]
@@ -66,13 +69,19 @@ def _int8_per_channel(
 def _int4_blockwise(
     w: np.ndarray, name: str, block_size: int
 ) -> tuple[TensorProto, TensorProto, dict[str, Any]]:
-    """``w[k, n] ≈ q[k, n] * scale[k // bs, n]``, q in [-7, 7]; K is padded to whole blocks."""
+    """``w[k, n] ≈ q[k, n] * scale[k // bs, n]``, q in [-7, 7]; K is padded to whole blocks.
+
+    Each block's scale comes from the least-squares search of export/quant.py (never worse than
+    round-to-nearest with the largest |w| on ±7).
+    """
     k, n = w.shape
     blocks = -(-k // block_size)
-    padded = np.pad(w, ((0, blocks * block_size - k), (0, 0))).reshape(blocks, block_size, n)
-    amax = np.abs(padded).max(axis=1)
-    scale = np.where(amax == 0, 1.0, amax / 7.0).astype(w.dtype)
+    padded = np.pad(w.astype(np.float32), ((0, blocks * block_size - k), (0, 0))).reshape(
+        blocks, block_size, n
+    )
+    scale = np.abs(search_scales(padded.transpose(0, 2, 1), -7, 7))  # [blocks, n]; ±s store the same grid
     q = np.clip(np.rint(padded / scale[:, None, :]), -7, 7).reshape(blocks * block_size, n)[:k]
+    scale = scale.astype(w.dtype)
     return (
         numpy_helper.from_array(q.astype(ml_dtypes.int4), f"{name}_q4"),
         numpy_helper.from_array(scale, f"{name}_q4_scale"),
@@ -80,8 +89,16 @@ def _int4_blockwise(
     )
 
 
-def _qdq(model: onnx.ModelProto, base_dir: Path, quantize: QuantizeFn, block_size: int) -> onnx.ModelProto:
+def _qdq(
+    model: onnx.ModelProto,
+    base_dir: Path,
+    quantize: QuantizeFn,
+    block_size: int,
+    head: QuantizeFn | None = None,
+) -> onnx.ModelProto:
     """Replace each constant 2-D float (fp32 or fp16) MatMul weight by quantize -> DequantizeLinear.
+
+    ``head``, where given, quantizes the lm_head instead: the MatMul whose output is ``logits``.
 
     Weights are read one at a time (from ``base_dir`` when external), quantized and dropped; the
     scales keep the weight's float type, so DequantizeLinear yields what the MatMul already ate.
@@ -89,13 +106,15 @@ def _qdq(model: onnx.ModelProto, base_dir: Path, quantize: QuantizeFn, block_siz
     """
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
+    head_out = _logits_source(graph)
     dequantize = []
     for node in graph.node:
         tensor = weights.get(node.input[1]) if node.op_type == "MatMul" else None
         if tensor is None or tensor.data_type not in _FLOAT_WEIGHTS or len(tensor.dims) != 2:
             continue
         name = tensor.name
-        q, scale, attrs = quantize(numpy_helper.to_array(tensor, base_dir=str(base_dir)), name, block_size)
+        fn = head if head is not None and node.output[0] == head_out else quantize
+        q, scale, attrs = fn(numpy_helper.to_array(tensor, base_dir=str(base_dir)), name, block_size)
         graph.initializer.remove(tensor)
         del weights[name]  # a weight shared by two MatMuls is dequantized once
         graph.initializer.extend([q, scale])
@@ -112,6 +131,15 @@ def _qdq(model: onnx.ModelProto, base_dir: Path, quantize: QuantizeFn, block_siz
             opset.version = max(opset.version, _BLOCKWISE_OPSET)
     model.ir_version = max(model.ir_version, _IR_INT4)
     return model
+
+
+def _logits_source(graph: onnx.GraphProto) -> str:
+    """The tensor ``logits`` is computed from, through any Cast / Identity (fp16 graphs cast it)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    name = "logits"
+    while name in producer and producer[name].op_type in ("Cast", "Identity"):
+        name = producer[name].input[0]
+    return name
 
 
 def _load(src: Path, activations: str) -> onnx.ModelProto:
@@ -165,7 +193,8 @@ def _int8(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
 
 
 def _int4(src: Path, block_size: int, activations: str) -> onnx.ModelProto:
-    return _qdq(_load(src, activations), src.parent, _int4_blockwise, block_size)
+    """int4 blockwise, the lm_head int8 per channel (llama.cpp keeps its output matrix at 6 bits too)."""
+    return _qdq(_load(src, activations), src.parent, _int4_blockwise, block_size, head=_int8_per_channel)
 
 
 WEIGHTS: dict[str, Callable[[Path, int, str], onnx.ModelProto]] = {

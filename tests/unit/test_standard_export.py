@@ -174,9 +174,18 @@ def test_int4_is_blockwise_dequantize_linear(exported, tmp_path):
     model = onnx.load(path, load_external_data=False)
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 6 * LAYERS + 1  # q, k, v, o, gate_up, down per layer + lm_head
-    assert all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in dq)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.output[0] == "logits"}
+    body = [n for n in dq if n.output[0] not in head]
+    assert len(body) == 6 * LAYERS and all(
+        {a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in body
+    )
     types = {t.name: t.data_type for t in model.graph.initializer}
-    assert {types[n.input[0]] for n in dq} == {onnx.TensorProto.INT4}
+    assert {types[n.input[0]] for n in body} == {onnx.TensorProto.INT4}
+    # the lm_head (the MatMul that makes logits) stays int8 per output channel
+    (head_dq,) = (producer[name] for name in head)
+    assert types[head_dq.input[0]] == onnx.TensorProto.INT8
+    assert {a.name: a.i for a in head_dq.attribute} == {"axis": 1}
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
 
 
