@@ -83,9 +83,11 @@ def estimate_memory_mb(
             + 3 * spec.hidden * spec.intermediate
         )
         act = 2 if profile.weights == "fp16" else 4
-        weights_bytes = (linear + spec.vocab * spec.hidden) * _bytes_per_weight(
-            profile
-        ) + spec.vocab * spec.hidden * act
+        per = _bytes_per_weight(profile)
+        # under int4 weights the lm_head stays at 8 bits (export.quant): it moves top-1 the most
+        head = 1 + 4 / (profile.block_size or 32) if profile.weights == "int4" else per
+        table = spec.vocab * spec.hidden
+        weights_bytes = linear * per + table * head + table * act
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
     kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
     workspace = profile.tensorrt.workspace_mb * MIB if profile.tensorrt else 0
