@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_hub.models import Device, DeviceDeployment, Model, Release, Rollout, RolloutWave
+from cloud_hub.models import Device, DeviceDeployment, Rollout
+from tests.unit.ui_hub import add_release, add_rollout, add_token, client_of, csrf_of, new_hub, sign_in
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
@@ -27,12 +27,8 @@ class App:
     def sign_in(self, role: str) -> str:
         """Signs the client in as ``role`` (its cookie jar holds the session); its CSRF token."""
         self.client.cookies.clear()
-        form = self.client.get("/ui/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
-        done = self.client.post("/ui/login", data={"csrf": csrf, "token": self.tokens[role], "next": "/ui/"})
-        assert done.status_code == 303, done.text
-        page = self.client.get("/ui/")
-        return re.search(r'name="csrf" value="([^"]+)"', page.text)[1]  # type: ignore[index]
+        sign_in(self.client, self.tokens[role], headers={}, next="/ui/")
+        return csrf_of(self.client.get("/ui/").text)
 
     def state(self) -> str:
         with self.ctx.db.session() as s:
@@ -41,26 +37,12 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    from fastapi.testclient import TestClient
+    from cloud_hub.auth import Role
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context, load_app
-    from cloud_hub.settings import HubSettings
-
-    tmp: Path = tmp_path_factory.mktemp("ui")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
-    tokens = {}
+    ctx = new_hub(tmp_path_factory.mktemp("ui"))
     with ctx.db.session() as s:
-        for role in Role:
-            _, tokens[role.name] = create_token(s, f"{role.name}-t", role, "test")
-        model = Model(name="glm-tiny")
-        s.add(model)
-        s.flush()
-        release = Release(model_id=model.id, version="1.1.0", major=1, minor=1, patch=0, created_by="test")
-        s.add(release)
+        tokens = {role.name: add_token(s, f"{role.name}-t", role) for role in Role}
+        release = add_release(s)
         s.add(
             Device(
                 id="box-1",
@@ -70,25 +52,15 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
                 current_model="glm-tiny",
             )
         )
-        s.flush()
-        rollout = Rollout(
-            release_id=release.id,
+        rollout = add_rollout(
+            s,
+            release,
             selector={"site": "plant-7"},
             waves=[{"percent": 100.0}],
-            soak_s=1,
-            success_threshold=1,
-            max_failure_ratio=0,
-            gates=[],
-            device_timeout_s=60,
-            on_failure="revert",
             state="running",
-            min_samples=1,
+            wave_rows=[(1, "pending")],
             reason=HOSTILE,
-            created_by="test",
         )
-        s.add(rollout)
-        s.flush()
-        s.add(RolloutWave(rollout_id=rollout.id, index=0, size=1))
         s.add(
             DeviceDeployment(
                 rollout_id=rollout.id, device_id="box-1", wave=0, to_version="1.1.0", detail=HOSTILE
@@ -96,7 +68,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
         )
         rid = rollout.id
     # https: the client sends the Secure cookie back
-    with TestClient(load_app(ctx), base_url="https://hub.test", follow_redirects=False) as client:
+    with client_of(ctx) as client:
         yield App(client, ctx, tokens, rid)
     ctx.db.dispose()
 

@@ -6,17 +6,15 @@ not those of every device whose id starts with its id."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_hub.models import Device, DeviceDeployment, Model, Release, Rollout, RolloutWave
-
-ORIGIN = {"Origin": "https://hub.test"}
+from cloud_hub.models import Device, DeviceDeployment, Release, Rollout
+from tests.unit import ui_hub
+from tests.unit.ui_hub import ORIGIN
 
 
 @dataclass
@@ -29,14 +27,8 @@ class Hub:
 
     def sign_in(self, role: str) -> str:
         self.client.cookies.clear()
-        form = self.client.get("/ui/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
-        done = self.client.post(
-            "/ui/login", data={"csrf": csrf, "token": self.tokens[role], "next": "/ui/"}, headers=ORIGIN
-        )
-        assert done.status_code == 303, done.text
-        page = self.client.get("/ui/")
-        return re.search(r'name="csrf" value="([^"]+)"', page.text)[1]  # type: ignore[index]
+        ui_hub.sign_in(self.client, self.tokens[role], next="/ui/")
+        return ui_hub.csrf_of(self.client.get("/ui/").text)
 
     def post(self, path: str, data: dict[str, str]) -> Any:
         return self.client.post(path, data=data, headers=ORIGIN)
@@ -47,23 +39,9 @@ class Hub:
 
 
 def _rollout(s: Any, release: Release, device: str, from_version: str | None) -> int:
-    r = Rollout(
-        release_id=release.id,
-        selector={},
-        waves=[{"percent": 100.0}],
-        soak_s=1,
-        success_threshold=1,
-        max_failure_ratio=0,
-        gates=[],
-        device_timeout_s=60,
-        on_failure="revert",
-        state="completed",
-        min_samples=1,
-        created_by="test",
+    r = ui_hub.add_rollout(
+        s, release, waves=[{"percent": 100.0}], state="completed", wave_rows=[(1, "passed")]
     )
-    s.add(r)
-    s.flush()
-    s.add(RolloutWave(rollout_id=r.id, index=0, size=1, state="passed"))
     s.add(
         DeviceDeployment(
             rollout_id=r.id,
@@ -80,29 +58,14 @@ def _rollout(s: Any, release: Release, device: str, from_version: str | None) ->
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    from fastapi.testclient import TestClient
+    from cloud_hub.auth import Role
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context, load_app
-    from cloud_hub.settings import HubSettings
-
-    tmp: Path = tmp_path_factory.mktemp("ui-controls")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
-    tokens = {}
+    ctx = ui_hub.new_hub(tmp_path_factory.mktemp("ui-controls"))
     with ctx.db.session() as s:
-        for role in (Role.viewer, Role.operator):
-            _, tokens[role.name] = create_token(s, f"{role.name}-c", role, "test")
-        model = Model(name="glm-tiny")
-        s.add(model)
-        s.flush()
-        releases = {
-            v: Release(model_id=model.id, version=v, major=1, minor=int(v[2]), patch=0, created_by="test")
-            for v in ("1.0.0", "1.1.0", "1.2.0")
+        tokens = {
+            role.name: ui_hub.add_token(s, f"{role.name}-c", role) for role in (Role.viewer, Role.operator)
         }
-        s.add_all(releases.values())
+        releases = {v: ui_hub.add_release(s, version=v) for v in ("1.0.0", "1.1.0", "1.2.0")}
         for device, version in (("box-1", "1.1.0"), ("box-10", "1.2.0")):
             s.add(
                 Device(
@@ -117,7 +80,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         s.flush()
         older = _rollout(s, releases["1.1.0"], "box-1", "1.0.0")
         newer = _rollout(s, releases["1.2.0"], "box-10", None)  # back to no model: no bundle needed
-    with TestClient(load_app(ctx), base_url="https://hub.test", follow_redirects=False) as client:
+    with ui_hub.client_of(ctx) as client:
         yield Hub(client, ctx, tokens, older, newer)
     ctx.db.dispose()
 

@@ -10,14 +10,13 @@ import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_hub.models import Device, Model, Release, Rollout
+from cloud_hub.models import Device, Rollout
+from tests.unit.ui_hub import ORIGIN, add_release, add_token, client_of, new_hub, sign_in
 
-ORIGIN = {"Origin": "https://hub.test"}
 NO_DRY_RUN = "has no dry run of these parameters in this session"
 
 
@@ -30,34 +29,21 @@ class Hub:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    from fastapi.testclient import TestClient
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context
-    from cloud_hub.settings import HubSettings
+    from cloud_hub.auth import Role
     from cloud_hub.ui import create_ui
 
-    tmp: Path = tmp_path_factory.mktemp("ui-deploy")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
+    ctx = new_hub(tmp_path_factory.mktemp("ui-deploy"))
     with ctx.db.session() as s:
-        _, secret = create_token(s, "operator-d", Role.operator, "test")
-        model = Model(name="glm-tiny")
-        s.add(model)
-        s.flush()
-        s.add(Release(model_id=model.id, version="1.1.0", major=1, minor=1, patch=0, created_by="test"))
+        secret = add_token(s, "operator-d", Role.operator)
+        add_release(s)
         s.add(Device(id="box-1", profile="cpu-x86-int4", labels={"site": "plant-7"}, online=True))
     now = [1_800_000_000.0]
     app = Starlette(routes=[Mount("/ui", create_ui(ctx, clock=lambda: now[0]))])
-    with TestClient(app, base_url="https://hub.test", follow_redirects=False) as client:
-        form = client.get("/ui/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
-        done = client.post("/ui/login", data={"csrf": csrf, "token": secret}, headers=ORIGIN)
-        assert done.status_code == 303, done.text
+    with client_of(ctx, app) as client:
+        sign_in(client, secret)
         yield Hub(client, ctx, now)
     ctx.db.dispose()
 

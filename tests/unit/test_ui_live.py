@@ -6,57 +6,41 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_hub.models import Device, DeviceDeployment, Model, Release, Rollout, RolloutWave
+from cloud_hub.models import Device, DeviceDeployment
+from tests.unit.ui_hub import (
+    ORIGIN,
+    add_release,
+    add_rollout,
+    add_token,
+    client_of,
+    csrf_of,
+    new_hub,
+    sign_in,
+)
 
-ORIGIN = {"Origin": "https://hub.test"}
 WAVES = (10, 440)  # the current wave (the second) has more devices than a page shows
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int, str]]:
-    from fastapi.testclient import TestClient
+    from cloud_hub.auth import Role
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context, load_app
-    from cloud_hub.settings import HubSettings
-
-    tmp: Path = tmp_path_factory.mktemp("ui-live")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
+    ctx = new_hub(tmp_path_factory.mktemp("ui-live"))
     with ctx.db.session() as s:
-        _, secret = create_token(s, "operator-l", Role.operator, "test")
-        model = Model(name="glm-tiny")
-        s.add(model)
-        s.flush()
-        release = Release(model_id=model.id, version="1.1.0", major=1, minor=1, patch=0, created_by="test")
-        s.add(release)
-        s.flush()
-        r = Rollout(
-            release_id=release.id,
-            selector={},
+        secret = add_token(s, "operator-l", Role.operator)
+        r = add_rollout(
+            s,
+            add_release(s),
             waves=[{"count": WAVES[0]}, {"percent": 100.0}],
-            soak_s=1,
-            success_threshold=1,
-            max_failure_ratio=0,
             gates=["error_rate<=0.05"],
-            device_timeout_s=60,
-            on_failure="revert",
             state="running",
             current_wave=1,
-            min_samples=1,
-            created_by="test",
+            wave_rows=[(WAVES[0], "passed"), (WAVES[1], "pending")],
         )
-        s.add(r)
-        s.flush()
-        s.add(RolloutWave(rollout_id=r.id, index=0, size=WAVES[0], state="passed"))
-        s.add(RolloutWave(rollout_id=r.id, index=1, size=WAVES[1], state="pending"))
         n = 0
         for wave, size in enumerate(WAVES):
             for _ in range(size):
@@ -73,14 +57,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int, s
                 )
                 n += 1
         rid = int(r.id)
-    with TestClient(load_app(ctx), base_url="https://hub.test", follow_redirects=False) as client:
-        form = client.get("/ui/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
-        assert (
-            client.post("/ui/login", data={"csrf": csrf, "token": secret}, headers=ORIGIN).status_code == 303
-        )
-        page = client.get("/ui/")
-        yield client, rid, re.search(r'name="csrf" value="([^"]+)"', page.text)[1]  # type: ignore[index]
+    with client_of(ctx) as client:
+        sign_in(client, secret)
+        yield client, rid, csrf_of(client.get("/ui/").text)
     ctx.db.dispose()
 
 

@@ -4,7 +4,6 @@ one is set (cloud_hub.ui.access.same_origin), so signing in works there, and onl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from cloud_hub.settings import HubSettings, public_origin
 from edgeglm.errors import ConfigError
+from tests.unit.ui_hub import add_token, client_of, csrf_of, new_hub
 
 PUBLIC = "https://hub.example.com"
 UPSTREAM = {"Host": "hub_replicas"}  # what nginx's proxy_pass http://hub_replicas; sends
@@ -20,34 +20,27 @@ UPSTREAM = {"Host": "hub_replicas"}  # what nginx's proxy_pass http://hub_replic
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context
+    from cloud_hub.auth import Role
 
-    tmp: Path = tmp_path_factory.mktemp("ui-origin")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
+    ctx = new_hub(tmp_path_factory.mktemp("ui-origin"))
     with ctx.db.session() as s:
-        _, secret = create_token(s, "viewer-o", Role.viewer, "test")
+        secret = add_token(s, "viewer-o", Role.viewer)
     yield ctx, secret
     ctx.db.dispose()
 
 
 def _client(ctx: Any, public_url: str | None) -> Any:
-    from fastapi.testclient import TestClient
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
     from cloud_hub.ui import create_ui
 
     app = Starlette(routes=[Mount("/ui", create_ui(ctx, public_url=public_url))])
-    return TestClient(app, base_url="https://hub_replicas", follow_redirects=False)
+    return client_of(ctx, app, base_url="https://hub_replicas")
 
 
 def _sign_in(client: Any, secret: str, origin: str) -> Any:
-    form = client.get("/ui/login", headers=UPSTREAM)
-    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
+    csrf = csrf_of(client.get("/ui/login", headers=UPSTREAM).text)
     return client.post(
         "/ui/login",
         data={"csrf": csrf, "token": secret, "next": "/ui/"},
@@ -127,20 +120,13 @@ def test_the_sign_in_page_says_when_the_cookie_cannot_stick(
 
 def test_the_served_hub_takes_its_public_url_from_the_settings(tmp_path: Path) -> None:
     """``EDGEGLM_HUB_PUBLIC_URL`` reaches the dashboard of the app ``hub serve`` runs."""
-    from fastapi.testclient import TestClient
+    from cloud_hub.auth import Role
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context, load_app
-
-    url = f"sqlite:///{tmp_path / 'hub.db'}"
-    migrate(url)
-    env = {"EDGEGLM_HUB_PUBLIC_URL": PUBLIC}
-    ctx = build_context(HubSettings.from_env(env, data_dir=tmp_path / "hub", db_url=url))
+    ctx = new_hub(tmp_path, env={"EDGEGLM_HUB_PUBLIC_URL": PUBLIC})
     try:
         with ctx.db.session() as s:
-            _, secret = create_token(s, "viewer-p", Role.viewer, "test")
-        with TestClient(load_app(ctx), base_url="https://hub_replicas", follow_redirects=False) as client:
+            secret = add_token(s, "viewer-p", Role.viewer)
+        with client_of(ctx, base_url="https://hub_replicas") as client:
             assert _sign_in(client, secret, PUBLIC).status_code == 303
             assert _sign_in(client, secret, "https://hub_replicas").status_code == 403
     finally:

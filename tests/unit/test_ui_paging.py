@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import insert
 
-from cloud_hub.models import Device, DeviceDeployment, Model, Release, Rollout, RolloutWave
+from cloud_hub.models import Device, DeviceDeployment
+from tests.unit.ui_hub import add_release, add_rollout, add_token, client_of, new_hub, sign_in
 
-ORIGIN = {"Origin": "https://hub.test"}
 N = 21_000  # past the 20,000 rows one fleet page may scan for a label selector
 RARE = 20_500  # the only device labelled line=rare: beyond the first scan
 WAVE0 = 250  # wave 0 of the rollout: more than a page
@@ -36,45 +35,20 @@ def _device(i: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int]]:
-    from fastapi.testclient import TestClient
+    from cloud_hub.auth import Role
 
-    from cloud_hub.auth import Role, create_token
-    from cloud_hub.db import migrate
-    from cloud_hub.server import build_context, load_app
-    from cloud_hub.settings import HubSettings
-
-    tmp: Path = tmp_path_factory.mktemp("ui-paging")
-    url = f"sqlite:///{tmp / 'hub.db'}"
-    migrate(url)
-    ctx = build_context(HubSettings(data_dir=tmp / "hub", db_url=url))
+    ctx = new_hub(tmp_path_factory.mktemp("ui-paging"))
     with ctx.db.session() as s:
-        _, secret = create_token(s, "viewer-p", Role.viewer, "test")
+        secret = add_token(s, "viewer-p", Role.viewer)
         s.execute(insert(Device), [_device(i) for i in range(N)])
-        model = Model(name="glm-tiny")
-        s.add(model)
-        s.flush()
-        release = Release(model_id=model.id, version="1.1.0", major=1, minor=1, patch=0, created_by="test")
-        s.add(release)
-        s.flush()
-        r = Rollout(
-            release_id=release.id,
-            selector={},
+        r = add_rollout(
+            s,
+            add_release(s),
             waves=[{"count": WAVE0}, {"count": 10}],
-            soak_s=1,
-            success_threshold=1,
-            max_failure_ratio=0,
-            gates=[],
-            device_timeout_s=60,
-            on_failure="revert",
             state="completed",
             current_wave=1,
-            min_samples=1,
-            created_by="test",
+            wave_rows=[(WAVE0, "passed"), (10, "passed")],
         )
-        s.add(r)
-        s.flush()
-        s.add(RolloutWave(rollout_id=r.id, index=0, size=WAVE0, state="passed"))
-        s.add(RolloutWave(rollout_id=r.id, index=1, size=10, state="passed"))
         rows = [
             {
                 "rollout_id": r.id,
@@ -90,12 +64,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int]]:
         ]
         s.execute(insert(DeviceDeployment), rows)
         rid = int(r.id)
-    with TestClient(load_app(ctx), base_url="https://hub.test", follow_redirects=False) as client:
-        form = client.get("/ui/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]
-        assert (
-            client.post("/ui/login", data={"csrf": csrf, "token": secret}, headers=ORIGIN).status_code == 303
-        )
+    with client_of(ctx) as client:
+        sign_in(client, secret)
         yield client, rid
     ctx.db.dispose()
 
