@@ -84,8 +84,10 @@ def estimate_memory_mb(
         )
         act = 2 if profile.weights == "fp16" else 4
         per = _bytes_per_weight(profile)
-        # under int4 weights the lm_head stays at 8 bits (export.quant): it moves top-1 the most
-        head = 1 + 4 / (profile.block_size or 32) if profile.weights == "int4" else per
+        # under int4 weights the lm_head stays at 8 bits (export.fused, export.quantize_qdq) unless
+        # the fused graph is asymmetric: it moves top-1 the most
+        head8 = profile.weights == "int4" and (profile.graph == "standard" or profile.symmetric_quant)
+        head = 1 + 4 / (profile.block_size or 32) if head8 else per
         table = spec.vocab * spec.hidden
         weights_bytes = linear * per + table * head + table * act
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
@@ -121,6 +123,9 @@ def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, stagin
             block_size=profile.block_size or 32,
             accuracy_level=profile.accuracy_level,
             symmetric=profile.symmetric_quant,
+            # the 8-bit head was measured with the symmetric x86 kernels; an asymmetric (ARM) profile
+            # keeps its 4-bit head: ONNX Runtime has 8-bit MatMulNBits kernels for ARM64 only since 1.23
+            head_int8=profile.symmetric_quant,
             activations="fp16" if profile.weights == "fp16" or profile.kv_cache_dtype == "fp16" else "fp32",
             max_context=profile.max_context,
             rotary_interleaved=spec.rotary_interleaved,

@@ -140,6 +140,8 @@ def quantize_blockwise(
     n, k = weight.shape
     k_blocks = -(-k // block_size)
     qmax = (1 << bits) - 1
+    if not np.isfinite(weight).all():  # a NaN would make every scale candidate NaN: refuse it
+        raise ValueError("the weight has NaN or infinite values; it cannot be quantized")
     packed_parts, scale_parts, zp_parts = [], [], []
     for start in range(0, n, _SLAB_ROWS):
         w = weight[start : start + _SLAB_ROWS].astype(np.float32, copy=False)

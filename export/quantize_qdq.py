@@ -75,6 +75,8 @@ def _int4_blockwise(
     round-to-nearest with the largest |w| on ±7).
     """
     k, n = w.shape
+    if not np.isfinite(w).all():  # the search would hide a NaN (every candidate scores NaN)
+        raise ValueError(f"weight {name!r} has NaN or infinite values; it cannot be quantized")
     blocks = -(-k // block_size)
     padded = np.pad(w.astype(np.float32), ((0, blocks * block_size - k), (0, 0))).reshape(
         blocks, block_size, n

@@ -62,7 +62,7 @@ def test_scale_search_weights_by_importance():
         q = np.clip(np.rint(w / s[..., None]), -8, 7) * s[..., None]
         return (((q - w) ** 2) * imp).sum()
 
-    assert err(weighted) <= err(plain)
+    assert err(weighted) < 0.9 * err(plain)  # measured 3.28 against 4.71: the weights are used
 
 
 def test_dequantize_reads_back_the_searched_integers():
@@ -150,3 +150,14 @@ def test_int4_graph_keeps_embedding_and_lm_head_at_8_bits(tmp_path, tied, head_i
     head = 8 if head_int8 else 4
     assert bits["lm_head"] == head and bits["embed/GatherBlockQuantized"] == head
     assert {b for name, b in bits.items() if name.startswith("layers.")} == {4}
+
+
+def test_a_weight_with_nan_or_inf_is_refused():
+    """Round-to-nearest would carry a NaN into the scales where a reader sees it; the search would
+    hide it (every candidate scores NaN and the block falls back to scale 1): both refuse."""
+    for bad in (np.nan, np.inf):
+        w = _weights("normal", (4, 64), seed=1)
+        w[2, 5] = bad
+        for search in (False, True):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                quantize_blockwise(w, 4, 32, symmetric=True, search=search)
