@@ -57,13 +57,7 @@ def build_bundle(ckpt: Path, out: Path, profile_name: str) -> Path:
     c = Checkpoint(ckpt)
     arch = architecture_for(c.config)
     spec = arch.spec(c.config)
-    opts = FusedOptions(
-        weights=shipped.weights,
-        block_size=shipped.block_size,
-        accuracy_level=shipped.accuracy_level,
-        symmetric=shipped.symmetric_quant,
-        max_context=shipped.max_context,
-    )
+    opts = FusedOptions.for_profile(shipped)
     build_fused(c, arch, spec, opts, tmp)
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, tmp / path.name)

@@ -26,6 +26,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgeglm.errors import ExportError
+from edgeglm.profiles import DeviceProfile
 from export.architectures import Architecture, ArchSpec
 from export.checkpoint import Checkpoint
 from export.onnx_writer import GraphWriter
@@ -62,6 +63,23 @@ class FusedOptions:
     activations: str = "fp32"  # fp32 | fp16
     max_context: int = 2048
     rotary_interleaved: bool = True  # GLM: True. False exists to prove the quality gate catches it.
+
+    @classmethod
+    def for_profile(cls, profile: DeviceProfile, *, rotary_interleaved: bool = True) -> FusedOptions:
+        """The options a device profile asks for (the exporter's and the benchmarks' one reading)."""
+        fp16 = profile.weights == "fp16" or profile.kv_cache_dtype == "fp16"
+        return cls(
+            weights=profile.weights,
+            block_size=profile.block_size or 32,
+            accuracy_level=profile.accuracy_level,
+            symmetric=bool(profile.symmetric_quant),
+            # the 8-bit head was measured with the symmetric x86 kernels; an asymmetric (ARM) profile
+            # keeps its 4-bit head: ONNX Runtime has 8-bit MatMulNBits kernels for ARM64 only since 1.23
+            head_int8=bool(profile.symmetric_quant),
+            activations="fp16" if fp16 else "fp32",
+            max_context=profile.max_context,
+            rotary_interleaved=rotary_interleaved,
+        )
 
 
 class _Builder:

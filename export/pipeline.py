@@ -118,18 +118,7 @@ def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, stagin
     if profile.graph == "fused":
         from tqdm import tqdm
 
-        opts = FusedOptions(
-            weights=profile.weights,
-            block_size=profile.block_size or 32,
-            accuracy_level=profile.accuracy_level,
-            symmetric=profile.symmetric_quant,
-            # the 8-bit head was measured with the symmetric x86 kernels; an asymmetric (ARM) profile
-            # keeps its 4-bit head: ONNX Runtime has 8-bit MatMulNBits kernels for ARM64 only since 1.23
-            head_int8=profile.symmetric_quant,
-            activations="fp16" if profile.weights == "fp16" or profile.kv_cache_dtype == "fp16" else "fp32",
-            max_context=profile.max_context,
-            rotary_interleaved=spec.rotary_interleaved,
-        )
+        opts = FusedOptions.for_profile(profile, rotary_interleaved=spec.rotary_interleaved)
         with tqdm(total=arch_spec.layers, desc="building fused graph", unit="layer", leave=False) as bar:
             return build_fused(ckpt, arch, arch_spec, opts, staging, progress=bar.update)
     from export.quantize_qdq import quantize_standard
