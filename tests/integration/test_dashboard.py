@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect  # auto-waiting assertions after each navigation
 
+from edgectl.demo.procs import wait_for
 from tests.integration.conftest import Publisher
 from tests.integration.fleet_sim import Behaviour, SimDevice
 from tests.integration.hub_process import free_port
@@ -36,14 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = Path("/usr/bin/chromium")
 N = 6
 TIMEOUT_MS = 30_000
-
-
-def _until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -118,7 +110,7 @@ def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="dashboard-hub", daemon=True)
     thread.start()
-    _until(lambda: server.started, 20, "the hub's HTTP server")
+    wait_for(lambda: server.started, 20, "the hub's HTTP server")
     return server, thread
 
 
@@ -185,7 +177,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
                 rows = list(s.query(Device))
                 return len(rows) == N and all(d.online and d.health for d in rows)
 
-        _until(registered, what=f"{N} devices registered with health")
+        wait_for(registered, 30, f"{N} devices registered with health")
         with ctx.db.session() as s:
             for i, sim in enumerate(sims):
                 Inventory(s).label(
