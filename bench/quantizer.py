@@ -4,18 +4,20 @@
 
 The random-weight checkpoint of ``bench.infer`` (GLM-Edge-1.5B shape, bf16) is exported once per
 variant with the fused route (MatMulNBits, accuracy_level 4, symmetric); a variant name is
-``b<block>[-rtn][-head8]``::
+``b<block>[-rtn][-head8][-l<N>]``::
 
     b32-rtn       block 32, round-to-nearest scales: the baseline (cpu-x86-int4 before the search)
     b128          block 128, least-squares scale search (export/quant.py search_scales)
     b128-head8    the same, embedding table + lm_head at 8 bits (block 128)
+    b64-head8-l1  block 64, 8-bit head, the first decoder layer at 8 bits (cpu-x86-int4's layout;
+                  it also rounds by GPTQ, which changes the codes, not the bytes or the kernel)
 
 Speed does not depend on the weights' values, so random weights measure it; quality is measured on
 the trained tiny shapes by the export tests and the gate. Every bundle's session is loaded in this
 one process, then ``--rounds`` rounds decode a 32-token prompt + 64 new tokens at batch 1 on each
 variant in turn (A B A B ...); ``decode_tok_s`` counts the 63 tokens after the first.
 ``ratio_vs_baseline`` is the median over rounds of variant / baseline in the same round. Rows:
-``{variant, block_size, scale_search, head_bits, export_s, bundle_mb, decode_tok_s (median),
+``{variant, block_size, scale_search, head_bits, int8_layers, export_s, bundle_mb, decode_tok_s (median),
 decode_tok_s_rounds, ratio_vs_baseline, ratio_rounds}``.
 """
 
@@ -35,16 +37,17 @@ from bench.infer import GLM_EDGE_15B, QUICK, write_checkpoint
 
 PROMPT, NEW = 32, 64
 BASELINE = "b32-rtn"
-VARIANTS = (BASELINE, "b32", "b64", "b128", "b64-head8", "b128-head8")
+VARIANTS = (BASELINE, "b32", "b64", "b128", "b64-head8", "b128-head8", "b64-head8-l1")
 
 
 def options(variant: str) -> Any:
-    """``b<block>[-rtn][-head8]`` -> FusedOptions (int4, symmetric, accuracy_level 4)."""
+    """``b<block>[-rtn][-head8][-l<N>]`` -> FusedOptions (int4, symmetric, accuracy_level 4)."""
     from export.fused import FusedOptions
 
     block, *flags = variant.split("-")
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"rtn", "head8"}:
-        raise SystemExit(f"bad variant {variant!r}: b<block>[-rtn][-head8]")
+    layers = [f for f in flags if f[:1] == "l" and f[1:].isdigit()]
+    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"rtn", "head8", *layers}:
+        raise SystemExit(f"bad variant {variant!r}: b<block>[-rtn][-head8][-l<N>]")
     return FusedOptions(
         weights="int4",
         block_size=int(block[1:]),
@@ -52,6 +55,7 @@ def options(variant: str) -> Any:
         symmetric=True,
         scale_search="rtn" not in flags,
         head_int8="head8" in flags,
+        int8_layers=int(layers[0][1:]) if layers else 0,
         max_context=PROMPT + NEW + 16,
     )
 
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "block_size": opts.block_size,
                 "scale_search": opts.scale_search,
                 "head_bits": 8 if opts.head_int8 else 4,
+                "int8_layers": opts.int8_layers,
                 "export_s": export_s and round(export_s, 1),
                 "bundle_mb": round(sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6, 1),
                 "decode_tok_s_rounds": [],

@@ -77,6 +77,12 @@ def _result_table(r: dict[str, Any]) -> str:
     default=None,
     help="JSON list of prompts for the quality gate [default: the shipped set].",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="GPTQ profiles: JSON list of texts to calibrate on [default: text the model samples itself].",
+)
 @click.option("--dataset-version", default=None, help="Version of the data the model was trained on.")
 @click.option("--force", is_flag=True, help="Write the bundle even if the quality gate fails, marked failed.")
 @click.option(
@@ -93,6 +99,7 @@ def run(
     model: str | None,
     out: Path | None,
     eval_prompts: Path | None,
+    calibration: Path | None,
     dataset_version: str | None,
     force: bool,
     no_engine: bool,
@@ -116,6 +123,7 @@ def run(
         out_dir=out or Path(f"{name}-{version}-{profile.name}"),
         key_path=key,
         eval_prompts=eval_prompts,
+        calibration=calibration,
         force=force,
         dataset_version=dataset_version,
         build_engine=not no_engine,

@@ -51,6 +51,7 @@ ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider"
 Graph = Literal["fused", "standard"]
 Weights = Literal["fp32", "fp16", "int8", "int4"]
 KvCacheDtype = Literal["fp32", "fp16"]
+Quantizer = Literal["rtn", "search", "gptq"]
 TensorRTPrecision = Literal["fp32", "fp16", "int8-weight-only", "int4-weight-only"]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -127,6 +128,12 @@ class DeviceProfile(_Table):
     block_size: int | None = None
     accuracy_level: int = Field(default=0, ge=0, le=4)
     symmetric_quant: bool = False  # fused int4/int8: no zero points (MatMulNBits' faster kernel)
+    # fused symmetric: how weights are rounded. rtn: round to nearest; search: least-squares scale
+    # per block (the default there); gptq: GPTQ on calibration inputs, with the search's scales
+    quantizer: Quantizer | None = None
+    # fused symmetric int4: the first N decoder layers' linears at 8 bits (errors there grow
+    # through every later layer; llama.cpp's k-quants give early layers more bits too)
+    int8_layers: int = Field(default=0, ge=0, le=1024)
     kv_cache_dtype: KvCacheDtype  # default: fp16 for fp16 weights, else fp32 (see _defaults)
     max_context: int = Field(default=2048, ge=16, le=1 << 20)
     max_batch_size: int = Field(default=1, ge=1, le=1024)
@@ -204,6 +211,10 @@ class DeviceProfile(_Table):
             raise _rule("accuracy_level", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
         if self.symmetric_quant and not (quantized and self.graph == "fused"):
             raise _rule("symmetric_quant", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
+        if self.quantizer is not None and not self.symmetric_quant:
+            raise _rule("quantizer", "rounds symmetric MatMulNBits weights: needs symmetric_quant = true")
+        if self.int8_layers and not (self.weights == "int4" and self.symmetric_quant):
+            raise _rule("int8_layers", "keeps layers of symmetric int4 weights at 8 bits: needs both")
         if self.prefix_cache_mb and self.graph != "fused":
             raise _rule("prefix_cache_mb", "reuses the fused graph's KV arena: needs graph 'fused'")
         if self.weights in ("fp32", "fp16") and self.kv_cache_dtype != self.weights:

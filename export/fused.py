@@ -13,7 +13,10 @@ MatMulNBits with its block size and accuracy level) and streamed into ``model.on
 builder never holds more than one layer's weights. Under int4 weights the embedding table and the
 lm_head stay 8-bit (``head_int8``): on the trained test shapes an int4 embedding / lm_head cost
 1-2 points of top-1 agreement, and at GLM-Edge-1.5B they are 8% of the weights; symmetric int4
-scales come from a least-squares search per block (export/quant.py).
+scales come from a least-squares search per block (export/quant.py), and with the profile's
+``quantizer = "gptq"`` the layer weights are rounded by GPTQ on calibration inputs
+(export/gptq.py, export/calibration.py). ``int8_layers = N`` keeps the first N decoder layers'
+linears at 8 bits: an error there passes through every later layer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from onnx import TensorProto
 from edgeglm.errors import ExportError
 from edgeglm.profiles import DeviceProfile
 from export.architectures import Architecture, ArchSpec
+from export.calibration import Calibration
 from export.checkpoint import Checkpoint
+from export.gptq import quantize_gptq
 from export.onnx_writer import GraphWriter
 from export.quant import quantize_blockwise
 
@@ -60,6 +65,8 @@ class FusedOptions:
     symmetric: bool = False  # no zero points (export/quant.py): faster MatMulNBits at batch 1
     scale_search: bool = True  # symmetric int4: per-block least-squares scale search, not round-to-nearest
     head_int8: bool = True  # int4 weights: embedding table + lm_head at 8 bits (they decide every token)
+    gptq: bool = False  # symmetric: layer weights by GPTQ on calibration inputs (export/gptq.py)
+    int8_layers: int = 0  # int4 weights: the first N decoder layers' linears at 8 bits
     activations: str = "fp32"  # fp32 | fp16
     max_context: int = 2048
     rotary_interleaved: bool = True  # GLM: True. False exists to prove the quality gate catches it.
@@ -76,6 +83,9 @@ class FusedOptions:
             # the 8-bit head was measured with the symmetric x86 kernels; an asymmetric (ARM) profile
             # keeps its 4-bit head: ONNX Runtime has 8-bit MatMulNBits kernels for ARM64 only since 1.23
             head_int8=bool(profile.symmetric_quant),
+            scale_search=profile.quantizer != "rtn",
+            gptq=profile.quantizer == "gptq",
+            int8_layers=profile.int8_layers,
             activations="fp16" if fp16 else "fp32",
             max_context=profile.max_context,
             rotary_interleaved=rotary_interleaved,
@@ -84,9 +94,16 @@ class FusedOptions:
 
 class _Builder:
     def __init__(
-        self, ckpt: Checkpoint, arch: Architecture, spec: ArchSpec, opts: FusedOptions, out: Path
+        self,
+        ckpt: Checkpoint,
+        arch: Architecture,
+        spec: ArchSpec,
+        opts: FusedOptions,
+        out: Path,
+        calibration: Calibration | None = None,
     ) -> None:
         self.ckpt, self.arch, self.spec, self.opts = ckpt, arch, spec, opts
+        self.calibration = calibration
         self.g = GraphWriter(out)
         self.np_dtype = np.float16 if opts.activations == "fp16" else np.float32
         self.elem = TensorProto.FLOAT16 if opts.activations == "fp16" else TensorProto.FLOAT
@@ -96,16 +113,24 @@ class _Builder:
 
     # ------------------------------------------------------------------------------------------
     def linear(
-        self, name: str, weight: np.ndarray, bias: np.ndarray | None, x: str, head: bool = False
+        self,
+        name: str,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        x: str,
+        head: bool = False,
+        inputs: str = "",
     ) -> str:
         """y = x W^T (+ b) for an HF weight W [N, K].
 
         fp32/fp16:  x ──MatMul(Wᵀ [K, N])──(Add b)──> y
         int4/int8:  x ──MatMulNBits(B, scales, zero_points, bias; K, N, bits, block_size,
                                     accuracy_level)──> y
+
+        ``inputs``: the checkpoint weight whose layer's calibration inputs ``x`` are (GPTQ).
         """
         if self.opts.weights in ("int4", "int8"):
-            return self.quantized_linear(name, self.quantize(name, weight, head), bias, x)
+            return self.quantized_linear(name, self.quantize(name, weight, head, inputs), bias, x)
         w_t = self.g.weight(f"{name}.weight_t", self.act(np.ascontiguousarray(weight.T)))
         y = self.g.node("MatMul", [x, w_t], [f"{name}/matmul"], f"{name}/MatMul")
         if bias is None:
@@ -114,16 +139,33 @@ class _Builder:
             "Add", [y, self.g.weight(f"{name}.bias", self.act(bias))], [f"{name}/out"], f"{name}/Add"
         )
 
-    def quantize(self, name: str, weight: np.ndarray, head: bool = False) -> _Quantized:
+    def quantize(self, name: str, weight: np.ndarray, head: bool = False, inputs: str = "") -> _Quantized:
         """Quantize W blockwise and stream B, scales and zero points into the data file.
 
         ``head`` (the embedding table and lm_head) is 8-bit under int4 weights with ``head_int8``.
+        With ``gptq`` a layer weight (``inputs`` names its calibration) goes through GPTQ; the
+        embedding table and lm_head keep the scale search (no calibration: the table is looked up,
+        not multiplied, and the 8-bit head is near lossless).
         """
         bits = 4 if self.opts.weights == "int4" and not (head and self.opts.head_int8) else 8
+        if bits == 4 and name.startswith("layers.") and int(name.split(".")[1]) < self.opts.int8_layers:
+            bits = 8
         search = self.opts.scale_search and self.opts.symmetric and bits == 4
-        qw = quantize_blockwise(
-            weight, bits, self.opts.block_size, symmetric=self.opts.symmetric, search=search
-        )
+        try:
+            if self.opts.gptq and inputs:
+                if self.calibration is None or inputs not in self.calibration:
+                    raise ExportError(f"weight {name}", "GPTQ needs calibration inputs; none were collected")
+                qw = quantize_gptq(
+                    weight, self.calibration.hessian(inputs), bits, self.opts.block_size, search=bits == 4
+                )
+            else:
+                qw = quantize_blockwise(
+                    weight, bits, self.opts.block_size, symmetric=self.opts.symmetric, search=search
+                )
+        except ValueError as exc:  # NaN/inf weights, a singular Hessian: name the weight
+            raise ExportError(f"weight {name}", str(exc)) from exc
+        if inputs and self.calibration is not None:
+            self.calibration.release(inputs)
         zeros = qw.zero_points
         return _Quantized(
             packed=self.g.weight(f"{name}.qweight", qw.packed),
@@ -282,7 +324,8 @@ class _Builder:
         bias = None
         if s.attention_bias:
             bias = np.concatenate([ckpt.tensor(arch.layer(i, f"self_attn.{p}_proj.bias")) for p in "qkv"])
-        qkv = self.linear(f"layers.{i}.attn.qkv_proj", np.concatenate(parts), bias, h)
+        q_name = arch.layer(i, "self_attn.q_proj.weight")  # q, k and v read the same inputs
+        qkv = self.linear(f"layers.{i}.attn.qkv_proj", np.concatenate(parts), bias, h, inputs=q_name)
         del parts
         past_k = g.input(f"past_key_values.{i}.key", self.elem, ["batch", s.kv_heads, "past_seq", s.head_dim])
         past_v = g.input(
@@ -304,9 +347,8 @@ class _Builder:
             rotary_interleaved=int(self.opts.rotary_interleaved),
             local_window_size=-1,
         )
-        out = self.linear(
-            f"layers.{i}.attn.o_proj", ckpt.tensor(arch.layer(i, "self_attn.o_proj.weight")), None, attn
-        )
+        o_name = arch.layer(i, "self_attn.o_proj.weight")
+        out = self.linear(f"layers.{i}.attn.o_proj", ckpt.tensor(o_name), None, attn, inputs=o_name)
         if s.extra_norms:
             out = self.norm(
                 f"layers.{i}.post_self_attn_norm", arch.layer(i, "post_self_attn_layernorm.weight"), out
@@ -318,20 +360,18 @@ class _Builder:
         (glm4: ──SimplifiedLayerNormalization(post_mlp_layernorm))
         """
         g, arch = self.g, self.arch
+        gate_up_name = arch.layer(i, "mlp.gate_up_proj.weight")
         gate_up = self.linear(
-            f"layers.{i}.mlp.gate_up_proj",
-            self.ckpt.tensor(arch.layer(i, "mlp.gate_up_proj.weight")),
-            None,
-            h,
+            f"layers.{i}.mlp.gate_up_proj", self.ckpt.tensor(gate_up_name), None, h, inputs=gate_up_name
         )
         split = [f"layers.{i}.mlp/gate", f"layers.{i}.mlp/up"]
         g.node("Split", [gate_up], split, f"layers.{i}.mlp/Split", axis=-1, num_outputs=2)
         sig = g.node("Sigmoid", [split[0]], [f"layers.{i}.mlp/sigmoid"], f"layers.{i}.mlp/Sigmoid")
         silu = g.node("Mul", [split[0], sig], [f"layers.{i}.mlp/silu"], f"layers.{i}.mlp/SiLU")
         act = g.node("Mul", [split[1], silu], [f"layers.{i}.mlp/act"], f"layers.{i}.mlp/Mul")
-        out = self.linear(
-            f"layers.{i}.mlp.down_proj", self.ckpt.tensor(arch.layer(i, "mlp.down_proj.weight")), None, act
-        )
+        down_name = arch.layer(i, "mlp.down_proj.weight")
+        down = self.ckpt.tensor(down_name)
+        out = self.linear(f"layers.{i}.mlp.down_proj", down, None, act, inputs=down_name)
         if self.spec.extra_norms:
             out = self.norm(f"layers.{i}.post_mlp_norm", arch.layer(i, "post_mlp_layernorm.weight"), out)
         return out
@@ -392,6 +432,12 @@ def _check(spec: ArchSpec, opts: FusedOptions) -> None:
         raise ExportError("fused graph", f"block_size {opts.block_size} must be a power of two >= 16")
 
 
+def calibration_targets(arch: Architecture, spec: ArchSpec) -> list[str]:
+    """The checkpoint weights whose layers' inputs GPTQ needs (q stands for the packed q, k, v)."""
+    names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    return [arch.layer(i, f"{n}.weight") for i in range(spec.layers) for n in names]
+
+
 def build_fused(
     ckpt: Checkpoint,
     arch: Architecture,
@@ -399,7 +445,14 @@ def build_fused(
     opts: FusedOptions,
     out_dir: Path,
     progress: Callable[[int], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
-    """Write ``out_dir/model.onnx`` + ``model.onnx.data``; ``progress(1)`` after each layer."""
+    """Write ``out_dir/model.onnx`` + ``model.onnx.data``; ``progress(1)`` after each layer.
+
+    ``calibration`` (:func:`export.calibration.calibrate` over :func:`calibration_targets`) is
+    required with ``opts.gptq``.
+    """
     _check(spec, opts)
-    return _Builder(ckpt, arch, spec, opts, out_dir).build(progress)
+    if opts.gptq and calibration is None:
+        raise ExportError("fused graph", "GPTQ quantization needs calibration inputs (export/calibration.py)")
+    return _Builder(ckpt, arch, spec, opts, out_dir, calibration).build(progress)

@@ -1,7 +1,8 @@
 """``edgectl export``: checkpoint -> graph -> quantize -> quality gate -> signed bundle.
 
-    read config ─> architecture ─> memory estimate ─> (TensorRT: is there a GPU?) ─> build graph
-    (fused | standard) in a staging folder ─> (TensorRT: build the engine) ─> copy tokenizer files
+    read config ─> architecture ─> memory estimate ─> (TensorRT: is there a GPU?) ─> (GPTQ:
+    calibrate on the reference) ─> build graph (fused | standard) in a staging folder
+    ─> (TensorRT: build the engine) ─> copy tokenizer files
     ─> quality gate vs transformers fp32 (graph, and engine) ─> golden smoke test ─> exact memory
     check ─> sign manifest ─> rename staging to the bundle folder
 
@@ -21,12 +22,13 @@ from typing import Any
 
 from edgeglm.bundle import Manifest
 from edgeglm.bundle_files import seal_folder
-from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded
+from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded, UsageError
 from edgeglm.keys import load_private_key
 from edgeglm.profiles import DeviceProfile
-from export.architectures import ArchSpec, architecture_for
+from export.architectures import Architecture, ArchSpec, architecture_for
+from export.calibration import Calibration, calibrate
 from export.checkpoint import Checkpoint
-from export.fused import FusedOptions, build_fused
+from export.fused import FusedOptions, build_fused, calibration_targets
 from export.ort_runner import OrtDecoder
 from export.quality import QualityReport, Reference, evaluate, load_prompts
 from export.smoke import GPU_TOLERANCE_FLOOR, TOLERANCE_FLOOR, golden_smoke_test
@@ -89,7 +91,8 @@ def estimate_memory_mb(
         head8 = profile.weights == "int4" and (profile.graph == "standard" or profile.symmetric_quant)
         head = 1 + 4 / (profile.block_size or 32) if head8 else per
         table = spec.vocab * spec.hidden
-        weights_bytes = linear * per + table * head + table * act
+        eight = min(profile.int8_layers, spec.layers) * linear / spec.layers  # first layers at 8 bits
+        weights_bytes = (linear - eight) * per + eight * head + table * head + table * act
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
     kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
     workspace = profile.tensorrt.workspace_mb * MIB if profile.tensorrt else 0
@@ -112,6 +115,29 @@ def _check_budget(profile: DeviceProfile, weights_mb: float, total_mb: float, es
         )
 
 
+def _quantizer(profile: DeviceProfile) -> str | None:
+    """How the weights were rounded, for the manifest (None: not quantized, or QDQ's own)."""
+    if profile.weights not in ("int4", "int8") or profile.graph != "fused":
+        return None
+    if not profile.symmetric_quant:
+        return "rtn"
+    return profile.quantizer or "search"
+
+
+def _calibration_source(spec: ExportSpec) -> str:
+    return f"operator text ({spec.calibration.name})" if spec.calibration else "self-generated"
+
+
+def _calibrate(
+    spec: ExportSpec, ckpt: Checkpoint, arch: Architecture, arch_spec: ArchSpec, say: Say
+) -> Calibration:
+    texts = None
+    if spec.calibration is not None:
+        texts = load_prompts(spec.calibration, what="calibration text")
+    say(f"calibrating GPTQ on {'--calibration' if texts else 'text the model samples itself'}")
+    return calibrate(ckpt.folder, calibration_targets(arch, arch_spec), texts=texts)
+
+
 def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, staging: Path, say: Say) -> Path:
     profile = spec.profile
     arch = architecture_for(ckpt.config)
@@ -119,8 +145,11 @@ def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, stagin
         from tqdm import tqdm
 
         opts = FusedOptions.for_profile(profile, rotary_interleaved=spec.rotary_interleaved)
+        calibration = _calibrate(spec, ckpt, arch, arch_spec, say) if opts.gptq else None
         with tqdm(total=arch_spec.layers, desc="building fused graph", unit="layer", leave=False) as bar:
-            return build_fused(ckpt, arch, arch_spec, opts, staging, progress=bar.update)
+            return build_fused(
+                ckpt, arch, arch_spec, opts, staging, progress=bar.update, calibration=calibration
+            )
     from export.quantize_qdq import quantize_standard
     from export.standard import export_standard
 
@@ -169,6 +198,11 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
 
     t0 = time.perf_counter()
     profile = spec.profile
+    gptq = profile.graph == "fused" and profile.quantizer == "gptq"
+    if spec.calibration is not None and not gptq:
+        raise UsageError(
+            "--calibration", f'profile {profile.name} does not calibrate (only quantizer = "gptq" does)'
+        )
     ckpt = Checkpoint(spec.checkpoint)
     arch_spec = architecture_for(ckpt.config).spec(ckpt.config)
     weights_mb, total_mb = estimate_memory_mb(arch_spec, profile)
@@ -254,6 +288,8 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "weights": profile.weights,
                 "block_size": profile.block_size,
                 "symmetric": profile.symmetric_quant,
+                "quantizer": _quantizer(profile),
+                "calibration": _calibration_source(spec) if gptq else None,
             },
             runtime={
                 "onnxruntime": onnxruntime.__version__,

@@ -36,17 +36,17 @@ __all__ = ["DEFAULT_PROMPTS", "QualityReport", "Reference", "evaluate", "load_pr
 DEFAULT_PROMPTS = Path(__file__).with_name("eval_prompts.json")
 
 
-def load_prompts(path: Path | None = None) -> list[str]:
-    """A JSON list of strings (``--eval-prompts FILE``), or the shipped default set."""
+def load_prompts(path: Path | None = None, what: str = "eval prompts") -> list[str]:
+    """A JSON list of strings (``--eval-prompts FILE``, ``--calibration FILE``), or the shipped set."""
     from edgeglm.errors import ConfigError
 
     path = path or DEFAULT_PROMPTS
     try:
         prompts = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"eval prompts {path}", f"not a readable JSON file: {exc}") from exc
+        raise ConfigError(f"{what} {path}", f"not a readable JSON file: {exc}") from exc
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ConfigError(f"eval prompts {path}", "must be a non-empty JSON list of non-empty strings")
+        raise ConfigError(f"{what} {path}", "must be a non-empty JSON list of non-empty strings")
     return prompts
 
 

@@ -18,6 +18,8 @@ and kernel, 10-12% less squared error than round-to-nearest on Gaussian weights.
 
 K is zero-padded to a whole number of blocks. Rows are processed in slabs so memory stays near
 the size of the weight itself.
+
+``export/gptq.py`` writes the same layout from a calibrated GPTQ pass.
 """
 
 from __future__ import annotations

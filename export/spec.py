@@ -23,6 +23,7 @@ class ExportSpec:
     out_dir: Path
     key_path: Path
     eval_prompts: Path | None = None
+    calibration: Path | None = None  # GPTQ profiles: a JSON list of texts; None: self-generated
     force: bool = False
     dataset_version: str | None = None
     new_tokens: int = 32

@@ -12,6 +12,8 @@ STANDARD_GRAPH: dict[str, Any] = {
     "graph": "standard",
     "accuracy_level": None,
     "symmetric_quant": None,
+    "quantizer": None,
+    "int8_layers": None,
     "prefix_cache_mb": None,
 }
 
