@@ -6,7 +6,8 @@ A random-weight GlmForCausalLM with the real GLM-Edge-1.5B shape (``--quick``: a
 see ``bench.infer``) is exported with the fused int4 route, quantized as the shipped
 ``cpu-x86-int4`` says (block, accuracy level, symmetric), and sealed as a bundle for
 ``bench-cpu-x86-int4``: that profile with ``max_batch_size = 8`` so that eight clients can decode
-together. Speed does not depend on the weights. Then, each in its own process:
+together (``--max-batch-size 4``: the shipped profile's own). Speed does not depend on the
+weights. Then, each in its own process:
 
     baseline      transformers generate(), fp32, batch 1: 32-token prompt, 64 new tokens
     agent         ``edgectl agent serve`` on a mosquitto started here (set_tcp_nodelay true)
@@ -36,6 +37,7 @@ Medians over repeats throughout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -90,13 +92,8 @@ def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
     spec = arch.spec(c.config)
     shipped = load_profile("cpu-x86-int4")
     assert shipped.block_size is not None
-    opts = FusedOptions(
-        weights="int4",
-        block_size=shipped.block_size,
-        accuracy_level=shipped.accuracy_level,
-        symmetric=shipped.symmetric_quant,
-        max_context=max_context,
-    )
+    # the shipped layout; GPTQ changes the codes, not the bytes or the kernel (bench.anchor_engine)
+    opts = dataclasses.replace(FusedOptions.for_profile(shipped), gptq=False, max_context=max_context)
     build_fused(c, arch, spec, opts, out)
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, out / path.name)
@@ -113,12 +110,19 @@ def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
     return out
 
 
-def write_profile(path: Path, max_context: int, prefix_cache_mb: int | None = None) -> Path:
-    """``cpu-x86-int4`` as ``bench-cpu-x86-int4``: batch 8, ``max_context``, maybe another prefix cache."""
+def write_profile(
+    path: Path, max_context: int, prefix_cache_mb: int | None = None, max_batch_size: int = 8
+) -> Path:
+    """``cpu-x86-int4`` as ``bench-cpu-x86-int4``: ``max_batch_size`` (8 unless asked),
+    ``max_context``, maybe another prefix cache."""
     from edgeglm.profiles import profiles_dir
 
     text = (profiles_dir() / "cpu-x86-int4.toml").read_text()
-    changes = [("name", '"bench-cpu-x86-int4"'), ("max_batch_size", "8"), ("max_context", str(max_context))]
+    changes = [
+        ("name", '"bench-cpu-x86-int4"'),
+        ("max_batch_size", str(max_batch_size)),
+        ("max_context", str(max_context)),
+    ]
     if prefix_cache_mb is not None:
         changes.append(("prefix_cache_mb", str(prefix_cache_mb)))
     for key, value in changes:
@@ -303,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model instead of GLM-Edge-1.5B dimensions")
     ap.add_argument("--json", type=Path, required=False)
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="the agent's max_batch_size (default 8; the shipped cpu-x86-int4 says 4); 8 sensors either way",
+    )
     ap.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.baseline_worker:
@@ -330,14 +340,17 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "model": "quick" if args.quick else "glm-edge-1.5b",
             "route": "fused-int4 as cpu-x86-int4",
+            "max_batch_size": args.max_batch_size,
             "bundle_mb": bundle_mb,
         }
         result |= json.loads(out.stdout.strip().splitlines()[-1])
         result |= measure_agent(
-            bundle, write_profile(work / "bench-cpu-x86-int4.toml", max_context), args.quick
+            bundle,
+            write_profile(work / "bench-cpu-x86-int4.toml", max_context, max_batch_size=args.max_batch_size),
+            args.quick,
         )
         # The same bundle and loads with the prefix cache off: what the cache is worth here.
-        no_cache = write_profile(work / "no-prefix-cache.toml", max_context, 0)
+        no_cache = write_profile(work / "no-prefix-cache.toml", max_context, 0, args.max_batch_size)
         off = measure_agent(bundle, no_cache, args.quick, aggregates_only=True)
         result |= {f"{k}_no_prefix_cache": v for k, v in off.items()}
     result["decode_vs_baseline"] = result["decode_tok_s"] / result["baseline_tok_s"]

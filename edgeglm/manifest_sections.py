@@ -62,6 +62,9 @@ class QualitySection(_Section):
     weights: Weights | None = None
     block_size: int | None = None
     symmetric: bool | None = None
+    quantizer: Literal["rtn", "search", "gptq"] | None = None  # how the weights were rounded
+    int8_layers: int | None = Field(default=None, ge=0)  # first decoder layers kept at 8 bits
+    calibration: dict[str, Any] | None = None  # GPTQ: {method, tokens, source[, file_sha256]}
 
 
 class KvCacheShape(_Section):

@@ -25,13 +25,23 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edgeglm.contracts import NAME_MAX
 from edgeglm.errors import ConfigError, NotFoundError
 
 __all__ = [
+    "EXPORT_ONLY",
     "ChunkSettings",
     "DeviceProfile",
     "QualityGate",
@@ -114,6 +124,10 @@ class TensorRTSettings(_Table):
         return self
 
 
+# Keys only the exporter reads, at their defaults: left out of serialized profiles when unset.
+EXPORT_ONLY: dict[str, Any] = {"quantizer": None, "int8_layers": 0}
+
+
 class DeviceProfile(_Table):
     """One device profile. Construct with :func:`load_profile` or :meth:`from_dict`."""
 
@@ -173,6 +187,19 @@ class DeviceProfile(_Table):
         """Plain JSON-ready data; :meth:`from_dict` accepts it back."""
         return self.model_dump(mode="json")
 
+    def serving(self) -> DeviceProfile:
+        """This profile without the keys only the exporter reads (how weights were rounded): what a
+        manifest records for the agent, so an agent older than those keys still reads it."""
+        return self.model_copy(update=EXPORT_ONLY)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_export_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for key, default in EXPORT_ONLY.items():
+            if key in out and out[key] == default:
+                del out[key]  # an agent older than the key refuses it (extra keys are forbidden)
+        return out
+
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
@@ -213,6 +240,8 @@ class DeviceProfile(_Table):
             raise _rule("symmetric_quant", "MatMulNBits only: needs graph 'fused' and int4/int8 weights")
         if self.quantizer is not None and not self.symmetric_quant:
             raise _rule("quantizer", "rounds symmetric MatMulNBits weights: needs symmetric_quant = true")
+        if self.quantizer == "search" and self.weights != "int4":
+            raise _rule("quantizer", "the scale search is for int4 weights ('rtn' or 'gptq' for int8)")
         if self.int8_layers and not (self.weights == "int4" and self.symmetric_quant):
             raise _rule("int8_layers", "keeps layers of symmetric int4 weights at 8 bits: needs both")
         if self.prefix_cache_mb and self.graph != "fused":

@@ -6,7 +6,8 @@ prefix (``[gMASK]<sop>`` for GLM), the fp32 reference samples ``samples`` sequen
 tokens at temperature 1, half of them opening a chat turn (``<|user|>``) where the vocabulary has
 one. So no dataset is needed on the build machine, the text is in the model's own domain and
 language mix, and it is never the quality gate's prompts (the gate stays a held-out measurement).
-``--calibration FILE`` (a JSON list of strings) gives the operator's own text instead.
+``--calibration FILE`` (a JSON list of strings) gives the operator's own text instead: each string
+cut at ``length`` tokens (and the model's positions), at most ``MAX_TOKENS`` in all.
 
 Every hooked linear's inputs are kept as float16 rows ``[tokens, K]`` (float32 where a value
 would overflow); :meth:`Calibration.hessian` forms ``X^T X / tokens`` when the builder asks for
@@ -23,12 +24,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CALIBRATION_LENGTH", "CALIBRATION_SAMPLES", "Calibration", "calibrate"]
+__all__ = ["CALIBRATION_LENGTH", "CALIBRATION_SAMPLES", "MAX_TOKENS", "Calibration", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 16
 CALIBRATION_LENGTH = 128
+# The inputs kept grow with the tokens (about 0.7 MB a token at GLM-Edge-1.5B): operator text is
+# cut here. At 2,048 tokens the Hessian of a layer wider than that (1.5B's down projection reads
+# 6,144) is rank-deficient and held by GPTQ's damping; a layer-by-layer pass would lift the cap.
+MAX_TOKENS = 4096
 _F16_MAX = 60000.0
 
 
@@ -73,10 +78,9 @@ def self_generated(model: Any, tokenizer: Any, samples: int, length: int, seed: 
     """``samples`` sequences of up to ``length`` tokens sampled from ``model`` (temperature 1)."""
     import torch
 
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the export's samples repeat; global RNG untouched
     starts = _prefixes(tokenizer)
-    limit = int(getattr(model.config, "max_position_embeddings", length) or length)
-    length = min(length, limit)
+    length = min(length, _positions(model, length))
     out: list[list[int]] = []
     for i, start in enumerate(starts):
         count = samples // len(starts) + (1 if i < samples % len(starts) else 0)
@@ -87,16 +91,31 @@ def self_generated(model: Any, tokenizer: Any, samples: int, length: int, seed: 
             res = model(ids, use_cache=True)
             for _ in range(length - len(start)):
                 probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
-                nxt = torch.multinomial(probs, 1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
                 ids = torch.cat([ids, nxt], dim=1)
                 res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
         out += ids.tolist()
     return out
 
 
+def _positions(model: Any, default: int) -> int:
+    return int(getattr(model.config, "max_position_embeddings", default) or default)
+
+
 def from_texts(tokenizer: Any, texts: Iterable[str], length: int) -> list[list[int]]:
-    """The operator's calibration text, each string encoded (with the tokenizer's prefix) and cut."""
-    return [ids[:length] for ids in (list(tokenizer.encode(t).ids) for t in texts) if len(ids) > 1]
+    """The operator's calibration text: each string encoded (with the tokenizer's prefix) and cut
+    at ``length``, strings with no token past the prefix skipped, ``MAX_TOKENS`` in all."""
+    prefix = len(tokenizer.encode("").ids)
+    out: list[list[int]] = []
+    budget = MAX_TOKENS
+    for text in texts:
+        ids = list(tokenizer.encode(text).ids)[: min(length, budget)]
+        if len(ids) > prefix:
+            out.append(ids)
+            budget -= len(ids)
+        if budget <= prefix:
+            break
+    return out
 
 
 def calibrate(
@@ -124,10 +143,10 @@ def calibrate(
         sequences = self_generated(model, tokenizer, samples, length, seed)
         source = "self-generated"
     else:
-        sequences = from_texts(tokenizer, texts, length)
+        sequences = from_texts(tokenizer, texts, min(length, _positions(model, length)))
         source = "operator text"
         if not sequences:
-            raise ExportError("calibration text", "encodes to no sequence of two or more tokens")
+            raise ExportError("calibration text", "encodes to no tokens past the tokenizer's prefix")
     wanted = {name.removesuffix(".weight"): name for name in weight_names}
     rows: dict[str, list[np.ndarray]] = {name: [] for name in weight_names}
     hooks = []

@@ -37,9 +37,10 @@ def quantize_gptq(
 
     Each block's scale is chosen when the pass reaches the block, on its weights as updated by the
     errors of the columns before it (:func:`search_scales` with ``search``, else the peak on the
-    lowest level); the layout is :func:`quantize_blockwise`'s with ``symmetric=True``. Inputs the
-    calibration never activated (a zero diagonal) get the mean diagonal, so their weights are still
-    rounded sensibly instead of absorbing the others' errors unchecked.
+    lowest level); the layout is :func:`quantize_blockwise`'s with ``symmetric=True``. An input the
+    calibration never activated (a zero row and column of H) holds only the damping: its column is
+    rounded on its own and takes no other column's error (GPTQ's reference zeroes such weights
+    instead; kept here, since the gate's prompts may well activate it).
     """
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
@@ -58,7 +59,6 @@ def quantize_gptq(
     diag = np.diagonal(h).copy()
     live = diag[:k] > 0
     mean = float(diag[:k][live].mean()) if live.any() else 1.0
-    diag[:k][~live] = mean
     diag[k:] = mean  # padding: zero weights, any positive diagonal keeps the factorization defined
     h[np.diag_indices(kp)] = diag + damp * mean
     import torch
@@ -68,7 +68,7 @@ def quantize_gptq(
     wt[:k] = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float32))
     codes = torch.empty((kp, n), dtype=torch.uint8)
     scales = np.empty((k_blocks, n), np.float32)
-    batch = max(_GPTQ_BATCH, block_size)
+    batch = block_size * max(1, _GPTQ_BATCH // block_size)  # whole blocks: a scale sees every update
     scale = torch.ones(n)
     threads = torch.get_num_threads()
     try:

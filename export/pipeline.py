@@ -12,6 +12,7 @@ failed); a failed or interrupted export removes its staging folder.
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import shutil
 import time
@@ -25,7 +26,7 @@ from edgeglm.bundle_files import seal_folder
 from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded, UsageError
 from edgeglm.keys import load_private_key
 from edgeglm.profiles import DeviceProfile
-from export.architectures import Architecture, ArchSpec, architecture_for
+from export.architectures import ArchSpec, architecture_for
 from export.calibration import Calibration, calibrate
 from export.checkpoint import Checkpoint
 from export.fused import FusedOptions, build_fused, calibration_targets
@@ -119,33 +120,33 @@ def _quantizer(profile: DeviceProfile) -> str | None:
     """How the weights were rounded, for the manifest (None: not quantized, or QDQ's own)."""
     if profile.weights not in ("int4", "int8") or profile.graph != "fused":
         return None
-    if not profile.symmetric_quant:
-        return "rtn"
-    return profile.quantizer or "search"
+    if profile.quantizer == "gptq":
+        return "gptq"
+    if profile.weights == "int4" and profile.symmetric_quant and profile.quantizer != "rtn":
+        return "search"
+    return "rtn"
 
 
-def _calibration_source(spec: ExportSpec) -> str:
-    return f"operator text ({spec.calibration.name})" if spec.calibration else "self-generated"
-
-
-def _calibrate(
-    spec: ExportSpec, ckpt: Checkpoint, arch: Architecture, arch_spec: ArchSpec, say: Say
-) -> Calibration:
-    texts = None
-    if spec.calibration is not None:
-        texts = load_prompts(spec.calibration, what="calibration text")
+def _calibrate(texts: list[str] | None, ckpt: Checkpoint, arch_spec: ArchSpec, say: Say) -> Calibration:
     say(f"calibrating GPTQ on {'--calibration' if texts else 'text the model samples itself'}")
+    arch = architecture_for(ckpt.config)
     return calibrate(ckpt.folder, calibration_targets(arch, arch_spec), texts=texts)
 
 
-def _build_graph(spec: ExportSpec, ckpt: Checkpoint, arch_spec: ArchSpec, staging: Path, say: Say) -> Path:
+def _build_graph(
+    spec: ExportSpec,
+    ckpt: Checkpoint,
+    arch_spec: ArchSpec,
+    staging: Path,
+    say: Say,
+    calibration: Calibration | None,
+) -> Path:
     profile = spec.profile
     arch = architecture_for(ckpt.config)
     if profile.graph == "fused":
         from tqdm import tqdm
 
         opts = FusedOptions.for_profile(profile, rotary_interleaved=spec.rotary_interleaved)
-        calibration = _calibrate(spec, ckpt, arch, arch_spec, say) if opts.gptq else None
         with tqdm(total=arch_spec.layers, desc="building fused graph", unit="layer", leave=False) as bar:
             return build_fused(
                 ckpt, arch, arch_spec, opts, staging, progress=bar.update, calibration=calibration
@@ -214,6 +215,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         raise ExportError(f"checkpoint {ckpt.folder}", "has no tokenizer.json (the agent needs it)")
     key = load_private_key(spec.key_path)
     prompts = load_prompts(spec.eval_prompts)
+    texts = None if spec.calibration is None else load_prompts(spec.calibration, what="calibration text")
     if _wants_engine(spec):  # before minutes of graph building, not after
         from export.tensorrt_engine import probe
 
@@ -226,7 +228,12 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
     try:
         shape = f"{arch_spec.layers} layers, hidden {arch_spec.hidden}"
         say(f"{arch_spec.model_type}: {shape}, route {profile.graph}")
-        model_path = _build_graph(spec, ckpt, arch_spec, staging, say)
+        calibration = _calibrate(texts, ckpt, arch_spec, say) if gptq else None
+        calibrated = None if calibration is None else calibration.to_dict()
+        if calibrated is not None and spec.calibration is not None:
+            calibrated["file_sha256"] = hashlib.sha256(spec.calibration.read_bytes()).hexdigest()
+        model_path = _build_graph(spec, ckpt, arch_spec, staging, say, calibration)
+        del calibration
         engine_record, engine = _build_engine(spec, model_path, say) if _wants_engine(spec) else (None, None)
         for path in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
             shutil.copy2(path, staging / path.name)
@@ -289,7 +296,8 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "block_size": profile.block_size,
                 "symmetric": profile.symmetric_quant,
                 "quantizer": _quantizer(profile),
-                "calibration": _calibration_source(spec) if gptq else None,
+                "int8_layers": profile.int8_layers,
+                "calibration": calibrated,
             },
             runtime={
                 "onnxruntime": onnxruntime.__version__,
@@ -306,7 +314,7 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
                 "memory_mb": round(total_mb, 1),
             },
             smoke_test=smoke,
-            device_profile=profile,
+            device_profile=profile.serving(),  # how weights were rounded is in quality, above
         )
         staging.rename(spec.out_dir)
     except BaseException:

@@ -34,6 +34,14 @@ from tests.derived_profiles import STANDARD_GRAPH, derived_profile
 SHAPE_NAMES = sorted(SHAPES)
 
 
+# The QDQ route has neither GPTQ nor 8-bit first layers: it keeps block 64 and the gate
+# cpu-x86-int4 had before them (top-1 0.94, greedy 0.5, judged over both routes).
+_STANDARD_INT4_GATE = {
+    **load_profile("cpu-x86-int4").quality.model_dump(),
+    "min_top1_agreement": 0.94,
+    "min_greedy_prefix_agreement": 0.5,
+}
+
 # route/weights -> profile. fp32 routes keep the int8 profile's gate: parity is asserted directly.
 PROFILES: dict[str, Callable[[], DeviceProfile]] = {
     "fused-fp32": lambda: derived_profile(
@@ -50,7 +58,9 @@ PROFILES: dict[str, Callable[[], DeviceProfile]] = {
     "fused-int8": lambda: load_profile("cpu-x86-int8"),
     "fused-int4": lambda: load_profile("cpu-x86-int4"),
     "standard-int8": lambda: derived_profile("cpu-x86-int8", "t-std-int8", **STANDARD_GRAPH),
-    "standard-int4": lambda: derived_profile("cpu-x86-int4", "t-std-int4", **STANDARD_GRAPH),
+    "standard-int4": lambda: derived_profile(
+        "cpu-x86-int4", "t-std-int4", **STANDARD_GRAPH, block_size=64, quality=_STANDARD_INT4_GATE
+    ),
 }
 
 
@@ -183,7 +193,13 @@ def test_manifest_carries_what_the_agent_needs(exported, tiny_checkpoints, signi
     assert kv_cache is not None
     assert kv_cache.model_dump() == {"layers": 2, "kv_heads": 2, "head_dim": 16, "dtype": "fp32"}
     assert manifest.runtime.onnxruntime
-    assert manifest.device_profile == PROFILES["fused-int4"]()  # what it was exported and gated with
+    # what it was exported and gated with, less the keys only the exporter reads (an older agent
+    # refuses unknown keys): how the weights were rounded is recorded under quality instead
+    assert manifest.device_profile == PROFILES["fused-int4"]().serving()
+    assert not {"quantizer", "int8_layers"} & doc["device_profile"].keys()
+    assert doc["quality"]["quantizer"] == "gptq" and doc["quality"]["int8_layers"] == 1
+    assert doc["quality"]["calibration"]["source"] == "self-generated"
+    assert doc["quality"]["calibration"]["tokens"] == 16 * 128
     assert doc["quality"].keys() >= {
         "max_abs_logit_diff",
         "cosine",

@@ -16,7 +16,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from edgeglm.errors import ConfigError, ExportError, UsageError
 from edgeglm.keys import create_keypair
-from edgeglm.profiles import load_profile
+from edgeglm.profiles import DeviceProfile, load_profile
 from export.architectures import architecture_for
 from export.calibration import calibrate, from_texts, self_generated
 from export.checkpoint import Checkpoint
@@ -53,13 +53,15 @@ def test_gptq_halves_the_output_error_of_the_scale_search(block, k):
     )
 
 
-def test_with_uncorrelated_inputs_gptq_is_the_scale_search():
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [96, 80])  # 80: padded to three blocks of 32
+def test_with_uncorrelated_inputs_gptq_is_the_scale_search(bits, k):
     """A diagonal Hessian spreads no error: every column rounds alone, so the codes and scales are
-    exactly the search's (the layout is shared, byte for byte)."""
-    w, _ = _layer(16, 96)
-    diagonal = np.diag(np.linspace(0.5, 2.0, 96)).astype(np.float32)
-    gptq = quantize_gptq(w, diagonal, 4, 32)
-    searched = quantize_blockwise(w, 4, 32, symmetric=True, search=True)
+    exactly the search's (the layout is shared, byte for byte, padding included)."""
+    w, _ = _layer(16, k)
+    diagonal = np.diag(np.linspace(0.5, 2.0, k)).astype(np.float32)
+    gptq = quantize_gptq(w, diagonal, bits, 32)
+    searched = quantize_blockwise(w, bits, 32, symmetric=True, search=True)
     assert gptq.zero_points is None and gptq.packed.shape == searched.packed.shape
     np.testing.assert_array_equal(gptq.packed, searched.packed)
     np.testing.assert_allclose(gptq.scales, searched.scales, rtol=1e-6)
@@ -144,7 +146,9 @@ def test_gptq_graph_runs_and_needs_its_calibration(tiny, tmp_path):
     with pytest.raises(ExportError, match="needs calibration"):
         build_fused(ckpt, arch, spec, opts, tmp_path / "none")
     calib = calibrate(tiny, calibration_targets(arch, spec), samples=2, length=32)
+    targets = calibration_targets(arch, spec)
     path = build_fused(ckpt, arch, spec, opts, tmp_path / "onnx", calibration=calib)
+    assert not any(t in calib for t in targets)  # every layer went through GPTQ and let go of its inputs
     model = onnx.load(path, load_external_data=False)
     bits = {
         n.name: next(a.i for a in n.attribute if a.name == "bits")
@@ -162,6 +166,10 @@ def test_gptq_graph_runs_and_needs_its_calibration(tiny, tmp_path):
             feeds[i.name] = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
     logits = session.run(["logits"], feeds)[0]
     assert logits.shape == (1, 3, spec.vocab) and np.isfinite(logits).all()
+    with pytest.raises(ExportError, match="symmetric int4/int8"):
+        build_fused(
+            ckpt, arch, spec, FusedOptions(weights="int4", gptq=True), tmp_path / "asym", calibration=calib
+        )
 
 
 def test_the_memory_estimate_counts_the_8_bit_first_layers(tiny):
@@ -190,7 +198,16 @@ def test_profile_and_export_refuse_a_quantizer_or_calibration_they_cannot_use(tm
         derived_profile("cpu-x86-int8", "t-int8-layers", int8_layers=1)  # int8 weights already
     with pytest.raises(ConfigError, match="int8_layers"):
         derived_profile("cpu-arm-int4", "t-arm-layers", int8_layers=1)  # asymmetric
-    assert load_profile("cpu-x86-int4").quantizer == "gptq"
+    with pytest.raises(ConfigError, match="scale search is for int4"):
+        derived_profile("cpu-x86-int8", "t-int8-search", quantizer="search")
+    shipped = load_profile("cpu-x86-int4")
+    assert shipped.quantizer == "gptq" and shipped.int8_layers == 1
+    # the keys only the exporter reads are left out where unset, and out of a manifest's copy, so an
+    # agent older than them still reads every profile and bundle this release writes
+    assert {"quantizer", "int8_layers"} <= shipped.to_dict().keys()
+    assert not {"quantizer", "int8_layers"} & shipped.serving().to_dict().keys()
+    assert not {"quantizer", "int8_layers"} & load_profile("cpu-x86-int8").to_dict().keys()
+    assert DeviceProfile.from_dict(shipped.serving().to_dict()) == shipped.serving()
     texts = tmp_path / "calib.json"
     texts.write_text(json.dumps(["some text"]))
     private, _, _ = create_keypair(tmp_path / "keys", "k")
