@@ -9,7 +9,7 @@ variant with the fused route (MatMulNBits, accuracy_level 4, symmetric); a varia
     b32-rtn       block 32, round-to-nearest scales: the baseline (cpu-x86-int4 before the search)
     b128          block 128, least-squares scale search (export/quant.py search_scales)
     b128-head8    the same, embedding table + lm_head at 8 bits (block 128)
-    b64-head8-l1  block 64, 8-bit head, the first decoder layer at 8 bits (cpu-x86-int4's layout;
+    b256-head8-l1 block 256, 8-bit head, the first decoder layer at 8 bits (cpu-x86-int4's layout;
                   it also rounds by GPTQ, which changes the codes, not the bytes or the kernel)
 
 Speed does not depend on the weights' values, so random weights measure it; quality is measured on
@@ -37,7 +37,7 @@ from bench.infer import GLM_EDGE_15B, QUICK, write_checkpoint
 
 PROMPT, NEW = 32, 64
 BASELINE = "b32-rtn"
-VARIANTS = (BASELINE, "b32", "b64", "b128", "b64-head8", "b128-head8", "b64-head8-l1")
+VARIANTS = (BASELINE, "b32", "b64", "b128", "b64-head8", "b128-head8", "b256-head8-l1")
 
 
 def options(variant: str) -> Any:

@@ -151,17 +151,15 @@ class _Builder:
         if bits == 4 and name.startswith("layers.") and int(name.split(".")[1]) < self.opts.int8_layers:
             bits = 8
         search = self.opts.scale_search and self.opts.symmetric and bits == 4
+        # a block longer than the row is cut to it (a power of two): the same scales, no padding
+        block = min(self.opts.block_size, max(16, 1 << (weight.shape[1] - 1).bit_length()))
         try:
             if self.opts.gptq and inputs:
                 if self.calibration is None or inputs not in self.calibration:
                     raise ExportError(f"weight {name}", "GPTQ needs calibration inputs; none were collected")
-                qw = quantize_gptq(
-                    weight, self.calibration.hessian(inputs), bits, self.opts.block_size, search=bits == 4
-                )
+                qw = quantize_gptq(weight, self.calibration.hessian(inputs), bits, block, search=bits == 4)
             else:
-                qw = quantize_blockwise(
-                    weight, bits, self.opts.block_size, symmetric=self.opts.symmetric, search=search
-                )
+                qw = quantize_blockwise(weight, bits, block, symmetric=self.opts.symmetric, search=search)
         except ValueError as exc:  # NaN/inf weights, a singular Hessian: name the weight
             raise ExportError(f"weight {name}", str(exc)) from exc
         if inputs and self.calibration is not None:
@@ -430,6 +428,12 @@ def _check(spec: ArchSpec, opts: FusedOptions) -> None:
         raise ExportError("fused graph", f"{spec.heads} heads are not a multiple of {spec.kv_heads} kv heads")
     if opts.weights in ("int4", "int8") and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
         raise ExportError("fused graph", f"block_size {opts.block_size} must be a power of two >= 16")
+    if opts.gptq and not (opts.symmetric and opts.weights in ("int4", "int8")):
+        raise ExportError("fused graph", "GPTQ writes symmetric int4/int8 weights only")
+    if opts.int8_layers and opts.weights != "int4":
+        raise ExportError(
+            "fused graph", "int8_layers keeps layers of int4 weights at 8 bits: weights are not int4"
+        )
 
 
 def calibration_targets(arch: Architecture, spec: ArchSpec) -> list[str]:
