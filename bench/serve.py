@@ -3,8 +3,9 @@
     python -m bench.serve [--quick] --json FILE
 
 A random-weight GlmForCausalLM with the real GLM-Edge-1.5B shape (``--quick``: a small model;
-see ``bench.infer``) is exported with the fused int4 route, quantized as the shipped
-``cpu-x86-int4`` says (block, accuracy level, symmetric), and sealed as a bundle for
+see ``bench.infer``) is exported with the fused int4 route in the shipped ``cpu-x86-int4`` layout
+(``FusedOptions.for_profile``: block, 8-bit head and first layer; rounded by the scale search, not
+GPTQ: the same bytes and kernel), and sealed as a bundle for
 ``bench-cpu-x86-int4``: that profile with ``max_batch_size = 8`` so that eight clients can decode
 together (``--max-batch-size 4``: the shipped profile's own). Speed does not depend on the
 weights. Then, each in its own process:
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.max_batch_size < 1:
+        ap.error("--max-batch-size must be at least 1")
     if args.baseline_worker:
         baseline_worker(args.baseline_worker)
         return 0

@@ -46,7 +46,7 @@ from edgeglm.errors import IntegrityError, SignatureError
 from edgeglm.keys import key_id
 from edgeglm.manifest_sections import QualitySection, RuntimeSection
 from edgeglm.pieces import Segment, TensorSpan, tensor_segments
-from edgeglm.profiles import DeviceProfile
+from edgeglm.profiles import EXPORT_ONLY, DeviceProfile
 from edgeglm.strict_json import loads as strict_loads
 
 __all__ = [
@@ -268,6 +268,12 @@ class Manifest(_Strict):
         out: dict[str, Any] = handler(self)
         if out.get("device_profile") is None:
             out.pop("device_profile", None)  # an older agent knows no such key: leave it out
+        else:  # nor the export-only profile keys, unless the manifest spelled them out itself
+            assert self.device_profile is not None
+            given = self.device_profile.model_fields_set
+            out["device_profile"] = {
+                k: v for k, v in out["device_profile"].items() if k not in EXPORT_ONLY or k in given
+            }
         return out
 
     @model_validator(mode="after")

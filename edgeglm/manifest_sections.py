@@ -64,7 +64,7 @@ class QualitySection(_Section):
     symmetric: bool | None = None
     quantizer: Literal["rtn", "search", "gptq"] | None = None  # how the weights were rounded
     int8_layers: int | None = Field(default=None, ge=0)  # first decoder layers kept at 8 bits
-    calibration: dict[str, Any] | None = None  # GPTQ: {method, tokens, source[, file_sha256]}
+    calibration: dict[str, Any] | str | None = None  # GPTQ: {method, tokens, source[, file_sha256]}
 
 
 class KvCacheShape(_Section):

@@ -25,16 +25,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edgeglm.contracts import NAME_MAX
@@ -124,8 +115,8 @@ class TensorRTSettings(_Table):
         return self
 
 
-# Keys only the exporter reads, at their defaults: left out of serialized profiles when unset.
-EXPORT_ONLY: dict[str, Any] = {"quantizer": None, "int8_layers": 0}
+# Keys only the exporter reads: a manifest's profile copy leaves them out (DeviceProfile.serving).
+EXPORT_ONLY = frozenset({"quantizer", "int8_layers"})
 
 
 class DeviceProfile(_Table):
@@ -189,16 +180,10 @@ class DeviceProfile(_Table):
 
     def serving(self) -> DeviceProfile:
         """This profile without the keys only the exporter reads (how weights were rounded): what a
-        manifest records for the agent, so an agent older than those keys still reads it."""
-        return self.model_copy(update=EXPORT_ONLY)
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_export_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        for key, default in EXPORT_ONLY.items():
-            if key in out and out[key] == default:
-                del out[key]  # an agent older than the key refuses it (extra keys are forbidden)
-        return out
+        manifest records for the agent, so an agent older than those keys still reads it (a
+        manifest leaves out profile keys that were never given, see ``edgeglm.bundle``)."""
+        kept = {k: v for k, v in self.to_dict().items() if k not in EXPORT_ONLY}
+        return DeviceProfile.from_dict(kept, source=f"profile {self.name}")
 
     @model_validator(mode="before")
     @classmethod

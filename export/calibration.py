@@ -43,7 +43,7 @@ class Calibration:
     def __init__(self, inputs: dict[str, np.ndarray], tokens: int, source: str) -> None:
         self._inputs = inputs
         self.tokens = tokens
-        self.source = source  # "self-generated" or the operator's file, for the manifest
+        self.source = source  # "self-generated" or "operator text", for the manifest
 
     def __contains__(self, weight_name: str) -> bool:
         return weight_name in self._inputs

@@ -151,7 +151,7 @@ class _Builder:
         if bits == 4 and name.startswith("layers.") and int(name.split(".")[1]) < self.opts.int8_layers:
             bits = 8
         search = self.opts.scale_search and self.opts.symmetric and bits == 4
-        # a block longer than the row is cut to it (a power of two): the same scales, no padding
+        # a block longer than the row is cut to the row's power of two: the same scales, less padding
         block = min(self.opts.block_size, max(16, 1 << (weight.shape[1] - 1).bit_length()))
         try:
             if self.opts.gptq and inputs:

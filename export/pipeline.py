@@ -23,7 +23,7 @@ from typing import Any
 
 from edgeglm.bundle import Manifest
 from edgeglm.bundle_files import seal_folder
-from edgeglm.errors import ConflictError, ExportError, ToleranceExceeded, UsageError
+from edgeglm.errors import ConfigError, ConflictError, ExportError, ToleranceExceeded, UsageError
 from edgeglm.keys import load_private_key
 from edgeglm.profiles import DeviceProfile
 from export.architectures import ArchSpec, architecture_for
@@ -215,7 +215,14 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         raise ExportError(f"checkpoint {ckpt.folder}", "has no tokenizer.json (the agent needs it)")
     key = load_private_key(spec.key_path)
     prompts = load_prompts(spec.eval_prompts)
-    texts = None if spec.calibration is None else load_prompts(spec.calibration, what="calibration text")
+    texts, texts_sha = None, None
+    if spec.calibration is not None:  # read once: the digest recorded is of the text calibrated on
+        try:
+            raw = spec.calibration.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"calibration text {spec.calibration}", f"cannot be read: {exc}") from exc
+        texts_sha = hashlib.sha256(raw).hexdigest()
+        texts = load_prompts(spec.calibration, what="calibration text", raw=raw)
     if _wants_engine(spec):  # before minutes of graph building, not after
         from export.tensorrt_engine import probe
 
@@ -230,8 +237,8 @@ def run_export(spec: ExportSpec, say: Say = lambda _: None) -> ExportResult:
         say(f"{arch_spec.model_type}: {shape}, route {profile.graph}")
         calibration = _calibrate(texts, ckpt, arch_spec, say) if gptq else None
         calibrated = None if calibration is None else calibration.to_dict()
-        if calibrated is not None and spec.calibration is not None:
-            calibrated["file_sha256"] = hashlib.sha256(spec.calibration.read_bytes()).hexdigest()
+        if calibrated is not None and texts_sha is not None:
+            calibrated["file_sha256"] = texts_sha
         model_path = _build_graph(spec, ckpt, arch_spec, staging, say, calibration)
         del calibration
         engine_record, engine = _build_engine(spec, model_path, say) if _wants_engine(spec) else (None, None)

@@ -36,13 +36,14 @@ __all__ = ["DEFAULT_PROMPTS", "QualityReport", "Reference", "evaluate", "load_pr
 DEFAULT_PROMPTS = Path(__file__).with_name("eval_prompts.json")
 
 
-def load_prompts(path: Path | None = None, what: str = "eval prompts") -> list[str]:
-    """A JSON list of strings (``--eval-prompts FILE``, ``--calibration FILE``), or the shipped set."""
+def load_prompts(path: Path | None = None, what: str = "eval prompts", raw: bytes | None = None) -> list[str]:
+    """A JSON list of strings (``--eval-prompts FILE``, ``--calibration FILE``), or the shipped set;
+    ``raw``: the file's bytes, already read (the caller hashes what it parsed)."""
     from edgeglm.errors import ConfigError
 
     path = path or DEFAULT_PROMPTS
     try:
-        prompts = json.loads(Path(path).read_text())
+        prompts = json.loads(Path(path).read_bytes() if raw is None else raw)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path}", f"not a readable JSON file: {exc}") from exc
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):

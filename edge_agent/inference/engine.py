@@ -51,7 +51,8 @@ def effective_profile(manifest: Manifest, override: DeviceProfile | None, folder
             raise ConfigError(
                 f"bundle {folder}", f"was built for profile {manifest.profile!r}, not {override.name!r}"
             )
-        if manifest.device_profile is not None and override.serving() != manifest.device_profile:
+        recorded = manifest.device_profile
+        if recorded is not None and override.serving() != recorded.serving():
             log.info(
                 "serving %s with the box's own profile %s, not the one it was gated with",
                 folder,

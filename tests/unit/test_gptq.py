@@ -16,7 +16,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from edgeglm.errors import ConfigError, ExportError, UsageError
 from edgeglm.keys import create_keypair
-from edgeglm.profiles import DeviceProfile, load_profile
+from edgeglm.profiles import EXPORT_ONLY, load_profile
 from export.architectures import architecture_for
 from export.calibration import calibrate, from_texts, self_generated
 from export.checkpoint import Checkpoint
@@ -181,7 +181,7 @@ def test_the_memory_estimate_counts_the_8_bit_first_layers(tiny):
     one = derived_profile("cpu-x86-int4", "t-l1", int8_layers=1)
     attention = spec.hidden * (spec.q_dim + 2 * spec.kv_dim) + spec.q_dim * spec.hidden
     layer = attention + 3 * spec.hidden * spec.intermediate
-    # one layer moves from 4.5 to 8.5 bits a weight (fp32 scales per block of 64): half a byte more
+    # one layer moves from 4 to 8 bits a weight, the same fp32 scale per block: half a byte more
     grown = (estimate_memory_mb(spec, one)[0] - estimate_memory_mb(spec, four)[0]) * (1 << 20)
     assert grown == pytest.approx(layer * 0.5, rel=1e-6)
 
@@ -202,12 +202,10 @@ def test_profile_and_export_refuse_a_quantizer_or_calibration_they_cannot_use(tm
         derived_profile("cpu-x86-int8", "t-int8-search", quantizer="search")
     shipped = load_profile("cpu-x86-int4")
     assert shipped.quantizer == "gptq" and shipped.int8_layers == 1
-    # the keys only the exporter reads are left out where unset, and out of a manifest's copy, so an
-    # agent older than them still reads every profile and bundle this release writes
-    assert {"quantizer", "int8_layers"} <= shipped.to_dict().keys()
-    assert not {"quantizer", "int8_layers"} & shipped.serving().to_dict().keys()
-    assert not {"quantizer", "int8_layers"} & load_profile("cpu-x86-int8").to_dict().keys()
-    assert DeviceProfile.from_dict(shipped.serving().to_dict()) == shipped.serving()
+    served = shipped.serving()  # what a manifest records: no export-only key given
+    assert served.quantizer is None and served.int8_layers == 0
+    assert not EXPORT_ONLY & served.model_fields_set
+    assert served.block_size == shipped.block_size and served.quality == shipped.quality
     texts = tmp_path / "calib.json"
     texts.write_text(json.dumps(["some text"]))
     private, _, _ = create_keypair(tmp_path / "keys", "k")
@@ -222,3 +220,34 @@ def test_profile_and_export_refuse_a_quantizer_or_calibration_they_cannot_use(tm
     )
     with pytest.raises(UsageError, match=r"--calibration.*does not calibrate"):
         run_export(spec)
+
+
+def test_a_manifest_records_the_serving_profile_and_round_trips(tmp_path):
+    """An agent older than the export-only keys refuses unknown keys, so a manifest leaves them out;
+    and a manifest read back dumps to the same document (its digest is how the agent knows it)."""
+    from edgeglm.bundle import Manifest, load_manifest
+    from edgeglm.bundle_files import seal_folder
+    from edgeglm.keys import load_private_key, load_public_keys
+
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    private, public, _ = create_keypair(tmp_path / "keys", "k")
+    shipped = load_profile("cpu-x86-int4")
+    seal_folder(
+        folder,
+        load_private_key(private),
+        model="m",
+        version="1.0.0",
+        profile=shipped.name,
+        device_profile=shipped.serving(),
+        quality={"quantizer": "gptq", "int8_layers": 1, "calibration": {"tokens": 2048}},
+    )
+    manifest, doc = load_manifest(folder, trusted=load_public_keys([public]))
+    assert not EXPORT_ONLY & doc["device_profile"].keys()
+    assert manifest.quality.quantizer == "gptq" and manifest.quality.int8_layers == 1
+    assert manifest.to_json_dict() == {k: v for k, v in doc.items()}
+    # a manifest that spelled the keys out (or calibration as a word) keeps them, byte for byte
+    spelled = {**doc, "device_profile": {**doc["device_profile"], "quantizer": None, "int8_layers": 0}}
+    spelled["quality"] = {**doc["quality"], "calibration": "self-generated"}
+    assert Manifest.model_validate(spelled).to_json_dict() == spelled

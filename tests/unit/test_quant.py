@@ -88,15 +88,19 @@ def test_scale_search_is_refused_where_it_is_not_implemented():
         quantize_blockwise(np.ones((2, 32), np.float32), 4, 32, search=True)
 
 
-@pytest.mark.parametrize(("block", "k"), [(32, 256), (64, 256), (128, 256), (256, 512), (256, 200)])
+@pytest.mark.parametrize(
+    ("block", "k", "bits"),
+    [(32, 256, 4), (64, 256, 4), (128, 256, 4), (256, 512, 4), (256, 200, 4), (256, 512, 8), (256, 200, 8)],
+)
 @pytest.mark.parametrize("accuracy_level", [0, 4])
-def test_matmulnbits_runs_the_searched_layout(tmp_path, block, k, accuracy_level):
+def test_matmulnbits_runs_the_searched_layout(tmp_path, block, k, bits, accuracy_level):
     """ONNX Runtime's MatMulNBits equals x @ dequantize(W)^T: exactly on the fp32 path, and within
     the int8 rounding of x on the int8-compute path the profiles ship (accuracy_level 4), up to
-    block 256 and with K shorter than one block (cpu-x86-int4 is block 256)."""
+    block 256 and with K shorter than one block, at 4 bits and at 8 (cpu-x86-int4 is block 256 with
+    an 8-bit first layer and head)."""
     n = 48
     w = _weights("heavy", (n, k), seed=block)
-    qw = quantize_blockwise(w, 4, block, symmetric=True, search=True)
+    qw = quantize_blockwise(w, bits, block, symmetric=True, search=True)
     g = GraphWriter(tmp_path)
     g.input("x", TensorProto.FLOAT, [3, k])
     g.node(
@@ -107,7 +111,7 @@ def test_matmulnbits_runs_the_searched_layout(tmp_path, block, k, accuracy_level
         "com.microsoft",
         K=k,
         N=n,
-        bits=4,
+        bits=bits,
         block_size=block,
         accuracy_level=accuracy_level,
     )
