@@ -77,24 +77,28 @@ def _prefixes(tokenizer: Any) -> list[list[int]]:
 def self_generated(model: Any, tokenizer: Any, samples: int, length: int, seed: int = 0) -> list[list[int]]:
     """``samples`` sequences of up to ``length`` tokens sampled from ``model`` (temperature 1)."""
     import torch
+    from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)  # the export's samples repeat; global RNG untouched
     starts = _prefixes(tokenizer)
     length = min(length, _positions(model, length))
     out: list[list[int]] = []
-    for i, start in enumerate(starts):
-        count = samples // len(starts) + (1 if i < samples % len(starts) else 0)
-        if not count:
-            continue
-        ids = torch.tensor([start] * count, dtype=torch.long)
-        with torch.no_grad():
-            res = model(ids, use_cache=True)
-            for _ in range(length - len(start)):
-                probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-                ids = torch.cat([ids, nxt], dim=1)
-                res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
-        out += ids.tolist()
+    steps = sum(length - len(s) for s in starts)
+    with tqdm(total=steps, desc="sampling calibration text", unit="step", leave=False) as bar:
+        for i, start in enumerate(starts):
+            count = samples // len(starts) + (1 if i < samples % len(starts) else 0)
+            if not count:
+                continue
+            ids = torch.tensor([start] * count, dtype=torch.long)
+            with torch.no_grad():
+                res = model(ids, use_cache=True)
+                for _ in range(length - len(start)):
+                    probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator)
+                    ids = torch.cat([ids, nxt], dim=1)
+                    res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+                    bar.update(1)
+            out += ids.tolist()
     return out
 
 
