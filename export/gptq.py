@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.quant import QuantizedWeight, _pack_nibbles, _peak, search_scales
+from export.quant import QuantizedWeight, _pack_nibbles, symmetric_scales
 
 __all__ = ["GPTQ_DAMP", "quantize_gptq"]
 
@@ -81,12 +81,7 @@ def quantize_gptq(
             for j in range(i1, i2):
                 if j % block_size == 0:
                     blocks = wt[j : j + block_size].T.contiguous().numpy()[:, None, :]
-                    if search:
-                        chosen = search_scales(blocks, -mid, mid - 1)[:, 0]
-                    else:
-                        peak = _peak(blocks)[:, 0]
-                        chosen = np.where(peak == 0, 1.0, peak / -mid).astype(np.float32)
-                    scales[j // block_size] = chosen
+                    scales[j // block_size] = symmetric_scales(blocks, bits, search)[:, 0]
                     scale = torch.from_numpy(scales[j // block_size])
                 w = wt[j]
                 q = torch.clamp(torch.round(w / scale), -mid, mid - 1)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuantizedWeight", "dequantize", "quantize_blockwise", "search_scales"]
+__all__ = ["QuantizedWeight", "dequantize", "quantize_blockwise", "search_scales", "symmetric_scales"]
 
 _SLAB_ROWS = 4096
 
@@ -60,11 +60,20 @@ def _asymmetric(blocks: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, 
     return q, scale, zp
 
 
-def _symmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(q, scale) around the implicit zero point 2^(bits-1): the largest |w| lands on -2^(bits-1)."""
+def symmetric_scales(blocks: np.ndarray, bits: int, search: bool = False) -> np.ndarray:
+    """Each block's scale around the implicit zero point 2^(bits-1): the largest |w| on -2^(bits-1),
+    or with ``search`` the least-squares best of :func:`search_scales` (export/gptq.py too)."""
     mid = 1 << (bits - 1)
+    if search:
+        return search_scales(blocks, -mid, mid - 1)
     scale = _peak(blocks) / -mid
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.where(scale == 0, 1.0, scale).astype(np.float32)
+
+
+def _symmetric(blocks: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(q, scale) around the implicit zero point 2^(bits-1) (:func:`symmetric_scales`)."""
+    mid = 1 << (bits - 1)
+    scale = symmetric_scales(blocks, bits, search)
     q = np.clip(np.rint(blocks / scale[..., None]), -mid, mid - 1) + mid
     return q.astype(np.uint8), scale
 
@@ -123,14 +132,6 @@ def search_scales(
     return np.where(best == 0, 1.0, best).astype(np.float32)
 
 
-def _symmetric_searched(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`_symmetric`, with each block's scale from :func:`search_scales`."""
-    mid = 1 << (bits - 1)
-    scale = search_scales(blocks, -mid, mid - 1)
-    q = np.clip(np.rint(blocks / scale[..., None]), -mid, mid - 1) + mid
-    return q.astype(np.uint8), scale
-
-
 def quantize_blockwise(
     weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool = False, search: bool = False
 ) -> QuantizedWeight:
@@ -151,7 +152,7 @@ def quantize_blockwise(
             w = np.pad(w, ((0, 0), (0, k_blocks * block_size - k)))
         blocks = w.reshape(w.shape[0], k_blocks, block_size)
         if symmetric:
-            q, scale = (_symmetric_searched if search else _symmetric)(blocks, bits)
+            q, scale = _symmetric(blocks, bits, search)
         else:
             q, scale, zp = _asymmetric(blocks, qmax)
             if bits == 4:
