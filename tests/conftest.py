@@ -56,6 +56,9 @@ AGENT_BUNDLES: dict[str, tuple[str, dict[str, Any]]] = {
     # name -> (shipped profile, changes): bundles the edge agent's tests serve.
     "fused-int8": ("cpu-x86-int8", {}),
     "fused-int4": ("cpu-x86-int4", {}),
+    # MatMulNBits on its fp32 path: a row's result moves continuously with its input (see
+    # tests/engine_state.py: the engine-state harness needs that to tell a leak from rounding)
+    "fused-int4-fp32": ("cpu-x86-int4", {"accuracy_level": 0}),
     "standard-int8": ("cpu-x86-int8", STANDARD_GRAPH),
 }
 

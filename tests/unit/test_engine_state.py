@@ -51,7 +51,7 @@ def lab(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from edge_agent.inference.engine import Engine
     from edgeglm.keys import load_private_key
 
-    folder, profile, public = tiny_bundle("fused-int4")
+    folder, profile, public = tiny_bundle("fused-int4-fp32")  # the shipped layout, fp32 compute
     key = load_private_key(public.with_suffix(".key"))
     folders = {
         "1.0.0": folder,
