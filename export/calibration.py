@@ -153,19 +153,18 @@ def calibrate(
             raise ExportError("calibration text", "encodes to no tokens past the tokenizer's prefix")
     wanted = {name.removesuffix(".weight"): name for name in weight_names}
     rows: dict[str, list[np.ndarray]] = {name: [] for name in weight_names}
-    hooks = []
-    for module_name, module in model.named_modules():
-        if module_name in wanted:
-            weight_name = wanted[module_name]
-
-            def keep(_mod: Any, args: tuple[Any, ...], weight_name: str = weight_name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float().numpy()
-                rows[weight_name].append(x.astype(np.float16) if np.abs(x).max() < _F16_MAX else x.copy())
-
-            hooks.append(module.register_forward_pre_hook(keep))
-    missing = sorted(set(wanted) - {n for n, _ in model.named_modules()})
+    modules = dict(model.named_modules())
+    missing = sorted(set(wanted) - set(modules))
     if missing:
         raise ExportError("calibration", f"the reference has no linear {missing[0]!r} to calibrate")
+    hooks = []
+    for module_name, weight_name in wanted.items():
+
+        def keep(_mod: Any, args: tuple[Any, ...], weight_name: str = weight_name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().numpy()
+            rows[weight_name].append(x.astype(np.float16) if np.abs(x).max() < _F16_MAX else x.copy())
+
+        hooks.append(modules[module_name].register_forward_pre_hook(keep))
     try:
         with torch.no_grad():
             for ids in sequences:

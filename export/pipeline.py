@@ -66,12 +66,24 @@ class ExportResult:
         }
 
 
-def _bytes_per_weight(profile: DeviceProfile) -> float:
+def _weight_bytes(profile: DeviceProfile, k: int, n: int, *, eight: bool = False) -> float:
+    """Bytes of one ``[n, k]`` weight under ``profile`` (``eight``: kept at 8 bits under int4).
+
+    Blockwise weights store a scale per block (4 bytes) and, asymmetric, a zero point (packed per
+    row). MatMulNBits (the fused graph) stores each row as whole blocks: a block longer than the row
+    is cut to the row's power of two (``export.fused``), and a row that is not a whole number of
+    blocks is padded (GLM-4-9B's down projection, K = 13696 at block 256: 128 more columns a row).
+    """
+    if profile.weights in ("fp32", "fp16"):
+        return n * k * (4.0 if profile.weights == "fp32" else 2.0)
+    bits = 8 if eight or profile.weights == "int8" else 4
     block = profile.block_size or 32
-    zero = 0.0 if profile.symmetric_quant else 1.0  # a zero point per block: 1 byte (int8), 1/2 (int4)
-    return {"fp32": 4.0, "fp16": 2.0, "int8": 1 + (4 + zero) / block, "int4": 0.5 + (4 + zero / 2) / block}[
-        profile.weights
-    ]
+    if profile.graph == "fused":
+        block = min(block, max(16, 1 << (k - 1).bit_length()))
+    blocks = -(-k // block)
+    stored = blocks * block if profile.graph == "fused" else k
+    zeros = 0 if profile.symmetric_quant else -(-blocks * bits // 8)  # packed: a row's bytes round up
+    return n * (stored * bits / 8 + blocks * 4 + zeros)
 
 
 def estimate_memory_mb(
@@ -80,20 +92,29 @@ def estimate_memory_mb(
     """(weights MB, total MB) for this profile: weights + KV cache at max_context x max_batch_size
     (+ the TensorRT workspace where the profile builds an engine)."""
     if weights_bytes is None:
-        linear = spec.layers * (
-            spec.hidden * (spec.q_dim + 2 * spec.kv_dim)
-            + spec.q_dim * spec.hidden
-            + 3 * spec.hidden * spec.intermediate
+        shapes = [  # (K, N) of each linear of a decoder layer
+            (spec.hidden, spec.q_dim + 2 * spec.kv_dim),
+            (spec.q_dim, spec.hidden),
+            (spec.hidden, 2 * spec.intermediate),
+            (spec.intermediate, spec.hidden),
+        ]
+        eight = min(profile.int8_layers, spec.layers)  # the first layers at 8 bits
+        linear = sum(
+            (spec.layers - eight) * _weight_bytes(profile, k, n)
+            + eight * _weight_bytes(profile, k, n, eight=True)
+            for k, n in shapes
         )
         act = 2 if profile.weights == "fp16" else 4
-        per = _bytes_per_weight(profile)
         # under int4 weights the lm_head stays at 8 bits (export.fused, export.quantize_qdq) unless
         # the fused graph is asymmetric: it moves top-1 the most
         head8 = profile.weights == "int4" and (profile.graph == "standard" or profile.symmetric_quant)
-        head = 1 + 4 / (profile.block_size or 32) if head8 else per
-        table = spec.vocab * spec.hidden
-        eight = min(profile.int8_layers, spec.layers) * linear / spec.layers  # first layers at 8 bits
-        weights_bytes = (linear - eight) * per + eight * head + table * head + table * act
+        head = _weight_bytes(profile, spec.hidden, spec.vocab, eight=head8)
+        if profile.graph == "fused" and profile.weights in ("int4", "int8"):
+            # one quantized table looked up by GatherBlockQuantized; a tied lm_head reads it too
+            table = head * (1 if spec.tied_embeddings else 2)
+        else:  # a float embedding table beside the lm_head
+            table = head + spec.vocab * spec.hidden * act
+        weights_bytes = linear + table
     kv_bytes = 2 if profile.kv_cache_dtype == "fp16" else 4
     kv = 2 * spec.layers * spec.kv_dim * profile.max_context * profile.max_batch_size * kv_bytes
     workspace = profile.tensorrt.workspace_mb * MIB if profile.tensorrt else 0
