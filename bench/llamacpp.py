@@ -11,8 +11,8 @@ and quantizes Q4_0, Q4_K_M and Q8_0 (``bench.gguf_convert``), exports our bundle
 ``cpu-x86-int4`` and ``cpu-x86-int8`` profiles say (``bench.anchor_engine``), then runs rounds.
 
 Each round runs every measurement once, one process each, in pairs (llama.cpp, ours) whose order
-flips every round (A B, then B A), with a read-bandwidth probe (``bench.membw``) right before each
-and the CPU time other processes used during it recorded (``bench.cpu_share``):
+flips every round (A B, then B A), with a read-bandwidth probe (``bench.membw``) right before and
+right after each and the CPU time other processes used during it recorded (``bench.cpu_share``):
 
     decode    llama-bench -t T -p 0 -n 64 (Q4_0, Q4_K_M, Q8_0)  | our batch-1 decode, 64 steps
     prefill   llama-bench -t T -p 256 -n 0 (Q4_0)               | our prefill of 256 tokens (int4)
@@ -22,7 +22,10 @@ and the CPU time other processes used during it recorded (``bench.cpu_share``):
 
 A ratio is ours over llama.cpp within one round; the summary gives the median of those pair
 ratios and their range. Decode is also put against the roofline: tokens/s times the weight bytes
-one token reads (``bench.weights_read``) over the bandwidth the probe measured just before.
+one token reads (``bench.weights_read``) over the larger of the two probes around the run. A shared
+host's bandwidth moves in phases (measured on a 2-core EPYC: 30 GB/s for minutes, then 50), and a
+phase that changes between a probe and the run must not make a slow run look fast: a run whose
+probes disagree by more than 15% is left out of the roofline shares (its ratios still count).
 
 llama.cpp's fastest build is its native one; on a CPU whose AMX the VM does not grant, its
 native kernels die with SIGILL on batched work. A tiny batched run decides: where it fails, a
@@ -83,6 +86,18 @@ TARGETS = (
 def pair_ratios(rounds: Sequence[dict[str, float]], num: str, den: str) -> list[float]:
     """``num / den`` within each round that has both (a failed run leaves its round out)."""
     return [r[num] / r[den] for r in rounds if r.get(num) and r.get(den)]
+
+
+PHASE_TOLERANCE = 0.15  # probes around one run further apart than this: the bandwidth changed phase
+
+
+def steady_bandwidth(before: float, after: float | None) -> float | None:
+    """The roofline's denominator for one run: the larger probe around it, or None when the two
+    disagree by more than ``PHASE_TOLERANCE`` (the box's bandwidth changed during the run)."""
+    if after is None:  # a results file from before the second probe
+        return before
+    high, low = max(before, after), min(before, after)
+    return high if low >= (1 - PHASE_TOLERANCE) * high else None
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any] | None:
@@ -316,12 +331,14 @@ def run_rounds(s: Setup, groups: list[list[Step]], rounds: int, threads: int) ->
             for step in group if rnd % 2 == 0 else group[::-1]:
                 bw = membw.read_gb_s(threads)
                 res = step.run() | {"bw_before": bw, "value": step.value}
+                res["bw_after"] = after = membw.read_gb_s(threads)
                 results[step.key] = res
                 v = res.get(step.value)
                 shown = f"{v:8.2f}" if isinstance(v, float) else f"ERROR {res.get('error', '')[:300]}"
                 _say(
-                    f"round {rnd + 1}/{rounds} {step.key:28} {shown}  read bw {bw['median_gb_s']:.1f} GB/s"
-                    f"  others used {res['load']['foreign_cpu_s']:.1f} cpu-s in {res['load']['wall_s']:.0f} s"
+                    f"round {rnd + 1}/{rounds} {step.key:28} {shown}  read bw {bw['median_gb_s']:.1f}"
+                    f" / {after['median_gb_s']:.1f} GB/s  others used {res['load']['foreign_cpu_s']:.1f}"
+                    f" cpu-s in {res['load']['wall_s']:.0f} s"
                 )
         out.append(results)
     return out
@@ -339,7 +356,10 @@ def _values(rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
                 if isinstance(res.get(extra), float | int):
                     row[f"{key}:{extra}"] = float(res[extra])
             if key.startswith("decode:") and "@" not in key and key in row:
-                row[f"bw:{key}"] = res["bw_before"]["median_gb_s"]
+                after = res.get("bw_after", {}).get("median_gb_s")
+                bw = steady_bandwidth(res["bw_before"]["median_gb_s"], after)
+                if bw is not None:
+                    row[f"bw:{key}"] = bw
         flat.append(row)
     return flat
 

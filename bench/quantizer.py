@@ -1,24 +1,25 @@
-"""int4 quantizer levers at GLM-Edge-1.5B dimensions: export time, bundle size, batch-1 decode speed.
+"""Quantizer levers at GLM-Edge-1.5B dimensions: export time, bundle size, batch-1 decode speed.
 
     python -m bench.quantizer --json FILE [--quick] [--variants a,b,...] [--rounds N]
 
 The random-weight checkpoint of ``bench.infer`` (GLM-Edge-1.5B shape, bf16) is exported once per
 variant with the fused route (MatMulNBits, accuracy_level 4, symmetric); a variant name is
-``b<block>[-rtn][-head8][-l<N>]``::
+``b<block>[-rtn][-head8][-l<N>][-int8]``::
 
     b32-rtn       block 32, round-to-nearest scales: the baseline (cpu-x86-int4 before the search)
     b128          block 128, least-squares scale search (export/quant.py search_scales)
     b128-head8    the same, embedding table + lm_head at 8 bits (block 128)
     b256-head8-l1 block 256, 8-bit head, the first decoder layer at 8 bits (cpu-x86-int4's layout;
                   it also rounds by GPTQ, which changes the codes, not the bytes or the kernel)
+    b128-int8     8-bit weights at block 128 (cpu-x86-int8's layout); b256-int8 the larger block
 
 Speed does not depend on the weights' values, so random weights measure it; quality is measured on
 the trained tiny shapes by the export tests and the gate. Every bundle's session is loaded in this
 one process, then ``--rounds`` rounds decode a 32-token prompt + 64 new tokens at batch 1 on each
 variant in turn (A B A B ...); ``decode_tok_s`` counts the 63 tokens after the first.
 ``ratio_vs_baseline`` is the median over rounds of variant / baseline in the same round. Rows:
-``{variant, block_size, scale_search, head_bits, int8_layers, export_s, bundle_mb, decode_tok_s (median),
-decode_tok_s_rounds, ratio_vs_baseline, ratio_rounds}``.
+``{variant, block_size, scale_search, weights, head_bits, int8_layers, export_s, bundle_mb,
+decode_tok_s (median), decode_tok_s_rounds, ratio_vs_baseline, ratio_rounds}``.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ VARIANTS = (BASELINE, "b32", "b64", "b128", "b64-head8", "b128-head8", "b256-hea
 
 
 def options(variant: str) -> Any:
-    """``b<block>[-rtn][-head8][-l<N>]`` -> FusedOptions (int4, symmetric, accuracy_level 4)."""
+    """``b<block>[-rtn][-head8][-l<N>][-int8]`` -> FusedOptions (symmetric, accuracy_level 4; int4
+    unless ``-int8``)."""
     from export.fused import FusedOptions
 
     block, *flags = variant.split("-")
     layers = [f for f in flags if f[:1] == "l" and f[1:].isdigit()]
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"rtn", "head8", *layers}:
-        raise SystemExit(f"bad variant {variant!r}: b<block>[-rtn][-head8][-l<N>]")
+    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"rtn", "head8", "int8", *layers}:
+        raise SystemExit(f"bad variant {variant!r}: b<block>[-rtn][-head8][-l<N>][-int8]")
     return FusedOptions(
-        weights="int4",
+        weights="int8" if "int8" in flags else "int4",
         block_size=int(block[1:]),
         accuracy_level=4,
         symmetric=True,
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": v,
                 "block_size": opts.block_size,
                 "scale_search": opts.scale_search,
-                "head_bits": 8 if opts.head_int8 else 4,
+                "weights": opts.weights,
+                "head_bits": 8 if opts.head_int8 or opts.weights == "int8" else 4,
                 "int8_layers": opts.int8_layers,
                 "export_s": export_s and round(export_s, 1),
                 "bundle_mb": round(sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6, 1),

@@ -206,6 +206,25 @@ def test_summary_pairs_rounds_and_puts_decode_against_the_roofline() -> None:
     assert "| decode:int4@spin=0 | 0.75 (0.75-0.75) |" in text
 
 
+def test_the_roofline_takes_the_larger_probe_and_skips_a_run_whose_bandwidth_changed_phase() -> None:
+    """Probes before and after each run: the larger one is the roofline (a phase change during the
+    run must not flatter it); probes more than 15% apart leave that run out of the share only."""
+    assert llamacpp.steady_bandwidth(20.0, 22.0) == 22.0
+    assert llamacpp.steady_bandwidth(20.0, None) == 20.0  # a results file from before the second probe
+    assert llamacpp.steady_bandwidth(30.0, 50.0) is None
+
+    def decode(tok_s: float, before: float, after: float) -> dict[str, object]:
+        return _res("tok_s", tok_s, before) | {"bw_after": {"median_gb_s": after}}
+
+    rounds = [
+        {"decode:int8": decode(9.0, 20.0, 22.5), "decode:Q8_0": decode(10.0, 20.0, 20.0)},
+        {"decode:int8": decode(14.0, 20.0, 35.0), "decode:Q8_0": decode(10.0, 20.0, 20.0)},  # phase change
+    ]
+    summ = llamacpp.summary(_setup(), rounds, [])
+    assert summ["roofline:int8"] == {"median": 0.8, "min": 0.8, "max": 0.8, "n": 1}  # 9 x 2 GB / 22.5
+    assert summ["decode:int8/Q8_0"]["n"] == 2  # the ratio of the same round still counts
+
+
 def test_a_lever_runs_next_to_the_unchanged_engine_in_the_same_round() -> None:
     import argparse
 
