@@ -55,7 +55,7 @@ def _stored_bytes(model: onnx.ModelProto) -> int:
     "profile",
     [
         load_profile("cpu-x86-int4"),  # block 256: cut to 128 on the 128-wide rows, 400 padded to 512
-        load_profile("cpu-x86-int8"),  # block 128: 400 padded to 512
+        load_profile("cpu-x86-int8"),  # block 256, 8 bits: 400 padded to 512
         load_profile("cpu-arm-int4"),  # asymmetric: zero points, a 4-bit head
         derived_profile("cpu-x86-int4", "t-b64", block_size=64, int8_layers=0),  # 400 padded to 448
     ],
