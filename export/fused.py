@@ -37,7 +37,7 @@ from export.gptq import quantize_gptq
 from export.onnx_writer import GraphWriter
 from export.quant import quantize_blockwise
 
-__all__ = ["FusedOptions", "build_fused"]
+__all__ = ["FusedOptions", "build_fused", "row_block"]
 
 MS = "com.microsoft"
 
@@ -90,6 +90,12 @@ class FusedOptions:
             max_context=profile.max_context,
             rotary_interleaved=rotary_interleaved,
         )
+
+
+def row_block(block_size: int, k: int) -> int:
+    """The block a row of ``k`` weights is stored in: ``block_size``, or, for a shorter row, the
+    row's power of two (at least 16, MatMulNBits' smallest): the same scales, less padding."""
+    return min(block_size, max(16, 1 << (k - 1).bit_length()))
 
 
 class _Builder:
@@ -151,8 +157,7 @@ class _Builder:
         if bits == 4 and name.startswith("layers.") and int(name.split(".")[1]) < self.opts.int8_layers:
             bits = 8
         search = self.opts.scale_search and self.opts.symmetric and bits == 4
-        # a block longer than the row is cut to the row's power of two: the same scales, less padding
-        block = min(self.opts.block_size, max(16, 1 << (weight.shape[1] - 1).bit_length()))
+        block = row_block(self.opts.block_size, weight.shape[1])
         try:
             if self.opts.gptq and inputs:
                 if self.calibration is None or inputs not in self.calibration:

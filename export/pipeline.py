@@ -29,7 +29,7 @@ from edgeglm.profiles import DeviceProfile
 from export.architectures import ArchSpec, architecture_for
 from export.calibration import Calibration, calibrate
 from export.checkpoint import Checkpoint
-from export.fused import FusedOptions, build_fused, calibration_targets
+from export.fused import FusedOptions, build_fused, calibration_targets, row_block
 from export.ort_runner import OrtDecoder
 from export.quality import QualityReport, Reference, evaluate, load_prompts
 from export.smoke import GPU_TOLERANCE_FLOOR, TOLERANCE_FLOOR, golden_smoke_test
@@ -79,7 +79,7 @@ def _weight_bytes(profile: DeviceProfile, k: int, n: int, *, eight: bool = False
     bits = 8 if eight or profile.weights == "int8" else 4
     block = profile.block_size or 32
     if profile.graph == "fused":
-        block = min(block, max(16, 1 << (k - 1).bit_length()))
+        block = row_block(block, k)
     blocks = -(-k // block)
     stored = blocks * block if profile.graph == "fused" else k
     zeros = 0 if profile.symmetric_quant else -(-blocks * bits // 8)  # packed: a row's bytes round up
