@@ -22,7 +22,6 @@ the anchor pairs it with the unchanged engine in the same round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -43,12 +42,13 @@ PROFILES = ("cpu-x86-int4", "cpu-x86-int8")
 
 def build_bundle(ckpt: Path, out: Path, profile_name: str) -> Path:
     """The fused graph quantized as ``profile_name`` says, with tokenizer files, sealed and signed."""
+    from bench.infer import shipped_layout
     from edgeglm.bundle_files import seal_folder
     from edgeglm.keys import create_keypair, load_private_key
     from edgeglm.profiles import load_profile
     from export.architectures import architecture_for
     from export.checkpoint import Checkpoint
-    from export.fused import FusedOptions, build_fused
+    from export.fused import build_fused
 
     shipped = load_profile(profile_name)
     assert shipped.block_size is not None and shipped.weights in ("int4", "int8")
@@ -58,10 +58,7 @@ def build_bundle(ckpt: Path, out: Path, profile_name: str) -> Path:
     c = Checkpoint(ckpt)
     arch = architecture_for(c.config)
     spec = arch.spec(c.config)
-    # GPTQ changes which codes are stored, not their layout, bytes or kernel: the bench's random
-    # weights are rounded by the scale search instead of minutes of calibrating a 1.5B reference
-    opts = dataclasses.replace(FusedOptions.for_profile(shipped), gptq=False)
-    build_fused(c, arch, spec, opts, tmp)
+    build_fused(c, arch, spec, shipped_layout(profile_name), tmp)
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, tmp / path.name)
     keys = out.with_name(out.name + ".keys")

@@ -29,7 +29,6 @@ GlmForCausalLM with the GLM-Edge-1.5B shape (``--quick``: ``bench.infer.QUICK``;
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shutil
@@ -65,7 +64,7 @@ def _prompts() -> list[str]:
 
 
 def _build(ckpt: Path, out: Path, weights: str) -> Path:
-    from edgeglm.profiles import load_profile
+    from bench.infer import shipped_layout
     from export.architectures import architecture_for
     from export.checkpoint import Checkpoint
     from export.fused import FusedOptions, build_fused
@@ -73,9 +72,7 @@ def _build(ckpt: Path, out: Path, weights: str) -> Path:
     name = WEIGHTS[weights]
     opts = FusedOptions(weights="fp32", max_context=1024)
     if name is not None:
-        # the shipped layout; GPTQ changes the codes, not the bytes or the kernel (bench.anchor_engine)
-        shipped = FusedOptions.for_profile(load_profile(name))
-        opts = dataclasses.replace(shipped, gptq=False, max_context=1024)
+        opts = shipped_layout(name, max_context=1024)
     out.mkdir(parents=True)
     c = Checkpoint(ckpt)
     arch = architecture_for(c.config)

@@ -90,6 +90,19 @@ QUICK = dict(
 )
 
 
+def shipped_layout(profile_name: str, **changes: Any) -> Any:
+    """The ``FusedOptions`` the shipped profile ``profile_name`` exports with (``changes`` on top),
+    rounded by the scale search instead of GPTQ: GPTQ changes which codes are stored, not their
+    layout, bytes or kernel, and the benches' random weights would cost minutes of calibrating a
+    1.5B reference for nothing."""
+    import dataclasses
+
+    from edgeglm.profiles import load_profile
+    from export.fused import FusedOptions
+
+    return dataclasses.replace(FusedOptions.for_profile(load_profile(profile_name)), gptq=False, **changes)
+
+
 def write_checkpoint(folder: Path, dims: dict[str, int], seed: int = 0) -> Path:
     """A GlmForCausalLM folder with random bf16 weights, written one tensor at a time."""
     folder.mkdir(parents=True, exist_ok=True)

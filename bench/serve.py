@@ -38,7 +38,6 @@ Medians over repeats throughout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -55,7 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.infer import GLM_EDGE_15B, QUICK, write_checkpoint
+from bench.infer import GLM_EDGE_15B, QUICK, shipped_layout, write_checkpoint
 
 # What a site's sensors send: one fixed instruction around a reading that differs every time.
 HEAD = (
@@ -82,20 +81,15 @@ def build_bundle(ckpt: Path, out: Path, max_context: int) -> Path:
     """Fused int4 graph (quantized as ``cpu-x86-int4`` says) + tokenizer files, sealed and signed."""
     from edgeglm.bundle_files import seal_folder
     from edgeglm.keys import create_keypair, load_private_key
-    from edgeglm.profiles import load_profile
     from export.architectures import architecture_for
     from export.checkpoint import Checkpoint
-    from export.fused import FusedOptions, build_fused
+    from export.fused import build_fused
 
     out.mkdir(parents=True)
     c = Checkpoint(ckpt)
     arch = architecture_for(c.config)
     spec = arch.spec(c.config)
-    shipped = load_profile("cpu-x86-int4")
-    assert shipped.block_size is not None
-    # the shipped layout; GPTQ changes the codes, not the bytes or the kernel (bench.anchor_engine)
-    opts = dataclasses.replace(FusedOptions.for_profile(shipped), gptq=False, max_context=max_context)
-    build_fused(c, arch, spec, opts, out)
+    build_fused(c, arch, spec, shipped_layout("cpu-x86-int4", max_context=max_context), out)
     for path in [ckpt / "config.json", *c.tokenizer_files()]:
         shutil.copy2(path, out / path.name)
     private, _, _ = create_keypair(out.parent / "keys", "bench")
